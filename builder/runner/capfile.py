@@ -1,0 +1,155 @@
+"""The capture file: one self-describing file per host, readable with the standard library.
+
+Layout: an uncompressed POSIX (ustar) tar, so `tar tvf` shows it, holding in order
+
+- `region.img.gz` — the boot region (sector 0 to the end of the boot chain) as a
+  multi-member gzip, one member per `chunk_bytes` of raw data: `zcat` gives the raw
+  region, and the chunk list in the manifest lets a reader stream it without
+  scanning. gzip, not zstd, because the runner decodes it with `zlib`, which even
+  `python3.11-minimal` carries, and because the region is mostly kernels and
+  initrds that are compressed already, so a stronger codec buys little;
+- `gpt-tail.bin` — GPT disks only: the backup entry array and header (the disk's
+  last 33 sectors), kept verbatim;
+- `boot.tar.gz` — a file-level archive of the mounted `/boot`, independent of the
+  disk's geometry (absent, with `boot_files.reason`, when `/boot` was not readable);
+- `manifest.json` — last, because it records the checksums of everything before it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tarfile
+import zlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+from .errors import MbrescueError
+
+FORMAT = "mbrescue-capture"
+FORMAT_VERSION = 1
+REGION_MEMBER = "region.img.gz"
+GPT_TAIL_MEMBER = "gpt-tail.bin"
+BOOT_FILES_MEMBER = "boot.tar.gz"
+MANIFEST_MEMBER = "manifest.json"
+CHUNK_BYTES = 4 << 20
+# gzip framing (wbits 16+15) so the member is a standard .gz file.
+GZIP_WBITS = 31
+
+
+@dataclass(frozen=True)
+class Member:
+    name: str
+    offset: int  # of the data inside the capture file
+    size: int
+
+
+class Capture:
+    """An opened capture file: the manifest plus where each member's bytes are."""
+
+    def __init__(self, path: str, manifest: dict, members: dict[str, Member]) -> None:
+        self.path = path
+        self.manifest = manifest
+        self.members = members
+
+    @classmethod
+    def open(cls, path: str) -> Capture:
+        if not os.path.exists(path):
+            raise MbrescueError(f"{path}: no such file")
+        if os.path.isdir(path):
+            raise MbrescueError(f"{path} is a directory, not a capture file")
+        members: dict[str, Member] = {}
+        try:
+            with tarfile.open(path, "r:") as archive:
+                for info in archive:
+                    if info.isfile():
+                        members[info.name] = Member(info.name, info.offset_data, info.size)
+        except (tarfile.TarError, OSError, EOFError) as exc:
+            raise MbrescueError(f"{path} is not a capture file ({exc})") from exc
+        if MANIFEST_MEMBER not in members or REGION_MEMBER not in members:
+            raise MbrescueError(f"{path} is not a capture file (no manifest or region)")
+        with open(path, "rb") as stream:
+            stream.seek(members[MANIFEST_MEMBER].offset)
+            raw = stream.read(members[MANIFEST_MEMBER].size)
+        try:
+            manifest = json.loads(raw)
+        except ValueError as exc:
+            raise MbrescueError(f"{path}: the manifest is not valid JSON") from exc
+        if manifest.get("format") != FORMAT:
+            raise MbrescueError(f"{path} is not a capture file (format {manifest.get('format')!r})")
+        if manifest.get("format_version") != FORMAT_VERSION:
+            raise MbrescueError(
+                f"{path}: capture format version {manifest.get('format_version')} "
+                f"is not supported (this mbrescue reads {FORMAT_VERSION})"
+            )
+        return cls(path, manifest, members)
+
+    @property
+    def region(self) -> dict:
+        return self.manifest["region"]
+
+    def read_member(self, name: str) -> bytes:
+        member = self.members.get(name)
+        if member is None:
+            raise MbrescueError(f"{self.path}: the capture has no {name}")
+        with open(self.path, "rb") as stream:
+            stream.seek(member.offset)
+            data = stream.read(member.size)
+        if len(data) != member.size:
+            raise MbrescueError(f"{self.path} is truncated ({name})")
+        return data
+
+    def compressed_chunks(self) -> Iterator[bytes]:
+        """The region's gzip members, one per chunk, as recorded in the manifest."""
+        member = self.members[REGION_MEMBER]
+        sizes = self.region["chunks"]
+        if sum(sizes) != member.size:
+            raise MbrescueError(f"{self.path}: region chunk list does not match its member")
+        with open(self.path, "rb") as stream:
+            stream.seek(member.offset)
+            for size in sizes:
+                data = stream.read(size)
+                if len(data) != size:
+                    raise MbrescueError(f"{self.path} is truncated (region)")
+                yield data
+
+    def region_chunks(self) -> Iterator[bytes]:
+        """The raw region, chunk by chunk (each `chunk_bytes` long, the last shorter)."""
+        for index, packed in enumerate(self.compressed_chunks()):
+            try:
+                unpacker = zlib.decompressobj(GZIP_WBITS)
+                raw = unpacker.decompress(packed)
+                if not unpacker.eof or unpacker.unused_data:
+                    raise zlib.error("member not complete")
+            except zlib.error as exc:
+                raise MbrescueError(f"{self.path}: region chunk {index} is corrupt ({exc})") from exc
+            yield raw
+
+    def verify(self) -> None:
+        """Check every recorded checksum; raise naming the first that differs.
+
+        Nothing may be written to a disk before this passes: a failed unpack can
+        leave a full-length but corrupt file.
+        """
+        digest = hashlib.sha256()
+        for packed in self.compressed_chunks():
+            digest.update(packed)
+        if digest.hexdigest() != self.region["compressed_sha256"]:
+            raise MbrescueError(f"{self.path}: checksum mismatch in the compressed region")
+        raw_digest = hashlib.sha256()
+        length = 0
+        for raw in self.region_chunks():
+            raw_digest.update(raw)
+            length += len(raw)
+        if length != self.region["length_bytes"]:
+            raise MbrescueError(
+                f"{self.path}: region is {length} bytes, the manifest says {self.region['length_bytes']}"
+            )
+        if raw_digest.hexdigest() != self.region["sha256"]:
+            raise MbrescueError(f"{self.path}: checksum mismatch in the region")
+        for entry in (self.manifest.get("gpt_tail"), self.manifest.get("boot_files")):
+            if entry and entry.get("member"):
+                data = self.read_member(entry["member"])
+                if hashlib.sha256(data).hexdigest() != entry["sha256"]:
+                    raise MbrescueError(f"{self.path}: checksum mismatch in {entry['member']}")
