@@ -1,0 +1,439 @@
+"""`mbrescue capture`: read a host disk's boot region into one capture file.
+
+The boot region runs from sector 0 to the end of the last partition of the boot
+chain (BIOS boot partition, ESP, the partition holding `/boot`): the MBR — all 512
+bytes, since the partition table and the 0x55AA signature are as needed as the
+boot code —, the gap after it where GRUB's core image lives on msdos disks, and
+the `/boot` file system itself. For fixture A's layout that is exactly the old
+`dd count=<swap start>`. GPT disks also keep their backup table at the end. A
+mounted `/boot` is frozen while it is read; a file-level archive of it is added
+as a fallback that does not depend on the disk's geometry. The file format is
+described in `builder/runner/capfile.py`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import errno
+import fcntl
+import hashlib
+import io
+import json
+import os
+import socket
+import stat
+import tarfile
+import zlib
+from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO
+
+from . import __version__, log
+from .errors import MbrescueError
+from .freeze import frozen, partition_mounts
+from .runner import capfile
+from .runner.layout import Layout, Partition, read_layout
+
+BIOS_BOOT_GUID = "21686148-6449-6e6f-744e-656564454649"
+ESP_GUID = "c12a7328-f81f-11d2-ba4b-00a0c93ec93b"
+LINUX_FS_TYPES = ("ext2", "ext3", "ext4", "xfs", "vfat")
+BLKFLSBUF = 0x1261
+GPT_TAIL_SECTORS = 33  # backup entry array (32 sectors of 512 bytes) + backup header
+# Reading the same unfreezable file system twice must agree; a busy one may need a retry.
+UNFROZEN_READ_ATTEMPTS = 3
+ZERO_CHUNK = bytes(capfile.CHUNK_BYTES)
+
+
+@dataclass(frozen=True)
+class CaptureOptions:
+    source: Path
+    output: Path | None = None
+    boot_partition: int | None = None
+    hostname: str | None = None
+    sector_bytes: int | None = None
+    compress_level: int = 1
+    progress: bool | None = None
+
+
+@dataclass(frozen=True)
+class CaptureResult:
+    path: Path
+    manifest: dict
+
+
+def _is_block(path: Path) -> bool:
+    return stat.S_ISBLK(os.stat(path).st_mode)
+
+
+def check_source(source: Path) -> None:
+    if not source.exists():
+        raise MbrescueError(f"{source}: no such file or device")
+    if source.is_dir():
+        raise MbrescueError(f"{source} is a directory, not a disk or disk image")
+    if not os.access(source, os.R_OK):
+        raise MbrescueError(f"{source}: permission denied (run as root to read a disk)")
+
+
+def _type_of(partition: Partition) -> str:
+    return (partition.type or "").lower()
+
+
+def guess_boot_partition(layout: Layout, mounted: dict[int, str]) -> Partition:
+    """The partition holding /boot: mounted at /boot, else the first likely one."""
+    by_number = {p.number: p for p in layout.partitions}
+    for number, mountpoint in mounted.items():
+        if mountpoint == "/boot" and number in by_number:
+            return by_number[number]
+    candidates = [
+        p for p in layout.partitions
+        if p.fs is not None and p.fs.type in LINUX_FS_TYPES and _type_of(p) != ESP_GUID
+    ]
+    active = [p for p in candidates if p.bootable]
+    if active:
+        return active[0]
+    if candidates:
+        return candidates[0]
+    raise MbrescueError(
+        "no partition looks like /boot (no ext2/3/4, xfs or vfat file system found)",
+        hint="name it with --boot-partition N",
+    )
+
+
+def boot_chain(layout: Layout, boot: Partition) -> list[Partition]:
+    """BIOS boot partition and ESP (when present) plus /boot: what booting needs."""
+    chain = [p for p in layout.partitions if _type_of(p) in (BIOS_BOOT_GUID, ESP_GUID)]
+    if boot not in chain:
+        chain.append(boot)
+    return sorted(chain, key=lambda p: p.start_lba)
+
+
+def _zero_member() -> bytes:
+    packer = zlib.compressobj(1, zlib.DEFLATED, capfile.GZIP_WBITS)
+    return packer.compress(ZERO_CHUNK) + packer.flush()
+
+
+def _compress(chunk: bytes, level: int, zero_member: bytes) -> bytes:
+    if len(chunk) == len(ZERO_CHUNK) and chunk == ZERO_CHUNK:
+        return zero_member
+    packer = zlib.compressobj(level, zlib.DEFLATED, capfile.GZIP_WBITS)
+    return packer.compress(chunk) + packer.flush()
+
+
+@dataclass
+class RegionRecord:
+    sha256: str
+    compressed_sha256: str
+    chunks: list[int]
+
+
+def _read_chunks(fd: int, length: int) -> Iterator[bytes]:
+    offset = 0
+    while offset < length:
+        want = min(capfile.CHUNK_BYTES, length - offset)
+        data = os.pread(fd, want, offset)
+        if len(data) != want:
+            raise MbrescueError(f"short read at byte {offset + len(data)} of the source")
+        yield data
+        offset += want
+
+
+def region_digest(source: Path, length: int) -> str:
+    digest = hashlib.sha256()
+    fd = os.open(source, os.O_RDONLY)
+    try:
+        for chunk in _read_chunks(fd, length):
+            digest.update(chunk)
+    finally:
+        os.close(fd)
+    return digest.hexdigest()
+
+
+def write_region(source: Path, length: int, out: BinaryIO, level: int,
+                 progress: log.Progress) -> RegionRecord:
+    """Compress the region in parallel chunks (zlib drops the GIL) and write them in order."""
+    raw_digest = hashlib.sha256()
+    packed_digest = hashlib.sha256()
+    sizes: list[int] = []
+    zero_member = _zero_member()
+    workers = max(os.cpu_count() or 1, 1)
+    fd = os.open(source, os.O_RDONLY)
+    try:
+        if _is_block(source):
+            # Drop cached blocks of the whole disk: the frozen partition's data went
+            # out through another block device, so this one's cache may be stale.
+            with contextlib.suppress(OSError):
+                fcntl.ioctl(fd, BLKFLSBUF, 0)
+        pending: list[Future[bytes]] = []
+
+        def drain(limit: int) -> None:
+            while len(pending) > limit:
+                packed = pending.pop(0).result()
+                out.write(packed)
+                packed_digest.update(packed)
+                sizes.append(len(packed))
+
+        with ThreadPoolExecutor(workers) as pool:
+            for chunk in _read_chunks(fd, length):
+                raw_digest.update(chunk)
+                pending.append(pool.submit(_compress, chunk, level, zero_member))
+                progress.advance(len(chunk))
+                drain(2 * workers)
+            drain(0)
+    finally:
+        os.close(fd)
+    return RegionRecord(raw_digest.hexdigest(), packed_digest.hexdigest(), sizes)
+
+
+class TarWriter:
+    """Writes ustar members whose size is known only after streaming their data."""
+
+    def __init__(self, out: BinaryIO) -> None:
+        self.out = out
+
+    @contextlib.contextmanager
+    def member(self, name: str, mtime: int) -> Iterator[BinaryIO]:
+        header_at = self.out.tell()
+        self.out.write(bytes(tarfile.BLOCKSIZE))
+        start = self.out.tell()
+        yield self.out
+        size = self.out.tell() - start
+        self.out.write(bytes((-size) % tarfile.BLOCKSIZE))
+        end = self.out.tell()
+        info = tarfile.TarInfo(name)
+        info.size, info.mode, info.mtime = size, 0o600, mtime
+        self.out.seek(header_at)
+        self.out.write(info.tobuf(format=tarfile.USTAR_FORMAT))
+        self.out.seek(end)
+
+    def add_bytes(self, name: str, data: bytes, mtime: int) -> None:
+        with self.member(name, mtime) as stream:
+            stream.write(data)
+
+    def close(self) -> None:
+        self.out.write(bytes(2 * tarfile.BLOCKSIZE))
+
+
+class _HashingWriter(io.RawIOBase):
+    def __init__(self, out: BinaryIO) -> None:
+        self.out = out
+        self.digest = hashlib.sha256()
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, data: bytes) -> int:  # type: ignore[override]
+        self.out.write(data)
+        self.digest.update(data)
+        return len(data)
+
+
+def _archive_boot(mountpoint: str, out: BinaryIO) -> tuple[str, int]:
+    """A gzip tar of the mounted /boot; returns (sha256, file count)."""
+    writer = _HashingWriter(out)
+    count = 0
+    with tarfile.open(fileobj=writer, mode="w:gz", compresslevel=6) as archive:  # type: ignore[call-overload]
+        for root, dirs, files in os.walk(mountpoint):
+            dirs.sort()
+            for name in sorted(files):
+                path = os.path.join(root, name)
+                try:
+                    archive.add(path, arcname=os.path.relpath(path, mountpoint), recursive=False)
+                    count += 1
+                except OSError as exc:
+                    raise MbrescueError(f"cannot read {path} for the /boot archive: {exc.strerror}") from exc
+    return writer.digest.hexdigest(), count
+
+
+def _default_hostname(source: Path) -> str:
+    if _is_block(source):
+        return socket.gethostname()
+    return source.name.split(".")[0] or "host"
+
+
+def _temp_output(output: Path) -> tuple[Path, BinaryIO]:
+    tmp = output.with_name(f".{output.name}.tmp-{os.getpid()}")
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except OSError as exc:
+        raise MbrescueError(f"cannot write {output}: {exc.strerror}") from exc
+    return tmp, os.fdopen(fd, "w+b")
+
+
+def capture(options: CaptureOptions) -> CaptureResult:
+    source = options.source
+    check_source(source)
+    layout = read_layout(os.fspath(source), options.sector_bytes)
+    sector = layout.disk.logical_sector_bytes
+    numbers = {p.number: p for p in layout.partitions}
+    starts = {p.number: p.start_lba for p in layout.partitions if not p.is_extended}
+    mounted = {n: m for n, m in partition_mounts(os.fspath(source), starts, sector).items()}
+    if options.boot_partition is not None:
+        if options.boot_partition not in numbers or numbers[options.boot_partition].is_extended:
+            have = ", ".join(str(n) for n in sorted(numbers)) or "none"
+            raise MbrescueError(
+                f"--boot-partition {options.boot_partition}: {source} has no such partition "
+                f"(partitions: {have})"
+            )
+        boot = numbers[options.boot_partition]
+    else:
+        boot = guess_boot_partition(layout, {n: m.mountpoint for n, m in mounted.items()})
+    chain = boot_chain(layout, boot)
+    region_end_lba = max(p.start_lba + p.size_sectors for p in chain)
+    region_bytes = region_end_lba * sector
+    if region_bytes > layout.disk.size_bytes:
+        raise MbrescueError(f"partition {boot.number} runs past the end of {source}")
+
+    hostname = options.hostname or _default_hostname(source)
+    output = options.output or Path.cwd() / f"{hostname}.mbrescue"
+    if output.is_dir():
+        output = output / f"{hostname}.mbrescue"
+    if not output.parent.is_dir():
+        raise MbrescueError(f"cannot write {output}: {output.parent} is not a directory")
+    created = datetime.datetime.now(datetime.timezone.utc).replace(microsecond=0)
+    mtime = int(created.timestamp())
+
+    boot_mount = mounted.get(boot.number)
+    tmp, out = _temp_output(output)
+    try:
+        with out:
+            tar = TarWriter(out)
+            progress = log.Progress("reading boot region", region_bytes, options.progress)
+            frozen_ok = False
+            with contextlib.ExitStack() as stack:
+                if boot_mount is not None:
+                    frozen_ok = stack.enter_context(frozen(boot_mount.mountpoint))
+                region_at = out.tell()
+                for attempt in range(1, UNFROZEN_READ_ATTEMPTS + 1):
+                    out.seek(region_at)
+                    out.truncate()
+                    with tar.member(capfile.REGION_MEMBER, mtime) as stream:
+                        region = write_region(source, region_bytes, stream, options.compress_level, progress)
+                    if boot_mount is None or frozen_ok:
+                        break
+                    # Not frozen and mounted: a second read must agree or the file system moved.
+                    if region_digest(source, region_bytes) == region.sha256:
+                        break
+                    log.info(f"{boot_mount.mountpoint} changed while it was read (attempt {attempt})")
+                else:
+                    raise MbrescueError(
+                        f"{boot_mount.mountpoint} kept changing while it was read "
+                        f"({UNFROZEN_READ_ATTEMPTS} attempts)", hint="stop what writes to it and retry"
+                    )
+                progress.finish()
+                gpt_tail = None
+                if layout.table == "gpt":
+                    tail_bytes = GPT_TAIL_SECTORS * sector if sector == 512 else (1 + 16384 // sector) * sector
+                    tail_offset = layout.disk.size_bytes - tail_bytes
+                    fd = os.open(source, os.O_RDONLY)
+                    try:
+                        tail = os.pread(fd, tail_bytes, tail_offset)
+                    finally:
+                        os.close(fd)
+                    tar.add_bytes(capfile.GPT_TAIL_MEMBER, tail, mtime)
+                    gpt_tail = {
+                        "member": capfile.GPT_TAIL_MEMBER, "offset_bytes": tail_offset,
+                        "length_bytes": tail_bytes, "sha256": hashlib.sha256(tail).hexdigest(),
+                    }
+                if boot_mount is not None:
+                    with tar.member(capfile.BOOT_FILES_MEMBER, mtime) as stream:
+                        boot_sha, boot_count = _archive_boot(boot_mount.mountpoint, stream)
+                    boot_files = {
+                        "member": capfile.BOOT_FILES_MEMBER, "sha256": boot_sha,
+                        "file_count": boot_count, "mountpoint": boot_mount.mountpoint,
+                        "reason": None,
+                    }
+                else:
+                    boot_files = {
+                        "member": None, "sha256": None, "file_count": 0, "mountpoint": None,
+                        "reason": f"partition {boot.number} is not mounted, so no file-level copy",
+                    }
+            manifest = {
+                "format": capfile.FORMAT,
+                "format_version": capfile.FORMAT_VERSION,
+                "tool_version": __version__,
+                "hostname": hostname,
+                "created": created.isoformat().replace("+00:00", "Z"),
+                "source": {
+                    "path": os.fspath(source),
+                    "kind": layout.disk.kind,
+                    "size_bytes": layout.disk.size_bytes,
+                    "logical_sector_bytes": layout.disk.logical_sector_bytes,
+                    "physical_sector_bytes": layout.disk.physical_sector_bytes,
+                    "model": layout.disk.model,
+                    "serial": layout.disk.serial,
+                    "wwn": layout.disk.wwn,
+                },
+                "layout": layout.to_json(),
+                "boot_partition": boot.number,
+                "boot_chain": [p.number for p in chain],
+                "boot_fs": _fs_json(boot),
+                "frozen": bool(boot_mount is not None and frozen_ok),
+                "region": {
+                    "member": capfile.REGION_MEMBER,
+                    "offset_bytes": 0,
+                    "length_bytes": region_bytes,
+                    "end_lba": region_end_lba,
+                    "sha256": region.sha256,
+                    "compression": "gzip-members",
+                    "compressed_sha256": region.compressed_sha256,
+                    "compressed_bytes": sum(region.chunks),
+                    "chunk_bytes": capfile.CHUNK_BYTES,
+                    "chunks": region.chunks,
+                },
+                "ebrs": _ebr_records(source, layout),
+                "gpt_tail": gpt_tail,
+                "swap": _swap_records(layout),
+                "boot_files": boot_files,
+            }
+            tar.add_bytes(capfile.MANIFEST_MEMBER, json.dumps(manifest, indent=1).encode() + b"\n", mtime)
+            tar.close()
+            out.flush()
+            os.fsync(out.fileno())
+        os.replace(tmp, output)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        if exc.errno == errno.ENOSPC:
+            raise MbrescueError(f"no space left on the device while writing {output}; nothing kept") from exc
+        raise MbrescueError(f"cannot write {output}: {exc.strerror}") from exc
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return CaptureResult(output, manifest)
+
+
+def _fs_json(partition: Partition) -> dict | None:
+    if partition.fs is None:
+        return None
+    return {"partition": partition.number, "type": partition.fs.type,
+            "label": partition.fs.label, "uuid": partition.fs.uuid}
+
+
+def _swap_records(layout: Layout) -> list[dict]:
+    records = []
+    for p in layout.partitions:
+        if p.fs is not None and p.fs.type == "swap":
+            records.append({
+                "partition": p.number, "start_lba": p.start_lba, "size_sectors": p.size_sectors,
+                "label": p.fs.label, "uuid": p.fs.uuid, "page_bytes": p.fs.swap_page_bytes,
+                "version": p.fs.swap_version,
+            })
+    return records
+
+
+def _ebr_records(source: Path, layout: Layout) -> list[dict]:
+    """The extended boot records verbatim: a restored logical swap needs its EBR back."""
+    if layout.table != "msdos":
+        return []
+    lbas = sorted({p.ebr_lba for p in layout.partitions if getattr(p, "ebr_lba", None) is not None})
+    sector = layout.disk.logical_sector_bytes
+    records = []
+    fd = os.open(source, os.O_RDONLY)
+    try:
+        for lba in lbas:
+            records.append({"lba": lba, "hex": os.pread(fd, sector, lba * sector).hex()})
+    finally:
+        os.close(fd)
+    return records

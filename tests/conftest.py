@@ -1,0 +1,64 @@
+"""Shared test helpers: the CLI as a user runs it, small images made by real tools."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+MBRESCUE = [sys.executable, "-m", "builder.cli"]
+
+
+def mbrescue(*args: str | os.PathLike[str], input_text: str | None = None,
+             timeout: float = 600, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    """Run the real CLI in a subprocess, as a user would."""
+    return subprocess.run(
+        [*MBRESCUE, *map(os.fspath, args)], cwd=ROOT, text=True, capture_output=True,
+        input=input_text, timeout=timeout, env={**os.environ, **(env or {})},
+        stdin=None if input_text is not None else subprocess.DEVNULL,
+    )
+
+
+def sh(*args: str | os.PathLike[str], input_bytes: bytes | None = None) -> str:
+    """Run an independent tool; fail the test with its stderr if it fails."""
+    result = subprocess.run([os.fspath(a) for a in args], capture_output=True, input=input_bytes)
+    if result.returncode != 0:
+        raise AssertionError(f"{args} failed: {result.stderr.decode()}")
+    return result.stdout.decode()
+
+
+def sha256_of(path: Path, length: int | None = None, offset: int = 0) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as stream:
+        stream.seek(offset)
+        left = length if length is not None else os.path.getsize(path) - offset
+        while left > 0:
+            chunk = stream.read(min(1 << 20, left))
+            if not chunk:
+                raise AssertionError(f"{path} is shorter than expected")
+            digest.update(chunk)
+            left -= len(chunk)
+    return digest.hexdigest()
+
+
+def one_error_line(result: subprocess.CompletedProcess[str]) -> str:
+    """The CLI's failure contract: non-zero, exactly one `mbrescue: error:` line, no traceback."""
+    assert result.returncode != 0, result
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert "Traceback" not in result.stderr, result.stderr
+    errors = [line for line in lines if line.startswith("mbrescue: error: ")]
+    assert len(errors) == 1, result.stderr
+    return errors[0]
+
+
+@pytest.fixture(scope="session")
+def fixtures():
+    """The four host-disk fixtures (built once per machine, cached by recipe)."""
+    from builder.fixtures import ensure_all
+
+    return ensure_all()
