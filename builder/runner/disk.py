@@ -112,7 +112,9 @@ def _sys_flag(name: str, attribute: str) -> bool:
 
 def _sys_is_cdrom(name: str) -> bool:
     # SCSI peripheral type 5 is a CD/DVD drive; sr* is how the kernel names those.
-    return name.startswith("sr") or _read_sys(os.path.join(SYS_BLOCK, name, "device", "type")) == "5"
+    return (
+        name.startswith("sr") or _read_sys(os.path.join(SYS_BLOCK, name, "device", "type")) == "5"
+    )
 
 
 def disk_info(path: str, sector_bytes: int | None = None) -> DiskInfo:
@@ -242,7 +244,10 @@ def list_disks() -> list[DiskInfo]:
         base = os.path.join(SYS_BLOCK, name)
         if name.startswith(("ram", "zram")) or os.path.exists(os.path.join(base, "partition")):
             continue
-        if name.startswith("loop") and _read_sys(os.path.join(base, "loop", "backing_file")) is None:
+        if (
+            name.startswith("loop")
+            and _read_sys(os.path.join(base, "loop", "backing_file")) is None
+        ):
             continue
         is_cdrom = _sys_is_cdrom(name)
         size_512 = int(_read_sys(os.path.join(base, "size")) or "0")

@@ -164,9 +164,7 @@ def parse_entries(raw: bytes, entry_count: int, entry_bytes: int) -> list[GptEnt
     entries: list[GptEntry] = []
     for index in range(entry_count):
         chunk = raw[index * entry_bytes : index * entry_bytes + 128]
-        type_raw, unique_raw, first, last, attributes, name_raw = struct.unpack(
-            ENTRY_FORMAT, chunk
-        )
+        type_raw, unique_raw, first, last, attributes, name_raw = struct.unpack(ENTRY_FORMAT, chunk)
         if type_raw == bytes(16):
             continue
         name = name_raw.decode("utf-16-le", errors="replace").split("\x00", 1)[0]
@@ -233,9 +231,9 @@ def read_gpt(read: ReadFn, disk_sectors: int, sector_bytes: int) -> Gpt:
     backup_problem: str | None = None
     backup_lba = candidates[0]
     for candidate in candidates:
-        found, raw, entries, problem = _check_copy(read, candidate, disk_sectors, sector_bytes)
+        found, raw, array, problem = _check_copy(read, candidate, disk_sectors, sector_bytes)
         if problem is None:
-            backup, backup_raw, backup_entries, backup_problem = found, raw, entries, None
+            backup, backup_raw, backup_entries, backup_problem = found, raw, array, None
             backup_lba = candidate
             break
         if backup_problem is None:
@@ -268,8 +266,8 @@ def read_gpt(read: ReadFn, disk_sectors: int, sector_bytes: int) -> Gpt:
         warnings.append(
             f"GPT last usable LBA {header.last_usable_lba} is past the disk's end ({last_lba})"
         )
-    entries = parse_entries(entries_raw, header.entry_count, header.entry_bytes)
-    for entry in entries:
+    entry_list = parse_entries(entries_raw, header.entry_count, header.entry_bytes)
+    for entry in entry_list:
         if entry.last_lba > last_lba or entry.first_lba > entry.last_lba:
             warnings.append(
                 f"partition {entry.number} ({entry.first_lba}..{entry.last_lba}) "
@@ -280,7 +278,7 @@ def read_gpt(read: ReadFn, disk_sectors: int, sector_bytes: int) -> Gpt:
         backup_valid=backup_valid,
         used=used,
         header=header,
-        entries=entries,
+        entries=entry_list,
         primary=primary,
         backup=backup,
         backup_lba=backup_lba,
@@ -320,10 +318,14 @@ def relocate(
     if header_crc(primary_header, header.header_bytes) != header.header_crc32:
         raise MbrescueError("the captured primary GPT header fails its CRC32")
     if header.my_lba != 1:
-        raise MbrescueError(f"the captured GPT header is not a primary (it says LBA {header.my_lba})")
+        raise MbrescueError(
+            f"the captured GPT header is not a primary (it says LBA {header.my_lba})"
+        )
     total = header.entries_total_bytes
     if len(entries) < total:
-        raise MbrescueError(f"the captured GPT entry array is short ({len(entries)} < {total} bytes)")
+        raise MbrescueError(
+            f"the captured GPT entry array is short ({len(entries)} < {total} bytes)"
+        )
     entries = bytes(entries[:total])
     if zlib.crc32(entries) & 0xFFFFFFFF != header.entries_crc32:
         raise MbrescueError("the captured GPT entry array fails its CRC32")
@@ -356,7 +358,9 @@ def relocate(
         (1, new_primary),
     ]
     if mbr_sector is not None:
-        new_mbr = resize_protective(mbr_sector, disk_sectors, old_alternate_lba=header.alternate_lba)
+        new_mbr = resize_protective(
+            mbr_sector, disk_sectors, old_alternate_lba=header.alternate_lba
+        )
         if new_mbr != bytes(mbr_sector[: len(new_mbr)]):
             writes.append((0, new_mbr))
     return writes

@@ -147,7 +147,9 @@ def parse_mbr(sector: bytes) -> Mbr:
     if len(sector) < SECTOR_BYTES:
         raise MbrescueError(f"an MBR is 512 bytes, got {len(sector)}")
     entries = [
-        parse_entry(sector[ENTRIES_OFFSET + i * ENTRY_BYTES : ENTRIES_OFFSET + (i + 1) * ENTRY_BYTES], i)
+        parse_entry(
+            sector[ENTRIES_OFFSET + i * ENTRY_BYTES : ENTRIES_OFFSET + (i + 1) * ENTRY_BYTES], i
+        )
         for i in range(4)
     ]
     return Mbr(
