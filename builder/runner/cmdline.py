@@ -1,0 +1,85 @@
+"""The kernel command line switches an administrator gives the rescue system.
+
+- `mbrescue.target=<serial, WWN or /dev path>` preselects the disk to restore onto.
+- `mbrescue.unattended=1` restores without asking — DANGEROUS: honoured only when the
+  rescue system was built with the explicit opt-in (`/mbrescue/options.json` holding
+  `{"unattended_allowed": true}`) and only when the target is unambiguous.
+- `mbrescue.medium=<ID>` names the medium the rescue system booted from (the ISO's
+  volume set or application id, a serial or a /dev path): it is never offered as a target.
+
+Values may be double-quoted, as the kernel allows (`mbrescue.target="WD 123"`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+
+from .errors import MbrescueError
+
+PROC_CMDLINE = "/proc/cmdline"
+OPTIONS_PATH = "/mbrescue/options.json"
+TRUE_WORDS = ("1", "yes", "true", "on")
+
+
+@dataclass(frozen=True)
+class Switches:
+    target: str | None = None
+    unattended: bool = False
+    medium: str | None = None
+
+
+def split_cmdline(text: str) -> list[str]:
+    """Words of a kernel command line; double quotes group, as in the kernel's own parser."""
+    words: list[str] = []
+    current: list[str] = []
+    quoted = in_word = False
+    for char in text.strip():
+        if char == '"':
+            quoted = not quoted
+            in_word = True
+        elif char.isspace() and not quoted:
+            if in_word:
+                words.append("".join(current))
+            current, in_word = [], False
+        else:
+            current.append(char)
+            in_word = True
+    if in_word:
+        words.append("".join(current))
+    return words
+
+
+def parse_switches(text: str) -> Switches:
+    values: dict[str, str] = {}
+    for word in split_cmdline(text):
+        key, _, value = word.partition("=")
+        if key.startswith("mbrescue."):
+            # The last occurrence wins, like most kernel parameters.
+            values[key[len("mbrescue.") :]] = value
+    return Switches(
+        target=values.get("target") or None,
+        unattended=values.get("unattended", "").lower() in TRUE_WORDS,
+        medium=values.get("medium") or None,
+    )
+
+
+def read_switches(path: str = PROC_CMDLINE) -> Switches:
+    try:
+        with open(path, encoding="utf-8", errors="replace") as handle:
+            return parse_switches(handle.read())
+    except FileNotFoundError:
+        return Switches()
+
+
+def unattended_allowed(path: str = OPTIONS_PATH) -> bool:
+    """The build's explicit opt-in to unattended restores; absent or unreadable means no."""
+    if not os.path.exists(path):
+        return False
+    try:
+        with open(path, encoding="utf-8") as handle:
+            options = json.load(handle)
+    except (OSError, ValueError) as exc:
+        raise MbrescueError(f"{path} is unreadable ({exc})") from exc
+    return isinstance(options, dict) and options.get("unattended_allowed") is True
