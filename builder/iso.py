@@ -41,6 +41,7 @@ from . import log
 from .cpio import source_date_epoch
 from .errors import MbrescueError
 from .grub import GrubImages, medium_marker
+from .verify import CAPTURE_MEMBER, iter_newc
 
 SECTOR = 512
 BLOCK = 2048  # ISO9660 logical block
@@ -121,6 +122,9 @@ _PYCDLIB_TIME_USERS = (pycdlib.pycdlib, pycdlib.headervd, pycdlib.dates, pycdlib
 _clock_lock = threading.Lock()
 
 
+StructTime = time.struct_time
+
+
 class _FrozenClock(types.SimpleNamespace):
     """Stands in for the `time` module inside pycdlib: fixed now, local time = UTC."""
 
@@ -131,10 +135,10 @@ class _FrozenClock(types.SimpleNamespace):
     def time(self) -> float:
         return float(self._epoch)
 
-    def localtime(self, secs: float | None = None) -> time.struct_time:
+    def localtime(self, secs: float | None = None) -> StructTime:
         return time.gmtime(self._epoch if secs is None else secs)
 
-    def gmtime(self, secs: float | None = None) -> time.struct_time:
+    def gmtime(self, secs: float | None = None) -> StructTime:
         return time.gmtime(self._epoch if secs is None else secs)
 
     def __getattr__(self, name: str) -> object:
@@ -252,6 +256,23 @@ def write_system_area(stream: BinaryIO, *, grub: GrubImages, bios_block: int, ef
 
 # --- the ISO ----------------------------------------------------------------------------------
 
+def _capture_sum(payload: Path) -> str:
+    """A sha256sum line for the capture inside the payload cpio, if it holds one."""
+    with open(payload, "rb") as stream:
+        for name, _mode, size in iter_newc(stream):
+            if name == CAPTURE_MEMBER:
+                digest = hashlib.sha256()
+                left = size
+                while left:
+                    chunk = stream.read(min(left, 1 << 20))
+                    if not chunk:
+                        raise MbrescueError(f"{payload} ends inside its capture")
+                    digest.update(chunk)
+                    left -= len(chunk)
+                return f"{digest.hexdigest()}  capture.mbrescue\n"
+    return ""
+
+
 def _add_directories(iso: pycdlib.PyCdlib) -> None:
     for rr_path, iso_path in (("/boot", "/BOOT"), ("/boot/grub", "/BOOT/GRUB"),
                               ("/mbrescue", "/MBRESCUE")):
@@ -277,9 +298,10 @@ def write_iso(out: Path, *, grub: GrubImages, kernel: Path, base_initrd: Path, p
             raise MbrescueError(f"{path} is missing")
     label = iso_volume_label(volume_label)
     payload_sha256 = sha256_of(payload)
+    sums = f"{payload_sha256}  payload.img\n" + _capture_sum(payload)
     small_files = {
         "/boot/grub/grub.cfg": grub_cfg.encode(),
-        "/mbrescue/payload.sha256": f"{payload_sha256}  payload.img\n".encode(),
+        "/mbrescue/payload.sha256": sums.encode(),
     }
     marker = medium_marker(medium_id)
     marker_iso = "/MBRESCUE/ID_" + medium_id.upper()[:24] + ".;1"

@@ -37,6 +37,8 @@ TOOL_PACKAGES: dict[str, str] = {
     "mkfs.vfat": "dosfstools",
     "mcopy": "mtools",
     "mmd": "mtools",
+    "mdir": "mtools",
+    "dpkg-query": "dpkg",
     "grub-mkimage": "grub-common",
     "grub-install": "grub2-common",
     "qemu-system-x86_64": "qemu-system-x86",

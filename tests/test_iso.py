@@ -60,6 +60,7 @@ def build_iso(work: Path, out: Path, *, local_timeout_s: int = 10,
     base.file("init", INIT_SCRIPT.encode(), 0o755)
     payload = cpio.Tree()
     payload.file("payload-marker", f"{PAYLOAD_MARKER}\n".encode())
+    payload.file("mbrescue/capture.mbrescue", b"not a real capture\n" * 100, 0o600)
     images = grub.make_grub_images(work / "grub", medium_id=MEDIUM_ID)
     cfg = grub.render_grub_cfg(host="testhost", captured_at="2023-11-14 22:13 UTC",
                                region_size="259 MiB", boot_fs_uuid=BOOT_FS_UUID,

@@ -1,0 +1,355 @@
+"""`mbrescue verify ISO` without `--boot`: check a rescue ISO independently of how it was built.
+
+Every check reads the file itself: the El Torito catalog and boot info table from the raw
+blocks, the file tree through a fresh `pycdlib.PyCdlib()`, the EFI image's `BOOTX64.EFI`
+with mtools, the hybrid MBR against GRUB's installed `boot_hybrid.img`, the partition table
+with `sfdisk --json` and `sgdisk -v`, and the payload against the checksums written beside it.
+When `builder.capture` offers `check_capture(path)`, the capture inside the payload is handed
+to it (it raises MbrescueError on a bad capture). The result is a list of named checks; the
+CLI prints them as a table and exits non-zero when one failed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import struct
+import tempfile
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO
+
+import pycdlib
+import pycdlib.pycdlibexception
+
+from .errors import MbrescueError
+from .run import output, run
+
+BLOCK = 2048
+SECTOR = 512
+BOOT_HYBRID = Path("/usr/lib/grub/i386-pc/boot_hybrid.img")
+EFI_PLATFORM = 0xEF
+ESP_TYPE = "C12A7328-F81F-11D2-BA4B-00A0C93EC93B"
+CAPTURE_MEMBER = "mbrescue/capture.mbrescue"
+PAYLOAD_PATH = "/mbrescue/payload.img"
+SUMS_PATH = "/mbrescue/payload.sha256"
+REQUIRED_FILES = ("/boot/grub/grub.cfg", "/mbrescue/vmlinuz", "/mbrescue/base.img", PAYLOAD_PATH,
+                  SUMS_PATH)
+NEWC_MAGIC = b"070701"
+NEWC_HEADER_BYTES = 110
+
+
+@dataclass(frozen=True)
+class Check:
+    name: str
+    ok: bool
+    detail: str
+
+
+@dataclass(frozen=True)
+class BootEntry:
+    platform: int
+    bootable: bool
+    media_type: int
+    sector_count: int
+    load_block: int
+
+
+# --- raw readers --------------------------------------------------------------------------------
+
+def _read_at(stream: BinaryIO, offset: int, length: int) -> bytes:
+    stream.seek(offset)
+    return stream.read(length)
+
+
+def read_boot_catalog(stream: BinaryIO) -> list[BootEntry]:
+    """The El Torito catalog's boot entries (initial entry first, then every section entry)."""
+    for block in range(16, 64):
+        descriptor = _read_at(stream, block * BLOCK, BLOCK)
+        if descriptor[1:6] != b"CD001" or descriptor[0] == 0xFF:
+            break
+        if descriptor[0] == 0 and descriptor[7:30].rstrip(b"\0") == b"EL TORITO SPECIFICATION":
+            catalog_block = struct.unpack_from("<I", descriptor, 0x47)[0]
+            break
+    else:
+        raise MbrescueError("no volume descriptor terminator")
+    if descriptor[0] != 0:
+        raise MbrescueError("no El Torito boot record")
+    catalog = _read_at(stream, catalog_block * BLOCK, BLOCK)
+    validation = catalog[:32]
+    words = struct.unpack("<16H", validation)
+    if validation[0] != 1 or validation[30:32] != b"\x55\xaa" or sum(words) & 0xFFFF:
+        raise MbrescueError("the El Torito validation entry is damaged")
+    entries = [_entry(catalog[32:64], validation[1])]
+    offset = 64
+    while offset + 32 <= len(catalog) and catalog[offset] in (0x90, 0x91):
+        header = catalog[offset:offset + 32]
+        platform, count = header[1], struct.unpack_from("<H", header, 2)[0]
+        offset += 32
+        for _ in range(count):
+            entries.append(_entry(catalog[offset:offset + 32], platform))
+            offset += 32
+        if header[0] == 0x91:
+            break
+    return entries
+
+
+def _entry(raw: bytes, platform: int) -> BootEntry:
+    sector_count, load_block = struct.unpack_from("<HI", raw, 6)
+    return BootEntry(platform=platform, bootable=raw[0] == 0x88, media_type=raw[1] & 0x0F,
+                     sector_count=sector_count, load_block=load_block)
+
+
+def iter_newc(stream: BinaryIO) -> Iterator[tuple[str, int, int]]:
+    """(name, mode, size) of each member of a newc cpio, positioned at the member's data.
+
+    The caller may read the data or not; the next step seeks past it either way.
+    """
+    position = stream.tell()
+    while True:
+        stream.seek(position)
+        header = stream.read(NEWC_HEADER_BYTES)
+        if len(header) < NEWC_HEADER_BYTES or header[:6] != NEWC_MAGIC:
+            raise MbrescueError(f"no cpio header at byte {position}")
+        fields = [int(header[6 + 8 * i:14 + 8 * i], 16) for i in range(13)]
+        mode, size, name_bytes = fields[1], fields[6], fields[11]
+        name = stream.read(name_bytes).rstrip(b"\0").decode(errors="replace")
+        data_at = position + NEWC_HEADER_BYTES + name_bytes
+        data_at += (-data_at) % 4
+        if name == "TRAILER!!!":
+            return
+        stream.seek(data_at)
+        yield name, mode, size
+        position = data_at + size
+        position += (-position) % 4
+
+
+def _sha256_stream(stream: BinaryIO, length: int | None = None,
+                   copy_to: BinaryIO | None = None) -> str:
+    digest = hashlib.sha256()
+    left = length
+    while left is None or left > 0:
+        chunk = stream.read(1 << 20 if left is None else min(1 << 20, left))
+        if not chunk:
+            break
+        digest.update(chunk)
+        if copy_to is not None:
+            copy_to.write(chunk)
+        if left is not None:
+            left -= len(chunk)
+    if left:
+        raise MbrescueError("file ends early")
+    return digest.hexdigest()
+
+
+def parse_sums(text: str) -> dict[str, str]:
+    """`sha256sum` lines -> {name: digest}."""
+    sums = {}
+    for line in text.splitlines():
+        digest, _, name = line.partition("  ")
+        if len(digest) == 64 and name:
+            sums[name.strip()] = digest
+    return sums
+
+
+# --- checks -------------------------------------------------------------------------------------
+
+def _check(name: str, func: Callable[[], str]) -> Check:
+    try:
+        return Check(name, True, func())
+    except (MbrescueError, pycdlib.pycdlibexception.PyCdlibException, OSError, ValueError,
+            struct.error) as exc:
+        return Check(name, False, str(exc))
+
+
+def _require(condition: bool, message: str) -> None:
+    if not condition:
+        raise MbrescueError(message)
+
+
+def verify_iso(path: Path) -> list[Check]:
+    """All checks of one ISO; a failure of one does not stop the others."""
+    checks: list[Check] = []
+    if not path.is_file():
+        return [Check("file", False, f"{path} is not a file")]
+    size_bytes = path.stat().st_size
+    with open(path, "rb") as stream, tempfile.TemporaryDirectory(prefix="mbrescue-verify-") as tmp:
+        work = Path(tmp)
+        entries: list[BootEntry] = []
+
+        def catalog() -> str:
+            entries.extend(read_boot_catalog(stream))
+            return ", ".join(f"platform 0x{e.platform:02x} at block {e.load_block}"
+                             for e in entries)
+
+        checks.append(_check("El Torito catalog", catalog))
+        bios = next((e for e in entries if e.platform == 0), None)
+        efi = next((e for e in entries if e.platform == EFI_PLATFORM), None)
+        checks.append(_check("El Torito BIOS entry", lambda: _bios_entry(stream, bios)))
+        checks.append(_check("El Torito EFI entry",
+                             lambda: _efi_entry(stream, efi, work, size_bytes)))
+        checks.append(_check("hybrid MBR (GRUB)", lambda: _hybrid_mbr(stream, bios)))
+        checks.append(_check("partition table", lambda: _partitions(path, efi, size_bytes)))
+        checks.extend(_tree_checks(path, work))
+    return checks
+
+
+def _bios_entry(stream: BinaryIO, bios: BootEntry | None) -> str:
+    _require(bios is not None, "no BIOS (platform 0) entry")
+    assert bios is not None
+    _require(bios.bootable and bios.media_type == 0, "BIOS entry is not bootable no-emulation")
+    image_at = bios.load_block * BLOCK
+    pvd_block, file_block, file_bytes, checksum = struct.unpack(
+        "<IIII", _read_at(stream, image_at + 8, 16))
+    _require(pvd_block == 16 and file_block == bios.load_block,
+             "boot info table missing or wrong")
+    image = _read_at(stream, image_at, file_bytes)
+    padded = image + b"\0" * ((-len(image)) % BLOCK)
+    words = struct.unpack_from(f"<{(len(padded) - 64) // 4}I", padded, 64)
+    _require(sum(words) & 0xFFFFFFFF == checksum, "boot info table checksum does not match")
+    core_sector = struct.unpack_from("<Q", image, 2548)[0]
+    _require(core_sector == bios.load_block * 4 + 5,
+             f"GRUB2 boot info at byte 2548 is {core_sector}, not {bios.load_block * 4 + 5}")
+    return (f"no-emulation, {file_bytes} bytes at block {bios.load_block}, boot info table, "
+            "grub2-boot-info")
+
+
+def _efi_entry(stream: BinaryIO, efi: BootEntry | None, work: Path, size_bytes: int) -> str:
+    _require(efi is not None, "no EFI (platform 0xEF) entry")
+    assert efi is not None
+    _require(efi.bootable and efi.media_type == 0, "EFI entry is not bootable no-emulation")
+    image_at = efi.load_block * BLOCK
+    boot_sector = _read_at(stream, image_at, SECTOR)
+    # The load size counts 512-byte sectors; the FAT's own sector total tells its true size.
+    total = struct.unpack_from("<H", boot_sector, 19)[0] or struct.unpack_from("<I", boot_sector,
+                                                                               32)[0]
+    bytes_per_sector = struct.unpack_from("<H", boot_sector, 11)[0]
+    fat_bytes = total * bytes_per_sector
+    _require(boot_sector[510:512] == b"\x55\xaa" and 0 < fat_bytes < size_bytes,
+             "the EFI image is not a FAT file system")
+    image = work / "efi.img"
+    image.write_bytes(_read_at(stream, image_at, fat_bytes))
+    listing = output(["mdir", "-b", "-i", image, "::EFI/BOOT"],
+                     env={"MTOOLS_SKIP_CHECK": "1"}).upper()
+    _require("BOOTX64.EFI" in listing, "EFI/BOOT/BOOTX64.EFI is missing from the FAT image")
+    return f"FAT image of {fat_bytes} bytes at block {efi.load_block} holds EFI/BOOT/BOOTX64.EFI"
+
+
+def _hybrid_mbr(stream: BinaryIO, bios: BootEntry | None) -> str:
+    mbr = _read_at(stream, 0, SECTOR)
+    _require(mbr[510:512] == b"\x55\xaa", "no MBR signature")
+    if BOOT_HYBRID.exists():
+        _require(mbr[:0x1B0] == BOOT_HYBRID.read_bytes()[:0x1B0],
+                 "MBR code is not GRUB's boot_hybrid.img")
+    else:
+        _require(any(mbr[:0x1B0]), "MBR holds no boot code")
+    _require(bios is not None, "no BIOS image to point at")
+    assert bios is not None
+    core_sector = struct.unpack_from("<Q", mbr, 0x1B0)[0]
+    _require(core_sector == bios.load_block * 4 + 4,
+             f"MBR points at sector {core_sector}, not {bios.load_block * 4 + 4}")
+    return f"GRUB boot_hybrid code, core at 512-byte sector {core_sector}"
+
+
+def _partitions(path: Path, efi: BootEntry | None, size_bytes: int) -> str:
+    table = json.loads(output(["sfdisk", "--json", path]))["partitiontable"]
+    sectors = size_bytes // SECTOR
+    parts = table.get("partitions", [])
+    _require(bool(parts), "no partitions")
+    for part in parts:
+        _require(part["start"] + part["size"] <= sectors, f"{part['node']} ends past the file")
+    detail = f"{table['label']}: {len(parts)} partition(s) inside the file"
+    if table["label"] == "gpt":
+        result = run(["sgdisk", "-v", path], check=False)
+        text = result.stdout.decode(errors="replace")
+        _require(result.returncode == 0 and "No problems found" in text,
+                 "sgdisk -v: " + " ".join(text.split())[:200])
+        detail += ", sgdisk -v clean"
+    esps = [p for p in parts if p.get("type", "").upper() in (ESP_TYPE, "EF")]
+    _require(bool(esps), "no ESP entry")
+    if efi is not None:
+        _require(any(p["start"] == efi.load_block * 4 for p in esps),
+                 "the ESP entry does not point at the El Torito EFI image")
+    return detail + ", ESP on the EFI image"
+
+
+def _capture_hook() -> Callable[[Path], object] | None:
+    """The lead's `builder.capture.check_capture(path)`, once it exists."""
+    try:
+        from . import capture
+    except ImportError:
+        return None
+    hook = getattr(capture, "check_capture", None)
+    return hook if callable(hook) else None
+
+
+def _tree_checks(path: Path, work: Path) -> list[Check]:
+    iso = pycdlib.PyCdlib()
+    try:
+        iso.open(str(path))
+    except pycdlib.pycdlibexception.PyCdlibException as exc:
+        return [Check("ISO9660 file system", False, f"pycdlib cannot open it: {exc}")]
+    checks = []
+    try:
+        volume_set = iso.pvd.volume_set_identifier.decode(errors="replace").strip()
+        checks.append(Check("ISO9660 file system", True,
+                            f"Rock Ridge {iso.has_rock_ridge()}, Joliet {iso.has_joliet()}, "
+                            f"volume set {volume_set!r}"))
+
+        def files() -> str:
+            sizes = []
+            for rr_path in REQUIRED_FILES:
+                record = iso.get_record(rr_path=rr_path)
+                _require(record.get_data_length() > 0, f"{rr_path} is empty")
+                sizes.append(f"{rr_path.rsplit('/', 1)[1]} {record.get_data_length()}")
+            return ", ".join(sizes)
+
+        checks.append(_check("kernel, initrds, grub.cfg", files))
+        checks.append(_check("payload checksum", lambda: _payload(iso, work)))
+    finally:
+        iso.close()
+    return checks
+
+
+def _payload(iso: pycdlib.PyCdlib, work: Path) -> str:
+    with iso.open_file_from_iso(rr_path=SUMS_PATH) as sums_file:
+        sums = parse_sums(sums_file.read().decode())
+    _require("payload.img" in sums, "payload.sha256 names no payload.img")
+    with iso.open_file_from_iso(rr_path=PAYLOAD_PATH) as payload:
+        _require(_sha256_stream(payload) == sums["payload.img"],
+                 "payload.img does not match its SHA-256")
+    # The cpio's structure: every header sound up to the trailer.
+    members = 0
+    capture_path: Path | None = None
+    with iso.open_file_from_iso(rr_path=PAYLOAD_PATH) as payload:
+        for name, _mode, size in iter_newc(payload):
+            members += 1
+            if name == CAPTURE_MEMBER:
+                capture_path = work / "capture.mbrescue"
+                with open(capture_path, "wb") as copy:
+                    digest = _sha256_stream(payload, size, copy_to=copy)
+                if "capture.mbrescue" in sums:
+                    _require(digest == sums["capture.mbrescue"],
+                             "the capture in the payload does not match its SHA-256")
+    detail = f"payload.img matches, cpio of {members} member(s)"
+    if capture_path is None:
+        return detail + ", no capture inside"
+    hook = _capture_hook()
+    if hook is None:
+        return detail + ", capture checksum matches (capture not checked further)"
+    result = hook(capture_path)
+    capture_path.unlink()
+    return detail + ", capture checked" + (f": {result}" if isinstance(result, str) else "")
+
+
+def format_checks(checks: list[Check]) -> str:
+    """A plain table for the terminal: status, name, detail."""
+    width = max((len(check.name) for check in checks), default=0)
+    columns = shutil.get_terminal_size((100, 20)).columns
+    lines = []
+    for check in checks:
+        line = f"{'ok  ' if check.ok else 'FAIL'}  {check.name:<{width}}  {check.detail}"
+        lines.append(line if len(line) <= columns or not check.ok else line[:columns - 1] + "…")
+    return "\n".join(lines)
