@@ -304,7 +304,8 @@ def relocate(
     `entries` its entry array, as captured. Returned, in write order: the new backup entry
     array at last LBA - entry sectors, the backup header at the last LBA, the primary header
     at LBA 1 (AlternateLBA and LastUsableLBA changed, CRC redone), and, when `mbr_sector`
-    (sector 0 as captured) is given, sector 0 with the protective 0xEE entry resized. The
+    (sector 0 as captured, the whole logical sector) is given, sector 0 with the protective
+    0xEE entry resized. The
     primary entry array is unchanged and needs no write. Refused when a partition would end
     past the new last usable LBA.
     """
@@ -361,18 +362,20 @@ def relocate(
         new_mbr = resize_protective(
             mbr_sector, disk_sectors, old_alternate_lba=header.alternate_lba
         )
-        if new_mbr != bytes(mbr_sector[: len(new_mbr)]):
+        if new_mbr != bytes(mbr_sector):
             writes.append((0, new_mbr))
     return writes
 
 
 def resize_protective(mbr_sector: bytes, disk_sectors: int, old_alternate_lba: int) -> bytes:
-    """Sector 0 with the 0xEE entry covering the whole new disk (capped at 0xFFFFFFFF).
+    """Sector 0 (as long as given) with the 0xEE entry covering the whole new disk.
+
+    The size is capped at 0xFFFFFFFF, as sgdisk does for disks past 2 TiB (512-byte sectors).
 
     Only an entry that covered the whole old disk is resized; a hybrid MBR's partial
     0xEE entry describes a choice made on purpose and is left alone.
     """
-    sector = bytes(mbr_sector[:512])
+    sector = bytes(mbr_sector)
     if len(sector) < 512 or sector[510:512] != BOOT_SIGNATURE:
         raise MbrescueError("the protective MBR has no 0x55AA signature")
     for index in range(4):
