@@ -100,12 +100,15 @@ def test_relocated_gpt_passes_sgdisk(
 def test_same_bytes_as_sgdisk_e(source: Path, tmp_path: Path) -> None:
     # sgdisk -e starts from a plain copy (the old backup inside the disk) and moves it.
     plain = sparse_file(tmp_path / "plain.img", 100 * MIB)
-    with open(source, "rb") as src, open(plain, "r+b") as dst:
-        dst.write(src.read(64 * MIB))
+    ours = sparse_file(tmp_path / "ours.img", 100 * MIB)
+    for copy in (plain, ours):
+        # Region plus the old backup (the last 33 sectors), which stays where it was.
+        with open(source, "rb") as src, open(copy, "r+b") as dst:
+            dst.write(src.read(REGION_BYTES))
+            src.seek(64 * MIB - 33 * 512)
+            dst.seek(64 * MIB - 33 * 512)
+            dst.write(src.read())
     run(["sgdisk", "-e", plain])
-    ours = make_target(tmp_path / "ours.img", 100 * MIB, "zero")
-    with open(source, "rb") as src, open(ours, "r+b") as dst:
-        dst.write(src.read(64 * MIB))  # the stale backup stays where sgdisk also left it
     mbr, header, entries = captured(source)
     with open(ours, "r+b") as dst:
         for lba, data in relocate(header, entries, 100 * MIB // 512, 512, mbr_sector=mbr):
