@@ -450,3 +450,21 @@ def test_4096_byte_sectors(work: Path, loop_devices: list[str]) -> None:
     assert read_layout(str(image), sector_bytes=4096).partitions == layout.partitions
     with pytest.raises(MbrescueError, match="both GPT copies"):
         read_layout(str(image))
+
+
+def test_empty_extended_and_fat12(tmp_path: Path) -> None:
+    image = sparse_file(tmp_path / "empty-ext.img", 32 * MIB)
+    script = (
+        "label: dos\nunit: sectors\n"
+        "start=2048, size=8192, type=c\nstart=10240, size=20480, type=f\n"
+    )
+    run(
+        ["sfdisk", "--quiet", "--no-reread", "--no-tell-kernel", image], input_bytes=script.encode()
+    )
+    run(["mkfs.vfat", "--offset", "2048", "-n", "SMALL", "-i", "00c0ffee", image, "4096"])
+    layout = read_layout(str(image))
+    assert_matches_sfdisk(layout, sfdisk_json(image))
+    assert_fs_matches_blkid(image, layout)
+    assert [(p.number, p.is_extended) for p in layout.partitions] == [(1, False), (2, True)]
+    fat = layout.partitions[0].fs
+    assert fat is not None and (fat.version, fat.label, fat.uuid) == ("FAT12", "SMALL", "00C0-FFEE")
