@@ -34,7 +34,7 @@ from typing import BinaryIO
 from . import __version__, log
 from .errors import MbrescueError
 from .freeze import frozen, partition_mounts
-from .runner import capfile
+from .runner import capfile, mbr
 from .runner.layout import Layout, Partition, read_layout
 
 BIOS_BOOT_GUID = "21686148-6449-6e6f-744e-656564454649"
@@ -69,9 +69,13 @@ def _is_block(path: Path) -> bool:
 
 
 def check_source(source: Path) -> None:
-    if not source.exists():
-        raise MbrescueError(f"{source}: no such file or device")
-    if source.is_dir():
+    try:
+        st = os.stat(source)
+    except FileNotFoundError as exc:
+        raise MbrescueError(f"{source}: no such file or device") from exc
+    except OSError as exc:
+        raise MbrescueError(f"{source}: {exc.strerror.lower()}") from exc
+    if stat.S_ISDIR(st.st_mode):
         raise MbrescueError(f"{source} is a directory, not a disk or disk image")
     if not os.access(source, os.R_OK):
         raise MbrescueError(f"{source}: permission denied (run as root to read a disk)")
@@ -266,6 +270,8 @@ def capture(options: CaptureOptions) -> CaptureResult:
     source = options.source
     check_source(source)
     layout = read_layout(os.fspath(source), options.sector_bytes)
+    for warning in layout.warnings:
+        log.info(f"warning: {warning}")
     sector = layout.disk.logical_sector_bytes
     numbers = {p.number: p for p in layout.partitions}
     starts = {p.number: p.start_lba for p in layout.partitions if not p.is_extended}
@@ -427,13 +433,17 @@ def _ebr_records(source: Path, layout: Layout) -> list[dict]:
     """The extended boot records verbatim: a restored logical swap needs its EBR back."""
     if layout.table != "msdos":
         return []
-    lbas = sorted({p.ebr_lba for p in layout.partitions if getattr(p, "ebr_lba", None) is not None})
     sector = layout.disk.logical_sector_bytes
-    records = []
     fd = os.open(source, os.O_RDONLY)
     try:
-        for lba in lbas:
-            records.append({"lba": lba, "hex": os.pread(fd, sector, lba * sector).hex()})
+        def read_sector(lba: int) -> bytes:
+            return os.pread(fd, sector, lba * sector)
+
+        lbas: set[int] = set()
+        for extended in (p for p in layout.partitions if p.is_extended):
+            lbas.add(extended.start_lba)
+            for logical in mbr.walk_ebr_chain(read_sector, extended.start_lba, extended.size_sectors):
+                lbas.add(logical.ebr_lba)
+        return [{"lba": lba, "hex": read_sector(lba).hex()} for lba in sorted(lbas)]
     finally:
         os.close(fd)
-    return records

@@ -86,6 +86,10 @@ def main() -> None:
     except (typer.Abort, KeyboardInterrupt):
         print("mbrescue: error: interrupted", file=sys.stderr)
         sys.exit(130)
+    except OSError as exc:  # e.g. an I/O error reading a failing disk
+        where = f"{exc.filename}: " if exc.filename else ""
+        print(f"mbrescue: error: {where}{exc.strerror or exc}", file=sys.stderr)
+        sys.exit(1)
     except MbrescueError as exc:
         line = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         hint = f" (hint: {exc.hint})" if exc.hint else ""

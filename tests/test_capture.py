@@ -215,7 +215,7 @@ def test_no_partition_table(tmp_path):
 def _gpt_image(path: Path) -> Path:
     with open(path, "wb") as f:
         f.truncate(40 * MiB)
-    sh("sgdisk", "-q", "-n", "1:2048:+1M", "-t", "1:EF02", "-n", "2:0:+16M", "-t", "2:8300",
+    sh("sgdisk", "-o", "-n", "1:2048:+1M", "-t", "1:EF02", "-n", "2:0:+16M", "-t", "2:8300",
        "-n", "3:0:0", "-t", "3:8200", path)
     sh("mke2fs", "-q", "-F", "-t", "ext4", "-E", f"offset={4096 * 512}", path, "16M")
     return path
