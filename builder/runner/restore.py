@@ -190,6 +190,9 @@ def _plan_gpt(plan: Plan, manifest: dict, head: RegionHead) -> None:
                           mbr_sector=head.read(0, 512))
     names = {0: "protective MBR", 1: "primary GPT header", disk_sectors - 1: "backup GPT header"}
     for lba, data in writes:
+        if lba == 0 and _mbr_extents(data) == _mbr_extents(head.read(0, 512)):
+            # Same size: only the CHS guess would change; keep the captured sector 0 exact.
+            continue
         plan.writes.append(Write(lba * sector, data, names.get(lba, "backup GPT entries")))
     source_sectors = int(manifest["source"]["size_bytes"]) // sector
     if disk_sectors != source_sectors or changed:
@@ -202,6 +205,10 @@ def _plan_gpt(plan: Plan, manifest: dict, head: RegionHead) -> None:
             f"GPT backup header and entries at sectors {disk_sectors - 1 - entries_sectors}"
             f"..{disk_sectors - 1}, as captured"
         )
+
+
+def _mbr_extents(sector: bytes) -> list[tuple[int, int, int]]:
+    return [(e.type, e.start_lba, e.size_sectors) for e in mbr.parse_mbr(sector).entries]
 
 
 def _check_swap_size(plan: Plan, number: int, new_size_sectors: int, manifest: dict) -> None:
