@@ -54,6 +54,8 @@ FIXTURE_NAMES = ("A", "B", "C", "D")
 
 # Generous: under TCG on a loaded 2-core machine the install VM needs a few minutes.
 INSTALL_TIMEOUT_S = 1200.0
+# The install VM's serial log of a failed build, kept beside the cache folders.
+FAILED_LOG = "failed-install.log"
 
 
 @dataclass(frozen=True)
@@ -498,7 +500,7 @@ def _install_grub(recipes: Sequence[Recipe], images: dict[str, Path], parts: Par
             if found.group(2) != "0":
                 raise MbrescueError(
                     f"grub-install failed on fixture {recipe.name} (rc={found.group(2)})",
-                    hint=f"see {work / 'install.log'}")
+                    hint=f"see {_fixtures_root() / FAILED_LOG}")
         vm.expect("MBRESCUE-INSTALL-DONE", 120)
         vm.wait_exit(120)
     initrd.unlink()
@@ -508,13 +510,16 @@ def _install_grub(recipes: Sequence[Recipe], images: dict[str, Path], parts: Par
 
 
 def boot_to_marker(image: Path, fixture: Fixture, timeout: float = 180,
-                   extra_disks: Sequence[Disk] = ()) -> float:
-    """Boot a disk image in QEMU until the fixture's marker; return seconds since start."""
+                   extra_disks: Sequence[Disk] = (), interface: str = "virtio") -> float:
+    """Boot a disk image in QEMU until the fixture's marker; return seconds since start.
+
+    The image is the first disk (`interface` as in vm.Disk), extra_disks follow it.
+    """
     # The cached images stay untouched; a caller's copy may be written (e.g. by OVMF).
     readonly = Path(image).resolve().is_relative_to(_fixtures_root().resolve())
     config = VmConfig(
         firmware=fixture.firmware, memory_mib=512,
-        disks=[Disk(Path(image), "virtio", readonly=readonly), *extra_disks],
+        disks=[Disk(Path(image), interface, readonly=readonly), *extra_disks],
     )
     with Vm(config) as vm:
         # The marker alone on its line; the serial console ends lines with \r\n.
@@ -585,20 +590,32 @@ def _build(parts: Parts, final: Path) -> None:
             {"build_s": time.monotonic() - started, "boot_s": timings}, indent=1))
         os.replace(work, final)
     except BaseException:
+        if (work / "install.log").exists():
+            shutil.copyfile(work / "install.log", final.parent / FAILED_LOG)
         shutil.rmtree(work, ignore_errors=True)
         raise
 
 
+_loaded: dict[str, Fixture] = {}
+
+
 def ensure_all() -> dict[str, Fixture]:
     """All four fixtures, built in one VM run when the cache lacks them."""
+    # Finding the recipe hash asks apt and checksums the debs (seconds): once per process.
+    if _loaded and all(fixture.path.exists() for fixture in _loaded.values()):
+        return dict(_loaded)
     parts = _parts()
     root = _fixtures_root()
     final = root / parts.recipe_hash
     if not (final / "fixtures.json").exists():
         with _locked(root / ".lock"):
             if not (final / "fixtures.json").exists():
+                # Holding the lock, any other build folder is a killed build's leftover.
+                for stale in root.glob(".build-*"):
+                    shutil.rmtree(stale, ignore_errors=True)
                 _build(parts, final)
-    return _load(final)
+    _loaded.update(_load(final))
+    return dict(_loaded)
 
 
 def ensure_fixture(name: str) -> Fixture:

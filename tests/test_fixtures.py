@@ -179,3 +179,19 @@ def test_labels_uuids_and_clean_boot_fs(all_fixtures: dict[str, fixtures.Fixture
     assert "grub.cfg" in listing and "grubenv" in listing
     assert ("x86_64-efi" if fixture.firmware == "uefi" else "i386-pc") in listing
     assert "vmlinuz-" in root_listing and "initrd.img-" in root_listing
+
+
+def test_cache_is_reused_and_names_checked(all_fixtures: dict[str, fixtures.Fixture]) -> None:
+    again = fixtures.ensure_fixture("A")
+    assert again == all_fixtures["A"] and again.path.exists()
+    assert again.path.parent.name == fixtures._parts().recipe_hash
+    with pytest.raises(fixtures.MbrescueError):
+        fixtures.ensure_fixture("Z")
+
+
+def test_module_prints_paths(all_fixtures: dict[str, fixtures.Fixture]) -> None:
+    import sys
+
+    text = output([sys.executable, "-m", "builder.fixtures", "a", "D"],
+                  cwd=Path(__file__).resolve().parent.parent)
+    assert text.splitlines() == [f"A {all_fixtures['A'].path}", f"D {all_fixtures['D'].path}"]
