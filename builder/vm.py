@@ -35,6 +35,9 @@ class Disk:
     serial: str | None = None
     logical_block_bytes: int | None = None
     fmt: str = "raw"
+    # Firmware boot order position. OVMF connects only the devices QEMU lists in its boot
+    # order once there is one, so a disk GRUB must see under UEFI needs an index too.
+    bootindex: int | None = None
 
 
 @dataclass
@@ -99,6 +102,8 @@ class Vm:
             if disk.logical_block_bytes:
                 blk = f",logical_block_size={disk.logical_block_bytes},physical_block_size={disk.logical_block_bytes}"
             serial = f",serial={disk.serial}" if disk.serial else ""
+            if disk.bootindex is not None and disk.interface in ("virtio", "ide", "nvme"):
+                serial += f",bootindex={disk.bootindex}"
             if disk.interface == "virtio":
                 argv += ["-device", f"virtio-blk-pci,drive={drive_id}{serial}{blk}"]
             elif disk.interface == "ide":

@@ -9,10 +9,10 @@ holding the captured /boot UUID, where the default entry must boot the local dis
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import struct
-import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -20,7 +20,9 @@ from pathlib import Path
 import pycdlib
 import pytest
 
-from builder import cpio, debs, grub, iso
+from builder import cpio, debs, grub, iso, verify
+from builder.debs import cache_dir
+from builder.errors import MbrescueError
 from builder.run import output, run
 from builder.vm import Disk, Vm, VmConfig
 
@@ -83,8 +85,184 @@ def epoch() -> Iterator[None]:
         os.environ["SOURCE_DATE_EPOCH"] = saved
 
 
+# Short menu timeouts: the QEMU tests wait for them in real time.
+TEST_TIMEOUTS = {"local_timeout_s": 2, "restore_timeout_s": 1}
+_built_at: list[float] = []
+
+
 @pytest.fixture(scope="module")
 def built(tmp_path_factory: pytest.TempPathFactory, epoch: None) -> iso.IsoReport:
     work = tmp_path_factory.mktemp("iso")
-    # Short menu timeouts: the QEMU tests wait for them in real time.
-    return build_iso(work, work / "out" / "testhost.iso", local_timeout_s=2, restore_timeout_s=1)
+    report = build_iso(work, work / "out" / "testhost.iso", **TEST_TIMEOUTS)
+    _built_at.append(time.monotonic())
+    return report
+
+
+# --- structure ----------------------------------------------------------------------------------
+
+def test_written_atomically_mode_0600(built: iso.IsoReport) -> None:
+    assert built.path.stat().st_mode & 0o777 == 0o600
+    assert [p.name for p in built.path.parent.iterdir()] == [built.path.name]
+    # Padded past the ISO's end (GRUB's BIOS driver reads 32 KiB blocks), to a MiB multiple.
+    assert built.size_bytes == built.path.stat().st_size
+    assert built.size_bytes % (1024 * 1024) == 0
+
+
+def test_verify_passes(built: iso.IsoReport) -> None:
+    checks = verify.verify_iso(built.path)
+    assert all(check.ok for check in checks), verify.format_checks(checks)
+    names = {check.name for check in checks}
+    assert {"El Torito BIOS entry", "El Torito EFI entry", "hybrid MBR (GRUB)",
+            "partition table", "payload checksum"} <= names
+
+
+def test_pycdlib_reopens(built: iso.IsoReport) -> None:
+    reopened = pycdlib.PyCdlib()
+    reopened.open(str(built.path))
+    try:
+        assert reopened.has_rock_ridge() and reopened.has_joliet()
+        assert reopened.pvd.volume_identifier.decode().strip() == "TESTHOST"
+        assert MEDIUM_ID in reopened.pvd.volume_set_identifier.decode()
+        assert MEDIUM_ID in reopened.pvd.application_identifier.text.decode()
+        with reopened.open_file_from_iso(joliet_path="/mbrescue/payload.sha256") as sums:
+            names = verify.parse_sums(sums.read().decode())
+        assert set(names) == {"payload.img", "capture.mbrescue"}
+        with reopened.open_file_from_iso(rr_path="/boot/grub/grub.cfg") as cfg:
+            assert f"mbrescue.medium={MEDIUM_ID}" in cfg.read().decode()
+        reopened.get_record(rr_path=grub.medium_marker(MEDIUM_ID))
+    finally:
+        reopened.close()
+
+
+def test_xorriso_agrees(built: iso.IsoReport) -> None:
+    report = output(["xorriso", "-indev", built.path, "-report_el_torito", "plain",
+                     "-report_system_area", "plain"])
+    assert "El Torito boot img :   1  BIOS  y   none" in report
+    assert "El Torito boot img :   2  UEFI  y   none" in report
+    assert "boot-info-table grub2-boot-info" in report
+    assert "grub2-mbr" in report and "protective-msdos-label" in report
+    assert "GPT partition path :   1  /boot/grub/efi.img" in report
+
+
+def test_sgdisk_and_sfdisk(built: iso.IsoReport) -> None:
+    assert "No problems found" in output(["sgdisk", "-v", built.path])
+    table = json.loads(output(["sfdisk", "--json", built.path]))["partitiontable"]
+    assert table["label"] == "gpt" and len(table["partitions"]) == 1
+    esp = table["partitions"][0]
+    assert esp["type"] == "C12A7328-F81F-11D2-BA4B-00A0C93EC93B"
+    assert esp["start"] == built.efi_image_block * 4
+
+
+def test_verify_finds_damage(built: iso.IsoReport, tmp_path: Path) -> None:
+    damaged = tmp_path / "damaged.iso"
+    shutil.copyfile(built.path, damaged)
+    reopened = pycdlib.PyCdlib()
+    reopened.open(str(built.path))
+    payload_block = reopened.get_record(rr_path="/mbrescue/payload.img").extent_location()
+    reopened.close()
+    with open(damaged, "r+b") as stream:
+        stream.seek(0)
+        stream.write(bytes(16))  # boot code gone
+        stream.seek(payload_block * 2048 + 200)
+        stream.write(b"X")  # inside the capture
+    failed = {check.name for check in verify.verify_iso(damaged) if not check.ok}
+    assert failed == {"hybrid MBR (GRUB)", "payload checksum"}
+
+
+def test_missing_input_is_refused(built: iso.IsoReport, tmp_path: Path) -> None:
+    images = grub.make_grub_images(tmp_path / "grub", medium_id=MEDIUM_ID)
+    with pytest.raises(MbrescueError, match="missing"):
+        iso.write_iso(tmp_path / "x.iso", grub=images, kernel=tmp_path / "nope",
+                      base_initrd=tmp_path / "nope", payload=tmp_path / "nope", grub_cfg="",
+                      volume_label="x", medium_id=MEDIUM_ID)
+    assert not (tmp_path / "x.iso").exists()
+
+
+# --- QEMU boots ---------------------------------------------------------------------------------
+
+BOOT_MODES = {
+    "bios-cd": ("bios", "cdrom"),
+    "uefi-cd": ("uefi", "cdrom"),
+    "bios-usb": ("bios", "usb"),
+    "uefi-usb": ("uefi", "usb"),
+}
+
+
+def _boot_to_marker(image: Path, firmware: str, interface: str, log_path: Path,
+                    extra_disks: list[Disk] | None = None) -> tuple[str, float]:
+    disks = [Disk(image, interface=interface, readonly=True), *(extra_disks or [])]
+    with Vm(VmConfig(firmware=firmware, disks=disks), log_path) as vm:
+        vm.expect(r"default is the restore", timeout=120)
+        cmdline = vm.expect(rf"{INIT_MARKER} cmdline: ([^\r\n]*)\r?\n", timeout=180).group(1)
+        vm.expect(rf"{INIT_MARKER} payload: {PAYLOAD_MARKER}", timeout=30)
+        return cmdline, vm.elapsed()
+
+
+@pytest.mark.qemu
+@pytest.mark.parametrize("mode", list(BOOT_MODES))
+def test_boots(built: iso.IsoReport, mode: str, tmp_path: Path) -> None:
+    firmware, interface = BOOT_MODES[mode]
+    cmdline, seconds = _boot_to_marker(built.path, firmware, interface, tmp_path / "serial.log")
+    print(f"{mode}: marker after {seconds:.1f} s")
+    # The default entry is the restore on the screen: serial first, tty0 last.
+    assert cmdline.endswith(
+        f"console=ttyS0,115200n8 console=tty0 mbrescue.medium={MEDIUM_ID}"), cmdline
+
+
+@pytest.mark.qemu
+def test_uefi_usb_boots_through_gpt_without_el_torito(built: iso.IsoReport,
+                                                       tmp_path: Path) -> None:
+    # OVMF boots the El Torito EFI entry even from a disk, which would hide a broken GPT:
+    # wipe that entry in a copy so only the GPT's ESP is left.
+    copy = tmp_path / "no-efi-eltorito.iso"
+    shutil.copyfile(built.path, copy)
+    with open(copy, "r+b") as stream:
+        entries = verify.read_boot_catalog(stream)
+        assert [entry.platform for entry in entries] == [0, 0xEF]
+        stream.seek(17 * 2048 + 0x47)
+        catalog_block = struct.unpack("<I", stream.read(4))[0]
+        stream.seek(catalog_block * 2048 + 64)
+        stream.write(bytes(64))  # the EFI section header and its entry
+    with open(copy, "rb") as stream:
+        assert [entry.platform for entry in verify.read_boot_catalog(stream)] == [0]
+    cmdline, seconds = _boot_to_marker(copy, "uefi", "usb", tmp_path / "serial.log")
+    print(f"uefi-usb via GPT only: marker after {seconds:.1f} s")
+    assert f"mbrescue.medium={MEDIUM_ID}" in cmdline
+
+
+@pytest.fixture(scope="module")
+def healthy_disk(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A bare ext4 carrying the captured /boot's UUID and a grub.cfg that prints a marker."""
+    work = tmp_path_factory.mktemp("healthy")
+    (work / "root" / "grub").mkdir(parents=True)
+    (work / "root" / "grub" / "grub.cfg").write_text(f'echo "{LOCAL_MARKER}"\nsleep 60\n')
+    image = work / "disk.img"
+    run(["mke2fs", "-q", "-t", "ext4", "-U", BOOT_FS_UUID, "-L", "boot", "-d", work / "root",
+         "-F", image, "16M"])
+    return image
+
+
+@pytest.mark.qemu
+@pytest.mark.parametrize("firmware", ["bios", "uefi"])
+def test_healthy_disk_boots_locally(built: iso.IsoReport, healthy_disk: Path, firmware: str,
+                                    tmp_path: Path) -> None:
+    disk = tmp_path / "disk.img"
+    shutil.copyfile(healthy_disk, disk)
+    before = disk.read_bytes()
+    disks = [Disk(built.path, interface="cdrom", readonly=True), Disk(disk, interface="virtio", bootindex=1)]
+    with Vm(VmConfig(firmware=firmware, disks=disks), tmp_path / "serial.log") as vm:
+        vm.expect(r"default is to boot the local disk", timeout=120)
+        vm.expect(LOCAL_MARKER, timeout=60)
+        print(f"{firmware}: local disk's grub.cfg after {vm.elapsed():.1f} s")
+        assert INIT_MARKER not in vm.output
+    assert disk.read_bytes() == before
+
+
+# --- reproducibility (last: the first build is then long enough ago) ----------------------------
+
+def test_two_builds_identical(built: iso.IsoReport, tmp_path: Path) -> None:
+    # Rebuild the GRUB images too, not just take them from the cache.
+    shutil.rmtree(cache_dir() / "grub" / grub._cache_key(MEDIUM_ID), ignore_errors=True)
+    time.sleep(max(0.0, 2.5 - (time.monotonic() - _built_at[0])))
+    again = build_iso(tmp_path, tmp_path / "again.iso", **TEST_TIMEOUTS)
+    assert again.path.read_bytes() == built.path.read_bytes()
