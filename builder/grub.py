@@ -185,8 +185,8 @@ def kernel_args(medium_id: str, *, serial_console: bool, shell: bool = False) ->
 
 
 def render_grub_cfg(*, host: str, captured_at: str, region_size: str, boot_fs_uuid: str,
-                    medium_id: str, local_timeout_s: int = 10, restore_timeout_s: int = 5,
-                    version: str = "0.1.0") -> str:
+                    medium_id: str, local_timeout_s: int = 10,
+                    restore_timeout_s: int = 5) -> str:
     """grub.cfg for the ISO from templates/grub.cfg.j2; every value is computed here."""
     for name, value, pattern in (("host", host, _SAFE_ID), ("boot_fs_uuid", boot_fs_uuid, _SAFE_ID),
                                  ("medium_id", medium_id, _SAFE_ID),
@@ -201,7 +201,6 @@ def render_grub_cfg(*, host: str, captured_at: str, region_size: str, boot_fs_uu
     return env.get_template("grub.cfg.j2").render(
         host=host, captured_at=captured_at, region_size=region_size, boot_fs_uuid=boot_fs_uuid,
         medium_id=medium_id, local_timeout_s=local_timeout_s, restore_timeout_s=restore_timeout_s,
-        version=version,
         args_screen=kernel_args(medium_id, serial_console=False),
         args_serial=kernel_args(medium_id, serial_console=True),
         args_shell=kernel_args(medium_id, serial_console=False, shell=True),

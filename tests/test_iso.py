@@ -249,7 +249,8 @@ def test_healthy_disk_boots_locally(built: iso.IsoReport, healthy_disk: Path, fi
     disk = tmp_path / "disk.img"
     shutil.copyfile(healthy_disk, disk)
     before = disk.read_bytes()
-    disks = [Disk(built.path, interface="cdrom", readonly=True), Disk(disk, interface="virtio", bootindex=1)]
+    disks = [Disk(built.path, interface="cdrom", readonly=True),
+             Disk(disk, interface="virtio", bootindex=1)]
     with Vm(VmConfig(firmware=firmware, disks=disks), tmp_path / "serial.log") as vm:
         vm.expect(r"default is to boot the local disk", timeout=120)
         vm.expect(LOCAL_MARKER, timeout=60)
