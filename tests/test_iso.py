@@ -3,8 +3,9 @@
 The ISO is built once per module from Debian's kernel and a tiny busybox initramfs whose
 /init prints a marker, the kernel command line and the payload's marker, then powers off.
 QEMU boots it four ways (BIOS/UEFI x CD/USB), once more from USB with the El Torito EFI
-entry wiped (so only the GPT's ESP can boot UEFI), and once with a "healthy" local disk
-holding the captured /boot UUID, where the default entry must boot the local disk.
+entry wiped (so only the GPT's ESP can boot UEFI), and with "healthy" local disks holding
+the captured /boot UUID, where the default entry must boot the local disk: its MBR code
+(BIOS), its ESP's BOOTX64.EFI (UEFI), or its grub.cfg when it has no boot code.
 """
 
 from __future__ import annotations
@@ -31,7 +32,9 @@ BOOT_FS_UUID = "5b0c4c8e-3f0a-4e57-9c1e-2a4d5e6f7a8b"
 MEDIUM_ID = "0123456789abcdef"
 INIT_MARKER = "MBRESCUE-TEST-INIT"
 PAYLOAD_MARKER = "MBRESCUE-TEST-PAYLOAD"
-LOCAL_MARKER = "MBRESCUE-TEST-LOCAL-DISK"
+LOCAL_MBR_MARKER = "MBRESCUE-TEST-LOCAL-MBR"
+LOCAL_ESP_MARKER = "MBRESCUE-TEST-LOCAL-ESP"
+LOCAL_CFG_MARKER = "MBRESCUE-TEST-LOCAL-GRUB-CFG"
 
 INIT_SCRIPT = f"""#!/bin/sh
 /bin/busybox mkdir -p /proc /dev
@@ -230,31 +233,78 @@ def test_uefi_usb_boots_through_gpt_without_el_torito(built: iso.IsoReport,
     assert f"mbrescue.medium={MEDIUM_ID}" in cmdline
 
 
-@pytest.fixture(scope="module")
-def healthy_disk(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A bare ext4 carrying the captured /boot's UUID and a grub.cfg that prints a marker."""
-    work = tmp_path_factory.mktemp("healthy")
-    (work / "root" / "grub").mkdir(parents=True)
-    (work / "root" / "grub" / "grub.cfg").write_text(f'echo "{LOCAL_MARKER}"\nsleep 60\n')
-    image = work / "disk.img"
-    run(["mke2fs", "-q", "-t", "ext4", "-U", BOOT_FS_UUID, "-L", "boot", "-d", work / "root",
-         "-F", image, "16M"])
+# 16-bit real-mode boot code: print the NUL-terminated text after it on COM1, then halt.
+# xor ax,ax; mov ds,ax; mov si,0x7c16; mov dx,0x3f8; cld; l: lodsb; test al,al; jz h;
+# out dx,al; jmp l; h: hlt; jmp h
+MBR_PRINT_CODE = bytes.fromhex("31c08ed8be167cbaf803fcac84c07403eeebf8f4ebfd")
+
+
+def _local_efi_binary(work: Path) -> Path:
+    """A GRUB EFI image whose embedded config prints the local ESP's marker."""
+    config = work / "esp.cfg"
+    config.write_text(f'echo "{LOCAL_ESP_MARKER}"\n')
+    image = work / "BOOTX64.EFI"
+    run(["grub-mkimage", "-O", "x86_64-efi", "-p", "/nowhere", "-c", config, "-o", image,
+         "echo"])
     return image
 
 
+@pytest.fixture(scope="module")
+def healthy_disks(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Disks carrying the captured /boot's UUID, each with its own way to show it booted.
+
+    "gpt": MBR code printing LOCAL_MBR_MARKER, an ESP whose BOOTX64.EFI prints
+    LOCAL_ESP_MARKER, and the ext4 /boot. "bare": an ext4 only, no boot code anywhere, so the
+    menu falls back to the host's grub.cfg, which prints LOCAL_CFG_MARKER.
+    """
+    work = tmp_path_factory.mktemp("healthy")
+    root = work / "root"
+    (root / "grub").mkdir(parents=True)
+    (root / "grub" / "grub.cfg").write_text(f'echo "{LOCAL_CFG_MARKER}"\nsleep 60\n')
+    bare = work / "bare.img"
+    run(["mke2fs", "-q", "-t", "ext4", "-U", BOOT_FS_UUID, "-d", root, "-F", bare, "16M"])
+
+    disk = work / "gpt.img"
+    with open(disk, "wb") as stream:
+        stream.truncate(40 << 20)
+    esp_start, esp_sectors, boot_start = 2048, 16384, 18432
+    table = (f"label: gpt\nstart={esp_start}, size={esp_sectors}, type=U\n"
+             f"start={boot_start}, type=L\n")
+    run(["sfdisk", "-q", disk], input_bytes=table.encode())
+    run(["mkfs.vfat", "--offset", str(esp_start), disk, str(esp_sectors // 2)])
+    esp = f"{disk}@@{esp_start * 512}"
+    run(["mmd", "-i", esp, "::EFI", "::EFI/BOOT"])
+    run(["mcopy", "-i", esp, _local_efi_binary(work), "::EFI/BOOT/BOOTX64.EFI"])
+    run(["mke2fs", "-q", "-t", "ext4", "-E", f"offset={boot_start * 512}", "-U", BOOT_FS_UUID,
+         "-d", root, "-F", disk, "10M"])
+    code = MBR_PRINT_CODE + f"{LOCAL_MBR_MARKER}\r\n".encode() + b"\0"
+    with open(disk, "r+b") as stream:
+        stream.write(code)  # before the partition table at 446, which stays
+    return {"gpt": disk, "bare": bare}
+
+
+HEALTHY_CASES = {
+    # firmware, disk, what shows that the local disk booted
+    "bios-mbr-chain": ("bios", "gpt", LOCAL_MBR_MARKER),
+    "uefi-esp-chain": ("uefi", "gpt", LOCAL_ESP_MARKER),
+    "bios-grub-cfg-fallback": ("bios", "bare", LOCAL_CFG_MARKER),
+}
+
+
 @pytest.mark.qemu
-@pytest.mark.parametrize("firmware", ["bios", "uefi"])
-def test_healthy_disk_boots_locally(built: iso.IsoReport, healthy_disk: Path, firmware: str,
-                                    tmp_path: Path) -> None:
+@pytest.mark.parametrize("case", list(HEALTHY_CASES))
+def test_healthy_disk_boots_locally(built: iso.IsoReport, healthy_disks: dict[str, Path],
+                                    case: str, tmp_path: Path) -> None:
+    firmware, which, marker = HEALTHY_CASES[case]
     disk = tmp_path / "disk.img"
-    shutil.copyfile(healthy_disk, disk)
+    shutil.copyfile(healthy_disks[which], disk)
     before = disk.read_bytes()
     disks = [Disk(built.path, interface="cdrom", readonly=True),
              Disk(disk, interface="virtio", bootindex=1)]
     with Vm(VmConfig(firmware=firmware, disks=disks), tmp_path / "serial.log") as vm:
         vm.expect(r"default is to boot the local disk", timeout=120)
-        vm.expect(LOCAL_MARKER, timeout=60)
-        print(f"{firmware}: local disk's grub.cfg after {vm.elapsed():.1f} s")
+        vm.expect(marker, timeout=60)
+        print(f"{case}: local disk booted after {vm.elapsed():.1f} s")
         assert INIT_MARKER not in vm.output
     assert disk.read_bytes() == before
 
