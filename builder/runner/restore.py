@@ -183,8 +183,8 @@ def _plan_gpt(plan: Plan, manifest: dict, head: RegionHead) -> None:
             header_raw, entries_crc32=zlib.crc32(bytes(entries)) & 0xFFFFFFFF
         )
         plan.writes.append(
-            Write(header.entries_lba * sector, bytes(entries).ljust(entries_sectors * sector, b"\0"),
-                  "primary GPT entries")
+            Write(header.entries_lba * sector,
+                  bytes(entries).ljust(entries_sectors * sector, b"\0"), "primary GPT entries")
         )
     writes = gpt.relocate(header_raw, bytes(entries), disk_sectors, sector,
                           mbr_sector=head.read(0, 512))
@@ -241,17 +241,20 @@ def _plan_msdos(plan: Plan, manifest: dict, head: RegionHead) -> None:
             extended_start = entry.start_lba
             if end > last_lba:
                 # The container only; its logicals are judged one by one below.
-                new_sector0 = mbr.resize_entry(new_sector0, entry.index, disk_sectors - entry.start_lba)
+                new_sector0 = mbr.resize_entry(
+                    new_sector0, entry.index, disk_sectors - entry.start_lba
+                )
                 plan.adjusted.append(
-                    f"extended partition {number} shrunk to end at the target's last sector {last_lba}"
+                    f"extended partition {number} shrunk to end at the target's last "
+                    f"sector {last_lba}"
                 )
             continue
         if end <= last_lba:
             continue
         if number not in swaps and entry.type not in SWAP_TYPES:
             raise MbrescueError(
-                f"partition {number} (type 0x{entry.type:02x}) ends at sector {end}, past the end of "
-                f"{plan.target.path} (last sector {last_lba}); only swap can be shrunk"
+                f"partition {number} (type 0x{entry.type:02x}) ends at sector {end}, past the "
+                f"end of {plan.target.path} (last sector {last_lba}); only swap can be shrunk"
             )
         new_size = disk_sectors - entry.start_lba
         _check_swap_size(plan, number, new_size, manifest)
@@ -347,7 +350,9 @@ def ebrs_from_layout(manifest: dict, extended_start: int) -> list[dict]:
     for index, part in enumerate(logicals):
         ebr_lba = part.get("table_lba")
         if ebr_lba is None:
-            raise MbrescueError(f"the capture does not say where logical partition {part['number']}'s EBR is")
+            raise MbrescueError(
+                f"the capture does not say where logical partition {part['number']}'s EBR is"
+            )
         sector = bytearray(512)
         status = 0x80 if part.get("bootable") else 0
         # CHS fields carry absolute addresses, the LBA fields relative ones.
@@ -384,7 +389,9 @@ def _plan_swap(plan: Plan, manifest: dict) -> None:
             )
         if not record.get("uuid"):
             raise MbrescueError(f"the capture has no UUID for swap partition {number}")
-        header = swap.make_swap_header(size_sectors * sector, page, record["uuid"], record.get("label"))
+        header = swap.make_swap_header(
+            size_sectors * sector, page, record["uuid"], record.get("label")
+        )
         plan.writes.append(Write(offset, header, f"swap header of partition {number}"))
         plan.recreated.append(
             f"swap partition {number}: label {record.get('label') or '(none)'}, "
@@ -404,7 +411,9 @@ def describe_contents(target: DiskInfo) -> list[str]:
     if first == bytes(512):
         return ["blank (sector 0 is all zeros)"]
     try:
-        layout = read_layout(target.path, target.logical_sector_bytes if target.kind == "file" else None)
+        layout = read_layout(
+            target.path, target.logical_sector_bytes if target.kind == "file" else None
+        )
     except MbrescueError as exc:
         return [f"no partition table ({exc})"]
     lines = [f"{layout.table} partition table, id {layout.disk_id}"]
@@ -412,7 +421,8 @@ def describe_contents(target: DiskInfo) -> list[str]:
         fs = part.fs
         what = "no file system found"
         if fs is not None:
-            what = fs.type + (f' "{fs.label}"' if fs.label else "") + (f" UUID {fs.uuid}" if fs.uuid else "")
+            what = fs.type + (f' "{fs.label}"' if fs.label else "")
+            what += f" UUID {fs.uuid}" if fs.uuid else ""
         if part.is_extended:
             what = "extended"
         lines.append(
@@ -494,7 +504,9 @@ def _prefetched(chunks: Iterator[bytes], depth: int = 2) -> Iterator[bytes]:
                 pipe.get_nowait()
 
 
-def _overlay(chunk: bytes, chunk_offset: int, writes: list[Write]) -> tuple[bytes, list[tuple[int, bytes]]]:
+def _overlay(
+    chunk: bytes, chunk_offset: int, writes: list[Write]
+) -> tuple[bytes, list[tuple[int, bytes]]]:
     """The chunk with the planned writes that fall into it patched in, plus the
     original bytes they replaced (offset, bytes) for the verification."""
     end = chunk_offset + len(chunk)
@@ -507,7 +519,9 @@ def _overlay(chunk: bytes, chunk_offset: int, writes: list[Write]) -> tuple[byte
         if patched is None:
             patched = bytearray(chunk)
         originals.append((lo, chunk[lo - chunk_offset : hi - chunk_offset]))
-        patched[lo - chunk_offset : hi - chunk_offset] = write.data[lo - write.offset_bytes : hi - write.offset_bytes]
+        patched[lo - chunk_offset : hi - chunk_offset] = write.data[
+            lo - write.offset_bytes : hi - write.offset_bytes
+        ]
     return (bytes(patched) if patched is not None else chunk), originals
 
 
@@ -519,13 +533,13 @@ def _pwrite_all(fd: int, data: bytes | memoryview, offset: int, plan: Plan) -> N
             written = os.pwrite(fd, view[done:], offset + done)
         except OSError as exc:
             raise MbrescueError(
-                f"write error on {plan.target.path} at sector {(offset + done) // plan.sector_bytes}: "
-                f"{exc.strerror}"
+                f"write error on {plan.target.path} at sector "
+                f"{(offset + done) // plan.sector_bytes}: {exc.strerror}"
             ) from exc
         if written <= 0:
             raise MbrescueError(
-                f"write error on {plan.target.path} at sector {(offset + done) // plan.sector_bytes}: "
-                "nothing written"
+                f"write error on {plan.target.path} at sector "
+                f"{(offset + done) // plan.sector_bytes}: nothing written"
             )
         done += written
 
@@ -539,7 +553,9 @@ def open_target(plan: Plan) -> int:
         return os.open(plan.target.path, flags)
     except OSError as exc:
         if exc.errno == errno.EBUSY:
-            raise MbrescueError(f"{plan.target.path} is in use (mounted or held by the kernel)") from exc
+            raise MbrescueError(
+                f"{plan.target.path} is in use (mounted or held by the kernel)"
+            ) from exc
         raise MbrescueError(f"cannot open {plan.target.path} for writing: {exc.strerror}") from exc
 
 
@@ -556,7 +572,9 @@ def write_plan(fd: int, capture: Capture, plan: Plan, console: Console,
         offset += len(chunk)
         progress.advance(len(chunk))
     if offset != plan.region_bytes:
-        raise MbrescueError(f"the capture's region ended after {offset} of {plan.region_bytes} bytes")
+        raise MbrescueError(
+            f"the capture's region ended after {offset} of {plan.region_bytes} bytes"
+        )
     for write in plan.writes:
         if write.end_bytes > plan.region_bytes:
             start = max(write.offset_bytes, plan.region_bytes)
@@ -671,7 +689,8 @@ def verify_plan(capture: Capture, plan: Plan, console: Console,
             if reader.read(write.offset_bytes, len(write.data)) != write.data:
                 raise MbrescueError(
                     f"verification failed: the {write.what} at sector "
-                    f"{write.offset_bytes // plan.sector_bytes} of {plan.target.path} reads back wrong"
+                    f"{write.offset_bytes // plan.sector_bytes} of {plan.target.path} "
+                    "reads back wrong"
                 )
         _check_tables(capture, plan, reader)
         return seconds, reader.method
@@ -850,12 +869,14 @@ def restore(
             console.say("mbrescue: mbrescue.unattended=1 ignored: more than one disk could be "
                         "the target")
         else:
-            console.say("mbrescue: unattended restore (mbrescue.unattended=1, allowed by the build)")
+            console.say(
+                "mbrescue: unattended restore (mbrescue.unattended=1, allowed by the build)"
+            )
             proceed = True
     if not proceed:
         answer = console.ask(
-            f"Type {CONFIRM_WORD} to write {plan.target.path} (sectors 0..{plan.region_sectors - 1} "
-            f"are overwritten): "
+            f"Type {CONFIRM_WORD} to write {plan.target.path} "
+            f"(sectors 0..{plan.region_sectors - 1} are overwritten): "
         )
         # Exactly the word: "y", "YES" or " yes" are not an informed consent to overwrite.
         if answer != CONFIRM_WORD:
