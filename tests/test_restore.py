@@ -221,8 +221,8 @@ def runner_cli(*args: str | os.PathLike[str], input_text: str | None = None
                ) -> subprocess.CompletedProcess[str]:
     """`python -m builder.runner`, the same entry point the rescue system uses."""
     return subprocess.run(
-        [sys.executable, "-m", "builder.runner", *[os.fspath(a) for a in args]], cwd=ROOT, text=True,
-        capture_output=True, input=input_text, timeout=300,
+        [sys.executable, "-m", "builder.runner", *[os.fspath(a) for a in args]], cwd=ROOT,
+        text=True, capture_output=True, input=input_text, timeout=300,
         stdin=None if input_text is not None else subprocess.DEVNULL,
     )
 
