@@ -38,7 +38,6 @@ import pycdlib.pycdlib
 import pycdlib.utils
 
 from . import log
-from .cpio import source_date_epoch
 from .errors import MbrescueError
 from .grub import GrubImages, medium_marker
 from .verify import CAPTURE_MEMBER, iter_newc
@@ -114,6 +113,12 @@ def sha256_of(path: Path) -> str:
         while chunk := stream.read(1 << 20):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+def _iso_epoch() -> int:
+    """The ISO's dates: SOURCE_DATE_EPOCH when set (reproducible), else the build's time."""
+    explicit = os.environ.get("SOURCE_DATE_EPOCH")
+    return int(explicit) if explicit else int(time.time())
 
 
 # --- a clock frozen at SOURCE_DATE_EPOCH, seen by pycdlib only --------------------------------
@@ -320,7 +325,7 @@ def write_iso(out: Path, *, grub: GrubImages, kernel: Path, base_initrd: Path, p
     os.fchmod(fd, 0o600)
     try:
         with contextlib.ExitStack() as stack, open(fd, "r+b", closefd=True) as stream, \
-                _frozen_pycdlib_clock(source_date_epoch()):
+                _frozen_pycdlib_clock(_iso_epoch()):
             iso = pycdlib.PyCdlib()
             iso.new(interchange_level=3, vol_ident=label, sys_ident="LINUX",
                     vol_set_ident=f"MBRESCUE {medium_id}",

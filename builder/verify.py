@@ -25,7 +25,7 @@ import pycdlib
 import pycdlib.pycdlibexception
 
 from .errors import MbrescueError
-from .run import output, run
+from .run import output, require_tools, run
 
 BLOCK = 2048
 SECTOR = 512
@@ -171,6 +171,7 @@ def _require(condition: bool, message: str) -> None:
 
 def verify_iso(path: Path) -> list[Check]:
     """All checks of one ISO; a failure of one does not stop the others."""
+    require_tools("mdir", "sfdisk", "sgdisk")
     checks: list[Check] = []
     if not path.is_file():
         return [Check("file", False, f"{path} is not a file")]
