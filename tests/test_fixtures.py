@@ -184,7 +184,7 @@ def test_labels_uuids_and_clean_boot_fs(all_fixtures: dict[str, fixtures.Fixture
 def test_cache_is_reused_and_names_checked(all_fixtures: dict[str, fixtures.Fixture]) -> None:
     again = fixtures.ensure_fixture("A")
     assert again == all_fixtures["A"] and again.path.exists()
-    assert again.path.parent.name == fixtures._parts().recipe_hash
+    assert again.path.parent.name == fixtures.find_parts().recipe_hash
     with pytest.raises(fixtures.MbrescueError):
         fixtures.ensure_fixture("Z")
 
