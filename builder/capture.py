@@ -54,7 +54,7 @@ class CaptureOptions:
     boot_partition: int | None = None
     hostname: str | None = None
     sector_bytes: int | None = None
-    compress_level: int = 1
+    compress_level: int = 6
     progress: bool | None = None
 
 
@@ -92,7 +92,8 @@ def guess_boot_partition(layout: Layout, mounted: dict[int, str]) -> Partition:
         if mountpoint == "/boot" and number in by_number:
             return by_number[number]
     candidates = [
-        p for p in layout.partitions
+        p
+        for p in layout.partitions
         if p.fs is not None and p.fs.type in LINUX_FS_TYPES and _type_of(p) != ESP_GUID
     ]
     active = [p for p in candidates if p.bootable]
@@ -119,18 +120,39 @@ def _zero_member() -> bytes:
     return packer.compress(ZERO_CHUNK) + packer.flush()
 
 
-def _compress(chunk: bytes, level: int, zero_member: bytes) -> bytes:
+# Most of a /boot region is kernels and initrds, compressed already: deflate gains
+# nothing there and runs ~15x slower than storing, so such chunks are stored
+# (deflate's stored blocks: still one valid gzip member). Samples spread over the
+# chunk decide, so a chunk that is only partly compressed data is still deflated.
+SAMPLES = 4
+SAMPLE_BYTES = 8 << 10
+INCOMPRESSIBLE_RATIO = 0.9
+
+
+def _incompressible(chunk: bytes) -> bool:
+    for start in range(0, len(chunk), max(len(chunk) // SAMPLES, 1)):
+        sample = chunk[start : start + SAMPLE_BYTES]
+        if len(zlib.compress(sample, 1)) < INCOMPRESSIBLE_RATIO * len(sample):
+            return False
+    return True
+
+
+def _pack(chunk: bytes, level: int, zero_member: tuple[bytes, str]) -> tuple[bytes, str]:
+    """One gzip member for the chunk and its SHA-256 (hashed here, in parallel)."""
     if len(chunk) == len(ZERO_CHUNK) and chunk == ZERO_CHUNK:
         return zero_member
-    packer = zlib.compressobj(level, zlib.DEFLATED, capfile.GZIP_WBITS)
-    return packer.compress(chunk) + packer.flush()
+    packer = zlib.compressobj(
+        0 if _incompressible(chunk) else level, zlib.DEFLATED, capfile.GZIP_WBITS
+    )
+    packed = packer.compress(chunk) + packer.flush()
+    return packed, hashlib.sha256(packed).hexdigest()
 
 
 @dataclass
 class RegionRecord:
     sha256: str
-    compressed_sha256: str
     chunks: list[int]
+    chunk_sha256: list[str]
 
 
 def _read_chunks(fd: int, length: int) -> Iterator[bytes]:
@@ -155,13 +177,15 @@ def region_digest(source: Path, length: int) -> str:
     return digest.hexdigest()
 
 
-def write_region(source: Path, length: int, out: BinaryIO, level: int,
-                 progress: log.Progress) -> RegionRecord:
-    """Compress the region in parallel chunks (zlib drops the GIL) and write them in order."""
+def write_region(
+    source: Path, length: int, out: BinaryIO, level: int, progress: log.Progress
+) -> RegionRecord:
+    """Compress the region in parallel chunks (zlib and hashlib drop the GIL), write in order."""
     raw_digest = hashlib.sha256()
-    packed_digest = hashlib.sha256()
     sizes: list[int] = []
-    zero_member = _zero_member()
+    digests: list[str] = []
+    zero_packed = _zero_member()
+    zero_member = (zero_packed, hashlib.sha256(zero_packed).hexdigest())
     workers = max(os.cpu_count() or 1, 1)
     fd = os.open(source, os.O_RDONLY)
     try:
@@ -170,25 +194,25 @@ def write_region(source: Path, length: int, out: BinaryIO, level: int,
             # out through another block device, so this one's cache may be stale.
             with contextlib.suppress(OSError):
                 fcntl.ioctl(fd, BLKFLSBUF, 0)
-        pending: list[Future[bytes]] = []
+        pending: list[Future[tuple[bytes, str]]] = []
 
         def drain(limit: int) -> None:
             while len(pending) > limit:
-                packed = pending.pop(0).result()
+                packed, digest = pending.pop(0).result()
                 out.write(packed)
-                packed_digest.update(packed)
                 sizes.append(len(packed))
+                digests.append(digest)
 
         with ThreadPoolExecutor(workers) as pool:
             for chunk in _read_chunks(fd, length):
+                pending.append(pool.submit(_pack, chunk, level, zero_member))
                 raw_digest.update(chunk)
-                pending.append(pool.submit(_compress, chunk, level, zero_member))
                 progress.advance(len(chunk))
                 drain(2 * workers)
             drain(0)
     finally:
         os.close(fd)
-    return RegionRecord(raw_digest.hexdigest(), packed_digest.hexdigest(), sizes)
+    return RegionRecord(raw_digest.hexdigest(), sizes, digests)
 
 
 class TarWriter:
@@ -247,7 +271,9 @@ def _archive_boot(mountpoint: str, out: BinaryIO) -> tuple[str, int]:
                     archive.add(path, arcname=os.path.relpath(path, mountpoint), recursive=False)
                     count += 1
                 except OSError as exc:
-                    raise MbrescueError(f"cannot read {path} for the /boot archive: {exc.strerror}") from exc
+                    raise MbrescueError(
+                        f"cannot read {path} for the /boot archive: {exc.strerror}"
+                    ) from exc
     return writer.digest.hexdigest(), count
 
 
@@ -298,7 +324,7 @@ def capture(options: CaptureOptions) -> CaptureResult:
         output = output / f"{hostname}.mbrescue"
     if not output.parent.is_dir():
         raise MbrescueError(f"cannot write {output}: {output.parent} is not a directory")
-    created = datetime.datetime.now(datetime.timezone.utc).replace(microsecond=0)
+    created = datetime.datetime.now(datetime.UTC).replace(microsecond=0)
     mtime = int(created.timestamp())
 
     boot_mount = mounted.get(boot.number)
@@ -316,22 +342,31 @@ def capture(options: CaptureOptions) -> CaptureResult:
                     out.seek(region_at)
                     out.truncate()
                     with tar.member(capfile.REGION_MEMBER, mtime) as stream:
-                        region = write_region(source, region_bytes, stream, options.compress_level, progress)
+                        region = write_region(
+                            source, region_bytes, stream, options.compress_level, progress
+                        )
                     if boot_mount is None or frozen_ok:
                         break
                     # Not frozen and mounted: a second read must agree or the file system moved.
                     if region_digest(source, region_bytes) == region.sha256:
                         break
-                    log.info(f"{boot_mount.mountpoint} changed while it was read (attempt {attempt})")
+                    log.info(
+                        f"{boot_mount.mountpoint} changed while it was read (attempt {attempt})"
+                    )
                 else:
                     raise MbrescueError(
                         f"{boot_mount.mountpoint} kept changing while it was read "
-                        f"({UNFROZEN_READ_ATTEMPTS} attempts)", hint="stop what writes to it and retry"
+                        f"({UNFROZEN_READ_ATTEMPTS} attempts)",
+                        hint="stop what writes to it and retry",
                     )
                 progress.finish()
                 gpt_tail = None
                 if layout.table == "gpt":
-                    tail_bytes = GPT_TAIL_SECTORS * sector if sector == 512 else (1 + 16384 // sector) * sector
+                    tail_bytes = (
+                        GPT_TAIL_SECTORS * sector
+                        if sector == 512
+                        else (1 + 16384 // sector) * sector
+                    )
                     tail_offset = layout.disk.size_bytes - tail_bytes
                     fd = os.open(source, os.O_RDONLY)
                     try:
@@ -340,20 +375,27 @@ def capture(options: CaptureOptions) -> CaptureResult:
                         os.close(fd)
                     tar.add_bytes(capfile.GPT_TAIL_MEMBER, tail, mtime)
                     gpt_tail = {
-                        "member": capfile.GPT_TAIL_MEMBER, "offset_bytes": tail_offset,
-                        "length_bytes": tail_bytes, "sha256": hashlib.sha256(tail).hexdigest(),
+                        "member": capfile.GPT_TAIL_MEMBER,
+                        "offset_bytes": tail_offset,
+                        "length_bytes": tail_bytes,
+                        "sha256": hashlib.sha256(tail).hexdigest(),
                     }
                 if boot_mount is not None:
                     with tar.member(capfile.BOOT_FILES_MEMBER, mtime) as stream:
                         boot_sha, boot_count = _archive_boot(boot_mount.mountpoint, stream)
                     boot_files = {
-                        "member": capfile.BOOT_FILES_MEMBER, "sha256": boot_sha,
-                        "file_count": boot_count, "mountpoint": boot_mount.mountpoint,
+                        "member": capfile.BOOT_FILES_MEMBER,
+                        "sha256": boot_sha,
+                        "file_count": boot_count,
+                        "mountpoint": boot_mount.mountpoint,
                         "reason": None,
                     }
                 else:
                     boot_files = {
-                        "member": None, "sha256": None, "file_count": 0, "mountpoint": None,
+                        "member": None,
+                        "sha256": None,
+                        "file_count": 0,
+                        "mountpoint": None,
                         "reason": f"partition {boot.number} is not mounted, so no file-level copy",
                     }
             manifest = {
@@ -384,17 +426,19 @@ def capture(options: CaptureOptions) -> CaptureResult:
                     "end_lba": region_end_lba,
                     "sha256": region.sha256,
                     "compression": "gzip-members",
-                    "compressed_sha256": region.compressed_sha256,
                     "compressed_bytes": sum(region.chunks),
                     "chunk_bytes": capfile.CHUNK_BYTES,
                     "chunks": region.chunks,
+                    "chunk_sha256": region.chunk_sha256,
                 },
                 "ebrs": _ebr_records(source, layout),
                 "gpt_tail": gpt_tail,
                 "swap": _swap_records(layout),
                 "boot_files": boot_files,
             }
-            tar.add_bytes(capfile.MANIFEST_MEMBER, json.dumps(manifest, indent=1).encode() + b"\n", mtime)
+            tar.add_bytes(
+                capfile.MANIFEST_MEMBER, json.dumps(manifest, indent=1).encode() + b"\n", mtime
+            )
             tar.close()
             out.flush()
             os.fsync(out.fileno())
@@ -402,7 +446,9 @@ def capture(options: CaptureOptions) -> CaptureResult:
     except OSError as exc:
         tmp.unlink(missing_ok=True)
         if exc.errno == errno.ENOSPC:
-            raise MbrescueError(f"no space left on the device while writing {output}; nothing kept") from exc
+            raise MbrescueError(
+                f"no space left on the device while writing {output}; nothing kept"
+            ) from exc
         raise MbrescueError(f"cannot write {output}: {exc.strerror}") from exc
     except BaseException:
         tmp.unlink(missing_ok=True)
@@ -413,19 +459,29 @@ def capture(options: CaptureOptions) -> CaptureResult:
 def _fs_json(partition: Partition) -> dict | None:
     if partition.fs is None:
         return None
-    return {"partition": partition.number, "type": partition.fs.type,
-            "label": partition.fs.label, "uuid": partition.fs.uuid}
+    return {
+        "partition": partition.number,
+        "type": partition.fs.type,
+        "label": partition.fs.label,
+        "uuid": partition.fs.uuid,
+    }
 
 
 def _swap_records(layout: Layout) -> list[dict]:
     records = []
     for p in layout.partitions:
         if p.fs is not None and p.fs.type == "swap":
-            records.append({
-                "partition": p.number, "start_lba": p.start_lba, "size_sectors": p.size_sectors,
-                "label": p.fs.label, "uuid": p.fs.uuid, "page_bytes": p.fs.swap_page_bytes,
-                "version": p.fs.swap_version,
-            })
+            records.append(
+                {
+                    "partition": p.number,
+                    "start_lba": p.start_lba,
+                    "size_sectors": p.size_sectors,
+                    "label": p.fs.label,
+                    "uuid": p.fs.uuid,
+                    "page_bytes": p.fs.swap_page_bytes,
+                    "version": p.fs.swap_version,
+                }
+            )
     return records
 
 
@@ -436,13 +492,16 @@ def _ebr_records(source: Path, layout: Layout) -> list[dict]:
     sector = layout.disk.logical_sector_bytes
     fd = os.open(source, os.O_RDONLY)
     try:
+
         def read_sector(lba: int) -> bytes:
             return os.pread(fd, sector, lba * sector)
 
         lbas: set[int] = set()
         for extended in (p for p in layout.partitions if p.is_extended):
             lbas.add(extended.start_lba)
-            for logical in mbr.walk_ebr_chain(read_sector, extended.start_lba, extended.size_sectors):
+            for logical in mbr.walk_ebr_chain(
+                read_sector, extended.start_lba, extended.size_sectors
+            ):
                 lbas.add(logical.ebr_lba)
         return [{"lba": lba, "hex": read_sector(lba).hex()} for lba in sorted(lbas)]
     finally:

@@ -37,21 +37,31 @@ def _options(
 def capture_command(
     source: Annotated[Path, typer.Argument(help="Boot disk (block device) or disk image file.")],
     output: Annotated[
-        Path | None, typer.Option("-o", "--output", help="Capture file or directory [./HOST.mbrescue].")
+        Path | None,
+        typer.Option("-o", "--output", help="Capture file or directory [./HOST.mbrescue]."),
     ] = None,
     boot_partition: Annotated[
-        int | None, typer.Option("--boot-partition", help="Number of the /boot partition (default: guessed).")
+        int | None,
+        typer.Option("--boot-partition", help="Number of the /boot partition (default: guessed)."),
     ] = None,
     hostname: Annotated[str | None, typer.Option("--hostname", help="Host name to record.")] = None,
     sector_bytes: Annotated[
-        int | None, typer.Option("--sector-size", help="Logical sector size of an image file [512].")
+        int | None,
+        typer.Option("--sector-size", help="Logical sector size of an image file [512]."),
     ] = None,
 ) -> None:
     """Capture SOURCE's MBR, post-MBR gap, /boot and layout into one file."""
     from .capture import CaptureOptions, capture
 
-    result = capture(CaptureOptions(source=source, output=output, boot_partition=boot_partition,
-                                    hostname=hostname, sector_bytes=sector_bytes))
+    result = capture(
+        CaptureOptions(
+            source=source,
+            output=output,
+            boot_partition=boot_partition,
+            hostname=hostname,
+            sector_bytes=sector_bytes,
+        )
+    )
     region = result.manifest["region"]
     log.info(
         f"captured {log.human_bytes(region['length_bytes'])} boot region of {source} "

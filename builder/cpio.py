@@ -77,7 +77,11 @@ class Tree:
             rel_root = Path(root).relative_to(source)
             for name in dirs + sorted(files):
                 host = Path(root) / name
-                inside = str(PurePosixPath(dest) / rel_root / name).lstrip("./") if dest else str(rel_root / name)
+                inside = (
+                    str(PurePosixPath(dest) / rel_root / name).lstrip("./")
+                    if dest
+                    else str(rel_root / name)
+                )
                 inside = inside.removeprefix("./")
                 if host.is_symlink():
                     self.symlink(inside, os.readlink(host))
@@ -94,8 +98,19 @@ class Tree:
 def _header(ino: int, entry: Entry, size: int, name: bytes, mtime: int) -> bytes:
     nlink = 2 if stat.S_ISDIR(entry.mode) else 1
     fields = (
-        ino, entry.mode, 0, 0, nlink, mtime, size, 0, 0,
-        entry.rdev_major, entry.rdev_minor, len(name) + 1, 0,
+        ino,
+        entry.mode,
+        0,
+        0,
+        nlink,
+        mtime,
+        size,
+        0,
+        0,
+        entry.rdev_major,
+        entry.rdev_minor,
+        len(name) + 1,
+        0,
     )
     return b"070701" + b"".join(b"%08X" % value for value in fields)
 

@@ -143,7 +143,9 @@ def extract(deb: Deb) -> Path:
         return root
     if root.exists():
         shutil.rmtree(root)
-    tmp = Path(tempfile.mkdtemp(dir=root.parent if root.parent.exists() else _mkparent(root), prefix=".x-"))
+    tmp = Path(
+        tempfile.mkdtemp(dir=root.parent if root.parent.exists() else _mkparent(root), prefix=".x-")
+    )
     try:
         run(["dpkg-deb", "-x", deb.path, tmp])
         (tmp / ".complete").write_text(deb.sha256 + "\n")

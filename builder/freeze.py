@@ -72,7 +72,9 @@ def _backing_of_source(source: str) -> tuple[str | None, str | None]:
     return None, os.path.realpath(source)
 
 
-def partition_mounts(source: str, partition_starts: dict[int, int], sector_bytes: int) -> dict[int, Mount]:
+def partition_mounts(
+    source: str, partition_starts: dict[int, int], sector_bytes: int
+) -> dict[int, Mount]:
     """Which of the source's partitions (number → start LBA) are mounted, and where.
 
     Covers a real disk's partitions (sysfs `partition` under the disk) and the case
@@ -115,7 +117,9 @@ def frozen(mountpoint: str) -> Iterator[bool]:
             fcntl.ioctl(fd, FIFREEZE, 0)
         except OSError as exc:
             if exc.errno in (errno.EOPNOTSUPP, errno.ENOTTY, errno.EINVAL):
-                log.info(f"{mountpoint} cannot be frozen ({exc.strerror}); reading it twice instead")
+                log.info(
+                    f"{mountpoint} cannot be frozen ({exc.strerror}); reading it twice instead"
+                )
                 yield False
                 return
             if exc.errno == errno.EBUSY:

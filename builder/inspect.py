@@ -35,7 +35,9 @@ def describe(capture: Capture) -> str:
             f"{'valid' if gpt.get('backup_valid') else 'INVALID'}, read from the {gpt.get('used')}"
         )
     lines.append("")
-    lines.append(f"  {'#':>2} {'start':>10} {'sectors':>10} {'size':>10}  {'type':<14} {'fs':<6} {'label':<14} uuid")
+    lines.append(
+        f"  {'#':>2} {'start':>10} {'sectors':>10} {'size':>10}  {'type':<14} {'fs':<6} {'label':<14} uuid"
+    )
     for p in layout["partitions"]:
         fs = p.get("fs") or {}
         marks = "*" if p["number"] in m["boot_chain"] else " "
@@ -52,8 +54,11 @@ def describe(capture: Capture) -> str:
         f"stored as {human_bytes(region['compressed_bytes'])} ({ratio:.0%}, {len(region['chunks'])} gzip members)",
         f"sha256    {region['sha256']}",
         f"/boot     partition {m['boot_partition']}"
-        + (f", {m['boot_fs']['type']} label {m['boot_fs']['label'] or '-'} uuid {m['boot_fs']['uuid']}"
-           if m.get("boot_fs") else "")
+        + (
+            f", {m['boot_fs']['type']} label {m['boot_fs']['label'] or '-'} uuid {m['boot_fs']['uuid']}"
+            if m.get("boot_fs")
+            else ""
+        )
         + (", frozen while read" if m.get("frozen") else ""),
     ]
     for swap in m["swap"]:
@@ -63,10 +68,14 @@ def describe(capture: Capture) -> str:
         )
     if m.get("gpt_tail"):
         tail = m["gpt_tail"]
-        lines.append(f"gpt tail  {tail['length_bytes']} bytes at {tail['offset_bytes']}, sha256 {tail['sha256'][:16]}…")
+        lines.append(
+            f"gpt tail  {tail['length_bytes']} bytes at {tail['offset_bytes']}, sha256 {tail['sha256'][:16]}…"
+        )
     files = m["boot_files"]
     if files.get("member"):
-        lines.append(f"files     {files['file_count']} files of {files['mountpoint']} in {files['member']}")
+        lines.append(
+            f"files     {files['file_count']} files of {files['mountpoint']} in {files['member']}"
+        )
     else:
         lines.append(f"files     none: {files.get('reason')}")
     return "\n".join(lines)

@@ -77,7 +77,11 @@ def find_tool(name: str) -> str:
 
 def require_tools(*names: str) -> None:
     """Fail before any work starts when a program is missing, naming its package."""
-    missing = [name for name in names if shutil.which(name, path=base_env()["PATH"] + ":/usr/sbin:/sbin") is None]
+    missing = [
+        name
+        for name in names
+        if shutil.which(name, path=base_env()["PATH"] + ":/usr/sbin:/sbin") is None
+    ]
     if missing:
         packages = sorted({TOOL_PACKAGES.get(name, "?") for name in missing})
         raise ToolMissing(

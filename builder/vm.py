@@ -72,15 +72,33 @@ class Vm:
 
     def argv(self) -> list[str]:
         c = self.config
-        argv = [find_tool("qemu-system-x86_64"), "-accel", "tcg", "-m", str(c.memory_mib),
-                "-display", "none", "-serial", "stdio", "-monitor", "none", "-no-reboot",
-                "-device", "virtio-rng-pci"]
+        argv = [
+            find_tool("qemu-system-x86_64"),
+            "-accel",
+            "tcg",
+            "-m",
+            str(c.memory_mib),
+            "-display",
+            "none",
+            "-serial",
+            "stdio",
+            "-monitor",
+            "none",
+            "-no-reboot",
+            "-device",
+            "virtio-rng-pci",
+        ]
         if c.firmware == "uefi":
             vars_copy = self._tmp / "OVMF_VARS.fd"
             shutil.copyfile(OVMF_VARS, vars_copy)
-            argv += ["-machine", "q35",
-                     "-drive", f"if=pflash,format=raw,unit=0,readonly=on,file={OVMF_CODE}",
-                     "-drive", f"if=pflash,format=raw,unit=1,file={vars_copy}"]
+            argv += [
+                "-machine",
+                "q35",
+                "-drive",
+                f"if=pflash,format=raw,unit=0,readonly=on,file={OVMF_CODE}",
+                "-drive",
+                f"if=pflash,format=raw,unit=1,file={vars_copy}",
+            ]
         else:
             argv += ["-machine", "pc"]
         if c.kernel:
@@ -114,13 +132,19 @@ class Vm:
                 if not usb:
                     argv += ["-device", "qemu-xhci,id=xhci"]
                     usb = True
-                argv += ["-device", f"usb-storage,bus=xhci.0,drive={drive_id},bootindex={index}{serial}"]
+                argv += [
+                    "-device",
+                    f"usb-storage,bus=xhci.0,drive={drive_id},bootindex={index}{serial}",
+                ]
             elif disk.interface == "nvme":
                 argv += ["-device", f"nvme,drive={drive_id},serial={disk.serial or drive_id}{blk}"]
             else:
                 raise ValueError(disk.interface)
         for host_dir, tag in c.shares:
-            argv += ["-virtfs", f"local,path={os.fspath(host_dir)},mount_tag={tag},security_model=none,id={tag}"]
+            argv += [
+                "-virtfs",
+                f"local,path={os.fspath(host_dir)},mount_tag={tag},security_model=none,id={tag}",
+            ]
         if c.boot_order:
             argv += ["-boot", f"order={c.boot_order}"]
         return argv + c.extra
@@ -129,16 +153,25 @@ class Vm:
         self.start()
         return self
 
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
         self.kill()
 
     def start(self) -> None:
         argv = self.argv()
         log.debug(" ".join(argv))
         self.started = time.monotonic()
-        self._proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                      stderr=subprocess.STDOUT, env=base_env())
+        self._proc = subprocess.Popen(
+            argv,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            env=base_env(),
+        )
         threading.Thread(target=self._reader, daemon=True).start()
 
     def _reader(self) -> None:
@@ -177,10 +210,18 @@ class Vm:
                 left = deadline - time.monotonic()
                 if left <= 0:
                     tail = self.output[-1500:]
-                    raise VmTimeout(f"no {pattern!r} on the serial console after {timeout:.0f} s; last output:\n{tail}")
-                if self._proc is not None and self._proc.poll() is not None and not self._alive_output():
+                    raise VmTimeout(
+                        f"no {pattern!r} on the serial console after {timeout:.0f} s; last output:\n{tail}"
+                    )
+                if (
+                    self._proc is not None
+                    and self._proc.poll() is not None
+                    and not self._alive_output()
+                ):
                     tail = self.output[-1500:]
-                    raise VmTimeout(f"QEMU exited ({self._proc.returncode}) before {pattern!r}; last output:\n{tail}")
+                    raise VmTimeout(
+                        f"QEMU exited ({self._proc.returncode}) before {pattern!r}; last output:\n{tail}"
+                    )
                 self._cond.wait(min(left, 1.0))
 
     def _alive_output(self) -> bool:

@@ -14,12 +14,21 @@ ROOT = Path(__file__).resolve().parent.parent
 MBRESCUE = [sys.executable, "-m", "builder.cli"]
 
 
-def mbrescue(*args: str | os.PathLike[str], input_text: str | None = None,
-             timeout: float = 600, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+def mbrescue(
+    *args: str | os.PathLike[str],
+    input_text: str | None = None,
+    timeout: float = 600,
+    env: dict[str, str] | None = None,
+) -> subprocess.CompletedProcess[str]:
     """Run the real CLI in a subprocess, as a user would."""
     return subprocess.run(
-        [*MBRESCUE, *map(os.fspath, args)], cwd=ROOT, text=True, capture_output=True,
-        input=input_text, timeout=timeout, env={**os.environ, **(env or {})},
+        [*MBRESCUE, *map(os.fspath, args)],
+        cwd=ROOT,
+        text=True,
+        capture_output=True,
+        input=input_text,
+        timeout=timeout,
+        env={**os.environ, **(env or {})},
         stdin=None if input_text is not None else subprocess.DEVNULL,
     )
 

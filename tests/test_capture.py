@@ -23,23 +23,45 @@ def small_msdos_image(path: Path, *, size_mib: int = 24, boot_start: int = 2048)
     """msdos label, ext4 /boot at boot_start, swap after it: made by sfdisk, mke2fs, mkswap."""
     with open(path, "wb") as image:
         image.truncate(size_mib * MiB)
-    sh("sfdisk", "-q", path, input_bytes=(
-        f"label: dos\n{boot_start},16MiB,83,*\n,,82\n").encode())
+    sh("sfdisk", "-q", path, input_bytes=(f"label: dos\n{boot_start},16MiB,83,*\n,,82\n").encode())
     layout = json.loads(sh("sfdisk", "--json", path))["partitiontable"]["partitions"]
     boot, swap = layout
-    sh("mke2fs", "-q", "-F", "-t", "ext4", "-L", "tboot", "-U", "11111111-2222-3333-4444-555555555555",
-       "-E", f"offset={boot['start'] * 512}", path, f"{boot['size'] // 2}k")
+    sh(
+        "mke2fs",
+        "-q",
+        "-F",
+        "-t",
+        "ext4",
+        "-L",
+        "tboot",
+        "-U",
+        "11111111-2222-3333-4444-555555555555",
+        "-E",
+        f"offset={boot['start'] * 512}",
+        path,
+        f"{boot['size'] // 2}k",
+    )
     swap_file = path.with_suffix(".swap")
     with open(swap_file, "wb") as f:
         f.truncate(swap["size"] * 512)
     sh("mkswap", "-L", "tswap", "-U", "66666666-7777-8888-9999-aaaaaaaaaaaa", swap_file)
-    sh("dd", f"if={swap_file}", f"of={path}", "bs=512", f"seek={swap['start']}", "conv=notrunc", "status=none")
+    sh(
+        "dd",
+        f"if={swap_file}",
+        f"of={path}",
+        "bs=512",
+        f"seek={swap['start']}",
+        "conv=notrunc",
+        "status=none",
+    )
     swap_file.unlink()
     return path
 
 
 def blkid_at(image: Path, offset: int, size: int) -> dict[str, str]:
-    loop = sh("losetup", "-f", "--show", "-r", "-o", str(offset), "--sizelimit", str(size), image).strip()
+    loop = sh(
+        "losetup", "-f", "--show", "-r", "-o", str(offset), "--sizelimit", str(size), image
+    ).strip()
     try:
         out = sh("blkid", "-p", "-o", "export", loop)
     finally:
@@ -48,6 +70,7 @@ def blkid_at(image: Path, offset: int, size: int) -> dict[str, str]:
 
 
 # -- fixtures A–D --------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("name", ["A", "B", "C", "D"])
 def test_capture_fixture_region_and_manifest(fixtures, tmp_path, name):
@@ -92,7 +115,9 @@ def test_capture_fixture_region_and_manifest(fixtures, tmp_path, name):
     if fx.table == "gpt":
         tail = capture.read_member("gpt-tail.bin")
         size = fx.path.stat().st_size
-        assert sha256_of(fx.path, 33 * 512, size - 33 * 512) == capture.manifest["gpt_tail"]["sha256"]
+        assert (
+            sha256_of(fx.path, 33 * 512, size - 33 * 512) == capture.manifest["gpt_tail"]["sha256"]
+        )
         assert len(tail) == 33 * 512
         assert sh("sgdisk", "-v", fx.path).count("No problems found") == 1
     # inspect reads it back for a person and as JSON.
@@ -119,15 +144,20 @@ def test_fixture_a_region_is_the_original_dd(fixtures, tmp_path):
     with tarfile.open(out) as archive:
         member = archive.extractfile("region.img.gz")
         assert member is not None
-        unpacked = subprocess.run(["zcat"], input=member.read(), capture_output=True, check=True).stdout
+        unpacked = subprocess.run(
+            ["zcat"], input=member.read(), capture_output=True, check=True
+        ).stdout
     assert unpacked == dd.read_bytes()
 
 
 # -- a mounted /boot is frozen for the read -----------------------------------------------------
 
+
 def test_mounted_boot_is_frozen_and_thawed(tmp_path):
     image = small_msdos_image(tmp_path / "host.img")
-    loop = sh("losetup", "-f", "--show", "-o", str(2048 * 512), "--sizelimit", str(16 * MiB), image).strip()
+    loop = sh(
+        "losetup", "-f", "--show", "-o", str(2048 * 512), "--sizelimit", str(16 * MiB), image
+    ).strip()
     mnt = tmp_path / "boot"
     mnt.mkdir()
     try:
@@ -184,6 +214,7 @@ def test_boot_partition_override(tmp_path):
 
 # -- bad input: one line, non-zero, nothing left behind -----------------------------------------
 
+
 def _no_leftovers(directory: Path) -> None:
     assert not [p for p in directory.iterdir() if ".tmp-" in p.name], list(directory.iterdir())
 
@@ -215,8 +246,23 @@ def test_no_partition_table(tmp_path):
 def _gpt_image(path: Path) -> Path:
     with open(path, "wb") as f:
         f.truncate(40 * MiB)
-    sh("sgdisk", "-o", "-n", "1:2048:+1M", "-t", "1:EF02", "-n", "2:0:+16M", "-t", "2:8300",
-       "-n", "3:0:0", "-t", "3:8200", path)
+    sh(
+        "sgdisk",
+        "-o",
+        "-n",
+        "1:2048:+1M",
+        "-t",
+        "1:EF02",
+        "-n",
+        "2:0:+16M",
+        "-t",
+        "2:8300",
+        "-n",
+        "3:0:0",
+        "-t",
+        "3:8200",
+        path,
+    )
     sh("mke2fs", "-q", "-F", "-t", "ext4", "-E", f"offset={4096 * 512}", path, "16M")
     return path
 
@@ -258,9 +304,20 @@ def test_unreadable_source(tmp_path):
     image.chmod(0o600)
     tmp_path.chmod(0o755)
     result = subprocess.run(
-        ["setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups",
-         *MBRESCUE, "capture", image, "-o", "/tmp/never"],
-        capture_output=True, text=True, cwd=Path(__file__).resolve().parent.parent,
+        [
+            "setpriv",
+            "--reuid=nobody",
+            "--regid=nogroup",
+            "--clear-groups",
+            *MBRESCUE,
+            "capture",
+            image,
+            "-o",
+            "/tmp/never",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=Path(__file__).resolve().parent.parent,
     )
     assert "permission denied" in one_error_line(result)
 
@@ -274,12 +331,23 @@ def test_output_that_cannot_be_written(tmp_path):
 def test_full_disk_removes_the_partial_file(tmp_path):
     image = small_msdos_image(tmp_path / "host.img")
     # Random /boot content that does not compress, so it cannot fit the small file system.
-    sh("dd", "if=/dev/urandom", f"of={image}", "bs=1M", "seek=2", "count=12", "conv=notrunc", "status=none")
+    sh(
+        "dd",
+        "if=/dev/urandom",
+        f"of={image}",
+        "bs=1M",
+        "seek=2",
+        "count=12",
+        "conv=notrunc",
+        "status=none",
+    )
     full = tmp_path / "full"
     full.mkdir()
     sh("mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", full)
     try:
-        line = one_error_line(mbrescue("capture", image, "-o", full / "x.mbrescue", "--boot-partition", "1"))
+        line = one_error_line(
+            mbrescue("capture", image, "-o", full / "x.mbrescue", "--boot-partition", "1")
+        )
         assert "no space left" in line
         assert list(full.iterdir()) == []
     finally:

@@ -33,7 +33,7 @@ REGION_MEMBER = "region.img.gz"
 GPT_TAIL_MEMBER = "gpt-tail.bin"
 BOOT_FILES_MEMBER = "boot.tar.gz"
 MANIFEST_MEMBER = "manifest.json"
-CHUNK_BYTES = 4 << 20
+CHUNK_BYTES = 1 << 20
 # gzip framing (wbits 16+15) so the member is a standard .gz file.
 GZIP_WBITS = 31
 
@@ -104,7 +104,7 @@ class Capture:
         """The region's gzip members, one per chunk, as recorded in the manifest."""
         member = self.members[REGION_MEMBER]
         sizes = self.region["chunks"]
-        if sum(sizes) != member.size:
+        if sum(sizes) != member.size or len(sizes) != len(self.region.get("chunk_sha256", ())):
             raise MbrescueError(f"{self.path}: region chunk list does not match its member")
         with open(self.path, "rb") as stream:
             stream.seek(member.offset)
@@ -117,29 +117,32 @@ class Capture:
     def region_chunks(self) -> Iterator[bytes]:
         """The raw region, chunk by chunk (each `chunk_bytes` long, the last shorter)."""
         for index, packed in enumerate(self.compressed_chunks()):
-            try:
-                unpacker = zlib.decompressobj(GZIP_WBITS)
-                raw = unpacker.decompress(packed)
-                if not unpacker.eof or unpacker.unused_data:
-                    raise zlib.error("member not complete")
-            except zlib.error as exc:
-                raise MbrescueError(f"{self.path}: region chunk {index} is corrupt ({exc})") from exc
-            yield raw
+            yield self._unpack(index, packed)
+
+    def _unpack(self, index: int, packed: bytes) -> bytes:
+        try:
+            unpacker = zlib.decompressobj(GZIP_WBITS)
+            raw = unpacker.decompress(packed)
+            if not unpacker.eof or unpacker.unused_data:
+                raise zlib.error("member not complete")
+        except zlib.error as exc:
+            raise MbrescueError(f"{self.path}: region chunk {index} is corrupt ({exc})") from exc
+        return raw
 
     def verify(self) -> None:
         """Check every recorded checksum; raise naming the first that differs.
 
         Nothing may be written to a disk before this passes: a failed unpack can
-        leave a full-length but corrupt file.
+        leave a full-length but corrupt file. Each gzip member has its own
+        SHA-256 (so a damaged capture names the chunk), and the raw region has one.
         """
-        digest = hashlib.sha256()
-        for packed in self.compressed_chunks():
-            digest.update(packed)
-        if digest.hexdigest() != self.region["compressed_sha256"]:
-            raise MbrescueError(f"{self.path}: checksum mismatch in the compressed region")
+        expected = self.region["chunk_sha256"]
         raw_digest = hashlib.sha256()
         length = 0
-        for raw in self.region_chunks():
+        for index, packed in enumerate(self.compressed_chunks()):
+            if hashlib.sha256(packed).hexdigest() != expected[index]:
+                raise MbrescueError(f"{self.path}: checksum mismatch in region chunk {index}")
+            raw = self._unpack(index, packed)
             raw_digest.update(raw)
             length += len(raw)
         if length != self.region["length_bytes"]:
