@@ -149,6 +149,9 @@ def base_refusal(disk: DiskInfo, medium_id: str | None) -> str | None:
         return "it is the medium the rescue system booted from"
     if disk.readonly:
         return "it is read-only"
+    partition_flag = f"/sys/class/block/{disk.name}/partition"
+    if disk.kind == "block" and disk.name and os.path.exists(partition_flag):
+        return "it is a partition, not a whole disk (the region starts with the partition table)"
     return busy_reason(disk)
 
 
