@@ -63,7 +63,10 @@ def blkid_at(image: Path, offset: int, size: int) -> dict[str, str]:
         "losetup", "-f", "--show", "-r", "-o", str(offset), "--sizelimit", str(size), image
     ).strip()
     try:
-        out = sh("blkid", "-p", "-o", "export", loop)
+        probed = subprocess.run(["blkid", "-p", "-o", "export", loop], capture_output=True, text=True)
+        # Exit status 2 is blkid's "nothing found" (e.g. a BIOS boot partition).
+        assert probed.returncode in (0, 2), probed.stderr
+        out = probed.stdout
     finally:
         sh("losetup", "-d", loop)
     return dict(line.split("=", 1) for line in out.splitlines() if "=" in line)
