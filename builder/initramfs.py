@@ -17,12 +17,14 @@ its imports at module top level so that this finds everything.
 
 from __future__ import annotations
 
+import ast
 import hashlib
 import json
 import os
 import shlex
 import stat
 import tempfile
+import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
@@ -59,6 +61,23 @@ ZSTD_ARGS = ("-19", "-T2")
 # Imported on demand by the interpreter itself (codec lookups by name), so not always
 # visible in sys.modules after the runner's imports: taken whole.
 ALWAYS_PACKAGES = ("encodings",)
+
+# The stdlib imports many modules inside functions (argparse -> gettext -> locale only
+# when a parser is built), which running the imports cannot see; so every import
+# statement of the chosen files is followed as well, except into these: large, and
+# nothing a disk restore reaches (test suites, interactive tools, network protocols,
+# GUI, CJK codecs). A runner that needs one of them imports it at top level.
+LAZY_IMPORTS_EXCLUDED = frozenset((
+    "_aix_support", "_asyncio", "_bootsubprocess", "_codecs_cn", "_codecs_hk",
+    "_codecs_iso2022", "_codecs_jp", "_codecs_kr", "_codecs_tw", "_multibytecodec",
+    "_multiprocessing", "_osx_support", "_posixshmem", "_pydecimal", "_ssl", "_testcapi",
+    "_testinternalcapi", "asyncio", "bdb", "cmd", "code", "codeop", "concurrent", "ctypes",
+    "curses", "dbm", "decimal", "distutils", "doctest", "email", "ensurepip", "ftplib", "html",
+    "http", "idlelib", "lib2to3", "mimetypes", "multiprocessing", "netrc", "pdb", "plistlib",
+    "pydoc", "pydoc_data", "readline", "rlcompleter", "sitecustomize", "socketserver",
+    "sqlite3", "ssl", "test", "tkinter", "unittest", "urllib", "venv", "webbrowser", "xml",
+    "xmlrpc",
+))
 
 DISCOVER_SCRIPT = """
 import importlib, sys
@@ -209,7 +228,66 @@ def discover_stdlib(kit: Kit, runner_dir: Path) -> list[Path]:
                              for path in (directory / package_name).glob("*.py"))
     if not found:
         raise MbrescueError("finding the runner's stdlib modules gave nothing")
-    return sorted(found)
+    return sorted(_with_lazy_imports(kit, found))
+
+
+def _locate_module(kit: Kit, name: str) -> Path | None:
+    """The kit's file of a stdlib module (relative to lib/python3.11), None if none."""
+    parts = name.split(".")
+    for directory in kit.python_stdlib:
+        base = directory.joinpath(*parts)
+        for candidate in (base / "__init__.py", base.with_name(base.name + ".py")):
+            if candidate.is_file():
+                return _stdlib_relative(kit, os.fspath(candidate))
+        if len(parts) == 1:
+            for candidate in sorted((directory / "lib-dynload").glob(f"{name}.cpython-*.so")):
+                return _stdlib_relative(kit, os.fspath(candidate))
+    return None
+
+
+def _imported_names(source: bytes, module: str, is_package: bool) -> set[str]:
+    """Every module an import statement anywhere in the source may load."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # old escape sequences in stdlib sources
+        tree = ast.parse(source)
+    package = module if is_package else module.rpartition(".")[0]
+    names: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            targets = [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                anchor = package.split(".")[: len(package.split(".")) - node.level + 1]
+                base = ".".join([*anchor, base] if base else anchor)
+            # `from package import name` may name a submodule.
+            targets = [base, *(f"{base}.{alias.name}" for alias in node.names)]
+        else:
+            continue
+        for target in targets:
+            parts = target.split(".")
+            names.update(".".join(parts[: index + 1]) for index in range(len(parts)))
+    return names
+
+
+def _with_lazy_imports(kit: Kit, found: set[Path]) -> set[Path]:
+    result = set(found)
+    pending = [path for path in found if path.suffix == ".py"]
+    while pending:
+        relative = pending.pop()
+        parts = list(relative.with_suffix("").parts)
+        is_package = parts[-1] == "__init__"
+        module = ".".join(parts[:-1] if is_package else parts)
+        source = _find_stdlib_file(kit, relative).read_bytes()
+        for name in sorted(_imported_names(source, module, is_package)):
+            if name.split(".")[0] in LAZY_IMPORTS_EXCLUDED:
+                continue
+            located = _locate_module(kit, name)
+            if located is not None and located not in result:
+                result.add(located)
+                if located.suffix == ".py":
+                    pending.append(located)
+    return result
 
 
 def _find_stdlib_file(kit: Kit, relative: Path) -> Path:

@@ -1,0 +1,124 @@
+#!/bin/sh
+# /init of the mbrescue rescue system (busybox sh), rendered by builder/initramfs.py.
+# PID 1 must never exit (the kernel would panic): every failure prints its reason
+# and ends in a busybox shell, and leaving that shell starts another one.
+
+export PATH=/usr/sbin:/usr/bin:/sbin:/bin
+export HOME=/root
+export TERM="${TERM:-linux}"
+
+say() {
+    echo "mbrescue: $*"
+}
+
+rescue_shell() {
+    [ -n "$1" ] && echo "mbrescue: error: $1"
+    echo "mbrescue: starting a rescue shell (to run the restore again: PYTHONHASHSEED=0 PYTHONPATH=/opt/mbrescue python3 -m mbrescue_runner rescue /mbrescue/capture.mbrescue)"
+    while true; do
+        # cttyhack gives the shell the console's real tty, so Ctrl-C and job control work.
+        setsid cttyhack sh -l
+        echo "mbrescue: the shell ended; starting another (reboot: reboot -f)"
+        sleep 1
+    done
+}
+
+mkdir -p /proc /sys /dev /run /tmp
+mount -t proc -o nosuid,nodev,noexec proc /proc
+mount -t sysfs -o nosuid,nodev,noexec sysfs /sys
+mount -t devtmpfs -o nosuid,mode=0755 devtmpfs /dev || rescue_shell "cannot mount /dev"
+mkdir -p /dev/pts
+mount -t devpts -o nosuid,noexec,gid=5,mode=0620 devpts /dev/pts
+mount -t tmpfs -o nosuid,nodev,mode=0755 tmpfs /run
+mount -t tmpfs -o nosuid,nodev,mode=1777 tmpfs /tmp
+ln -sf /proc/self/fd /dev/fd
+
+shell_requested=0
+wait_limit_s=15
+for word in $(cat /proc/cmdline); do
+    case "$word" in
+        mbrescue.shell=1|mbrescue.shell=yes|mbrescue.shell=true|mbrescue.shell=on)
+            shell_requested=1 ;;
+        mbrescue.wait=*)
+            value="${word#mbrescue.wait=}"
+            case "$value" in
+                ''|*[!0-9]*) say "ignoring mbrescue.wait=$value (not a number of seconds)" ;;
+                *) wait_limit_s="$value" ;;
+            esac ;;
+    esac
+done
+
+# Disk drivers, dependencies first. A driver for hardware this machine lacks may
+# refuse to load (Xen, Hyper-V); that is expected, so only the names are shown, and
+# a module whose dependency failed is not tried (it would only fill the console).
+loaded=0
+failed=" "
+load() {
+    module="$1"
+    path="$2"
+    shift 2
+    for dependency in "$@"; do
+        case "$failed" in
+            *" $dependency "*) failed="$failed$module "; return ;;
+        esac
+    done
+    if insmod "/lib/modules/6.1.0-99-amd64/$path" 2>/dev/null; then
+        loaded=$((loaded + 1))
+    else
+        failed="$failed$module "
+    fi
+}
+
+load virtio_ring kernel/drivers/virtio/virtio_ring.ko
+load virtio kernel/drivers/virtio/virtio.ko virtio_ring
+load virtio_blk kernel/drivers/block/virtio_blk.ko virtio virtio_ring
+load hv_vmbus kernel/drivers/hv/hv_vmbus.ko
+load hv_storvsc kernel/drivers/scsi/hv_storvsc.ko hv_vmbus
+failed="${failed# }"
+say "kernel 6.1.0-99-amd64: $loaded disk drivers loaded${failed:+ (not for this machine: ${failed% })}"
+
+if [ "$shell_requested" = 1 ]; then
+    rescue_shell ""
+fi
+
+# AHCI, NVMe and USB probe asynchronously: wait until the set of disks has not
+# changed for 2 s, at most $wait_limit_s s (mbrescue.wait=N).
+list_disks() {
+    for entry in /sys/block/*; do
+        case "${entry##*/}" in
+            loop*|ram*|zram*|dm-*|md*|nbd*) ;;
+            *) [ -e "$entry" ] && echo "${entry##*/}" ;;
+        esac
+    done
+}
+previous=""
+steady_ticks=0
+ticks=0
+while [ "$ticks" -lt $((wait_limit_s * 4)) ]; do
+    current="$(list_disks)"
+    if [ -n "$current" ] && [ "$current" = "$previous" ]; then
+        steady_ticks=$((steady_ticks + 1))
+        [ "$steady_ticks" -ge 8 ] && break
+    else
+        steady_ticks=0
+    fi
+    previous="$current"
+    usleep 250000
+    ticks=$((ticks + 1))
+done
+disks="$(list_disks | tr '\n' ' ')"
+say "disks: ${disks:-none found}"
+
+[ -x /usr/bin/python3.11 ] || rescue_shell "/usr/bin/python3.11 is missing from the rescue system"
+[ -f /mbrescue/capture.mbrescue ] || rescue_shell "no capture in this rescue system (/mbrescue/capture.mbrescue is missing)"
+
+PYTHONHASHSEED=0 PYTHONPATH=/opt/mbrescue python3 -m mbrescue_runner rescue /mbrescue/capture.mbrescue
+status=$?
+if [ "$status" != 0 ]; then
+    rescue_shell "the restore runner ended with exit status $status"
+fi
+
+sync
+echo "mbrescue: press Enter to reboot"
+read -r answer
+reboot -f
+rescue_shell "reboot failed"

@@ -1,0 +1,93 @@
+"""The rescue kit: real Debian packages, real ELF files, real kernel modules."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from builder import debs
+from builder import kit as kit_module
+from builder.kit import Kit, ensure_kit, library_closure, select_modules
+
+
+@pytest.fixture(scope="session")
+def kit() -> Kit:
+    return ensure_kit()
+
+
+def module_names(paths: list[str]) -> list[str]:
+    return [Path(path).name.removesuffix(".ko").replace("-", "_") for path in paths]
+
+
+def test_parts_exist(kit: Kit) -> None:
+    assert kit.kernel.is_file() and kit.kernel.name == f"vmlinuz-{kit.kernel_version}"
+    assert kit.busybox.is_file() and kit.python.is_file()
+    assert kit.python_stdlib[0].name == "python3.11"
+    assert (kit.python_stdlib[0] / "os.py").is_file()  # libpython3.11-minimal
+    assert (kit.python_stdlib[1] / "json" / "__init__.py").is_file()  # libpython3.11-stdlib
+    assert kit.modules_root.name == kit.kernel_version
+    assert kit.elf_interpreter == "/lib64/ld-linux-x86-64.so.2"
+    for name in ("python3.11-minimal", "libpython3.11-minimal", "libpython3.11-stdlib",
+                 "busybox-static", "libc6", "zlib1g", "libexpat1", "libssl3"):
+        assert kit.packages[name] and len(kit.package_sha256[name]) == 64
+
+
+def test_interpreter_libraries_from_the_debs(kit: Kit) -> None:
+    names = {path.name for path in kit.libraries}
+    # DT_NEEDED of Debian's python3.11, the loader, and libgcc_s for pthread_exit.
+    assert {"libc.so.6", "libm.so.6", "libz.so.1", "libexpat.so.1",
+            "ld-linux-x86-64.so.2", "libgcc_s.so.1"} <= names
+    cache = os.fspath(debs.cache_dir())
+    for path in kit.libraries:
+        assert os.fspath(path).startswith(cache), f"{path} is not from the downloaded debs"
+
+
+def test_kit_python_runs_with_kit_libraries_only(kit: Kit) -> None:
+    loader = next(p for p in kit.libraries if p.name == "ld-linux-x86-64.so.2")
+    result = subprocess.run(
+        [loader, "--library-path", ":".join(map(os.fspath, kit.library_dirs)), kit.python,
+         "-S", "-c", "import sys, zlib, pyexpat; print(sys.version.split()[0])"],
+        env={"PYTHONHOME": os.fspath(kit.python_stdlib[0].parent.parent)},
+        capture_output=True, text=True, check=True,
+    )
+    assert result.stdout.startswith("3.11.")
+
+
+def test_extension_module_closure(kit: Kit) -> None:
+    hashlib_so = next((kit.python_stdlib[0] / "lib-dynload").glob("_hashlib.*.so"))
+    names = {path.name for path in library_closure([hashlib_so], kit.library_dirs)}
+    assert {"libcrypto.so.3", "libc.so.6"} <= names
+
+
+def test_modules_with_dependencies_in_load_order(kit: Kit) -> None:
+    names = module_names(kit.module_load_order)
+    for wanted in kit_module.STORAGE_MODULES:
+        assert wanted in names, wanted
+    # depends= before the module, softdeps resolved through aliases (crct10dif for crc-t10dif).
+    for before, after in (("virtio_ring", "virtio_blk"), ("virtio", "virtio_blk"),
+                          ("scsi_mod", "sd_mod"), ("libata", "ahci"), ("libahci", "ahci"),
+                          ("nvme_core", "nvme"), ("usbcore", "usb_storage"),
+                          ("usb_storage", "uas"), ("crct10dif_generic", "crc_t10dif"),
+                          ("hid", "usbhid")):
+        assert names.index(before) < names.index(after), (before, after)
+    assert len(names) == len(set(names))
+    for relative in kit.module_load_order:
+        assert (kit.modules_root / relative).is_file()
+
+
+def test_trimmed_tree_is_depmodded(kit: Kit) -> None:
+    dep = (kit.modules_root / "modules.dep").read_text()
+    assert "kernel/drivers/block/virtio_blk.ko: kernel/drivers/virtio/virtio.ko" in dep
+    on_disk = sorted(str(p.relative_to(kit.modules_root))
+                     for p in kit.modules_root.rglob("*.ko"))
+    assert on_disk == sorted(kit.module_load_order)
+    assert "virtio:" in (kit.modules_root / "modules.alias").read_text()
+
+
+def test_select_modules_unknown_name_fails(kit: Kit) -> None:
+    full_tree = kit.kernel.parent.parent / "lib" / "modules" / kit.kernel_version
+    with pytest.raises(kit_module.MbrescueError, match="no_such_driver"):
+        select_modules(full_tree, ["no_such_driver"])
