@@ -713,6 +713,23 @@ def _check_tables(capture: Capture, plan: Plan, reader: ReadBack) -> None:
             first = next(e.first_lba for e in table.entries if e.number == number)
             if ends[number] != first + size - 1:
                 raise MbrescueError(f"verification failed: partition {number} was not shrunk")
+    else:
+        # The whole MBR and EBR chain as the kernel will read it: every captured partition
+        # back where it was, the shrunk ones with their new size.
+        layout = read_layout(plan.target.path, plan.sector_bytes if plan.target.kind == "file"
+                             else None)
+        found_parts = {p.number: p for p in layout.partitions}
+        for part in capture.manifest["layout"]["partitions"]:
+            number = part["number"]
+            got = found_parts.get(number)
+            size = plan.shrunk.get(number, part["size_sectors"])
+            if got is None or got.start_lba != part["start_lba"] or (
+                got.size_sectors != size and not got.is_extended
+            ):
+                raise MbrescueError(
+                    f"verification failed: partition {number} on {plan.target.path} is not "
+                    f"where the plan put it"
+                )
     for record in capture.manifest.get("swap") or []:
         offset = int(record["start_lba"]) * plan.sector_bytes
         found = probe(reader.fd, offset, 1 << 20)
