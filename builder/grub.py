@@ -40,9 +40,30 @@ EFI_DIR = GRUB_LIB / "x86_64-efi"
 # partition table), talk on serial and screen at once, run grub.cfg's tests and boot Linux or
 # chainload the local disk.
 COMMON_MODULES = (
-    "iso9660", "part_msdos", "part_gpt", "ext2", "fat", "search", "search_fs_uuid",
-    "search_fs_file", "search_label", "serial", "terminal", "regexp", "normal", "configfile",
-    "linux", "chain", "echo", "test", "sleep", "ls", "cat", "halt", "reboot", "minicmd",
+    "iso9660",
+    "part_msdos",
+    "part_gpt",
+    "ext2",
+    "fat",
+    "search",
+    "search_fs_uuid",
+    "search_fs_file",
+    "search_label",
+    "serial",
+    "terminal",
+    "regexp",
+    "normal",
+    "configfile",
+    "linux",
+    "chain",
+    "echo",
+    "test",
+    "sleep",
+    "ls",
+    "cat",
+    "halt",
+    "reboot",
+    "minicmd",
 )
 BIOS_MODULES = ("biosdisk", *COMMON_MODULES)
 EFI_MODULES = ("efi_gop", "efi_uga", *COMMON_MODULES)
@@ -85,21 +106,39 @@ def check_grub_installed() -> None:
                 hint=f"apt-get install {package} (or run: make setup)",
             )
     if not (BIOS_DIR / "boot_hybrid.img").exists():
-        raise ToolMissing(f"{BIOS_DIR}/boot_hybrid.img is missing",
-                          hint="apt-get install grub-pc-bin")
+        raise ToolMissing(
+            f"{BIOS_DIR}/boot_hybrid.img is missing", hint="apt-get install grub-pc-bin"
+        )
 
 
 def _package_versions() -> str:
-    text = output(["dpkg-query", "-W", "-f", "${Package}=${Version}\n",
-                   "grub-common", "grub-pc-bin", "grub-efi-amd64-bin", "dosfstools", "mtools"],
-                  check=False)
+    text = output(
+        [
+            "dpkg-query",
+            "-W",
+            "-f",
+            "${Package}=${Version}\n",
+            "grub-common",
+            "grub-pc-bin",
+            "grub-efi-amd64-bin",
+            "dosfstools",
+            "mtools",
+        ],
+        check=False,
+    )
     return text
 
 
 def _cache_key(medium_id: str) -> str:
     digest = hashlib.sha256()
-    for part in (_package_versions(), " ".join(BIOS_MODULES), " ".join(EFI_MODULES),
-                 embedded_config(medium_id), str(_fat_epoch()), "v1"):
+    for part in (
+        _package_versions(),
+        " ".join(BIOS_MODULES),
+        " ".join(EFI_MODULES),
+        embedded_config(medium_id),
+        str(_fat_epoch()),
+        "v1",
+    ):
         digest.update(part.encode() + b"\0")
     return digest.hexdigest()[:24]
 
@@ -123,8 +162,20 @@ def make_efi_fat(bootx64: Path, out: Path) -> None:
     env = {"SOURCE_DATE_EPOCH": str(_fat_epoch()), "MTOOLS_SKIP_CHECK": "1"}
     if out.exists():
         out.unlink()
-    run(["mkfs.vfat", "--invariant", "-i", FAT_VOLUME_ID, "-n", FAT_LABEL, "-C", out,
-         str(_fat_size_kib(bootx64.stat().st_size))], env=env)
+    run(
+        [
+            "mkfs.vfat",
+            "--invariant",
+            "-i",
+            FAT_VOLUME_ID,
+            "-n",
+            FAT_LABEL,
+            "-C",
+            out,
+            str(_fat_size_kib(bootx64.stat().st_size)),
+        ],
+        env=env,
+    )
     run(["mmd", "-i", out, "::EFI", "::EFI/BOOT"], env=env)
     run(["mcopy", "-i", out, bootx64, "::EFI/BOOT/BOOTX64.EFI"], env=env)
 
@@ -141,10 +192,38 @@ def make_grub_images(work: Path, *, medium_id: str) -> GrubImages:
         try:
             config = tmp / "embedded.cfg"
             config.write_text(embedded_config(medium_id))
-            run(["grub-mkimage", "-O", "i386-pc-eltorito", "-d", BIOS_DIR, "-p", "/boot/grub",
-                 "-c", config, "-o", tmp / "eltorito.img", *BIOS_MODULES])
-            run(["grub-mkimage", "-O", "x86_64-efi", "-d", EFI_DIR, "-p", "()/boot/grub",
-                 "-c", config, "-o", tmp / "BOOTX64.EFI", *EFI_MODULES])
+            run(
+                [
+                    "grub-mkimage",
+                    "-O",
+                    "i386-pc-eltorito",
+                    "-d",
+                    BIOS_DIR,
+                    "-p",
+                    "/boot/grub",
+                    "-c",
+                    config,
+                    "-o",
+                    tmp / "eltorito.img",
+                    *BIOS_MODULES,
+                ]
+            )
+            run(
+                [
+                    "grub-mkimage",
+                    "-O",
+                    "x86_64-efi",
+                    "-d",
+                    EFI_DIR,
+                    "-p",
+                    "()/boot/grub",
+                    "-c",
+                    config,
+                    "-o",
+                    tmp / "BOOTX64.EFI",
+                    *EFI_MODULES,
+                ]
+            )
             make_efi_fat(tmp / "BOOTX64.EFI", tmp / "efi.img")
             shutil.copyfile(BIOS_DIR / "boot_hybrid.img", tmp / "boot_hybrid.img")
             (tmp / ".complete").write_text(key + "\n")
@@ -184,23 +263,40 @@ def kernel_args(medium_id: str, *, serial_console: bool, shell: bool = False) ->
     return " ".join(args)
 
 
-def render_grub_cfg(*, host: str, captured_at: str, region_size: str, boot_fs_uuid: str,
-                    medium_id: str, local_timeout_s: int = 10,
-                    restore_timeout_s: int = 5) -> str:
+def render_grub_cfg(
+    *,
+    host: str,
+    captured_at: str,
+    region_size: str,
+    boot_fs_uuid: str,
+    medium_id: str,
+    local_timeout_s: int = 10,
+    restore_timeout_s: int = 5,
+) -> str:
     """grub.cfg for the ISO from templates/grub.cfg.j2; every value is computed here."""
-    for name, value, pattern in (("host", host, _SAFE_ID), ("boot_fs_uuid", boot_fs_uuid, _SAFE_ID),
-                                 ("medium_id", medium_id, _SAFE_ID),
-                                 ("captured_at", captured_at, _SAFE_TEXT),
-                                 ("region_size", region_size, _SAFE_TEXT)):
+    for name, value, pattern in (
+        ("host", host, _SAFE_ID),
+        ("boot_fs_uuid", boot_fs_uuid, _SAFE_ID),
+        ("medium_id", medium_id, _SAFE_ID),
+        ("captured_at", captured_at, _SAFE_TEXT),
+        ("region_size", region_size, _SAFE_TEXT),
+    ):
         if not pattern.fullmatch(value):
             raise MbrescueError(f"{name} {value!r} cannot go into grub.cfg")
     env = jinja2.Environment(
-        loader=jinja2.FileSystemLoader(TEMPLATES), undefined=jinja2.StrictUndefined,
-        keep_trailing_newline=True, autoescape=False,
+        loader=jinja2.FileSystemLoader(TEMPLATES),
+        undefined=jinja2.StrictUndefined,
+        keep_trailing_newline=True,
+        autoescape=False,
     )
     return env.get_template("grub.cfg.j2").render(
-        host=host, captured_at=captured_at, region_size=region_size, boot_fs_uuid=boot_fs_uuid,
-        medium_id=medium_id, local_timeout_s=local_timeout_s, restore_timeout_s=restore_timeout_s,
+        host=host,
+        captured_at=captured_at,
+        region_size=region_size,
+        boot_fs_uuid=boot_fs_uuid,
+        medium_id=medium_id,
+        local_timeout_s=local_timeout_s,
+        restore_timeout_s=restore_timeout_s,
         args_screen=kernel_args(medium_id, serial_console=False),
         args_serial=kernel_args(medium_id, serial_console=True),
         args_shell=kernel_args(medium_id, serial_console=False, shell=True),

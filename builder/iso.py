@@ -168,13 +168,15 @@ def _frozen_pycdlib_clock(epoch: int) -> Iterator[None]:
 
 # --- the system area: hybrid MBR + GPT ----------------------------------------------------------
 
+
 def _guid(medium_id: str, what: str) -> uuid.UUID:
     # Derived, not random: the same medium gives the same bytes.
     return uuid.uuid5(uuid.NAMESPACE_URL, f"mbrescue:{medium_id}:{what}")
 
 
-def protective_mbr(boot_hybrid: bytes, core_sector: int, total_sectors: int,
-                   disk_signature: int) -> bytes:
+def protective_mbr(
+    boot_hybrid: bytes, core_sector: int, total_sectors: int, disk_signature: int
+) -> bytes:
     """GRUB's hybrid boot code with the core's sector, and one 0xEE entry (GPT follows)."""
     mbr = bytearray(SECTOR)
     mbr[:HYBRID_CODE_BYTES] = boot_hybrid[:HYBRID_CODE_BYTES]
@@ -182,29 +184,52 @@ def protective_mbr(boot_hybrid: bytes, core_sector: int, total_sectors: int,
     struct.pack_into("<I", mbr, 0x1B8, disk_signature)
     size = min(total_sectors - 1, 0xFFFFFFFF)
     # status, CHS first (0/0/2), type, CHS last (maxed out), LBA first, sectors
-    mbr[0x1BE:0x1CE] = struct.pack("<B3sB3sII", 0x00, b"\x00\x02\x00", 0xEE, b"\xff\xff\xff",
-                                   1, size)
+    mbr[0x1BE:0x1CE] = struct.pack(
+        "<B3sB3sII", 0x00, b"\x00\x02\x00", 0xEE, b"\xff\xff\xff", 1, size
+    )
     mbr[510:512] = b"\x55\xaa"
     return bytes(mbr)
 
 
-def gpt_structures(total_sectors: int, esp_first_lba: int, esp_sectors: int,
-                   medium_id: str) -> tuple[bytes, bytes, bytes]:
+def gpt_structures(
+    total_sectors: int, esp_first_lba: int, esp_sectors: int, medium_id: str
+) -> tuple[bytes, bytes, bytes]:
     """(primary header sector, entry array, backup header sector) for a one-ESP GPT."""
     entries = bytearray(GPT_ENTRIES * GPT_ENTRY_BYTES)
     name = "mbrescue ESP".encode("utf-16-le")
-    struct.pack_into("<16s16sQQQ72s", entries, 0, ESP_TYPE_GUID.bytes_le,
-                     _guid(medium_id, "esp").bytes_le, esp_first_lba,
-                     esp_first_lba + esp_sectors - 1, 0, name)
+    struct.pack_into(
+        "<16s16sQQQ72s",
+        entries,
+        0,
+        ESP_TYPE_GUID.bytes_le,
+        _guid(medium_id, "esp").bytes_le,
+        esp_first_lba,
+        esp_first_lba + esp_sectors - 1,
+        0,
+        name,
+    )
     entries_crc = zlib.crc32(entries)
     last_lba = total_sectors - 1
     first_usable = 2 + GPT_ENTRY_SECTORS
     last_usable = last_lba - GPT_ENTRY_SECTORS - 1
 
     def header(my_lba: int, alternate_lba: int, entries_lba: int) -> bytes:
-        fields = [b"EFI PART", 0x00010000, 92, 0, 0, my_lba, alternate_lba, first_usable,
-                  last_usable, _guid(medium_id, "disk").bytes_le, entries_lba, GPT_ENTRIES,
-                  GPT_ENTRY_BYTES, entries_crc]
+        fields = [
+            b"EFI PART",
+            0x00010000,
+            92,
+            0,
+            0,
+            my_lba,
+            alternate_lba,
+            first_usable,
+            last_usable,
+            _guid(medium_id, "disk").bytes_le,
+            entries_lba,
+            GPT_ENTRIES,
+            GPT_ENTRY_BYTES,
+            entries_crc,
+        ]
         layout = "<8sIIIIQQQQ16sQIII"
         crc = zlib.crc32(struct.pack(layout, *fields))
         fields[3] = crc
@@ -234,8 +259,15 @@ def _patch_grub2_boot_info(stream: BinaryIO, image_block: int, image_bytes: int)
     stream.write(image)
 
 
-def write_system_area(stream: BinaryIO, *, grub: GrubImages, bios_block: int, efi_block: int,
-                      efi_bytes: int, medium_id: str) -> int:
+def write_system_area(
+    stream: BinaryIO,
+    *,
+    grub: GrubImages,
+    bios_block: int,
+    efi_block: int,
+    efi_bytes: int,
+    medium_id: str,
+) -> int:
     """Pad the written ISO, then lay the hybrid MBR and GPT into it; return its final size."""
     stream.seek(0, os.SEEK_END)
     iso_bytes = stream.tell()
@@ -246,11 +278,11 @@ def write_system_area(stream: BinaryIO, *, grub: GrubImages, bios_block: int, ef
     _patch_grub2_boot_info(stream, bios_block, grub.bios_eltorito.stat().st_size)
 
     disk_signature = struct.unpack("<I", _guid(medium_id, "mbr").bytes[:4])[0]
-    mbr = protective_mbr(grub.boot_hybrid.read_bytes(), bios_block * 4 + 4, total_sectors,
-                         disk_signature)
+    mbr = protective_mbr(
+        grub.boot_hybrid.read_bytes(), bios_block * 4 + 4, total_sectors, disk_signature
+    )
     esp_sectors = (efi_bytes + SECTOR - 1) // SECTOR
-    primary, entries, backup = gpt_structures(total_sectors, efi_block * 4, esp_sectors,
-                                              medium_id)
+    primary, entries, backup = gpt_structures(total_sectors, efi_block * 4, esp_sectors, medium_id)
     stream.seek(0)
     stream.write(mbr + primary + entries)
     assert stream.tell() <= SYSTEM_AREA_BYTES
@@ -260,6 +292,7 @@ def write_system_area(stream: BinaryIO, *, grub: GrubImages, bios_block: int, ef
 
 
 # --- the ISO ----------------------------------------------------------------------------------
+
 
 def _capture_sum(payload: Path) -> str:
     """A sha256sum line for the capture inside the payload cpio, if it holds one."""
@@ -279,26 +312,43 @@ def _capture_sum(payload: Path) -> str:
 
 
 def _add_directories(iso: pycdlib.PyCdlib) -> None:
-    for rr_path, iso_path in (("/boot", "/BOOT"), ("/boot/grub", "/BOOT/GRUB"),
-                              ("/mbrescue", "/MBRESCUE")):
+    for rr_path, iso_path in (
+        ("/boot", "/BOOT"),
+        ("/boot/grub", "/BOOT/GRUB"),
+        ("/mbrescue", "/MBRESCUE"),
+    ):
         iso.add_directory(iso_path, rr_name=rr_path.rsplit("/", 1)[1], joliet_path=rr_path)
 
 
 def _add(iso: pycdlib.PyCdlib, stream: BinaryIO, length: int, rr_path: str, iso_path: str) -> None:
-    iso.add_fp(stream, length, iso_path, rr_name=rr_path.rsplit("/", 1)[1],
-               joliet_path=rr_path, file_mode=0o100444)
+    iso.add_fp(
+        stream,
+        length,
+        iso_path,
+        rr_name=rr_path.rsplit("/", 1)[1],
+        joliet_path=rr_path,
+        file_mode=0o100444,
+    )
 
 
-def write_iso(out: Path, *, grub: GrubImages, kernel: Path, base_initrd: Path, payload: Path,
-              grub_cfg: str, volume_label: str, medium_id: str) -> IsoReport:
+def write_iso(
+    out: Path,
+    *,
+    grub: GrubImages,
+    kernel: Path,
+    base_initrd: Path,
+    payload: Path,
+    grub_cfg: str,
+    volume_label: str,
+    medium_id: str,
+) -> IsoReport:
     """Write the hybrid rescue ISO to `out` (via a temporary name, mode 0600)."""
     started = time.monotonic()
     if not MEDIUM_ID.fullmatch(medium_id):
         raise MbrescueError(f"medium id {medium_id!r} must be 4-24 characters a-z, 0-9")
     if grub.medium_id != medium_id:
         raise MbrescueError("the GRUB images were made for another medium id")
-    for path in (kernel, base_initrd, payload, grub.bios_eltorito, grub.efi_fat,
-                 grub.boot_hybrid):
+    for path in (kernel, base_initrd, payload, grub.bios_eltorito, grub.efi_fat, grub.boot_hybrid):
         if not path.is_file():
             raise MbrescueError(f"{path} is missing")
     label = iso_volume_label(volume_label)
@@ -324,13 +374,22 @@ def write_iso(out: Path, *, grub: GrubImages, kernel: Path, base_initrd: Path, p
     fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
     os.fchmod(fd, 0o600)
     try:
-        with contextlib.ExitStack() as stack, open(fd, "r+b", closefd=True) as stream, \
-                _frozen_pycdlib_clock(_iso_epoch()):
+        with (
+            contextlib.ExitStack() as stack,
+            open(fd, "r+b", closefd=True) as stream,
+            _frozen_pycdlib_clock(_iso_epoch()),
+        ):
             iso = pycdlib.PyCdlib()
-            iso.new(interchange_level=3, vol_ident=label, sys_ident="LINUX",
-                    vol_set_ident=f"MBRESCUE {medium_id}",
-                    app_ident_str=f"MBRESCUE RESCUE MEDIUM {medium_id}",
-                    preparer_ident_str="MBRESCUE", joliet=3, rock_ridge="1.09")
+            iso.new(
+                interchange_level=3,
+                vol_ident=label,
+                sys_ident="LINUX",
+                vol_set_ident=f"MBRESCUE {medium_id}",
+                app_ident_str=f"MBRESCUE RESCUE MEDIUM {medium_id}",
+                preparer_ident_str="MBRESCUE",
+                joliet=3,
+                rock_ridge="1.09",
+            )
             _add_directories(iso)
             for rr_path, data in small_files.items():
                 _add(iso, io.BytesIO(data), len(data), rr_path, ISO_FILES[rr_path])
@@ -339,23 +398,40 @@ def write_iso(out: Path, *, grub: GrubImages, kernel: Path, base_initrd: Path, p
             for rr_path, path in large_files.items():
                 source = stack.enter_context(open(path, "rb"))
                 _add(iso, source, path.stat().st_size, rr_path, ISO_FILES[rr_path])
-            iso.add_eltorito(ISO_FILES["/boot/grub/eltorito.img"], bootcatfile=BOOT_CATALOG,
-                             rr_bootcatname="boot.cat", joliet_bootcatfile="/boot/grub/boot.cat",
-                             boot_load_size=4, boot_info_table=True, platform_id=0,
-                             media_name="noemul")
+            iso.add_eltorito(
+                ISO_FILES["/boot/grub/eltorito.img"],
+                bootcatfile=BOOT_CATALOG,
+                rr_bootcatname="boot.cat",
+                joliet_bootcatfile="/boot/grub/boot.cat",
+                boot_load_size=4,
+                boot_info_table=True,
+                platform_id=0,
+                media_name="noemul",
+            )
             # The EFI load size counts 512-byte sectors in 16 bits; pycdlib derives it.
-            iso.add_eltorito(ISO_FILES["/boot/grub/efi.img"], bootcatfile=BOOT_CATALOG,
-                             rr_bootcatname="boot.cat", joliet_bootcatfile="/boot/grub/boot.cat",
-                             efi=True, platform_id=0xEF, media_name="noemul")
-            bios_block = iso.get_record(iso_path=ISO_FILES["/boot/grub/eltorito.img"]) \
-                .extent_location()
-            efi_block = iso.get_record(iso_path=ISO_FILES["/boot/grub/efi.img"]) \
-                .extent_location()
+            iso.add_eltorito(
+                ISO_FILES["/boot/grub/efi.img"],
+                bootcatfile=BOOT_CATALOG,
+                rr_bootcatname="boot.cat",
+                joliet_bootcatfile="/boot/grub/boot.cat",
+                efi=True,
+                platform_id=0xEF,
+                media_name="noemul",
+            )
+            bios_block = iso.get_record(
+                iso_path=ISO_FILES["/boot/grub/eltorito.img"]
+            ).extent_location()
+            efi_block = iso.get_record(iso_path=ISO_FILES["/boot/grub/efi.img"]).extent_location()
             iso.write_fp(stream)
             iso.close()
-            size_bytes = write_system_area(stream, grub=grub, bios_block=bios_block,
-                                           efi_block=efi_block, efi_bytes=efi_bytes,
-                                           medium_id=medium_id)
+            size_bytes = write_system_area(
+                stream,
+                grub=grub,
+                bios_block=bios_block,
+                efi_block=efi_block,
+                efi_bytes=efi_bytes,
+                medium_id=medium_id,
+            )
             stream.flush()
             os.fsync(stream.fileno())
         os.replace(tmp, out)
@@ -364,9 +440,18 @@ def write_iso(out: Path, *, grub: GrubImages, kernel: Path, base_initrd: Path, p
             tmp.unlink()
         raise
     seconds = time.monotonic() - started
-    log.info(f"wrote {out} ({log.human_bytes(size_bytes)}, {seconds:.1f} s): it holds the "
-             f"host's /boot region; keep it as safe as the host itself")
-    return IsoReport(path=out, size_bytes=size_bytes, medium_id=medium_id, volume_label=label,
-                     bios_image_block=bios_block, efi_image_block=efi_block,
-                     efi_image_bytes=efi_bytes, payload_sha256=payload_sha256,
-                     seconds=seconds)
+    log.info(
+        f"wrote {out} ({log.human_bytes(size_bytes)}, {seconds:.1f} s): it holds the "
+        f"host's /boot region; keep it as safe as the host itself"
+    )
+    return IsoReport(
+        path=out,
+        size_bytes=size_bytes,
+        medium_id=medium_id,
+        volume_label=label,
+        bios_image_block=bios_block,
+        efi_image_block=efi_block,
+        efi_image_bytes=efi_bytes,
+        payload_sha256=payload_sha256,
+        seconds=seconds,
+    )

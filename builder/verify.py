@@ -35,8 +35,13 @@ ESP_TYPE = "C12A7328-F81F-11D2-BA4B-00A0C93EC93B"
 CAPTURE_MEMBER = "mbrescue/capture.mbrescue"
 PAYLOAD_PATH = "/mbrescue/payload.img"
 SUMS_PATH = "/mbrescue/payload.sha256"
-REQUIRED_FILES = ("/boot/grub/grub.cfg", "/mbrescue/vmlinuz", "/mbrescue/base.img", PAYLOAD_PATH,
-                  SUMS_PATH)
+REQUIRED_FILES = (
+    "/boot/grub/grub.cfg",
+    "/mbrescue/vmlinuz",
+    "/mbrescue/base.img",
+    PAYLOAD_PATH,
+    SUMS_PATH,
+)
 NEWC_MAGIC = b"070701"
 NEWC_HEADER_BYTES = 110
 
@@ -58,6 +63,7 @@ class BootEntry:
 
 
 # --- raw readers --------------------------------------------------------------------------------
+
 
 def _read_at(stream: BinaryIO, offset: int, length: int) -> bytes:
     stream.seek(offset)
@@ -85,11 +91,11 @@ def read_boot_catalog(stream: BinaryIO) -> list[BootEntry]:
     entries = [_entry(catalog[32:64], validation[1])]
     offset = 64
     while offset + 32 <= len(catalog) and catalog[offset] in (0x90, 0x91):
-        header = catalog[offset:offset + 32]
+        header = catalog[offset : offset + 32]
         platform, count = header[1], struct.unpack_from("<H", header, 2)[0]
         offset += 32
         for _ in range(count):
-            entries.append(_entry(catalog[offset:offset + 32], platform))
+            entries.append(_entry(catalog[offset : offset + 32], platform))
             offset += 32
         if header[0] == 0x91:
             break
@@ -98,8 +104,13 @@ def read_boot_catalog(stream: BinaryIO) -> list[BootEntry]:
 
 def _entry(raw: bytes, platform: int) -> BootEntry:
     sector_count, load_block = struct.unpack_from("<HI", raw, 6)
-    return BootEntry(platform=platform, bootable=raw[0] == 0x88, media_type=raw[1] & 0x0F,
-                     sector_count=sector_count, load_block=load_block)
+    return BootEntry(
+        platform=platform,
+        bootable=raw[0] == 0x88,
+        media_type=raw[1] & 0x0F,
+        sector_count=sector_count,
+        load_block=load_block,
+    )
 
 
 def iter_newc(stream: BinaryIO) -> Iterator[tuple[str, int, int]]:
@@ -113,7 +124,7 @@ def iter_newc(stream: BinaryIO) -> Iterator[tuple[str, int, int]]:
         header = stream.read(NEWC_HEADER_BYTES)
         if len(header) < NEWC_HEADER_BYTES or header[:6] != NEWC_MAGIC:
             raise MbrescueError(f"no cpio header at byte {position}")
-        fields = [int(header[6 + 8 * i:14 + 8 * i], 16) for i in range(13)]
+        fields = [int(header[6 + 8 * i : 14 + 8 * i], 16) for i in range(13)]
         mode, size, name_bytes = fields[1], fields[6], fields[11]
         name = stream.read(name_bytes).rstrip(b"\0").decode(errors="replace")
         data_at = position + NEWC_HEADER_BYTES + name_bytes
@@ -126,8 +137,9 @@ def iter_newc(stream: BinaryIO) -> Iterator[tuple[str, int, int]]:
         position += (-position) % 4
 
 
-def _sha256_stream(stream: BinaryIO, length: int | None = None,
-                   copy_to: BinaryIO | None = None) -> str:
+def _sha256_stream(
+    stream: BinaryIO, length: int | None = None, copy_to: BinaryIO | None = None
+) -> str:
     digest = hashlib.sha256()
     left = length
     while left is None or left > 0:
@@ -156,11 +168,17 @@ def parse_sums(text: str) -> dict[str, str]:
 
 # --- checks -------------------------------------------------------------------------------------
 
+
 def _check(name: str, func: Callable[[], str]) -> Check:
     try:
         return Check(name, True, func())
-    except (MbrescueError, pycdlib.pycdlibexception.PyCdlibException, OSError, ValueError,
-            struct.error) as exc:
+    except (
+        MbrescueError,
+        pycdlib.pycdlibexception.PyCdlibException,
+        OSError,
+        ValueError,
+        struct.error,
+    ) as exc:
         return Check(name, False, str(exc))
 
 
@@ -182,15 +200,17 @@ def verify_iso(path: Path) -> list[Check]:
 
         def catalog() -> str:
             entries.extend(read_boot_catalog(stream))
-            return ", ".join(f"platform 0x{e.platform:02x} at block {e.load_block}"
-                             for e in entries)
+            return ", ".join(
+                f"platform 0x{e.platform:02x} at block {e.load_block}" for e in entries
+            )
 
         checks.append(_check("El Torito catalog", catalog))
         bios = next((e for e in entries if e.platform == 0), None)
         efi = next((e for e in entries if e.platform == EFI_PLATFORM), None)
         checks.append(_check("El Torito BIOS entry", lambda: _bios_entry(stream, bios)))
-        checks.append(_check("El Torito EFI entry",
-                             lambda: _efi_entry(stream, efi, work, size_bytes)))
+        checks.append(
+            _check("El Torito EFI entry", lambda: _efi_entry(stream, efi, work, size_bytes))
+        )
         checks.append(_check("hybrid MBR (GRUB)", lambda: _hybrid_mbr(stream, bios)))
         checks.append(_check("partition table", lambda: _partitions(path, efi, size_bytes)))
         checks.extend(_tree_checks(path, work))
@@ -203,18 +223,22 @@ def _bios_entry(stream: BinaryIO, bios: BootEntry | None) -> str:
     _require(bios.bootable and bios.media_type == 0, "BIOS entry is not bootable no-emulation")
     image_at = bios.load_block * BLOCK
     pvd_block, file_block, file_bytes, checksum = struct.unpack(
-        "<IIII", _read_at(stream, image_at + 8, 16))
-    _require(pvd_block == 16 and file_block == bios.load_block,
-             "boot info table missing or wrong")
+        "<IIII", _read_at(stream, image_at + 8, 16)
+    )
+    _require(pvd_block == 16 and file_block == bios.load_block, "boot info table missing or wrong")
     image = _read_at(stream, image_at, file_bytes)
     padded = image + b"\0" * ((-len(image)) % BLOCK)
     words = struct.unpack_from(f"<{(len(padded) - 64) // 4}I", padded, 64)
     _require(sum(words) & 0xFFFFFFFF == checksum, "boot info table checksum does not match")
     core_sector = struct.unpack_from("<Q", image, 2548)[0]
-    _require(core_sector == bios.load_block * 4 + 5,
-             f"GRUB2 boot info at byte 2548 is {core_sector}, not {bios.load_block * 4 + 5}")
-    return (f"no-emulation, {file_bytes} bytes at block {bios.load_block}, boot info table, "
-            "grub2-boot-info")
+    _require(
+        core_sector == bios.load_block * 4 + 5,
+        f"GRUB2 boot info at byte 2548 is {core_sector}, not {bios.load_block * 4 + 5}",
+    )
+    return (
+        f"no-emulation, {file_bytes} bytes at block {bios.load_block}, boot info table, "
+        "grub2-boot-info"
+    )
 
 
 def _efi_entry(stream: BinaryIO, efi: BootEntry | None, work: Path, size_bytes: int) -> str:
@@ -224,16 +248,20 @@ def _efi_entry(stream: BinaryIO, efi: BootEntry | None, work: Path, size_bytes: 
     image_at = efi.load_block * BLOCK
     boot_sector = _read_at(stream, image_at, SECTOR)
     # The load size counts 512-byte sectors; the FAT's own sector total tells its true size.
-    total = struct.unpack_from("<H", boot_sector, 19)[0] or struct.unpack_from("<I", boot_sector,
-                                                                               32)[0]
+    total = (
+        struct.unpack_from("<H", boot_sector, 19)[0] or struct.unpack_from("<I", boot_sector, 32)[0]
+    )
     bytes_per_sector = struct.unpack_from("<H", boot_sector, 11)[0]
     fat_bytes = total * bytes_per_sector
-    _require(boot_sector[510:512] == b"\x55\xaa" and 0 < fat_bytes < size_bytes,
-             "the EFI image is not a FAT file system")
+    _require(
+        boot_sector[510:512] == b"\x55\xaa" and 0 < fat_bytes < size_bytes,
+        "the EFI image is not a FAT file system",
+    )
     image = work / "efi.img"
     image.write_bytes(_read_at(stream, image_at, fat_bytes))
-    listing = output(["mdir", "-b", "-i", image, "::EFI/BOOT"],
-                     env={"MTOOLS_SKIP_CHECK": "1"}).upper()
+    listing = output(
+        ["mdir", "-b", "-i", image, "::EFI/BOOT"], env={"MTOOLS_SKIP_CHECK": "1"}
+    ).upper()
     _require("BOOTX64.EFI" in listing, "EFI/BOOT/BOOTX64.EFI is missing from the FAT image")
     return f"FAT image of {fat_bytes} bytes at block {efi.load_block} holds EFI/BOOT/BOOTX64.EFI"
 
@@ -242,15 +270,19 @@ def _hybrid_mbr(stream: BinaryIO, bios: BootEntry | None) -> str:
     mbr = _read_at(stream, 0, SECTOR)
     _require(mbr[510:512] == b"\x55\xaa", "no MBR signature")
     if BOOT_HYBRID.exists():
-        _require(mbr[:0x1B0] == BOOT_HYBRID.read_bytes()[:0x1B0],
-                 "MBR code is not GRUB's boot_hybrid.img")
+        _require(
+            mbr[:0x1B0] == BOOT_HYBRID.read_bytes()[:0x1B0],
+            "MBR code is not GRUB's boot_hybrid.img",
+        )
     else:
         _require(any(mbr[:0x1B0]), "MBR holds no boot code")
     _require(bios is not None, "no BIOS image to point at")
     assert bios is not None
     core_sector = struct.unpack_from("<Q", mbr, 0x1B0)[0]
-    _require(core_sector == bios.load_block * 4 + 4,
-             f"MBR points at sector {core_sector}, not {bios.load_block * 4 + 4}")
+    _require(
+        core_sector == bios.load_block * 4 + 4,
+        f"MBR points at sector {core_sector}, not {bios.load_block * 4 + 4}",
+    )
     return f"GRUB boot_hybrid code, core at 512-byte sector {core_sector}"
 
 
@@ -265,14 +297,18 @@ def _partitions(path: Path, efi: BootEntry | None, size_bytes: int) -> str:
     if table["label"] == "gpt":
         result = run(["sgdisk", "-v", path], check=False)
         text = result.stdout.decode(errors="replace")
-        _require(result.returncode == 0 and "No problems found" in text,
-                 "sgdisk -v: " + " ".join(text.split())[:200])
+        _require(
+            result.returncode == 0 and "No problems found" in text,
+            "sgdisk -v: " + " ".join(text.split())[:200],
+        )
         detail += ", sgdisk -v clean"
     esps = [p for p in parts if p.get("type", "").upper() in (ESP_TYPE, "EF")]
     _require(bool(esps), "no ESP entry")
     if efi is not None:
-        _require(any(p["start"] == efi.load_block * 4 for p in esps),
-                 "the ESP entry does not point at the El Torito EFI image")
+        _require(
+            any(p["start"] == efi.load_block * 4 for p in esps),
+            "the ESP entry does not point at the El Torito EFI image",
+        )
     return detail + ", ESP on the EFI image"
 
 
@@ -295,9 +331,14 @@ def _tree_checks(path: Path, work: Path) -> list[Check]:
     checks = []
     try:
         volume_set = iso.pvd.volume_set_identifier.decode(errors="replace").strip()
-        checks.append(Check("ISO9660 file system", True,
-                            f"Rock Ridge {iso.has_rock_ridge()}, Joliet {iso.has_joliet()}, "
-                            f"volume set {volume_set!r}"))
+        checks.append(
+            Check(
+                "ISO9660 file system",
+                True,
+                f"Rock Ridge {iso.has_rock_ridge()}, Joliet {iso.has_joliet()}, "
+                f"volume set {volume_set!r}",
+            )
+        )
 
         def files() -> str:
             sizes = []
@@ -319,8 +360,9 @@ def _payload(iso: pycdlib.PyCdlib, work: Path) -> str:
         sums = parse_sums(sums_file.read().decode())
     _require("payload.img" in sums, "payload.sha256 names no payload.img")
     with iso.open_file_from_iso(rr_path=PAYLOAD_PATH) as payload:
-        _require(_sha256_stream(payload) == sums["payload.img"],
-                 "payload.img does not match its SHA-256")
+        _require(
+            _sha256_stream(payload) == sums["payload.img"], "payload.img does not match its SHA-256"
+        )
     # The cpio's structure: every header sound up to the trailer.
     members = 0
     capture_path: Path | None = None
@@ -332,8 +374,10 @@ def _payload(iso: pycdlib.PyCdlib, work: Path) -> str:
                 with open(capture_path, "wb") as copy:
                     digest = _sha256_stream(payload, size, copy_to=copy)
                 if "capture.mbrescue" in sums:
-                    _require(digest == sums["capture.mbrescue"],
-                             "the capture in the payload does not match its SHA-256")
+                    _require(
+                        digest == sums["capture.mbrescue"],
+                        "the capture in the payload does not match its SHA-256",
+                    )
     detail = f"payload.img matches, cpio of {members} member(s)"
     if capture_path is None:
         return detail + ", no capture inside"
@@ -352,5 +396,5 @@ def format_checks(checks: list[Check]) -> str:
     lines = []
     for check in checks:
         line = f"{'ok  ' if check.ok else 'FAIL'}  {check.name:<{width}}  {check.detail}"
-        lines.append(line if len(line) <= columns or not check.ok else line[:columns - 1] + "…")
+        lines.append(line if len(line) <= columns or not check.ok else line[: columns - 1] + "…")
     return "\n".join(lines)

@@ -34,8 +34,10 @@ def test_golden_default_timeouts() -> None:
 
 
 def test_golden_short_timeouts() -> None:
-    _golden("grub.cfg.short-timeouts",
-            grub.render_grub_cfg(**VALUES, local_timeout_s=2, restore_timeout_s=1))
+    _golden(
+        "grub.cfg.short-timeouts",
+        grub.render_grub_cfg(**VALUES, local_timeout_s=2, restore_timeout_s=1),
+    )
 
 
 def test_grub_accepts_the_syntax(tmp_path: Path) -> None:
@@ -52,26 +54,32 @@ def test_entries_and_kernel_args() -> None:
     assert f"search --no-floppy --fs-uuid --set=hostboot {VALUES['boot_fs_uuid']}" in text
     # The last console= is /dev/console: the screen for the screen entry, serial for the other.
     assert grub.kernel_args("abcd", serial_console=False) == (
-        "console=ttyS0,115200n8 console=tty0 mbrescue.medium=abcd")
+        "console=ttyS0,115200n8 console=tty0 mbrescue.medium=abcd"
+    )
     assert grub.kernel_args("abcd", serial_console=True) == (
-        "console=tty0 console=ttyS0,115200n8 mbrescue.medium=abcd")
+        "console=tty0 console=ttyS0,115200n8 mbrescue.medium=abcd"
+    )
     assert "mbrescue.shell=1" in grub.kernel_args("abcd", serial_console=False, shell=True)
     assert "quiet" not in text
 
 
-@pytest.mark.parametrize("field,value", [
-    ("host", 'evil" ; reboot ; "'),
-    ("boot_fs_uuid", "x y"),
-    ("medium_id", "a$b"),
-    ("captured_at", "now\nreboot"),
-])
+@pytest.mark.parametrize(
+    "field,value",
+    [
+        ("host", 'evil" ; reboot ; "'),
+        ("boot_fs_uuid", "x y"),
+        ("medium_id", "a$b"),
+        ("captured_at", "now\nreboot"),
+    ],
+)
 def test_unsafe_values_refused(field: str, value: str) -> None:
     with pytest.raises(MbrescueError, match=r"cannot go into grub\.cfg"):
         grub.render_grub_cfg(**{**VALUES, field: value})
 
 
 def test_missing_value_fails_the_build() -> None:
-    env = jinja2.Environment(loader=jinja2.FileSystemLoader(grub.TEMPLATES),
-                             undefined=jinja2.StrictUndefined)
+    env = jinja2.Environment(
+        loader=jinja2.FileSystemLoader(grub.TEMPLATES), undefined=jinja2.StrictUndefined
+    )
     with pytest.raises(jinja2.UndefinedError):
         env.get_template("grub.cfg.j2").render(host="x")

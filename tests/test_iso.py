@@ -1,7 +1,8 @@
 """The rescue ISO: structure (pycdlib, xorriso, sgdisk), reproducibility, and QEMU boots.
 
-The ISO is built once per module from Debian's kernel and a tiny busybox initramfs whose
-/init prints a marker, the kernel command line and the payload's marker, then powers off.
+The ISO is built once per module from Debian's kernel, a tiny busybox initramfs whose
+/init prints a marker, the kernel command line and the payload's marker, then powers off,
+and a real payload (the project's payload builder around a real capture of a small disk).
 QEMU boots it four ways (BIOS/UEFI x CD/USB), once more from USB with the El Torito EFI
 entry wiped (so only the GPT's ESP can boot UEFI), and with "healthy" local disks holding
 the captured /boot UUID, where the default entry must boot the local disk: its MBR code
@@ -21,7 +22,7 @@ from pathlib import Path
 import pycdlib
 import pytest
 
-from builder import cpio, debs, grub, iso, verify
+from builder import capture, cpio, debs, grub, initramfs, iso, verify
 from builder.debs import cache_dir
 from builder.errors import MbrescueError
 from builder.run import output, run
@@ -42,7 +43,7 @@ INIT_SCRIPT = f"""#!/bin/sh
 /bin/busybox mount -t devtmpfs devtmpfs /dev
 for tty in /dev/ttyS0 /dev/console; do
   echo "{INIT_MARKER} cmdline: $(/bin/busybox cat /proc/cmdline)" > $tty
-  echo "{INIT_MARKER} payload: $(/bin/busybox cat /payload-marker)" > $tty
+  echo "{INIT_MARKER} payload: $(/bin/busybox cat /mbrescue/marker)" > $tty
 done
 /bin/busybox poweroff -f
 """
@@ -54,8 +55,29 @@ def _cpio(tree: cpio.Tree, path: Path) -> Path:
     return path
 
 
-def build_iso(work: Path, out: Path, *, local_timeout_s: int = 10,
-              restore_timeout_s: int = 5) -> iso.IsoReport:
+def make_capture(work: Path) -> Path:
+    """A real capture of a small MBR disk image whose /boot ext4 has BOOT_FS_UUID."""
+    image = work / "host-disk.img"
+    with open(image, "wb") as stream:
+        stream.truncate(24 << 20)
+    table = "label: dos\nstart=2048, size=16384, type=83, bootable\nstart=18432, type=82\n"
+    run(["sfdisk", "-q", image], input_bytes=table.encode())
+    run(["mke2fs", "-q", "-t", "ext4", "-E", f"offset={2048 * 512}", "-U", BOOT_FS_UUID,
+         "-F", image, "8M"])  # fmt: skip
+    options = capture.CaptureOptions(
+        source=image, output=work / "testhost.mbrescue", hostname="testhost"
+    )
+    return capture.capture(options).path
+
+
+def build_iso(
+    work: Path,
+    out: Path,
+    capture_file: Path,
+    *,
+    local_timeout_s: int = 10,
+    restore_timeout_s: int = 5,
+) -> iso.IsoReport:
     _, kernel_root = debs.fetch_extracted(debs.kernel_package())
     kernel = next((kernel_root / "boot").glob("vmlinuz-*"))
     _, busybox_root = debs.fetch_extracted("busybox-static")
@@ -63,18 +85,29 @@ def build_iso(work: Path, out: Path, *, local_timeout_s: int = 10,
     base.file_from("bin/busybox", busybox_root / "bin" / "busybox", 0o755)
     base.symlink("bin/sh", "busybox")
     base.file("init", INIT_SCRIPT.encode(), 0o755)
-    payload = cpio.Tree()
-    payload.file("payload-marker", f"{PAYLOAD_MARKER}\n".encode())
-    payload.file("mbrescue/capture.mbrescue", b"not a real capture\n" * 100, 0o600)
+    payload = initramfs.make_payload_initramfs(
+        capture_file, work / "payload.img", extra={"marker": f"{PAYLOAD_MARKER}\n".encode()}
+    )
     images = grub.make_grub_images(work / "grub", medium_id=MEDIUM_ID)
-    cfg = grub.render_grub_cfg(host="testhost", captured_at="2023-11-14 22:13 UTC",
-                               region_size="259 MiB", boot_fs_uuid=BOOT_FS_UUID,
-                               medium_id=MEDIUM_ID, local_timeout_s=local_timeout_s,
-                               restore_timeout_s=restore_timeout_s)
-    return iso.write_iso(out, grub=images, kernel=kernel,
-                         base_initrd=_cpio(base, work / "base.img"),
-                         payload=_cpio(payload, work / "payload.img"), grub_cfg=cfg,
-                         volume_label="testhost", medium_id=MEDIUM_ID)
+    cfg = grub.render_grub_cfg(
+        host="testhost",
+        captured_at="2023-11-14 22:13 UTC",
+        region_size="259 MiB",
+        boot_fs_uuid=BOOT_FS_UUID,
+        medium_id=MEDIUM_ID,
+        local_timeout_s=local_timeout_s,
+        restore_timeout_s=restore_timeout_s,
+    )
+    return iso.write_iso(
+        out,
+        grub=images,
+        kernel=kernel,
+        base_initrd=_cpio(base, work / "base.img"),
+        payload=payload,
+        grub_cfg=cfg,
+        volume_label="testhost",
+        medium_id=MEDIUM_ID,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -94,14 +127,22 @@ _built_at: list[float] = []
 
 
 @pytest.fixture(scope="module")
-def built(tmp_path_factory: pytest.TempPathFactory, epoch: None) -> iso.IsoReport:
+def capture_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_capture(tmp_path_factory.mktemp("capture"))
+
+
+@pytest.fixture(scope="module")
+def built(
+    tmp_path_factory: pytest.TempPathFactory, epoch: None, capture_file: Path
+) -> iso.IsoReport:
     work = tmp_path_factory.mktemp("iso")
-    report = build_iso(work, work / "out" / "testhost.iso", **TEST_TIMEOUTS)
+    report = build_iso(work, work / "out" / "testhost.iso", capture_file, **TEST_TIMEOUTS)
     _built_at.append(time.monotonic())
     return report
 
 
 # --- structure ----------------------------------------------------------------------------------
+
 
 def test_written_atomically_mode_0600(built: iso.IsoReport) -> None:
     assert built.path.stat().st_mode & 0o777 == 0o600
@@ -115,8 +156,15 @@ def test_verify_passes(built: iso.IsoReport) -> None:
     checks = verify.verify_iso(built.path)
     assert all(check.ok for check in checks), verify.format_checks(checks)
     names = {check.name for check in checks}
-    assert {"El Torito BIOS entry", "El Torito EFI entry", "hybrid MBR (GRUB)",
-            "partition table", "payload checksum"} <= names
+    assert {
+        "El Torito BIOS entry",
+        "El Torito EFI entry",
+        "hybrid MBR (GRUB)",
+        "partition table",
+        "payload checksum",
+    } <= names
+    payload = next(check for check in checks if check.name == "payload checksum")
+    assert "capture checked: testhost" in payload.detail  # builder.capture.check_capture ran
 
 
 def test_pycdlib_reopens(built: iso.IsoReport) -> None:
@@ -138,8 +186,17 @@ def test_pycdlib_reopens(built: iso.IsoReport) -> None:
 
 
 def test_xorriso_agrees(built: iso.IsoReport) -> None:
-    report = output(["xorriso", "-indev", built.path, "-report_el_torito", "plain",
-                     "-report_system_area", "plain"])
+    report = output(
+        [
+            "xorriso",
+            "-indev",
+            built.path,
+            "-report_el_torito",
+            "plain",
+            "-report_system_area",
+            "plain",
+        ]
+    )
     assert "El Torito boot img :   1  BIOS  y   none" in report
     assert "El Torito boot img :   2  UEFI  y   none" in report
     assert "boot-info-table grub2-boot-info" in report
@@ -175,9 +232,16 @@ def test_verify_finds_damage(built: iso.IsoReport, tmp_path: Path) -> None:
 def test_missing_input_is_refused(built: iso.IsoReport, tmp_path: Path) -> None:
     images = grub.make_grub_images(tmp_path / "grub", medium_id=MEDIUM_ID)
     with pytest.raises(MbrescueError, match="missing"):
-        iso.write_iso(tmp_path / "x.iso", grub=images, kernel=tmp_path / "nope",
-                      base_initrd=tmp_path / "nope", payload=tmp_path / "nope", grub_cfg="",
-                      volume_label="x", medium_id=MEDIUM_ID)
+        iso.write_iso(
+            tmp_path / "x.iso",
+            grub=images,
+            kernel=tmp_path / "nope",
+            base_initrd=tmp_path / "nope",
+            payload=tmp_path / "nope",
+            grub_cfg="",
+            volume_label="x",
+            medium_id=MEDIUM_ID,
+        )
     assert not (tmp_path / "x.iso").exists()
 
 
@@ -191,8 +255,13 @@ BOOT_MODES = {
 }
 
 
-def _boot_to_marker(image: Path, firmware: str, interface: str, log_path: Path,
-                    extra_disks: list[Disk] | None = None) -> tuple[str, float]:
+def _boot_to_marker(
+    image: Path,
+    firmware: str,
+    interface: str,
+    log_path: Path,
+    extra_disks: list[Disk] | None = None,
+) -> tuple[str, float]:
     disks = [Disk(image, interface=interface, readonly=True), *(extra_disks or [])]
     with Vm(VmConfig(firmware=firmware, disks=disks), log_path) as vm:
         vm.expect(r"default is the restore", timeout=120)
@@ -208,13 +277,13 @@ def test_boots(built: iso.IsoReport, mode: str, tmp_path: Path) -> None:
     cmdline, seconds = _boot_to_marker(built.path, firmware, interface, tmp_path / "serial.log")
     print(f"{mode}: marker after {seconds:.1f} s")
     # The default entry is the restore on the screen: serial first, tty0 last.
-    assert cmdline.endswith(
-        f"console=ttyS0,115200n8 console=tty0 mbrescue.medium={MEDIUM_ID}"), cmdline
+    assert cmdline.endswith(f"console=ttyS0,115200n8 console=tty0 mbrescue.medium={MEDIUM_ID}"), (
+        cmdline
+    )
 
 
 @pytest.mark.qemu
-def test_uefi_usb_boots_through_gpt_without_el_torito(built: iso.IsoReport,
-                                                       tmp_path: Path) -> None:
+def test_uefi_usb_boots_through_gpt_without_el_torito(built: iso.IsoReport, tmp_path: Path) -> None:
     # OVMF boots the El Torito EFI entry even from a disk, which would hide a broken GPT:
     # wipe that entry in a copy so only the GPT's ESP is left.
     copy = tmp_path / "no-efi-eltorito.iso"
@@ -244,8 +313,7 @@ def _local_efi_binary(work: Path) -> Path:
     config = work / "esp.cfg"
     config.write_text(f'echo "{LOCAL_ESP_MARKER}"\n')
     image = work / "BOOTX64.EFI"
-    run(["grub-mkimage", "-O", "x86_64-efi", "-p", "/nowhere", "-c", config, "-o", image,
-         "echo"])
+    run(["grub-mkimage", "-O", "x86_64-efi", "-p", "/nowhere", "-c", config, "-o", image, "echo"])
     return image
 
 
@@ -268,15 +336,31 @@ def healthy_disks(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     with open(disk, "wb") as stream:
         stream.truncate(40 << 20)
     esp_start, esp_sectors, boot_start = 2048, 16384, 18432
-    table = (f"label: gpt\nstart={esp_start}, size={esp_sectors}, type=U\n"
-             f"start={boot_start}, type=L\n")
+    table = (
+        f"label: gpt\nstart={esp_start}, size={esp_sectors}, type=U\nstart={boot_start}, type=L\n"
+    )
     run(["sfdisk", "-q", disk], input_bytes=table.encode())
     run(["mkfs.vfat", "--offset", str(esp_start), disk, str(esp_sectors // 2)])
     esp = f"{disk}@@{esp_start * 512}"
     run(["mmd", "-i", esp, "::EFI", "::EFI/BOOT"])
     run(["mcopy", "-i", esp, _local_efi_binary(work), "::EFI/BOOT/BOOTX64.EFI"])
-    run(["mke2fs", "-q", "-t", "ext4", "-E", f"offset={boot_start * 512}", "-U", BOOT_FS_UUID,
-         "-d", root, "-F", disk, "10M"])
+    run(
+        [
+            "mke2fs",
+            "-q",
+            "-t",
+            "ext4",
+            "-E",
+            f"offset={boot_start * 512}",
+            "-U",
+            BOOT_FS_UUID,
+            "-d",
+            root,
+            "-F",
+            disk,
+            "10M",
+        ]
+    )
     code = MBR_PRINT_CODE + f"{LOCAL_MBR_MARKER}\r\n".encode() + b"\0"
     with open(disk, "r+b") as stream:
         stream.write(code)  # before the partition table at 446, which stays
@@ -293,14 +377,17 @@ HEALTHY_CASES = {
 
 @pytest.mark.qemu
 @pytest.mark.parametrize("case", list(HEALTHY_CASES))
-def test_healthy_disk_boots_locally(built: iso.IsoReport, healthy_disks: dict[str, Path],
-                                    case: str, tmp_path: Path) -> None:
+def test_healthy_disk_boots_locally(
+    built: iso.IsoReport, healthy_disks: dict[str, Path], case: str, tmp_path: Path
+) -> None:
     firmware, which, marker = HEALTHY_CASES[case]
     disk = tmp_path / "disk.img"
     shutil.copyfile(healthy_disks[which], disk)
     before = disk.read_bytes()
-    disks = [Disk(built.path, interface="cdrom", readonly=True),
-             Disk(disk, interface="virtio", bootindex=1)]
+    disks = [
+        Disk(built.path, interface="cdrom", readonly=True),
+        Disk(disk, interface="virtio", bootindex=1),
+    ]
     with Vm(VmConfig(firmware=firmware, disks=disks), tmp_path / "serial.log") as vm:
         vm.expect(r"default is to boot the local disk", timeout=120)
         vm.expect(marker, timeout=60)
@@ -311,9 +398,10 @@ def test_healthy_disk_boots_locally(built: iso.IsoReport, healthy_disks: dict[st
 
 # --- reproducibility (last: the first build is then long enough ago) ----------------------------
 
-def test_two_builds_identical(built: iso.IsoReport, tmp_path: Path) -> None:
+
+def test_two_builds_identical(built: iso.IsoReport, capture_file: Path, tmp_path: Path) -> None:
     # Rebuild the GRUB images too, not just take them from the cache.
     shutil.rmtree(cache_dir() / "grub" / grub._cache_key(MEDIUM_ID), ignore_errors=True)
     time.sleep(max(0.0, 2.5 - (time.monotonic() - _built_at[0])))
-    again = build_iso(tmp_path, tmp_path / "again.iso", **TEST_TIMEOUTS)
+    again = build_iso(tmp_path, tmp_path / "again.iso", capture_file, **TEST_TIMEOUTS)
     assert again.path.read_bytes() == built.path.read_bytes()
