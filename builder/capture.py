@@ -74,7 +74,7 @@ def check_source(source: Path) -> None:
     except FileNotFoundError as exc:
         raise MbrescueError(f"{source}: no such file or device") from exc
     except OSError as exc:
-        raise MbrescueError(f"{source}: {exc.strerror.lower()}") from exc
+        raise MbrescueError(f"{source}: {(exc.strerror or str(exc)).lower()}") from exc
     if stat.S_ISDIR(st.st_mode):
         raise MbrescueError(f"{source} is a directory, not a disk or disk image")
     if not os.access(source, os.R_OK):
@@ -354,6 +354,7 @@ def capture(options: CaptureOptions) -> CaptureResult:
                         f"{boot_mount.mountpoint} changed while it was read (attempt {attempt})"
                     )
                 else:
+                    assert boot_mount is not None  # the loop only repeats for a mounted /boot
                     raise MbrescueError(
                         f"{boot_mount.mountpoint} kept changing while it was read "
                         f"({UNFROZEN_READ_ATTEMPTS} attempts)",
@@ -454,6 +455,17 @@ def capture(options: CaptureOptions) -> CaptureResult:
         tmp.unlink(missing_ok=True)
         raise
     return CaptureResult(output, manifest)
+
+
+def check_capture(path: Path) -> str:
+    """Open a capture and check all its checksums; a one-line summary or MbrescueError."""
+    capture = capfile.Capture.open(os.fspath(path))
+    capture.verify()
+    region = capture.manifest["region"]
+    return (
+        f"{capture.manifest['hostname']}, region {log.human_bytes(region['length_bytes'])} "
+        f"sha256 {region['sha256'][:16]}… verified"
+    )
 
 
 def _fs_json(partition: Partition) -> dict | None:

@@ -85,6 +85,117 @@ def inspect_command(
         print(describe(capture))
 
 
+@app.command("restore")
+def restore_command(
+    capture: Annotated[Path, typer.Argument(help="A capture file.")],
+    target: Annotated[Path, typer.Argument(help="Disk (block device) or image file to write.")],
+    yes: Annotated[
+        bool,
+        typer.Option("--yes", help="Do not ask; for scripts. DANGEROUS: TARGET is overwritten."),
+    ] = False,
+    sector_bytes: Annotated[
+        int | None,
+        typer.Option("--sector-size", help="Logical sector size of an image TARGET [512]."),
+    ] = None,
+) -> None:
+    """Write a capture's boot region onto TARGET, after showing the plan and a typed yes."""
+    from .runner.console import Console
+    from .runner.restore import restore
+
+    console = Console.stdio()
+    try:
+        status = restore(
+            str(capture), str(target), console=console, assume_yes=yes, sector_bytes=sector_bytes
+        )
+    finally:
+        console.close()
+    raise typer.Exit(status)
+
+
+@app.command("build")
+def build_command(
+    captures: Annotated[list[Path], typer.Argument(help="One or more capture files.")],
+    output: Annotated[
+        Path | None,
+        typer.Option(
+            "-o", "--output", help="ISO file (one capture) or directory [./HOST-rescue.iso]."
+        ),
+    ] = None,
+    jobs: Annotated[int, typer.Option("-j", "--jobs", min=1, help="ISOs built at once.")] = 1,
+    allow_unattended: Annotated[
+        bool,
+        typer.Option(
+            "--allow-unattended",
+            help="Let mbrescue.unattended=1 on the kernel command line restore without asking "
+            "when the target is unambiguous. DANGEROUS: for fleets only.",
+        ),
+    ] = False,
+) -> None:
+    """Build a BIOS/UEFI, CD/USB bootable rescue ISO for each capture."""
+    from .build import BuildOptions, build, summary
+
+    reports = build(
+        BuildOptions(
+            captures=tuple(captures), output=output, jobs=jobs, unattended_allowed=allow_unattended
+        )
+    )
+    for report in reports:
+        log.info(summary(report))
+
+
+@app.command("verify")
+def verify_command(
+    iso: Annotated[Path, typer.Argument(help="A rescue ISO built by mbrescue build.")],
+    boot: Annotated[
+        bool,
+        typer.Option(
+            "--boot", help="Also boot it in QEMU (BIOS and UEFI) and restore a scratch disk."
+        ),
+    ] = False,
+) -> None:
+    """Check a rescue ISO; with --boot, prove in QEMU that it restores a bootable disk."""
+    from .verify import format_checks, verify_iso
+
+    if not iso.is_file():
+        raise MbrescueError(f"{iso}: no such ISO file")
+    checks = verify_iso(iso)
+    print(format_checks(checks))
+    failed = [check.name for check in checks if not check.ok]
+    if not failed and boot:
+        from .bootcheck import verify_boot
+
+        for result in verify_boot(iso):
+            verdict = "PASS" if result.ok else "FAIL"
+            prompt = (
+                f", prompt after {result.seconds_to_prompt:.0f} s"
+                if result.seconds_to_prompt
+                else ""
+            )
+            print(
+                f"{verdict}  boot {result.firmware.upper():<4} {result.seconds:5.0f} s{prompt}: {result.detail}"
+            )
+            if not result.ok:
+                failed.append(f"boot {result.firmware}")
+    if failed:
+        raise MbrescueError(f"{iso} failed: {', '.join(failed)}")
+
+
+@app.command("burn")
+def burn_command(
+    iso: Annotated[Path, typer.Argument(help="A rescue ISO.")],
+    device: Annotated[
+        Path, typer.Argument(help="USB stick (/dev/sdX), CD/DVD writer (/dev/sr0) or a file.")
+    ],
+    yes: Annotated[
+        bool, typer.Option("--yes", help="Do not ask. DANGEROUS: DEVICE is overwritten.")
+    ] = False,
+) -> None:
+    """Write a rescue ISO to a USB stick (byte for byte, read back) or burn it to a CD."""
+    from .burn import BurnOptions, burn
+
+    log.info(burn(BurnOptions(iso=iso, device=device, assume_yes=yes)))
+
+
 def main() -> None:
     try:
         app(standalone_mode=False)

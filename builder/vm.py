@@ -179,7 +179,7 @@ class Vm:
         sink = open(self.log_path, "ab") if self.log_path else None
         try:
             while True:
-                chunk = self._proc.stdout.read1(4096)
+                chunk = os.read(self._proc.stdout.fileno(), 4096)
                 if not chunk:
                     break
                 if sink:

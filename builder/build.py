@@ -1,0 +1,135 @@
+"""`mbrescue build`: one hybrid rescue ISO per capture.
+
+The host-independent parts (kit, base initramfs, GRUB images' inputs) come from
+caches keyed by their inputs, so a per-host build only makes the small payload
+member, the GRUB images for its medium id, and the ISO. Several captures build in
+parallel (`--jobs`), after the shared parts were made once.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+from . import log
+from .errors import MbrescueError
+from .grub import make_grub_images, render_grub_cfg
+from .initramfs import make_base_initramfs, make_payload_initramfs
+from .iso import IsoReport, iso_volume_label, new_medium_id, write_iso
+from .kit import Kit, ensure_kit
+from .run import require_tools
+from .runner.capfile import Capture
+
+PACKAGE_DIR = Path(__file__).resolve().parent
+RUNNER_DIR = PACKAGE_DIR / "runner"
+OVERLAYS_DIR = PACKAGE_DIR.parent / "overlays"
+
+
+@dataclass(frozen=True)
+class BuildOptions:
+    captures: tuple[Path, ...]
+    output: Path | None = None  # a file (one capture) or a directory
+    jobs: int = 1
+    unattended_allowed: bool = False
+
+
+@dataclass(frozen=True)
+class SharedParts:
+    kit: Kit
+    base_initrd: Path
+
+
+def check_capture(path: Path) -> Capture:
+    """Open and fully verify a capture: a corrupt one is refused before anything is written."""
+    capture = Capture.open(os.fspath(path))
+    capture.verify()
+    return capture
+
+
+def output_path(options: BuildOptions, capture: Capture) -> Path:
+    name = f"{capture.manifest['hostname']}-rescue.iso"
+    if options.output is None:
+        return Path.cwd() / name
+    if options.output.is_dir() or len(options.captures) > 1:
+        return options.output / name
+    return options.output
+
+
+def prepare_shared() -> SharedParts:
+    require_tools("grub-mkimage", "mkfs.vfat", "mcopy", "zstd", "dpkg-deb")
+    kit = ensure_kit()
+    base = make_base_initramfs(kit, RUNNER_DIR, OVERLAYS_DIR)
+    return SharedParts(kit, base)
+
+
+def build_one(
+    capture_path: Path, capture: Capture, options: BuildOptions, shared: SharedParts
+) -> IsoReport:
+    manifest = capture.manifest
+    out = output_path(options, capture)
+    if not out.parent.is_dir():
+        raise MbrescueError(f"cannot write {out}: {out.parent} is not a directory")
+    boot_fs = manifest.get("boot_fs") or {}
+    if not boot_fs.get("uuid"):
+        raise MbrescueError(
+            f"{capture_path}: the captured /boot has no file system UUID to look for at boot"
+        )
+    # The medium id names this ISO (GRUB's search skips it, the runner never writes to it):
+    # derived from the inputs, so a rebuild of the same capture is byte-identical.
+    medium_id = new_medium_id(
+        manifest["region"]["sha256"], manifest["created"], shared.base_initrd.name
+    )
+    with tempfile.TemporaryDirectory(prefix="mbrescue-build-") as tmp:
+        work = Path(tmp)
+        options_json = json.dumps({"unattended_allowed": options.unattended_allowed}).encode()
+        payload = make_payload_initramfs(
+            capture_path, work / "payload.img", extra={"options.json": options_json}
+        )
+        grub = make_grub_images(work, medium_id=medium_id)
+        grub_cfg = render_grub_cfg(
+            host=manifest["hostname"],
+            captured_at=manifest["created"],
+            region_size=log.human_bytes(manifest["region"]["length_bytes"]),
+            boot_fs_uuid=boot_fs["uuid"],
+            medium_id=medium_id,
+        )
+        return write_iso(
+            out,
+            grub=grub,
+            kernel=shared.kit.kernel,
+            base_initrd=shared.base_initrd,
+            payload=payload,
+            grub_cfg=grub_cfg,
+            # Joliet stores the label in UTF-16: 16 characters at most.
+            volume_label=iso_volume_label(manifest["hostname"])[:16],
+            medium_id=medium_id,
+        )
+
+
+def build(options: BuildOptions) -> list[IsoReport]:
+    if not options.captures:
+        raise MbrescueError("no capture given")
+    # Every capture is checked before the first ISO is written.
+    captures = [(path, check_capture(path)) for path in options.captures]
+    names = [output_path(options, capture) for _, capture in captures]
+    if len(set(names)) != len(names):
+        raise MbrescueError(
+            "two captures are for the same host name; build them into different directories"
+        )
+    shared = prepare_shared()
+    with ThreadPoolExecutor(max(1, options.jobs)) as pool:
+        futures = [
+            pool.submit(build_one, path, capture, options, shared) for path, capture in captures
+        ]
+        return [future.result() for future in futures]
+
+
+def summary(report: IsoReport) -> str:
+    return (
+        f"{report.path}: {log.human_bytes(report.size_bytes)} in {report.seconds:.1f} s; "
+        f"boots {', '.join(report.boots)}"
+    )
