@@ -53,6 +53,10 @@ LIBRARY_PATH = "/lib/x86_64-linux-gnu"
 WAIT_LIMIT_S = 15
 STABLE_S = 2
 TICKS_PER_S = 4
+# Console log level once the drivers are loaded: KERN_WARNING and more urgent.
+CONSOLE_LOGLEVEL = 5
+# Base images kept in the cache (the newest used); older ones are removed.
+KEEP_BASES = 6
 
 # zstd -19 against -10: about 0.5 MiB smaller for some 20 s more on one core, once per
 # kit and runner change (the base is cached). Fixed thread count: same bytes everywhere.
@@ -138,6 +142,7 @@ def render_init(kit: Kit) -> str:
         ticks_per_s=TICKS_PER_S,
         stable_ticks=STABLE_S * TICKS_PER_S,
         tick_us=1_000_000 // TICKS_PER_S,
+        console_loglevel=CONSOLE_LOGLEVEL,
         python=PYTHON_PATH,
         capture_path=CAPTURE_PATH,
         runner_line=runner_command(),
@@ -423,6 +428,7 @@ def make_base_initramfs(kit: Kit, runner_dir: Path, overlays_dir: Path,
     out = directory / f"base-{key}.img"
     if out.exists():
         log.debug(f"base initramfs from the cache: {out}")
+        os.utime(out)  # recently used: kept by _prune
         return out
     log.info("building the rescue system's base initramfs (once per kit and runner)")
     stdlib_files = discover_stdlib(kit, runner_dir)
@@ -446,7 +452,17 @@ def make_base_initramfs(kit: Kit, runner_dir: Path, overlays_dir: Path,
         os.replace(packed, out)
     log.info(f"base initramfs: {log.human_bytes(record.compressed_bytes)} "
              f"({log.human_bytes(uncompressed)} unpacked)")
+    if out_dir is None:
+        _prune(directory)
     return out
+
+
+def _prune(directory: Path) -> None:
+    """Keep the cache from growing with every runner edit: drop the least recently used."""
+    bases = sorted(directory.glob("base-*.img"), key=lambda path: path.stat().st_mtime)
+    for old in bases[:-KEEP_BASES]:
+        old.unlink(missing_ok=True)
+        old.with_suffix(".json").unlink(missing_ok=True)
 
 
 def base_record(base: Path) -> BaseRecord:

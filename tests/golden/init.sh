@@ -33,9 +33,12 @@ mount -t tmpfs -o nosuid,nodev,mode=1777 tmpfs /tmp
 ln -sf /proc/self/fd /dev/fd
 
 shell_requested=0
+loglevel_chosen=0
 wait_limit_s=15
 for word in $(cat /proc/cmdline); do
     case "$word" in
+        quiet|debug|loglevel=*)
+            loglevel_chosen=1 ;;
         mbrescue.shell=1|mbrescue.shell=yes|mbrescue.shell=true|mbrescue.shell=on)
             shell_requested=1 ;;
         mbrescue.wait=*)
@@ -75,6 +78,10 @@ load hv_vmbus kernel/drivers/hv/hv_vmbus.ko
 load hv_storvsc kernel/drivers/scsi/hv_storvsc.ko hv_vmbus
 failed="${failed# }"
 say "kernel 6.1.0-99-amd64: $loaded disk drivers loaded${failed:+ (not for this machine: ${failed% })}"
+
+# Kernel chatter (a USB stick plugged in) would tear the runner's plan and prompt apart
+# on the console; errors and warnings still show. An explicit quiet/loglevel= wins.
+[ "$loglevel_chosen" = 1 ] || dmesg -n 5
 
 if [ "$shell_requested" = 1 ]; then
     rescue_shell ""
