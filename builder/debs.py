@@ -69,24 +69,53 @@ def _load_index() -> dict[str, dict[str, str]]:
 def _save_index(index: dict[str, dict[str, str]]) -> None:
     path = _index_path()
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
+    # A name of its own per writer: several builds may update the index at once.
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     tmp.write_text(json.dumps(index, indent=1, sort_keys=True))
     tmp.replace(path)
 
 
-def _candidate(name: str) -> dict[str, str] | None:
-    """The archive's record for the candidate version, or None when apt does not know it."""
-    try:
-        text = output(["apt-cache", "show", "--no-all-versions", name])
-    except MbrescueError:
-        return None
+# Candidate records already read in this process (`prefetch` reads many in one go).
+_candidates: dict[str, dict[str, str]] = {}
+
+
+def _parse_record(text: str) -> dict[str, str]:
     fields: dict[str, str] = {}
     for line in text.splitlines():
         if not line or line[0].isspace() or ":" not in line:
             continue
         key, _, value = line.partition(":")
         fields.setdefault(key, value.strip())
+    return fields
+
+
+def _candidate(name: str) -> dict[str, str] | None:
+    """The archive's record for the candidate version, or None when apt does not know it."""
+    if name in _candidates:
+        return _candidates[name]
+    try:
+        text = output(["apt-cache", "show", "--no-all-versions", name])
+    except MbrescueError:
+        return None
+    fields = _parse_record(text)
     return fields if "Version" in fields else None
+
+
+def prefetch(names: list[str]) -> None:
+    """Read the candidate records of many packages with one `apt-cache` run.
+
+    Each run reads apt's whole package lists (about half a second), so a kit of a
+    dozen packages saves seconds. A name apt does not know makes the batch fail;
+    then nothing is remembered and each package is looked up (and reported) alone.
+    """
+    try:
+        text = output(["apt-cache", "show", "--no-all-versions", *names])
+    except MbrescueError:
+        return
+    for record in text.split("\n\n"):
+        fields = _parse_record(record)
+        if "Package" in fields and "Version" in fields:
+            _candidates.setdefault(fields["Package"], fields)
 
 
 def depends_of(name: str) -> list[str]:

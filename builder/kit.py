@@ -310,7 +310,9 @@ def ensure_kit() -> Kit:
 
     Memoized per process: checking every .deb against the archive takes seconds.
     """
+    debs.prefetch(["linux-image-amd64", "busybox-static", *PYTHON_PACKAGES, *LIBRARY_PACKAGES])
     kernel_package = debs.kernel_package()
+    debs.prefetch([kernel_package])
     fetched: dict[str, tuple[debs.Deb, Path]] = {}
     for name in (kernel_package, "busybox-static", *PYTHON_PACKAGES, *LIBRARY_PACKAGES):
         fetched[name] = debs.fetch_extracted(name)
