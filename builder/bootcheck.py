@@ -29,8 +29,11 @@ ESP_GUID = "c12a7328-f81f-11d2-ba4b-00a0c93ec93b"
 PROMPT = r"Type yes to write"
 COMPLETE = r"mbrescue: restore complete"
 FAILED = r"mbrescue: error: [^\r\n]*"
-# What a restored disk prints first: GRUB (its menu or its messages) or a Linux kernel.
+# What a restored disk prints first: GRUB (its menu or its messages) or a Linux kernel;
+# then, if the host's kernel talks to the serial console, how far it got.
 DISK_BOOTED = r"GNU GRUB|Welcome to GRUB|Booting `|Linux version|MBRESCUE-FIXTURE-\w+-BOOTED"
+KERNEL_STARTED = r"Linux version [^\r\n]*|Run /init[^\r\n]*|MBRESCUE-FIXTURE-\w+-BOOTED"
+KERNEL_TIMEOUT_S = 120.0
 RESTORE_TIMEOUT_S = 900.0
 DISK_BOOT_TIMEOUT_S = 240.0
 MEMORY_MIB = 1024
@@ -122,6 +125,10 @@ def boot_check(
             serial_log,
         ) as vm:
             seen = vm.expect(DISK_BOOTED, timeout=DISK_BOOT_TIMEOUT_S).group(0)
+            try:
+                seen += f", then {vm.expect(KERNEL_STARTED, timeout=KERNEL_TIMEOUT_S).group(0)!r}"
+            except VmTimeout:
+                seen += " (its kernel printed nothing on the serial console)"
     except VmTimeout:
         return BootResult(
             firmware,
