@@ -124,7 +124,7 @@ def boot_check(
             ),
             serial_log,
         ) as vm:
-            seen = vm.expect(DISK_BOOTED, timeout=DISK_BOOT_TIMEOUT_S).group(0)
+            seen = repr(vm.expect(DISK_BOOTED, timeout=DISK_BOOT_TIMEOUT_S).group(0))
             try:
                 seen += f", then {vm.expect(KERNEL_STARTED, timeout=KERNEL_TIMEOUT_S).group(0)!r}"
             except VmTimeout:
@@ -144,7 +144,7 @@ def boot_check(
         True,
         to_prompt,
         time.monotonic() - started,
-        f"restored disk reached its boot loader under {boot_firmware}: {seen!r}",
+        f"restored disk reached its boot loader under {boot_firmware}: {seen}",
     )
 
 
