@@ -479,3 +479,90 @@ def read_until(master: int, needle: bytes, timeout: float = 60) -> bytes:
         if ready:
             seen += os.read(master, 65536)
     return seen
+
+
+# -- the real rescue system: kernel + base + payload initramfs in QEMU ---------------------------
+
+
+@pytest.fixture(scope="module")
+def rescue_initrd(captures, tmp_path_factory) -> tuple[Path, Path]:
+    """(kernel, initrd): the kit's kernel, the base initramfs with this runner, fixture A's
+    capture as the payload, concatenated as GRUB hands them over."""
+    from builder.initramfs import make_base_initramfs, make_payload_initramfs
+    from builder.kit import ensure_kit
+
+    kit = ensure_kit()
+    base = make_base_initramfs(kit, ROOT / "builder" / "runner", ROOT / "overlays")
+    folder = tmp_path_factory.mktemp("rescue")
+    payload = make_payload_initramfs(captures["A"], folder / "payload.img")
+    initrd = folder / "initrd.img"
+    initrd.write_bytes(base.read_bytes() + payload.read_bytes())
+    return kit.kernel, initrd
+
+
+def rescue_vm(rescue_initrd, disks, append: str, log: Path):
+    from builder.vm import Vm, VmConfig
+
+    kernel, initrd = rescue_initrd
+    config = VmConfig(kernel=kernel, initrd=initrd, append=f"console=ttyS0 {append}",
+                      disks=disks, memory_mib=1024)
+    return Vm(config, log)
+
+
+@pytest.mark.qemu
+def test_rescue_system_restores_a_blank_disk(fixtures, rescue_initrd, tmp_path):
+    """Boot the rescue system with one blank disk: plan on the serial console, `yes` typed
+    there, `restore complete`; then the restored disk boots to fixture A's marker."""
+    from builder.vm import Disk
+
+    fx = fixtures["A"]
+    target = make_target(tmp_path / "blank.img", fx.path.stat().st_size)
+    with rescue_vm(rescue_initrd, [Disk(target, serial="BLANK0001")], "",
+                   tmp_path / "serial.log") as vm:
+        vm.expect(r"Target /dev/vda: .*serial BLANK0001", 300)
+        vm.expect(r"Will recreate: swap partition 2: label SWAP-sda2", 30)
+        vm.expect(r"Type yes to write /dev/vda", 30)
+        prompt_s = vm.elapsed()
+        vm.send("yes\n")
+        vm.expect(r"mbrescue: restore complete", 300)
+        vm.expect(r"press Enter to reboot", 60)
+        vm.send("\n")
+        vm.wait_exit(60)
+        print(f"QEMU start -> confirmation prompt: {prompt_s:.1f} s (TCG)")
+    assert "Traceback" not in vm.output and "mbrescue: error:" not in vm.output
+    assert differing_sectors(fx.path, target, fx.region_end_sectors * SECTOR) == set()
+    boot_to_marker(target, fx, timeout=240)
+
+
+@pytest.mark.qemu
+def test_rescue_system_asks_which_disk_and_skips_the_medium(fixtures, rescue_initrd, tmp_path):
+    """Three disks: the boot medium (an ISO9660 volume naming the medium id) and two blank
+    ones. The medium is never offered; the choice is asked; `no` writes nothing."""
+    from builder.vm import Disk
+
+    fx = fixtures["A"]
+    medium = make_target(tmp_path / "medium.img", 64 * MiB)
+    pvd = bytearray(2048)
+    pvd[0], pvd[1:6], pvd[6] = 1, b"CD001", 1
+    pvd[190:318] = b"MBRESCUE TESTMEDIUM42".ljust(128)
+    with open(medium, "r+b") as stream:
+        stream.seek(16 * 2048)
+        stream.write(pvd)
+    blanks = [make_target(tmp_path / f"blank{i}.img", fx.path.stat().st_size) for i in (1, 2)]
+    disks = [Disk(medium, serial="MEDIUM"), *(Disk(b, serial=f"BLANK{i}") for i, b in
+                                              enumerate(blanks, 1))]
+    with rescue_vm(rescue_initrd, disks, "mbrescue.medium=testmedium42",
+                   tmp_path / "serial.log") as vm:
+        vm.expect(r"not offered: /dev/vda: it is the medium the rescue system booted from", 300)
+        listing = vm.expect(r"(?s)Disks that can take the region:(.*?)Restore onto which disk\?",
+                            60).group(1)
+        assert "/dev/vdb" in listing and "/dev/vdc" in listing and "/dev/vda" not in listing
+        vm.send("2\n")
+        vm.expect(r"Target /dev/vdc: .*serial BLANK2", 60)
+        vm.expect(r"Type yes to write /dev/vdc", 30)
+        vm.send("no\n")
+        vm.expect(r"mbrescue: error: aborted, nothing written", 60)
+    for blank in blanks:
+        assert sha256_of(blank) == sha256_of(blanks[0])
+    with open(blanks[1], "rb") as stream:
+        assert stream.read(1 << 20) == bytes(1 << 20)

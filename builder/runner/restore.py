@@ -779,7 +779,7 @@ def execute(capture: Capture, plan: Plan, console: Console) -> Stats:
 def _choose(console: Console, offered: list[Candidate]) -> Candidate:
     console.say("Disks that can take the region:")
     for index, candidate in enumerate(offered, 1):
-        console.say(f"  {index}) {disk_title(candidate.disk)} — {candidate.why}")
+        console.say(f"  {index}) {disk_title(candidate.disk)} - {candidate.why}")
     while True:
         answer = console.ask(f"Restore onto which disk? Type its number (1..{len(offered)}), "
                              "or q to quit: ")

@@ -45,7 +45,8 @@ def is_medium(disk: DiskInfo, medium_id: str | None) -> bool:
     if medium_id.startswith("/dev/") and os.path.exists(medium_id) and os.path.exists(disk.path):
         if os.path.realpath(medium_id) == os.path.realpath(disk.path):
             return True
-    return any(medium_id in volume_id for volume_id in iso_volume_ids(disk.path))
+    # ISO9660 d-characters are upper case; a writer may have folded the id.
+    return any(medium_id.upper() in volume_id.upper() for volume_id in iso_volume_ids(disk.path))
 
 
 def matches(disk: DiskInfo, wanted: str) -> bool:
