@@ -163,7 +163,7 @@ def test_asks_which_disk_and_never_offers_the_medium(fixtures, rescue, tmp_path)
     with rescue_vm(rescue("A"), disks, tmp_path / "serial.log", "mbrescue.medium=MEDIUMDISK") as vm:
         vm.expect(r"not offered: /dev/vda: it is the medium the rescue system booted from",
                   PROMPT_TIMEOUT_S)
-        listing = vm.expect(r"Disks that can take the region:(.*?)Restore onto which disk\? "
+        listing = vm.expect(r"(?s)Disks that can take the region:(.*?)Restore onto which disk\? "
                             r"Type its number \(1\.\.2\)", STEP_TIMEOUT_S).group(1)
         numbers = disk_listing(listing)
         assert set(numbers) == {"TARGETONE", "TARGETTWO"}, listing
