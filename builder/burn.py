@@ -47,6 +47,8 @@ def _confirm(question: str, assume_yes: bool) -> None:
         return
     print(question, end="", file=sys.stderr, flush=True)
     answer = sys.stdin.readline().strip()
+    if not sys.stdin.isatty():
+        print(file=sys.stderr)  # the answer was not echoed: end the prompt's line
     if answer != "yes":
         raise MbrescueError("aborted, nothing written")
 
