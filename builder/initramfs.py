@@ -23,6 +23,7 @@ import json
 import os
 import shlex
 import stat
+import sys
 import tempfile
 import warnings
 from collections.abc import Mapping
@@ -100,8 +101,11 @@ class BaseRecord:
     """What went into a base initramfs, written beside it as JSON."""
 
     path: Path
-    compressed_bytes: int
+    compressed_bytes: int  # the file's length, padding included
     uncompressed_bytes: int
+    # Zero bytes after the zstd frame, for the 4-byte alignment the kernel wants; the
+    # zstd tool itself calls them an unknown header, so strip them before `zstd -t`.
+    padding_bytes: int
     packages: dict[str, str]
     stdlib_files: list[str]
 
@@ -411,11 +415,11 @@ def _stage_python(kit: Kit, runner_dir: Path, staging: Path, stdlib_files: list[
             path.chmod(0o644)
 
 
-def _pad4(path: Path) -> None:
-    size = path.stat().st_size
-    if size % 4:
-        with open(path, "ab") as stream:
-            stream.write(b"\0" * (4 - size % 4))
+def _pad4(path: Path) -> int:
+    padding = -path.stat().st_size % 4
+    with open(path, "ab") as stream:
+        stream.write(b"\0" * padding)
+    return padding
 
 
 def make_base_initramfs(kit: Kit, runner_dir: Path, overlays_dir: Path,
@@ -442,9 +446,9 @@ def make_base_initramfs(kit: Kit, runner_dir: Path, overlays_dir: Path,
         packed = Path(tmp) / "base.img"
         run(["zstd", "-q", *ZSTD_ARGS, "--no-progress", "-o", packed, raw])
         # The kernel looks for the next archive at a 4-byte boundary.
-        _pad4(packed)
-        record = BaseRecord(out, packed.stat().st_size, uncompressed, dict(kit.packages),
-                            [str(path) for path in stdlib_files])
+        padding = _pad4(packed)
+        record = BaseRecord(out, packed.stat().st_size, uncompressed, padding,
+                            dict(kit.packages), [str(path) for path in stdlib_files])
         record_path = out.with_suffix(".json")
         record_json = {**record.__dict__, "path": str(out)}
         (Path(tmp) / "base.json").write_text(json.dumps(record_json, indent=1) + "\n")
@@ -498,3 +502,29 @@ def make_payload_initramfs(capture: Path, out: Path,
         tmp.unlink(missing_ok=True)
         raise
     return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m builder.initramfs`: (re)build the base by hand and print where it is."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m builder.initramfs", description=main.__doc__)
+    parser.add_argument("--runner", type=Path, default=PROJECT_ROOT / "builder" / "runner")
+    parser.add_argument("--overlays", type=Path, default=PROJECT_ROOT / "overlays")
+    parser.add_argument("--out-dir", type=Path, default=None,
+                        help="write here instead of the download cache")
+    args = parser.parse_args(argv)
+    try:
+        base = make_base_initramfs(kit_module.ensure_kit(), args.runner, args.overlays,
+                                   args.out_dir)
+    except MbrescueError as error:
+        print(f"mbrescue: error: {error}", file=sys.stderr)
+        return 1
+    record = base_record(base)
+    print(f"{base}\t{record.compressed_bytes} bytes compressed\t"
+          f"{record.uncompressed_bytes} bytes unpacked\t{len(record.stdlib_files)} stdlib files")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
