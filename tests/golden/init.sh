@@ -11,8 +11,40 @@ say() {
     echo "mbrescue: $*"
 }
 
+# The consoles the kernel has (serial and screen). Lines that matter go to all of
+# them, as the runner's own output does; without /proc only /dev/console is known.
+consoles() {
+    [ -r /proc/consoles ] || return 0
+    while read -r name _; do
+        [ -c "/dev/$name" ] && echo "$name"
+    done < /proc/consoles
+}
+
+announce() {
+    sent=0
+    for name in $(consoles); do
+        echo "mbrescue: $*" > "/dev/$name" && sent=1
+    done
+    [ "$sent" = 1 ] || say "$*"
+}
+
+wait_for_enter() {
+    names="$(consoles)"
+    if [ -z "$names" ]; then
+        read -r answer
+        return
+    fi
+    rm -f /run/mbrescue-enter
+    for name in $names; do
+        (read -r answer < "/dev/$name"; : > /run/mbrescue-enter) &
+    done
+    while [ ! -e /run/mbrescue-enter ]; do
+        usleep 200000
+    done
+}
+
 rescue_shell() {
-    [ -n "$1" ] && echo "mbrescue: error: $1"
+    [ -n "$1" ] && announce "error: $1"
     echo "mbrescue: starting a rescue shell (to run the restore again: PYTHONHASHSEED=0 PYTHONPATH=/opt/mbrescue python3 -m mbrescue_runner rescue /mbrescue/capture.mbrescue)"
     while true; do
         # cttyhack gives the shell the console's real tty, so Ctrl-C and job control work.
@@ -125,7 +157,7 @@ if [ "$status" != 0 ]; then
 fi
 
 sync
-echo "mbrescue: press Enter to reboot"
-read -r answer
+announce "press Enter to reboot"
+wait_for_enter
 reboot -f
 rescue_shell "reboot failed"
