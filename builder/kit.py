@@ -288,9 +288,15 @@ def _trimmed_modules(source: Path, version: str, selected: list[str], key: str) 
         # The rescue shell's `modprobe` (busybox) reads modules.dep and modules.alias.
         run(["depmod", "-b", work, version])
         (work / ".complete").write_text("\n".join(selected) + "\n")
-        if base.exists():
-            shutil.rmtree(base)
-        os.replace(work, base)
+        if base.exists() and not (base / ".complete").exists():
+            shutil.rmtree(base)  # left by an interrupted build
+        try:
+            os.replace(work, base)
+        except OSError:
+            # Another build finished the same tree first (a directory is not replaced).
+            if not (base / ".complete").exists():
+                raise
+            shutil.rmtree(work)
     except BaseException:
         shutil.rmtree(work, ignore_errors=True)
         raise
