@@ -18,8 +18,9 @@ OUT = Path(__file__).resolve().parent.parent / "out"
 
 
 def step(title: str, *args: str | os.PathLike[str]) -> None:
-    command = [sys.executable, "-m", "builder.cli", *map(os.fspath, args)]
-    print(f"\n== {title}\n$ mbrescue {' '.join(map(os.fspath, args))}", flush=True)
+    words = [os.fspath(arg) for arg in args]
+    command = [sys.executable, "-m", "builder.cli", *words]
+    print(f"\n== {title}\n$ mbrescue {' '.join(words)}", flush=True)
     started = time.monotonic()
     result = subprocess.run(command, stdin=subprocess.DEVNULL)
     if result.returncode != 0:
