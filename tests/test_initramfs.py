@@ -338,3 +338,27 @@ def test_real_runner_starts_and_refuses_garbage(kit: Kit, tmp_path: Path) -> Non
         assert vm.output.count("mbrescue: error:") >= 2, vm.output[-2000:]
         vm.send("reboot -f\n")
         vm.wait_exit(60)
+
+
+@pytest.mark.qemu
+def test_payload_too_big_for_ram_is_named(kit: Kit, standin_base: Path, tmp_path: Path) -> None:
+    # rootfs is a tmpfs capped at half of RAM: 150 MiB of payload cannot fit in 400 MiB.
+    capture = tmp_path / "capture.mbrescue"
+    with open(capture, "wb") as stream:
+        stream.write(os.urandom(1 << 20) * 150)
+    payload = make_payload_initramfs(capture, tmp_path / "payload.cpio")
+    initrd = tmp_path / "initrd.img"
+    with open(initrd, "wb") as stream:
+        stream.write(standin_base.read_bytes())
+        stream.write(payload.read_bytes())
+    capture.unlink()
+    payload.unlink()
+    config = VmConfig(kernel=kit.kernel, initrd=initrd, memory_mib=400,
+                      append="console=ttyS0 mbrescue.wait=1")
+    with Vm(config, tmp_path / "serial.log") as vm:
+        vm.expect(r"mbrescue: error: the kernel could not unpack the whole rescue system "
+                  r"\(too little RAM", BOOT_TIMEOUT_S)
+        vm.expect(r"mbrescue# ", 60)
+        assert "standin:" not in vm.output
+        vm.send("reboot -f\n")
+        vm.wait_exit(60)

@@ -147,6 +147,11 @@ done
 disks="$(list_disks | tr '\n' ' ')"
 say "disks: ${disks:-none found}"
 
+# A payload larger than RAM allows, or damaged on the medium, stops the kernel's unpacking
+# half-way; the runner would refuse the capture too, but this says why.
+unpack_error="$(dmesg | grep -m 1 'Initramfs unpacking failed')"
+[ -z "$unpack_error" ] || rescue_shell "the kernel could not unpack the whole rescue system \
+(too little RAM for the capture, or a damaged medium): ${unpack_error#*] }"
 [ -x /usr/bin/python3.11 ] || rescue_shell "/usr/bin/python3.11 is missing from the rescue system"
 [ -f /mbrescue/capture.mbrescue ] || rescue_shell "no capture in this rescue system (/mbrescue/capture.mbrescue is missing)"
 
