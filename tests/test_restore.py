@@ -566,3 +566,20 @@ def test_rescue_system_asks_which_disk_and_skips_the_medium(fixtures, rescue_ini
         assert sha256_of(blank) == sha256_of(blanks[0])
     with open(blanks[1], "rb") as stream:
         assert stream.read(1 << 20) == bytes(1 << 20)
+
+
+@pytest.mark.parametrize("size", [0, 1, 65535, 65536, 1 << 20, 3 * 65535 + 7])
+def test_stored_members_are_read_without_inflating(size):
+    """Stored gzip members are handed on as views; anything else is left to zlib."""
+    import zlib
+
+    data = os.urandom(size)
+    packer = zlib.compressobj(0, zlib.DEFLATED, 31)
+    stored = packer.compress(data) + packer.flush()
+    parts = runner.stored_blocks(stored)
+    assert parts is not None and b"".join(parts) == data
+    packer = zlib.compressobj(6, zlib.DEFLATED, 31)
+    assert runner.stored_blocks(packer.compress(b"a" * (size + 100)) + packer.flush()) is None
+    broken = bytearray(stored)
+    broken[-1] ^= 1  # the length in the trailer
+    assert runner.stored_blocks(bytes(broken)) is None
