@@ -20,6 +20,7 @@ import pytest
 from builder.capture import CaptureOptions, capture
 from builder.fixtures import Fixture, boot_to_marker
 from builder.runner import restore as runner
+from builder.runner import writer
 from builder.runner.capfile import Capture
 from builder.runner.cmdline import Switches
 from builder.runner.console import Console, Terminal
@@ -576,10 +577,10 @@ def test_stored_members_are_read_without_inflating(size):
     data = os.urandom(size)
     packer = zlib.compressobj(0, zlib.DEFLATED, 31)
     stored = packer.compress(data) + packer.flush()
-    parts = runner.stored_blocks(stored)
+    parts = writer.stored_blocks(stored)
     assert parts is not None and b"".join(parts) == data
     packer = zlib.compressobj(6, zlib.DEFLATED, 31)
-    assert runner.stored_blocks(packer.compress(b"a" * (size + 100)) + packer.flush()) is None
+    assert writer.stored_blocks(packer.compress(b"a" * (size + 100)) + packer.flush()) is None
     broken = bytearray(stored)
     broken[-1] ^= 1  # the length in the trailer
-    assert runner.stored_blocks(bytes(broken)) is None
+    assert writer.stored_blocks(bytes(broken)) is None
