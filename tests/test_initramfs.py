@@ -362,3 +362,30 @@ def test_payload_too_big_for_ram_is_named(kit: Kit, standin_base: Path, tmp_path
         assert "standin:" not in vm.output
         vm.send("reboot -f\n")
         vm.wait_exit(60)
+
+
+@pytest.mark.qemu
+def test_disks_on_every_controller_are_seen(kit: Kit, standin_base: Path, tmp_path: Path) -> None:
+    """virtio, NVMe, IDE (ata_piix), AHCI and USB (xhci + usb-storage, which probes late)."""
+    images = {}
+    for name in ("virtio", "nvme", "ide", "usb", "ahci"):
+        images[name] = tmp_path / f"{name}.img"
+        with open(images[name], "wb") as stream:
+            stream.truncate(16 << 20)
+    capture = tmp_path / "capture.mbrescue"
+    capture.write_bytes(b"a capture")
+    initrd = tmp_path / "initrd.img"
+    initrd.write_bytes(standin_base.read_bytes()
+                       + make_payload_initramfs(capture, tmp_path / "payload.cpio").read_bytes())
+    ahci = ["-device", "ahci,id=ahci0",
+            "-drive", f"file={images['ahci']},format=raw,if=none,id=ahcidisk",
+            "-device", "ide-hd,drive=ahcidisk,bus=ahci0.0"]
+    config = VmConfig(kernel=kit.kernel, initrd=initrd, append="console=ttyS0",
+                      memory_mib=512, extra=ahci,
+                      disks=[Disk(images[name], interface=name)
+                             for name in ("virtio", "nvme", "ide", "usb")])
+    with Vm(config, tmp_path / "serial.log") as vm:
+        disks = vm.expect(r"mbrescue: disks: ([^\r\n]*)\r?\n", BOOT_TIMEOUT_S).group(1).split()
+        vm.expect(r"standin: python", 60)
+    assert sorted(disks) == ["nvme0n1", "sda", "sdb", "sdc", "vda"], disks
+    assert "not for this machine: hv_vmbus hv_storvsc xen-blkfront" in vm.output
