@@ -535,40 +535,6 @@ def test_rescue_system_restores_a_blank_disk(fixtures, rescue_initrd, tmp_path):
     boot_to_marker(target, fx, timeout=240)
 
 
-@pytest.mark.qemu
-def test_rescue_system_asks_which_disk_and_skips_the_medium(fixtures, rescue_initrd, tmp_path):
-    """Three disks: the boot medium (an ISO9660 volume naming the medium id) and two blank
-    ones. The medium is never offered; the choice is asked; `no` writes nothing."""
-    from builder.vm import Disk
-
-    fx = fixtures["A"]
-    medium = make_target(tmp_path / "medium.img", 64 * MiB)
-    pvd = bytearray(2048)
-    pvd[0], pvd[1:6], pvd[6] = 1, b"CD001", 1
-    pvd[190:318] = b"MBRESCUE TESTMEDIUM42".ljust(128)
-    with open(medium, "r+b") as stream:
-        stream.seek(16 * 2048)
-        stream.write(pvd)
-    blanks = [make_target(tmp_path / f"blank{i}.img", fx.path.stat().st_size) for i in (1, 2)]
-    disks = [Disk(medium, serial="MEDIUM"), *(Disk(b, serial=f"BLANK{i}") for i, b in
-                                              enumerate(blanks, 1))]
-    with rescue_vm(rescue_initrd, disks, "mbrescue.medium=testmedium42",
-                   tmp_path / "serial.log") as vm:
-        vm.expect(r"not offered: /dev/vda: it is the medium the rescue system booted from", 300)
-        listing = vm.expect(r"(?s)Disks that can take the region:(.*?)Restore onto which disk\?",
-                            60).group(1)
-        assert "/dev/vdb" in listing and "/dev/vdc" in listing and "/dev/vda" not in listing
-        vm.send("2\n")
-        vm.expect(r"Target /dev/vdc: .*serial BLANK2", 60)
-        vm.expect(r"Type yes to write /dev/vdc", 30)
-        vm.send("no\n")
-        vm.expect(r"mbrescue: error: aborted, nothing written", 60)
-    for blank in blanks:
-        assert sha256_of(blank) == sha256_of(blanks[0])
-    with open(blanks[1], "rb") as stream:
-        assert stream.read(1 << 20) == bytes(1 << 20)
-
-
 @pytest.mark.parametrize("size", [0, 1, 65535, 65536, 1 << 20, 3 * 65535 + 7])
 def test_stored_members_are_read_without_inflating(size):
     """Stored gzip members are handed on as views; anything else is left to zlib."""
