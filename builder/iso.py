@@ -38,6 +38,7 @@ import pycdlib.pycdlib
 import pycdlib.utils
 
 from . import log
+from .debs import sha256_file
 from .errors import MbrescueError
 from .grub import GrubImages, medium_marker
 from .verify import CAPTURE_MEMBER, iter_newc
@@ -105,14 +106,6 @@ def iso_volume_label(text: str) -> str:
     """ISO9660 volume ids are d-characters (A-Z, 0-9, _), at most 32."""
     label = re.sub(r"[^A-Z0-9_]", "_", text.upper())[:32]
     return label or "MBRESCUE"
-
-
-def sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as stream:
-        while chunk := stream.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _iso_epoch() -> int:
@@ -352,7 +345,7 @@ def write_iso(
         if not path.is_file():
             raise MbrescueError(f"{path} is missing")
     label = iso_volume_label(volume_label)
-    payload_sha256 = sha256_of(payload)
+    payload_sha256 = sha256_file(payload)
     sums = f"{payload_sha256}  payload.img\n" + _capture_sum(payload)
     small_files = {
         "/boot/grub/grub.cfg": grub_cfg.encode(),

@@ -8,6 +8,11 @@ from __future__ import annotations
 import sys
 import time
 
+# One formatter for the builder and the runner (which must stay importable alone).
+from .runner.console import human_bytes
+
+__all__ = ["Progress", "debug", "human_bytes", "info"]
+
 _debug = False
 
 
@@ -27,14 +32,6 @@ def debug(message: str) -> None:
 
 def info(message: str) -> None:
     print(f"mbrescue: {message}", file=sys.stderr, flush=True)
-
-
-def human_bytes(count: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(count) < 1024 or unit == "TiB":
-            return f"{count:.0f} {unit}" if unit == "B" else f"{count:.1f} {unit}"
-        count /= 1024
-    raise AssertionError("unreachable")
 
 
 class Progress:

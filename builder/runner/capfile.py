@@ -117,9 +117,10 @@ class Capture:
     def region_chunks(self) -> Iterator[bytes]:
         """The raw region, chunk by chunk (each `chunk_bytes` long, the last shorter)."""
         for index, packed in enumerate(self.compressed_chunks()):
-            yield self._unpack(index, packed)
+            yield self.unpack(index, packed)
 
-    def _unpack(self, index: int, packed: bytes) -> bytes:
+    def unpack(self, index: int, packed: bytes) -> bytes:
+        """One region chunk's raw bytes from its gzip member; a damaged member names itself."""
         try:
             unpacker = zlib.decompressobj(GZIP_WBITS)
             raw = unpacker.decompress(packed)
@@ -142,7 +143,7 @@ class Capture:
         for index, packed in enumerate(self.compressed_chunks()):
             if hashlib.sha256(packed).hexdigest() != expected[index]:
                 raise MbrescueError(f"{self.path}: checksum mismatch in region chunk {index}")
-            raw = self._unpack(index, packed)
+            raw = self.unpack(index, packed)
             raw_digest.update(raw)
             length += len(raw)
         if length != self.region["length_bytes"]:

@@ -17,12 +17,11 @@ import fcntl
 import hashlib
 import mmap
 import os
-import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 
 from . import gpt
-from .capfile import GZIP_WBITS, REGION_MEMBER, Capture
+from .capfile import REGION_MEMBER, Capture
 from .console import Console
 from .errors import MbrescueError
 from .layout import read_layout
@@ -152,13 +151,7 @@ def region_groups(capture: Capture, block_bytes: int) -> Iterator[list[bytes | m
 def _inflate(capture: Capture, index: int, packed: bytes, small: dict[bytes, bytes]) -> bytes:
     if packed in small:
         return small[packed]
-    try:
-        unpacker = zlib.decompressobj(GZIP_WBITS)
-        raw = unpacker.decompress(packed)
-        if not unpacker.eof or unpacker.unused_data:
-            raise zlib.error("member not complete")
-    except zlib.error as exc:
-        raise MbrescueError(f"{capture.path}: region chunk {index} is corrupt ({exc})") from exc
+    raw = capture.unpack(index, packed)
     if len(packed) <= SMALL_MEMBER_BYTES and len(small) < 8:
         small[packed] = raw
     return raw
