@@ -13,7 +13,9 @@ interpreter (through the kit's own dynamic loader, so the host's Python and
 libraries play no part) imports every module of the runner package, and whatever
 then sits in `sys.modules` is what the rescue system gets (the runner keeps all
 its imports at module top level). The standard library's own imports inside
-functions (argparse -> gettext -> locale) are then followed from the source.
+functions (argparse -> gettext -> locale) are then followed from the source, and
+before the archive is written the runner is started once on exactly the files
+chosen (`python -m mbrescue_runner --help`), so a miss fails the build, not a boot.
 """
 
 from __future__ import annotations
@@ -379,8 +381,9 @@ def _tree(kit: Kit, runner_dir: Path, overlays_dir: Path, staging: Path,
         tree.symlink(str(loader), f"{LIBRARY_PATH}/{loader.name}")
     # getpath finds the prefix by lib/python3.11/os.py and lib-dynload; both must exist.
     tree.directory(f"{STDLIB_PATH}/lib-dynload")
-    tree.copy_tree(staging / "stdlib", STDLIB_PATH.lstrip("/"))
-    tree.copy_tree(staging / "runner", f"{RUNNER_PARENT}/{RUNNER_PACKAGE}".lstrip("/"))
+    tree.copy_tree(staging / STDLIB_PATH.lstrip("/"), STDLIB_PATH.lstrip("/"))
+    runner_inside = f"{RUNNER_PARENT}/{RUNNER_PACKAGE}".lstrip("/")
+    tree.copy_tree(staging / runner_inside, runner_inside)
 
     for path in sorted(kit.modules_root.rglob("*")):
         if path.is_file():
@@ -397,24 +400,41 @@ def _tree(kit: Kit, runner_dir: Path, overlays_dir: Path, staging: Path,
 
 
 def _stage_python(kit: Kit, runner_dir: Path, staging: Path, stdlib_files: list[Path]) -> None:
-    """Copy the chosen .py files with fixed modes and byte-compile them in place."""
+    """Lay out the chosen files as in the rescue system, fixed modes, byte-compiled."""
+    stdlib = staging / STDLIB_PATH.lstrip("/")
+    runner = staging / RUNNER_PARENT.lstrip("/") / RUNNER_PACKAGE
+    (stdlib / "lib-dynload").mkdir(parents=True)
     for relative in stdlib_files:
-        target = staging / "stdlib" / relative
+        target = stdlib / relative
         target.parent.mkdir(parents=True, exist_ok=True)
         target.write_bytes(_find_stdlib_file(kit, relative).read_bytes())
         target.chmod(0o755 if relative.suffix == ".so" else 0o644)
     for relative in runner_sources(runner_dir):
-        target = staging / "runner" / relative
+        target = runner / relative
         target.parent.mkdir(parents=True, exist_ok=True)
         target.write_bytes((runner_dir / relative).read_bytes())
         target.chmod(0o644)
-    _compile(kit, staging / "stdlib", STDLIB_PATH)
-    _compile(kit, staging / "runner", f"{RUNNER_PARENT}/{RUNNER_PACKAGE}")
+    _compile(kit, stdlib, STDLIB_PATH)
+    _compile(kit, runner, f"{RUNNER_PARENT}/{RUNNER_PACKAGE}")
     for path in staging.rglob("*"):
         if path.is_dir():
             path.chmod(0o755)
         elif path.suffix == ".pyc":
             path.chmod(0o644)
+
+
+def _smoke_test(kit: Kit, staging: Path) -> None:
+    """Start the runner on the stripped stdlib alone, as /init will: a module the search
+    missed fails the build here rather than in the rescue system. `--help` only parses."""
+    env = _kit_python_env(kit, staging / RUNNER_PARENT.lstrip("/"))
+    env["PYTHONHOME"] = os.fspath(staging / "usr")
+    result = run([*_kit_python(kit), "-m", RUNNER_PACKAGE, "--help"], env=env, check=False)
+    if result.returncode != 0:
+        detail = result.stderr.decode(errors="replace").strip().splitlines()
+        raise MbrescueError(
+            "the runner does not start on the rescue system's stripped Python",
+            hint=detail[-1] if detail else None,
+        )
 
 
 def _pad4(path: Path) -> int:
@@ -441,6 +461,7 @@ def make_base_initramfs(kit: Kit, runner_dir: Path, overlays_dir: Path,
     with tempfile.TemporaryDirectory(dir=directory, prefix=".base-") as tmp:
         staging = Path(tmp) / "staging"
         _stage_python(kit, runner_dir, staging, stdlib_files)
+        _smoke_test(kit, staging)
         tree = _tree(kit, runner_dir, overlays_dir, staging, stdlib_files)
         raw = Path(tmp) / "base.cpio"
         with open(raw, "wb") as stream:

@@ -33,6 +33,7 @@ BOOT_TIMEOUT_S = 240
 STANDIN_MAIN = '''\
 """Stand-in for the restore runner: the same shape and the same kind of imports."""
 
+import argparse
 import fcntl
 import hashlib
 import json
@@ -47,9 +48,13 @@ from .util import banner
 
 
 def main() -> int:
+    parser = argparse.ArgumentParser(prog="standin")
+    parser.add_argument("command", choices=["rescue"])
+    parser.add_argument("capture")
+    args = parser.parse_args()
     disks = sorted(os.listdir("/sys/block"))
     print(banner(), "disks:", json.dumps(disks), flush=True)
-    with open(sys.argv[2], "rb") as stream:
+    with open(args.capture, "rb") as stream:
         data = stream.read()
     print("standin: capture sha256", hashlib.sha256(data).hexdigest(), flush=True)
     if data.startswith(b"FAIL"):
@@ -221,6 +226,19 @@ def test_base_cache_key_follows_the_runner(kit: Kit, standin_runner: Path,
 def test_real_runner_imports_in_kit_python(kit: Kit) -> None:
     files = {str(path) for path in initramfs.discover_stdlib(kit, REAL_RUNNER)}
     assert "os.py" in files and "encodings/__init__.py" in files
+
+
+def test_runner_missing_a_lazy_import_is_refused(kit: Kit, standin_runner: Path,
+                                                 tmp_path: Path,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    # argparse needs locale only once a parser is built: the build's own start of the
+    # runner on the stripped stdlib (`--help`) must notice that it is missing.
+    monkeypatch.setattr(initramfs, "LAZY_IMPORTS_EXCLUDED",
+                        initramfs.LAZY_IMPORTS_EXCLUDED | {"locale"})
+    with pytest.raises(initramfs.MbrescueError, match="does not start") as failure:
+        make_base_initramfs(kit, standin_runner, OVERLAYS, out_dir=tmp_path)
+    assert "locale" in (failure.value.hint or "")
+    assert list(tmp_path.glob("base-*")) == []
 
 
 def test_runner_that_cannot_import_is_refused(kit: Kit, tmp_path: Path) -> None:
