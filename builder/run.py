@@ -45,6 +45,7 @@ TOOL_PACKAGES: dict[str, str] = {
     "qemu-img": "qemu-utils",
     "xorriso": "xorriso",
     "zstd": "zstd",
+    "depmod": "kmod",
     "gzip": "gzip",
     "dd": "coreutils",
 }
