@@ -36,8 +36,9 @@ COMPLETE_TIMEOUT_S = 300.0
 MARKER_TIMEOUT_S = 240.0
 MEMORY_MIB = 1024
 SCRATCH_SERIAL = "MBRESCUE-SCRATCH"
-RESTORE_DEFAULT = "default is the restore"
-LOCAL_DEFAULT = "default is to boot the local disk"
+# GRUB wraps its serial output at 80 columns, so any space may become a line break.
+RESTORE_DEFAULT = r"default\s+is\s+the\s+restore"
+LOCAL_DEFAULT = r"default\s+is\s+to\s+boot\s+the\s+local\s+disk"
 
 # firmware, how the ISO is attached
 BOOT_WAYS = {
