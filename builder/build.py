@@ -8,6 +8,7 @@ parallel (`--jobs`), after the shared parts were made once.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import tempfile
@@ -44,9 +45,29 @@ class SharedParts:
 
 
 def check_capture(path: Path) -> Capture:
-    """Open and fully verify a capture: a corrupt one is refused before anything is written."""
+    """Open and verify a capture: a corrupt one is refused before anything is written.
+
+    Every gzip member's SHA-256 is checked and every member inflated (which checks its
+    CRC-32 and length) on all cores; the rescue system checks the whole-region SHA-256
+    again before it writes.
+    """
     capture = Capture.open(os.fspath(path))
-    capture.verify()
+    expected = capture.region["chunk_sha256"]
+
+    def check(item: tuple[int, bytes]) -> int:
+        index, packed = item
+        if hashlib.sha256(packed).hexdigest() != expected[index]:
+            raise MbrescueError(f"{path}: checksum mismatch in region chunk {index}")
+        return len(capture.unpack(index, packed))
+
+    with ThreadPoolExecutor(os.cpu_count() or 1) as pool:
+        length = sum(pool.map(check, enumerate(capture.compressed_chunks())))
+    if length != capture.region["length_bytes"]:
+        raise MbrescueError(
+            f"{path}: the region is {length} bytes, the manifest says "
+            f"{capture.region['length_bytes']}"
+        )
+    capture.verify_members()
     return capture
 
 

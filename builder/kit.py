@@ -310,12 +310,76 @@ def _stdlib_dir(root: Path) -> Path:
     return root / "usr" / "lib" / "python3.11"
 
 
+APT_LISTS = Path("/var/lib/apt/lists")
+
+
+def _apt_state() -> list[tuple[str, int, int]]:
+    """What apt knows, cheaply: its package lists' names, sizes and times."""
+    state = []
+    for path in sorted(APT_LISTS.glob("*_Packages*")):
+        st = path.stat()
+        state.append((path.name, st.st_size, st.st_mtime_ns))
+    return state
+
+
+def _memo_path() -> Path:
+    """Where the resolved kit is remembered: keyed by this module and apt's lists, so an
+    `apt-get update` that brings a new kernel, or a change here, resolves it again."""
+    key = hashlib.sha256(
+        json.dumps([Path(__file__).read_text(), _apt_state()]).encode()
+    ).hexdigest()[:16]
+    return debs.cache_dir() / "kit" / f"resolved-{key}.json"
+
+
+def _kit_to_json(kit: Kit) -> dict:
+    return {
+        name: (str(value) if isinstance(value, Path)
+               else [str(item) for item in value] if isinstance(value, list) and value
+               and isinstance(value[0], Path) else value)
+        for name, value in kit.__dict__.items()
+    }
+
+
+def _kit_from_json(data: dict) -> Kit | None:
+    paths = ("kernel", "modules_root", "busybox", "python")
+    path_lists = ("python_stdlib", "libraries", "library_dirs")
+    try:
+        values = dict(data)
+        for name in paths:
+            values[name] = Path(values[name])
+        for name in path_lists:
+            values[name] = [Path(item) for item in values[name]]
+        kit = Kit(**values)
+    except (KeyError, TypeError):
+        return None
+    needed = [kit.kernel, kit.modules_root, kit.busybox, kit.python, *kit.python_stdlib,
+              *kit.libraries]
+    return kit if all(path.exists() for path in needed) else None
+
+
 @functools.cache
 def ensure_kit() -> Kit:
     """Fetch (or reuse from the cache) every part of the Debian rescue kit.
 
-    Memoized per process: checking every .deb against the archive takes seconds.
+    Asking apt about every package and reading every kernel module's dependencies
+    takes seconds, so the resolved kit is remembered on disk until apt's lists change.
     """
+    memo = _memo_path()
+    try:
+        remembered = _kit_from_json(json.loads(memo.read_text()))
+    except (OSError, ValueError):
+        remembered = None
+    if remembered is not None:
+        return remembered
+    kit = _resolve_kit()
+    memo.parent.mkdir(parents=True, exist_ok=True)
+    tmp = memo.with_name(f".{memo.name}.{os.getpid()}")
+    tmp.write_text(json.dumps(_kit_to_json(kit), indent=1))
+    os.replace(tmp, memo)
+    return kit
+
+
+def _resolve_kit() -> Kit:
     debs.prefetch(["linux-image-amd64", "busybox-static", *PYTHON_PACKAGES, *LIBRARY_PACKAGES])
     kernel_package = debs.kernel_package()
     debs.prefetch([kernel_package])

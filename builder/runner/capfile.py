@@ -152,6 +152,10 @@ class Capture:
             )
         if raw_digest.hexdigest() != self.region["sha256"]:
             raise MbrescueError(f"{self.path}: checksum mismatch in the region")
+        self.verify_members()
+
+    def verify_members(self) -> None:
+        """The GPT tail's and the /boot archive's checksums."""
         for entry in (self.manifest.get("gpt_tail"), self.manifest.get("boot_files")):
             if entry and entry.get("member"):
                 data = self.read_member(entry["member"])
