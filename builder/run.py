@@ -58,7 +58,7 @@ def base_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
         "LC_ALL": "C.UTF-8",
         "HOME": os.environ.get("HOME", "/root"),
     }
-    for key in ("SOURCE_DATE_EPOCH", "TMPDIR"):
+    for key in ("SOURCE_DATE_EPOCH", "TMPDIR", "MBRESCUE_CACHE", "XDG_CACHE_HOME"):
         if key in os.environ:
             env[key] = os.environ[key]
     if extra:
