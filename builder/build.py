@@ -18,7 +18,7 @@ from pathlib import Path
 
 from . import log
 from .errors import MbrescueError
-from .grub import make_grub_images, render_grub_cfg
+from .grub import check_grub_installed, make_grub_images, render_grub_cfg
 from .initramfs import make_base_initramfs, make_payload_initramfs
 from .iso import IsoReport, iso_volume_label, new_medium_id, write_iso
 from .kit import Kit, ensure_kit
@@ -81,7 +81,9 @@ def output_path(options: BuildOptions, capture: Capture) -> Path:
 
 
 def prepare_shared() -> SharedParts:
+    # Every tool and GRUB platform first, before minutes of kit work.
     require_tools("grub-mkimage", "mkfs.vfat", "mcopy", "zstd", "dpkg-deb")
+    check_grub_installed()
     kit = ensure_kit()
     base = make_base_initramfs(kit, RUNNER_DIR, OVERLAYS_DIR)
     return SharedParts(kit, base)
