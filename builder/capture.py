@@ -124,8 +124,8 @@ def _zero_member() -> bytes:
 # nothing there and runs ~15x slower than storing, so such chunks are stored
 # (deflate's stored blocks: still one valid gzip member). Samples spread over the
 # chunk decide, so a chunk that is only partly compressed data is still deflated.
-SAMPLES = 4
-SAMPLE_BYTES = 8 << 10
+SAMPLES = 16
+SAMPLE_BYTES = 4 << 10
 INCOMPRESSIBLE_RATIO = 0.9
 
 
