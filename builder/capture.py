@@ -195,24 +195,42 @@ def write_region(
             with contextlib.suppress(OSError):
                 fcntl.ioctl(fd, BLKFLSBUF, 0)
         pending: list[Future[tuple[bytes, str]]] = []
+        out.flush()
+        out_fd = out.fileno()
 
         def drain(limit: int) -> None:
             while len(pending) > limit:
                 packed, digest = pending.pop(0).result()
-                out.write(packed)
+                _write_all(out_fd, packed)
                 sizes.append(len(packed))
                 digests.append(digest)
 
-        with ThreadPoolExecutor(workers) as pool:
+        # Three kinds of work overlap: this thread reads and writes, one thread hashes
+        # the raw region in order, the pool compresses and hashes each member.
+        with ThreadPoolExecutor(1) as hasher, ThreadPoolExecutor(workers) as pool:
+            hashed: list[Future[None]] = []
             for chunk in _read_chunks(fd, length):
                 pending.append(pool.submit(_pack, chunk, level, zero_member))
-                raw_digest.update(chunk)
+                hashed.append(hasher.submit(raw_digest.update, chunk))
                 progress.advance(len(chunk))
                 drain(2 * workers)
+                while len(hashed) > 2 * workers:
+                    hashed.pop(0).result()
             drain(0)
+            for future in hashed:
+                future.result()
+        # The tar writer goes on through the buffered object: bring it to the end.
+        out.seek(0, os.SEEK_END)
     finally:
         os.close(fd)
     return RegionRecord(raw_digest.hexdigest(), sizes, digests)
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        written = os.write(fd, view)
+        view = view[written:]
 
 
 class TarWriter:
