@@ -36,7 +36,8 @@ COMPLETE_TIMEOUT_S = 300.0
 STEP_TIMEOUT_S = 60.0
 MARKER_TIMEOUT_S = 300.0
 MEMORY_MIB = 1024
-PROMPT = r"Type yes to write (/dev/\w+)"
+# The device name must be followed by the rest of the prompt: output arrives in pieces.
+PROMPT = r"Type yes to write (/dev/\w+) \("
 COMPLETE = r"mbrescue: restore complete"
 UNATTENDED_OPTIONS = b'{"unattended_allowed": true}'
 
