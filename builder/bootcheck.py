@@ -22,7 +22,7 @@ from . import log
 from .errors import MbrescueError
 from .run import require_tools
 from .runner.capfile import Capture
-from .verify import CAPTURE_MEMBER, PAYLOAD_PATH, iter_newc
+from .verify import CAPTURE_MEMBER, PAYLOAD_PATH, iter_newc, sha256_stream
 from .vm import Disk, Vm, VmConfig, VmTimeout
 
 ESP_GUID = "c12a7328-f81f-11d2-ba4b-00a0c93ec93b"
@@ -66,13 +66,7 @@ def manifest_from_iso(iso: Path, work: Path) -> dict:
                 if name == CAPTURE_MEMBER:
                     copy = work / "capture.mbrescue"
                     with open(copy, "wb") as out:
-                        left = size
-                        while left:
-                            chunk = payload.read(min(left, 1 << 20))
-                            if not chunk:
-                                raise MbrescueError(f"{iso}: the payload is truncated")
-                            out.write(chunk)
-                            left -= len(chunk)
+                        sha256_stream(payload, size, copy_to=out)
                     return Capture.open(str(copy)).manifest
     finally:
         image.close()

@@ -42,7 +42,7 @@ from . import log
 from .debs import sha256_file
 from .errors import MbrescueError
 from .grub import GrubImages, medium_marker
-from .verify import CAPTURE_MEMBER, iter_newc
+from .verify import CAPTURE_MEMBER, iter_newc, sha256_stream
 
 SECTOR = 512
 BLOCK = 2048  # ISO9660 logical block
@@ -293,15 +293,7 @@ def _capture_sum(payload: Path) -> str:
     with open(payload, "rb") as stream:
         for name, _mode, size in iter_newc(stream):
             if name == CAPTURE_MEMBER:
-                digest = hashlib.sha256()
-                left = size
-                while left:
-                    chunk = stream.read(min(left, 1 << 20))
-                    if not chunk:
-                        raise MbrescueError(f"{payload} ends inside its capture")
-                    digest.update(chunk)
-                    left -= len(chunk)
-                return f"{digest.hexdigest()}  capture.mbrescue\n"
+                return f"{sha256_stream(stream, size)}  capture.mbrescue\n"
     return ""
 
 

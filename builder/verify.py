@@ -137,9 +137,10 @@ def iter_newc(stream: BinaryIO) -> Iterator[tuple[str, int, int]]:
         position += (-position) % 4
 
 
-def _sha256_stream(
+def sha256_stream(
     stream: BinaryIO, length: int | None = None, copy_to: BinaryIO | None = None
 ) -> str:
+    """SHA-256 of the next `length` bytes (or the rest), copying them on if asked."""
     digest = hashlib.sha256()
     left = length
     while left is None or left > 0:
@@ -361,7 +362,7 @@ def _payload(iso: pycdlib.PyCdlib, work: Path) -> str:
     _require("payload.img" in sums, "payload.sha256 names no payload.img")
     with iso.open_file_from_iso(rr_path=PAYLOAD_PATH) as payload:
         _require(
-            _sha256_stream(payload) == sums["payload.img"], "payload.img does not match its SHA-256"
+            sha256_stream(payload) == sums["payload.img"], "payload.img does not match its SHA-256"
         )
     # The cpio's structure: every header sound up to the trailer.
     members = 0
@@ -372,7 +373,7 @@ def _payload(iso: pycdlib.PyCdlib, work: Path) -> str:
             if name == CAPTURE_MEMBER:
                 capture_path = work / "capture.mbrescue"
                 with open(capture_path, "wb") as copy:
-                    digest = _sha256_stream(payload, size, copy_to=copy)
+                    digest = sha256_stream(payload, size, copy_to=copy)
                 if "capture.mbrescue" in sums:
                     _require(
                         digest == sums["capture.mbrescue"],

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import hashlib
 import os
+import select
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -63,6 +65,19 @@ def one_error_line(result: subprocess.CompletedProcess[str]) -> str:
     errors = [line for line in lines if line.startswith("mbrescue: error: ")]
     assert len(errors) == 1, result.stderr
     return errors[0]
+
+
+def read_until(master: int, needle: bytes, timeout: float = 60) -> bytes:
+    """Read a pseudo-terminal's output until needle appears (or fail with what came)."""
+    seen = b""
+    deadline = time.monotonic() + timeout
+    while needle not in seen:
+        left = deadline - time.monotonic()
+        assert left > 0, f"{needle!r} not seen; got {seen[-2000:]!r}"
+        ready, _, _ = select.select([master], [], [], left)
+        if ready:
+            seen += os.read(master, 65536)
+    return seen
 
 
 @pytest.fixture(scope="session")

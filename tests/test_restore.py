@@ -8,11 +8,9 @@ import io
 import json
 import os
 import re
-import select
 import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
 
 import pytest
@@ -26,7 +24,7 @@ from builder.runner.cmdline import Switches
 from builder.runner.console import Console, Terminal
 from builder.runner.errors import MbrescueError
 
-from .conftest import ROOT, sh, sha256_of
+from .conftest import ROOT, read_until, sh, sha256_of
 
 MiB = 1 << 20
 SECTOR = 512
@@ -468,18 +466,6 @@ def test_rescue_mode_asks_which_disk(fixtures, captures, tmp_path):
     assert differing_sectors(fx.path, images[1], fx.region_end_sectors * SECTOR) == set()
     assert sha256_of(images[0]) == sha256_of(make_target(tmp_path / "zero.img",
                                                          fx.path.stat().st_size))
-
-
-def read_until(master: int, needle: bytes, timeout: float = 60) -> bytes:
-    seen = b""
-    deadline = time.monotonic() + timeout
-    while needle not in seen:
-        left = deadline - time.monotonic()
-        assert left > 0, f"{needle!r} not seen; got {seen[-2000:]!r}"
-        ready, _, _ = select.select([master], [], [], left)
-        if ready:
-            seen += os.read(master, 65536)
-    return seen
 
 
 # -- the real rescue system: kernel + base + payload initramfs in QEMU ---------------------------

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import select
 import threading
 import time
 
@@ -14,17 +13,7 @@ from builder.runner.cmdline import parse_switches, split_cmdline, unattended_all
 from builder.runner.console import Console, console_device, parse_proc_consoles
 from builder.runner.errors import MbrescueError
 
-
-def read_until(master: int, needle: bytes, timeout: float = 10) -> bytes:
-    seen = b""
-    deadline = time.monotonic() + timeout
-    while needle not in seen:
-        left = deadline - time.monotonic()
-        assert left > 0, f"{needle!r} not seen; got {seen!r}"
-        ready, _, _ = select.select([master], [], [], left)
-        if ready:
-            seen += os.read(master, 4096)
-    return seen
+from .conftest import read_until
 
 
 @pytest.fixture
@@ -45,7 +34,7 @@ def test_plan_on_every_console_answer_from_either(two_ptys, answering):
     console.say("Target /dev/vda: QEMU HARDDISK")
     asker.start()
     for master, _ in two_ptys:
-        seen = read_until(master, b"Type yes to write: ")
+        seen = read_until(master, b"Type yes to write: ", timeout=10)
         # The tty's output processing turns \n into \r\n, as on a real serial console.
         assert b"Target /dev/vda: QEMU HARDDISK\r\n" in seen
     os.write(two_ptys[answering][0], b"yes\n")
@@ -58,7 +47,7 @@ def test_partial_lines_are_not_answers(two_ptys):
     answer: list[str | None] = []
     asker = threading.Thread(target=lambda: answer.append(console.ask("? ")))
     asker.start()
-    read_until(two_ptys[0][0], b"? ")
+    read_until(two_ptys[0][0], b"? ", timeout=10)
     # Canonical mode hands over complete lines only: typing on one console without Enter
     # while the other answers must not mix the two.
     os.write(two_ptys[0][0], b"ye")
@@ -82,7 +71,7 @@ def test_error_and_progress_on_every_console(two_ptys):
     progress.finish()
     console.error("aborted, nothing written")
     for master, _ in two_ptys:
-        seen = read_until(master, b"nothing written\r\n")
+        seen = read_until(master, b"nothing written\r\n", timeout=10)
         assert b"writing: 100.0% of 100.0 MiB" in seen
         assert b"MB/s, ETA" in seen
         assert b"mbrescue: error: aborted, nothing written\r\n" in seen
@@ -93,7 +82,7 @@ def test_a_dead_console_does_not_stop_the_others(two_ptys):
     os.close(two_ptys[0][0])
     two_ptys[0] = (os.open("/dev/null", os.O_RDONLY), two_ptys[0][1])
     console.say("mbrescue: restore complete")
-    assert b"restore complete" in read_until(two_ptys[1][0], b"complete\r\n")
+    assert b"restore complete" in read_until(two_ptys[1][0], b"complete\r\n", timeout=10)
 
 
 def test_proc_consoles_parsing():
