@@ -119,3 +119,26 @@ def test_burn_refuses_what_is_not_an_iso(tmp_path):
     target = tmp_path / "t.img"
     target.write_bytes(b"\0" * MiB)
     assert "not an ISO 9660 image" in one_error_line(mbrescue("burn", fake, target, "--yes"))
+
+
+# -- build several captures at once ---------------------------------------------------------------
+
+def test_build_several_captures_in_parallel(tmp_path):
+    """Two captures, `--jobs 2`: one ISO per host, named after it, each passing `verify`."""
+    captures = []
+    for host in ("alpha", "bravo"):
+        image = small_msdos_image(tmp_path / f"{host}.img")
+        capture = tmp_path / f"{host}.mbrescue"
+        assert mbrescue("capture", image, "-o", capture, "--hostname", host).returncode == 0
+        captures.append(capture)
+    out = tmp_path / "isos"
+    out.mkdir()
+    result = mbrescue("build", *captures, "-o", out, "--jobs", "2")
+    assert result.returncode == 0, result.stderr
+    isos = sorted(out.iterdir())
+    assert [iso.name for iso in isos] == ["alpha-rescue.iso", "bravo-rescue.iso"]
+    for iso in isos:
+        assert iso.stat().st_mode & 0o777 == 0o600
+        checked = mbrescue("verify", iso)
+        assert checked.returncode == 0, checked.stdout + checked.stderr
+        assert iso.stem.split("-")[0] in checked.stdout  # the payload's capture names its host
