@@ -122,12 +122,6 @@ def _write_initrd_like(path: Path, size: int, seed: int) -> None:
             left -= piece
 
 
-def _drop_caches() -> None:
-    os.sync()
-    with contextlib.suppress(OSError):
-        Path("/proc/sys/vm/drop_caches").write_text("3\n")
-
-
 def bench_capture(work: Path) -> tuple[list[str], Path]:
     image = make_bench_disk(work)
     region_bytes = (BOOT_START_LBA + BOOT_MIB * 2048) * 512

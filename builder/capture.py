@@ -41,7 +41,6 @@ BIOS_BOOT_GUID = "21686148-6449-6e6f-744e-656564454649"
 ESP_GUID = "c12a7328-f81f-11d2-ba4b-00a0c93ec93b"
 LINUX_FS_TYPES = ("ext2", "ext3", "ext4", "xfs", "vfat")
 BLKFLSBUF = 0x1261
-GPT_TAIL_SECTORS = 33  # backup entry array (32 sectors of 512 bytes) + backup header
 # Reading the same unfreezable file system twice must agree; a busy one may need a retry.
 UNFROZEN_READ_ATTEMPTS = 3
 ZERO_CHUNK = bytes(capfile.CHUNK_BYTES)
@@ -319,7 +318,7 @@ def capture(options: CaptureOptions) -> CaptureResult:
     sector = layout.disk.logical_sector_bytes
     numbers = {p.number: p for p in layout.partitions}
     starts = {p.number: p.start_lba for p in layout.partitions if not p.is_extended}
-    mounted = {n: m for n, m in partition_mounts(os.fspath(source), starts, sector).items()}
+    mounted = partition_mounts(os.fspath(source), starts, sector)
     if options.boot_partition is not None:
         if options.boot_partition not in numbers or numbers[options.boot_partition].is_extended:
             have = ", ".join(str(n) for n in sorted(numbers)) or "none"
@@ -381,11 +380,10 @@ def capture(options: CaptureOptions) -> CaptureResult:
                 progress.finish()
                 gpt_tail = None
                 if layout.table == "gpt":
-                    tail_bytes = (
-                        GPT_TAIL_SECTORS * sector
-                        if sector == 512
-                        else (1 + 16384 // sector) * sector
-                    )
+                    # The backup entry array and header sit in the disk's last sectors.
+                    assert layout.gpt is not None
+                    entries_bytes = layout.gpt.entry_count * layout.gpt.entry_bytes
+                    tail_bytes = (1 + -(-entries_bytes // sector)) * sector
                     tail_offset = layout.disk.size_bytes - tail_bytes
                     fd = os.open(source, os.O_RDONLY)
                     try:

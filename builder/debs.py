@@ -172,9 +172,8 @@ def extract(deb: Deb) -> Path:
         return root
     if root.exists():
         shutil.rmtree(root)
-    tmp = Path(
-        tempfile.mkdtemp(dir=root.parent if root.parent.exists() else _mkparent(root), prefix=".x-")
-    )
+    root.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=root.parent, prefix=".x-"))
     try:
         run(["dpkg-deb", "-x", deb.path, tmp])
         (tmp / ".complete").write_text(deb.sha256 + "\n")
@@ -183,11 +182,6 @@ def extract(deb: Deb) -> Path:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return root
-
-
-def _mkparent(path: Path) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    return path.parent
 
 
 def kernel_package() -> str:
