@@ -19,7 +19,6 @@ import errno
 import fcntl
 import hashlib
 import io
-import json
 import os
 import socket
 import stat
@@ -232,35 +231,6 @@ def _write_all(fd: int, data: bytes) -> None:
         view = view[written:]
 
 
-class TarWriter:
-    """Writes ustar members whose size is known only after streaming their data."""
-
-    def __init__(self, out: BinaryIO) -> None:
-        self.out = out
-
-    @contextlib.contextmanager
-    def member(self, name: str, mtime: int) -> Iterator[BinaryIO]:
-        header_at = self.out.tell()
-        self.out.write(bytes(tarfile.BLOCKSIZE))
-        start = self.out.tell()
-        yield self.out
-        size = self.out.tell() - start
-        self.out.write(bytes((-size) % tarfile.BLOCKSIZE))
-        end = self.out.tell()
-        info = tarfile.TarInfo(name)
-        info.size, info.mode, info.mtime = size, 0o600, mtime
-        self.out.seek(header_at)
-        self.out.write(info.tobuf(format=tarfile.USTAR_FORMAT))
-        self.out.seek(end)
-
-    def add_bytes(self, name: str, data: bytes, mtime: int) -> None:
-        with self.member(name, mtime) as stream:
-            stream.write(data)
-
-    def close(self) -> None:
-        self.out.write(bytes(2 * tarfile.BLOCKSIZE))
-
-
 class _HashingWriter(io.RawIOBase):
     def __init__(self, out: BinaryIO) -> None:
         self.out = out
@@ -348,7 +318,7 @@ def capture(options: CaptureOptions) -> CaptureResult:
     tmp, out = _temp_output(output)
     try:
         with out:
-            tar = TarWriter(out)
+            tar = capfile.TarWriter(out)
             progress = log.Progress("reading boot region", region_bytes, options.progress)
             frozen_ok = False
             with contextlib.ExitStack() as stack:
@@ -453,9 +423,7 @@ def capture(options: CaptureOptions) -> CaptureResult:
                 "swap": _swap_records(layout),
                 "boot_files": boot_files,
             }
-            tar.add_bytes(
-                capfile.MANIFEST_MEMBER, json.dumps(manifest, indent=1).encode() + b"\n", mtime
-            )
+            capfile.write_manifest(tar, manifest, mtime)
             tar.close()
             out.flush()
             os.fsync(out.fileno())

@@ -12,11 +12,17 @@ Layout: an uncompressed POSIX (ustar) tar, so `tar tvf` shows it, holding in ord
   last 33 sectors), kept verbatim;
 - `boot.tar.gz` — a file-level archive of the mounted `/boot`, independent of the
   disk's geometry (absent, with `boot_files.reason`, when `/boot` was not readable);
-- `manifest.json` — last, because it records the checksums of everything before it.
+- `manifest.json` — because it records the checksums of everything before it;
+- `manifest.sha256` — last: the SHA-256 of `manifest.json`'s bytes, so a damaged manifest
+  (which steers every write: EBRs, swap headers, GPT moves) is refused before it is read.
+
+Member headers use the GNU tar format, whose base-256 size field holds members over
+8 GiB (ustar's octal field stops there) and which is still one 512-byte header.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -24,18 +30,63 @@ import tarfile
 import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import BinaryIO
 
 from .errors import MbrescueError
 
 FORMAT = "mbrescue-capture"
-FORMAT_VERSION = 1
+# 2: manifest.sha256 seals the manifest; GNU headers (members over 8 GiB).
+FORMAT_VERSION = 2
 REGION_MEMBER = "region.img.gz"
 GPT_TAIL_MEMBER = "gpt-tail.bin"
 BOOT_FILES_MEMBER = "boot.tar.gz"
 MANIFEST_MEMBER = "manifest.json"
+MANIFEST_SEAL_MEMBER = "manifest.sha256"
+# A manifest is a few hundred KiB at most (one line per 1 MiB chunk); more is not ours.
+MANIFEST_MAX_BYTES = 64 << 20
 CHUNK_BYTES = 1 << 20
 # gzip framing (wbits 16+15) so the member is a standard .gz file.
 GZIP_WBITS = 31
+
+
+class TarWriter:
+    """Writes tar members whose size is known only after streaming their data."""
+
+    def __init__(self, out: BinaryIO) -> None:
+        self.out = out
+
+    @contextlib.contextmanager
+    def member(self, name: str, mtime: int) -> Iterator[BinaryIO]:
+        header_at = self.out.tell()
+        self.out.write(bytes(tarfile.BLOCKSIZE))
+        start = self.out.tell()
+        yield self.out
+        size = self.out.tell() - start
+        self.out.write(bytes((-size) % tarfile.BLOCKSIZE))
+        end = self.out.tell()
+        info = tarfile.TarInfo(name)
+        info.size, info.mode, info.mtime = size, 0o600, mtime
+        header = info.tobuf(format=tarfile.GNU_FORMAT)
+        # The reserved block must hold the header: short names, no extension records.
+        assert len(header) == tarfile.BLOCKSIZE, name
+        self.out.seek(header_at)
+        self.out.write(header)
+        self.out.seek(end)
+
+    def add_bytes(self, name: str, data: bytes, mtime: int) -> None:
+        with self.member(name, mtime) as stream:
+            stream.write(data)
+
+    def close(self) -> None:
+        self.out.write(bytes(2 * tarfile.BLOCKSIZE))
+
+
+def write_manifest(tar: TarWriter, manifest: dict, mtime: int) -> bytes:
+    """The manifest and, after it, its seal; returns the manifest's bytes."""
+    raw = json.dumps(manifest, indent=1).encode() + b"\n"
+    tar.add_bytes(MANIFEST_MEMBER, raw, mtime)
+    tar.add_bytes(MANIFEST_SEAL_MEMBER, hashlib.sha256(raw).hexdigest().encode() + b"\n", mtime)
+    return raw
 
 
 @dataclass(frozen=True)
@@ -69,9 +120,26 @@ class Capture:
             raise MbrescueError(f"{path} is not a capture file ({exc})") from exc
         if MANIFEST_MEMBER not in members or REGION_MEMBER not in members:
             raise MbrescueError(f"{path} is not a capture file (no manifest or region)")
+        if MANIFEST_SEAL_MEMBER not in members:
+            raise MbrescueError(
+                f"{path}: the manifest has no seal ({MANIFEST_SEAL_MEMBER}); a capture made "
+                f"before format version {FORMAT_VERSION} must be taken again"
+            )
+        if members[MANIFEST_MEMBER].size > MANIFEST_MAX_BYTES:
+            raise MbrescueError(f"{path}: the manifest is {members[MANIFEST_MEMBER].size} "
+                                f"bytes, more than a capture's manifest can be")
         with open(path, "rb") as stream:
             stream.seek(members[MANIFEST_MEMBER].offset)
             raw = stream.read(members[MANIFEST_MEMBER].size)
+            stream.seek(members[MANIFEST_SEAL_MEMBER].offset)
+            seal = stream.read(min(members[MANIFEST_SEAL_MEMBER].size, 128))
+        if len(raw) != members[MANIFEST_MEMBER].size:
+            raise MbrescueError(f"{path} is truncated (manifest)")
+        if seal.strip() != hashlib.sha256(raw).hexdigest().encode():
+            raise MbrescueError(
+                f"{path}: checksum mismatch in {MANIFEST_MEMBER} (the manifest was changed or "
+                "damaged after the capture); nothing written"
+            )
         try:
             manifest = json.loads(raw)
         except ValueError as exc:
