@@ -86,3 +86,15 @@ def fixtures():
     from builder.fixtures import ensure_all
 
     return ensure_all()
+
+
+# Property tests (hypothesis): a fixed, reproducible budget. "ci" is what `make test` runs:
+# derandomized (the same examples every run, so a failure reproduces anywhere), no deadline
+# per example (the parsers' own hang guards in the tests bound the time), no example database
+# in the checkout. `HYPOTHESIS_PROFILE=long` searches 20x more, randomly, for a deeper run
+# by hand (its database goes to .hypothesis/, which git ignores).
+from hypothesis import settings  # noqa: E402
+
+settings.register_profile("ci", max_examples=150, deadline=None, derandomize=True, database=None)
+settings.register_profile("long", max_examples=3000, deadline=None)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
