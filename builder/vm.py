@@ -4,20 +4,30 @@ QEMU runs under TCG (KVM is unusable on the project's machines), with the
 first serial port on QEMU's stdin/stdout: a reader thread collects everything
 the guest prints (also into a log file), `expect` waits for a pattern with an
 explicit timeout, `send` types into the serial console.
+
+With `VmConfig(qmp=True)` QEMU also listens on a QMP socket: `registers()` reads the
+first CPU's state (what `verify --boot` samples to see a started kernel without any
+console) and `screendump()` keeps the VGA screen as a PNG (what a person at the console
+saw; QEMU writes PPM, converted here with zlib + struct).
 """
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
+import socket
+import struct
 import subprocess
 import tempfile
 import threading
 import time
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
+from typing import BinaryIO
 
 from . import log
 from .errors import MbrescueError
@@ -51,6 +61,7 @@ class VmConfig:
     shares: list[tuple[Path, str]] = field(default_factory=list)  # (host dir, 9p mount tag)
     boot_order: str | None = None  # e.g. "d" for CD first (BIOS)
     extra: list[str] = field(default_factory=list)
+    qmp: bool = False  # a QMP socket for registers() and screendump()
 
 
 class VmTimeout(MbrescueError):
@@ -69,6 +80,8 @@ class Vm:
         self._tmp = Path(tempfile.mkdtemp(prefix="mbrescue-vm-"))
         self._pos = 0
         self.started = 0.0
+        self._qmp_sock: socket.socket | None = None
+        self._qmp_file: BinaryIO | None = None
 
     def argv(self) -> list[str]:
         c = self.config
@@ -147,6 +160,8 @@ class Vm:
             ]
         if c.boot_order:
             argv += ["-boot", f"order={c.boot_order}"]
+        if c.qmp:
+            argv += ["-qmp", f"unix:{self._tmp / 'qmp.sock'},server=on,wait=off"]
         return argv + c.extra
 
     def __enter__(self) -> Vm:
@@ -239,8 +254,110 @@ class Vm:
         except subprocess.TimeoutExpired as exc:
             raise VmTimeout(f"QEMU still running after {timeout:.0f} s") from exc
 
+    def running(self) -> bool:
+        return self._proc is not None and self._proc.poll() is None
+
+    def search(self, pattern: str) -> re.Match[str] | None:
+        """The first match in everything printed so far (does not move expect's position)."""
+        with self._cond:
+            return re.search(pattern, self.output)
+
+    # --- QMP -------------------------------------------------------------------------------
+
+    def qmp(self, command: str, arguments: dict | None = None, timeout: float = 10.0) -> object:
+        """Run one QMP command; its `return` value. Needs VmConfig(qmp=True)."""
+        if not self.config.qmp:
+            raise MbrescueError("this VM was started without a QMP socket")
+        if self._qmp_file is None:
+            self._qmp_file = self._qmp_connect(timeout)
+            self._qmp_call("qmp_capabilities", None)
+        return self._qmp_call(command, arguments)
+
+    def _qmp_connect(self, timeout: float) -> BinaryIO:
+        path = self._tmp / "qmp.sock"
+        deadline = time.monotonic() + timeout
+        while True:
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            try:
+                sock.connect(os.fspath(path))
+            except OSError as exc:
+                sock.close()
+                if time.monotonic() > deadline or not self.running():
+                    raise MbrescueError(f"cannot reach QEMU's QMP socket: {exc}") from exc
+                time.sleep(0.1)
+                continue
+            sock.settimeout(timeout)
+            self._qmp_sock = sock
+            reader = sock.makefile("rb")
+            json.loads(reader.readline())  # the greeting
+            return reader
+
+    def _qmp_call(self, command: str, arguments: dict | None) -> object:
+        assert self._qmp_file is not None and self._qmp_sock is not None
+        request: dict[str, object] = {"execute": command}
+        if arguments:
+            request["arguments"] = arguments
+        try:
+            self._qmp_sock.sendall(json.dumps(request).encode() + b"\n")
+            while True:
+                line = self._qmp_file.readline()
+                if not line:
+                    raise MbrescueError(f"QEMU closed its QMP socket during {command}")
+                reply = json.loads(line)
+                if "event" in reply:  # asynchronous events come between replies
+                    continue
+                if "error" in reply:
+                    raise MbrescueError(f"QMP {command}: {reply['error'].get('desc', reply)}")
+                return reply.get("return")
+        except (OSError, ValueError) as exc:
+            raise MbrescueError(f"QMP {command} failed: {exc}") from exc
+
+    def registers(self) -> str:
+        """The monitor's `info registers` text for the first CPU."""
+        text = self.qmp("human-monitor-command", {"command-line": "info registers"})
+        return text if isinstance(text, str) else ""
+
+    def screendump(self, png: Path) -> Path:
+        """Save the VGA screen as a PNG; return its path."""
+        ppm = self._tmp / "screen.ppm"
+        self.qmp("screendump", {"filename": os.fspath(ppm)})
+        png.write_bytes(ppm_to_png(ppm.read_bytes()))
+        ppm.unlink()
+        return png
+
     def kill(self) -> None:
+        if self._qmp_sock is not None:
+            self._qmp_sock.close()
+            self._qmp_sock = None
+            self._qmp_file = None
         if self._proc is not None and self._proc.poll() is None:
             self._proc.kill()
             self._proc.wait()
         shutil.rmtree(self._tmp, ignore_errors=True)
+
+
+def ppm_to_png(ppm: bytes) -> bytes:
+    """A binary (P6, 8-bit) PPM as an RGB PNG, written with zlib and struct only."""
+    # One whitespace byte ends the header: the pixels may start with bytes that look like it.
+    header_match = re.match(rb"P6\s+(\d+)\s+(\d+)\s+255\s", ppm)
+    if header_match is None:
+        raise MbrescueError("the screen dump is not an 8-bit binary PPM")
+    width, height = int(header_match.group(1)), int(header_match.group(2))
+    pixels = ppm[header_match.end() :]
+    row_bytes = width * 3
+    if len(pixels) < row_bytes * height:
+        raise MbrescueError("the screen dump is shorter than its size says")
+    # Each PNG row starts with its filter type (0: none).
+    raw = b"".join(b"\0" + pixels[row * row_bytes : (row + 1) * row_bytes] for row in range(height))
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        body = kind + data
+        return struct.pack(">I", len(data)) + body + struct.pack(">I", zlib.crc32(body))
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)  # 8-bit RGB
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", header)
+        + chunk(b"IDAT", zlib.compress(raw, 6))
+        + chunk(b"IEND", b"")
+    )
