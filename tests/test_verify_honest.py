@@ -52,7 +52,7 @@ def _decode_png(png: bytes) -> tuple[int, int, bytes]:
 def test_ppm_to_png_keeps_every_pixel() -> None:
     width, height = 7, 3
     # Pixels that start with whitespace bytes: the header ends after exactly one.
-    pixels = bytes([0x20, 0x0A, 0x09] + list(range(3, width * height * 3)))
+    pixels = bytes([0x20, 0x0A, 0x09, *range(3, width * height * 3)])
     ppm = b"P6\n%d %d\n255\n" % (width, height) + pixels
     assert _decode_png(ppm_to_png(ppm)) == (width, height, pixels)
 
