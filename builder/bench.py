@@ -22,6 +22,7 @@ from pathlib import Path
 
 from . import debs
 from .run import run
+from .runner.manifest import Manifest
 
 MiB = 1 << 20
 BOOT_START_LBA = 2048
@@ -236,7 +237,7 @@ def bench_iso(work: Path, capture: Path) -> list[str]:
     rows.append(f"  ISO overhead over the payload: {overhead / MiB:.1f} MiB (goal < 30 MB)")
     scratch = work / "scratch.img"
     with open(scratch, "wb") as blank:
-        blank.truncate(int(_manifest(capture)["source"]["size_bytes"]))
+        blank.truncate(_manifest(capture).source.size_bytes)
     for firmware in ("bios", "uefi"):
         config = VmConfig(
             firmware=firmware,
@@ -255,7 +256,7 @@ def bench_iso(work: Path, capture: Path) -> list[str]:
     return rows
 
 
-def _manifest(capture: Path) -> dict:
+def _manifest(capture: Path) -> Manifest:
     from .runner.capfile import Capture
 
     return Capture.open(str(capture)).manifest

@@ -148,7 +148,7 @@ def _dd_once(image: Path, target: Path) -> float:
 
 def _restore_rows(image: Path, capture: Path, work: Path) -> list[str]:
     manifest = Capture.open(str(capture)).manifest
-    assert manifest["region"]["length_bytes"] == REGION_BYTES, manifest["region"]
+    assert manifest.region.length_bytes == REGION_BYTES, manifest.region
     restores: list[tuple[float, float, float]] = []
     dds: list[float] = []
     for _ in range(RUNS):

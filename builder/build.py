@@ -52,7 +52,7 @@ def check_capture(path: Path) -> Capture:
     again before it writes.
     """
     capture = Capture.open(os.fspath(path))
-    expected = capture.region["chunk_sha256"]
+    expected = capture.region.chunk_sha256
 
     def check(item: tuple[int, bytes]) -> int:
         index, packed = item
@@ -62,17 +62,18 @@ def check_capture(path: Path) -> Capture:
 
     with ThreadPoolExecutor(os.cpu_count() or 1) as pool:
         length = sum(pool.map(check, enumerate(capture.compressed_chunks())))
-    if length != capture.region["length_bytes"]:
+    if length != capture.region.length_bytes:
         raise MbrescueError(
             f"{path}: the region is {length} bytes, the manifest says "
-            f"{capture.region['length_bytes']}"
+            f"{capture.region.length_bytes}"
         )
     capture.verify_members()
+    capture.check_tables(b"")
     return capture
 
 
 def output_path(options: BuildOptions, capture: Capture) -> Path:
-    name = f"{capture.manifest['hostname']}-rescue.iso"
+    name = f"{capture.manifest.hostname}-rescue.iso"
     if options.output is None:
         return Path.cwd() / name
     if options.output.is_dir() or len(options.captures) > 1:
@@ -96,15 +97,15 @@ def build_one(
     out = output_path(options, capture)
     if not out.parent.is_dir():
         raise MbrescueError(f"cannot write {out}: {out.parent} is not a directory")
-    boot_fs = manifest.get("boot_fs") or {}
-    if not boot_fs.get("uuid"):
+    boot_fs_uuid = manifest.boot_fs.uuid if manifest.boot_fs else None
+    if not boot_fs_uuid:
         raise MbrescueError(
             f"{capture_path}: the captured /boot has no file system UUID to look for at boot"
         )
     # The medium id names this ISO (GRUB's search skips it, the runner never writes to it):
     # derived from the inputs, so a rebuild of the same capture is byte-identical.
     medium_id = new_medium_id(
-        manifest["region"]["sha256"], manifest["created"], shared.base_initrd.name
+        manifest.region.sha256, manifest.created, shared.base_initrd.name
     )
     with tempfile.TemporaryDirectory(prefix="mbrescue-build-") as tmp:
         work = Path(tmp)
@@ -114,10 +115,10 @@ def build_one(
         )
         grub = make_grub_images(work, medium_id=medium_id)
         grub_cfg = render_grub_cfg(
-            host=manifest["hostname"],
-            captured_at=manifest["created"],
-            region_size=log.human_bytes(manifest["region"]["length_bytes"]),
-            boot_fs_uuid=boot_fs["uuid"],
+            host=manifest.hostname,
+            captured_at=manifest.created,
+            region_size=log.human_bytes(manifest.region.length_bytes),
+            boot_fs_uuid=boot_fs_uuid,
             medium_id=medium_id,
         )
         return write_iso(
@@ -128,7 +129,7 @@ def build_one(
             payload=payload,
             grub_cfg=grub_cfg,
             # Joliet stores the label in UTF-16: 16 characters at most.
-            volume_label=iso_volume_label(manifest["hostname"])[:16],
+            volume_label=iso_volume_label(manifest.hostname)[:16],
             medium_id=medium_id,
         )
 

@@ -80,7 +80,7 @@ def inspect_command(
 
     capture = open_capture(path)
     if as_json:
-        print(json.dumps(capture.manifest, indent=2))
+        print(json.dumps(capture.manifest.raw, indent=2))
     else:
         print(describe(capture))
 

@@ -14,68 +14,66 @@ def open_capture(path: Path) -> Capture:
 
 def describe(capture: Capture) -> str:
     m = capture.manifest
-    src = m["source"]
-    region = m["region"]
-    layout = m["layout"]
-    sector = src["logical_sector_bytes"]
+    src = m.source
+    region = m.region
+    sector = src.logical_sector_bytes
     lines = [
         f"capture   {capture.path}",
-        f"host      {m['hostname']}  (captured {m['created']} by mbrescue {m['tool_version']})",
-        f"source    {src['path']} ({src['kind']}), {human_bytes(src['size_bytes'])} "
-        f"= {src['size_bytes'] // sector} sectors of {sector} bytes (physical {src['physical_sector_bytes']})",
+        f"host      {m.hostname}  (captured {m.created} by mbrescue {m.tool_version})",
+        f"source    {src.path} ({src.kind}), {human_bytes(src.size_bytes)} "
+        f"= {src.size_sectors} sectors of {sector} bytes (physical {src.physical_sector_bytes})",
     ]
-    identity = ", ".join(f"{k} {src[k]}" for k in ("model", "serial", "wwn") if src.get(k))
+    identity = ", ".join(
+        f"{name} {value}"
+        for name, value in (("model", src.model), ("serial", src.serial), ("wwn", src.wwn))
+        if value
+    )
     if identity:
         lines.append(f"identity  {identity}")
-    lines.append(f"table     {layout['table']}  id {layout.get('disk_id')}")
-    if layout.get("gpt"):
-        gpt = layout["gpt"]
-        lines.append(
-            f"gpt       primary {'valid' if gpt.get('primary_valid') else 'INVALID'}, backup "
-            f"{'valid' if gpt.get('backup_valid') else 'INVALID'}, read from the {gpt.get('used')}"
-        )
+    lines.append(f"table     {m.table}  id {m.disk_id}")
     lines.append("")
     lines.append(
         f"  {'#':>2} {'start':>10} {'sectors':>10} {'size':>10}  {'type':<14} {'fs':<6} {'label':<14} uuid"
     )
-    for p in layout["partitions"]:
-        fs = p.get("fs") or {}
-        marks = "*" if p["number"] in m["boot_chain"] else " "
+    for p in m.partitions:
+        fs = p.fs
+        marks = "*" if p.number in m.boot_chain else " "
         lines.append(
-            f"{marks} {p['number']:>2} {p['start_lba']:>10} {p['size_sectors']:>10} "
-            f"{human_bytes(p['size_sectors'] * sector):>10}  {(p.get('type_name') or p['type'])[:14]:<14} "
-            f"{(fs.get('type') or '-'):<6} {(fs.get('label') or '-')[:14]:<14} {fs.get('uuid') or '-'}"
+            f"{marks} {p.number:>2} {p.start_lba:>10} {p.size_sectors:>10} "
+            f"{human_bytes(p.size_sectors * sector):>10}  {(p.type_name or p.type)[:14]:<14} "
+            f"{(fs.type if fs else '-'):<6} {((fs.label if fs else None) or '-')[:14]:<14} "
+            f"{(fs.uuid if fs else None) or '-'}"
         )
     lines.append("  (* = boot chain, inside the region)")
     lines.append("")
-    ratio = region["compressed_bytes"] / region["length_bytes"] if region["length_bytes"] else 0
+    ratio = region.compressed_bytes / region.length_bytes
+    boot_fs = m.boot_fs
     lines += [
-        f"region    sectors 0..{region['end_lba'] - 1} = {human_bytes(region['length_bytes'])}, "
-        f"stored as {human_bytes(region['compressed_bytes'])} ({ratio:.0%}, {len(region['chunks'])} gzip members)",
-        f"sha256    {region['sha256']}",
-        f"/boot     partition {m['boot_partition']}"
+        f"region    sectors 0..{region.end_lba - 1} = {human_bytes(region.length_bytes)}, "
+        f"stored as {human_bytes(region.compressed_bytes)} ({ratio:.0%}, {len(region.chunks)} gzip members)",
+        f"sha256    {region.sha256}",
+        f"/boot     partition {m.boot_partition}"
         + (
-            f", {m['boot_fs']['type']} label {m['boot_fs']['label'] or '-'} uuid {m['boot_fs']['uuid']}"
-            if m.get("boot_fs")
+            f", {boot_fs.type} label {boot_fs.label or '-'} uuid {boot_fs.uuid}"
+            if boot_fs
             else ""
         )
-        + (", frozen while read" if m.get("frozen") else ""),
+        + (", frozen while read" if m.frozen else ""),
     ]
-    for swap in m["swap"]:
+    for swap in m.swap:
         lines.append(
-            f"swap      partition {swap['partition']}: label {swap['label'] or '-'} uuid {swap['uuid']} "
-            f"page {swap['page_bytes']} version {swap['version']} (recreated on restore)"
+            f"swap      partition {swap.partition}: label {swap.label or '-'} uuid {swap.uuid} "
+            f"page {swap.page_bytes} (recreated on restore)"
         )
-    if m.get("gpt_tail"):
-        tail = m["gpt_tail"]
+    if m.gpt_tail:
+        tail = m.gpt_tail
         lines.append(
-            f"gpt tail  {tail['length_bytes']} bytes at {tail['offset_bytes']}, sha256 {tail['sha256'][:16]}…"
+            f"gpt tail  {tail.length_bytes} bytes at {tail.offset_bytes}, sha256 {tail.sha256[:16]}…"
         )
-    files = m["boot_files"]
-    if files.get("member"):
-        lines.append(
-            f"files     {files['file_count']} files of {files['mountpoint']} in {files['member']}"
-        )
+    files = m.boot_files
+    if files.member:
+        lines.append(f"files     {files.file_count} files of {files.mountpoint} in {files.member}")
     else:
-        lines.append(f"files     none: {files.get('reason')}")
+        lines.append(f"files     none: {files.reason}")
+    lines.append("seal      manifest.sha256 matches the manifest")
     return "\n".join(lines)

@@ -85,7 +85,7 @@ def test_capture_fixture_region_and_manifest(fixtures, tmp_path, name):
     assert (out.stat().st_mode & 0o777) == 0o600
     capture = Capture.open(str(out))
     capture.verify()
-    region = capture.manifest["region"]
+    region = capture.manifest.raw["region"]
     # The region is what `dd if=IMG count=<region end>` gives, byte for byte.
     assert region["end_lba"] == fx.region_end_sectors
     assert region["length_bytes"] == fx.region_end_sectors * 512
@@ -94,7 +94,7 @@ def test_capture_fixture_region_and_manifest(fixtures, tmp_path, name):
     assert len(raw) == region["length_bytes"]
     # The manifest agrees with sfdisk (msdos and GPT alike) on every partition.
     table = json.loads(sh("sfdisk", "--json", fx.path))["partitiontable"]
-    manifest_parts = {p["number"]: p for p in capture.manifest["layout"]["partitions"]}
+    manifest_parts = {p["number"]: p for p in capture.manifest.raw["layout"]["partitions"]}
     for part in table["partitions"]:
         number = int(part["node"].rsplit(fx.path.name, 1)[-1].lstrip("p"))
         mine = manifest_parts[number]
@@ -111,15 +111,15 @@ def test_capture_fixture_region_and_manifest(fixtures, tmp_path, name):
         assert fs.get("type") == probed.get("TYPE"), (number, fs, probed)
         assert (fs.get("uuid") or None) == probed.get("UUID"), (number, fs, probed)
         assert (fs.get("label") or None) == probed.get("LABEL"), (number, fs, probed)
-    assert capture.manifest["boot_partition"] == fx.boot_partition
-    swaps = {s["partition"]: s for s in capture.manifest["swap"]}
+    assert capture.manifest.raw["boot_partition"] == fx.boot_partition
+    swaps = {s["partition"]: s for s in capture.manifest.raw["swap"]}
     assert swaps[fx.swap_partition]["label"] == fx.swap_label
     assert swaps[fx.swap_partition]["uuid"] == fx.swap_uuid
     if fx.table == "gpt":
         tail = capture.read_member("gpt-tail.bin")
         size = fx.path.stat().st_size
         assert (
-            sha256_of(fx.path, 33 * 512, size - 33 * 512) == capture.manifest["gpt_tail"]["sha256"]
+            sha256_of(fx.path, 33 * 512, size - 33 * 512) == capture.manifest.raw["gpt_tail"]["sha256"]
         )
         assert len(tail) == 33 * 512
         assert sh("sgdisk", "-v", fx.path).count("No problems found") == 1
@@ -128,7 +128,7 @@ def test_capture_fixture_region_and_manifest(fixtures, tmp_path, name):
     assert shown.returncode == 0, shown.stderr
     assert region["sha256"] in shown.stdout and fx.swap_uuid in shown.stdout
     as_json = json.loads(mbrescue("inspect", "--json", out).stdout)
-    assert as_json == capture.manifest
+    assert as_json == capture.manifest.raw
 
 
 def test_fixture_a_region_is_the_original_dd(fixtures, tmp_path):
@@ -136,7 +136,7 @@ def test_fixture_a_region_is_the_original_dd(fixtures, tmp_path):
     fx = fixtures["A"]
     out = tmp_path / "a.mbrescue"
     assert mbrescue("capture", fx.path, "-o", out).returncode == 0
-    manifest = Capture.open(str(out)).manifest
+    manifest = Capture.open(str(out)).manifest.raw
     swap = next(p for p in manifest["layout"]["partitions"] if p["number"] == 2)
     assert manifest["region"]["end_lba"] == swap["start_lba"]
     assert next(p for p in manifest["layout"]["partitions"] if p["number"] == 1)["start_lba"] == 63
@@ -180,7 +180,7 @@ def test_mounted_boot_is_frozen_and_thawed(tmp_path):
             again = subprocess.run(["fsfreeze", "--unfreeze", mnt], capture_output=True)
             assert again.returncode != 0
             capture = Capture.open(str(out))
-            assert capture.manifest["frozen"] is True
+            assert capture.manifest.raw["frozen"] is True
             # The capture holds a consistent file system with the unsynced file in it.
             region = tmp_path / "region.img"
             region.write_bytes(b"".join(capture.region_chunks()))
@@ -204,7 +204,7 @@ def test_unmounted_capture_says_why_there_are_no_files(tmp_path):
     image = small_msdos_image(tmp_path / "host.img")
     out = tmp_path / "x.mbrescue"
     assert mbrescue("capture", image, "-o", out).returncode == 0
-    files = Capture.open(str(out)).manifest["boot_files"]
+    files = Capture.open(str(out)).manifest.raw["boot_files"]
     assert files["member"] is None and "not mounted" in files["reason"]
 
 
@@ -212,7 +212,7 @@ def test_boot_partition_override(tmp_path):
     image = small_msdos_image(tmp_path / "host.img")
     out = tmp_path / "x.mbrescue"
     assert mbrescue("capture", image, "-o", out, "--boot-partition", "1").returncode == 0
-    assert Capture.open(str(out)).manifest["region"]["end_lba"] == 2048 + 16 * 2048
+    assert Capture.open(str(out)).manifest.raw["region"]["end_lba"] == 2048 + 16 * 2048
 
 
 # -- bad input: one line, non-zero, nothing left behind -----------------------------------------
@@ -279,7 +279,7 @@ def test_gpt_with_corrupt_primary_uses_backup(tmp_path):
     result = mbrescue("capture", image, "-o", out)
     assert result.returncode == 0, result.stderr
     assert "backup" in result.stderr
-    gpt = Capture.open(str(out)).manifest["layout"]["gpt"]
+    gpt = Capture.open(str(out)).manifest.raw["layout"]["gpt"]
     assert gpt["primary_valid"] is False and gpt["backup_valid"] is True and gpt["used"] == "backup"
 
 

@@ -80,7 +80,7 @@ def rescue(fixtures, tmp_path_factory) -> Callable[..., Rescue]:
             initrd = folder / f"initrd-{tag}.img"
             # Base first, payload second: the kernel unpacks both, as from GRUB's two files.
             initrd.write_bytes(base.read_bytes() + payload.read_bytes())
-            manifest = Capture.open(str(captures[name])).manifest
+            manifest = Capture.open(str(captures[name])).manifest.raw
             made[name, unattended] = Rescue(kit.kernel, initrd, captures[name], manifest)
         return made[name, unattended]
 

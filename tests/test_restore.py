@@ -175,7 +175,7 @@ def test_restore_onto_image(fixtures, captures, tmp_path, name, kind):
     target = make_target(tmp_path / "target.img", target_size(fx, kind),
                          "random" if kind == "random" else "zero")
     text = run_restore(captures[name], target)
-    manifest = Capture.open(str(captures[name])).manifest
+    manifest = Capture.open(str(captures[name])).manifest.raw
     check_restored(fx, manifest, target, kind)
     if kind == "smaller":
         assert f"swap partition {fx.swap_partition}" in text and "shrunk" in text
@@ -269,7 +269,7 @@ def test_refuses_target_smaller_than_region(fixtures, captures, tmp_path):
 def test_refuses_partition_past_end_that_is_not_swap(fixtures, captures, tmp_path):
     """B keeps a data logical (5) before its swap: a disk ending inside it is refused."""
     fx = fixtures["B"]
-    manifest = Capture.open(str(captures["B"])).manifest
+    manifest = Capture.open(str(captures["B"])).manifest.raw
     data = next(p for p in manifest["layout"]["partitions"] if p["number"] == 5)
     target = make_target(tmp_path / "short.img", (data["end_lba"] - 10) * SECTOR, "random")
     assert target.stat().st_size > fx.region_end_sectors * SECTOR
@@ -330,7 +330,7 @@ def test_refuses_mounted_target(fixtures, captures, tmp_path):
     fx = fixtures["A"]
     target = make_target(tmp_path / "busy.img", fx.path.stat().st_size)
     run_restore(captures["A"], target)
-    manifest = Capture.open(str(captures["A"])).manifest
+    manifest = Capture.open(str(captures["A"])).manifest.raw
     boot = next(p for p in manifest["layout"]["partitions"] if p["number"] == fx.boot_partition)
     loop = sh("losetup", "-f", "--show", "-o", str(boot["start_lba"] * SECTOR), "--sizelimit",
               str(boot["size_sectors"] * SECTOR), target).strip()

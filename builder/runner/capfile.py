@@ -26,6 +26,7 @@ import contextlib
 import hashlib
 import json
 import os
+import stat
 import tarfile
 import zlib
 from collections.abc import Iterator
@@ -33,6 +34,7 @@ from dataclasses import dataclass
 from typing import BinaryIO
 
 from .errors import MbrescueError
+from .manifest import Manifest, RegionRecord, check_tables, parse_manifest
 
 FORMAT = "mbrescue-capture"
 # 2: manifest.sha256 seals the manifest; GNU headers (members over 8 GiB).
@@ -97,10 +99,17 @@ class Member:
 
 
 class Capture:
-    """An opened capture file: the manifest plus where each member's bytes are."""
+    """An opened capture file: the checked manifest plus where each member's bytes are.
 
-    def __init__(self, path: str, manifest: dict, members: dict[str, Member]) -> None:
+    The file is opened once and every read goes through that one descriptor, from the
+    verification to the last byte written: the bytes verified are the bytes written,
+    even if the path is replaced meanwhile.
+    """
+
+    def __init__(self, path: str, fd: int, manifest: Manifest,
+                 members: dict[str, Member]) -> None:
         self.path = path
+        self.fd = fd
         self.manifest = manifest
         self.members = members
 
@@ -110,77 +119,64 @@ class Capture:
             raise MbrescueError(f"{path}: no such file")
         if os.path.isdir(path):
             raise MbrescueError(f"{path} is a directory, not a capture file")
-        members: dict[str, Member] = {}
         try:
-            with tarfile.open(path, "r:") as archive:
-                for info in archive:
-                    if info.isfile():
-                        members[info.name] = Member(info.name, info.offset_data, info.size)
-        except (tarfile.TarError, OSError, EOFError) as exc:
-            raise MbrescueError(f"{path} is not a capture file ({exc})") from exc
-        if MANIFEST_MEMBER not in members or REGION_MEMBER not in members:
-            raise MbrescueError(f"{path} is not a capture file (no manifest or region)")
-        if MANIFEST_SEAL_MEMBER not in members:
-            raise MbrescueError(
-                f"{path}: the manifest has no seal ({MANIFEST_SEAL_MEMBER}); a capture made "
-                f"before format version {FORMAT_VERSION} must be taken again"
-            )
-        if members[MANIFEST_MEMBER].size > MANIFEST_MAX_BYTES:
-            raise MbrescueError(f"{path}: the manifest is {members[MANIFEST_MEMBER].size} "
-                                f"bytes, more than a capture's manifest can be")
-        with open(path, "rb") as stream:
-            stream.seek(members[MANIFEST_MEMBER].offset)
-            raw = stream.read(members[MANIFEST_MEMBER].size)
-            stream.seek(members[MANIFEST_SEAL_MEMBER].offset)
-            seal = stream.read(min(members[MANIFEST_SEAL_MEMBER].size, 128))
-        if len(raw) != members[MANIFEST_MEMBER].size:
-            raise MbrescueError(f"{path} is truncated (manifest)")
-        if seal.strip() != hashlib.sha256(raw).hexdigest().encode():
-            raise MbrescueError(
-                f"{path}: checksum mismatch in {MANIFEST_MEMBER} (the manifest was changed or "
-                "damaged after the capture); nothing written"
-            )
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        except OSError as exc:
+            raise MbrescueError(f"cannot read {path}: {exc.strerror}") from exc
         try:
-            manifest = json.loads(raw)
-        except ValueError as exc:
-            raise MbrescueError(f"{path}: the manifest is not valid JSON") from exc
-        if manifest.get("format") != FORMAT:
-            raise MbrescueError(f"{path} is not a capture file (format {manifest.get('format')!r})")
-        if manifest.get("format_version") != FORMAT_VERSION:
-            raise MbrescueError(
-                f"{path}: capture format version {manifest.get('format_version')} "
-                f"is not supported (this mbrescue reads {FORMAT_VERSION})"
-            )
-        return cls(path, manifest, members)
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                raise MbrescueError(f"{path} is not a regular file, so not a capture file")
+            members = _members(path, fd)
+            manifest = _read_manifest(path, fd, members)
+            _check_members(path, manifest, members)
+        except BaseException:
+            os.close(fd)
+            raise
+        return cls(path, fd, manifest, members)
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+    def __enter__(self) -> Capture:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
     @property
-    def region(self) -> dict:
-        return self.manifest["region"]
+    def region(self) -> RegionRecord:
+        return self.manifest.region
+
+    def pread(self, length: int, offset: int) -> bytes:
+        """Exactly `length` bytes of the capture file at `offset`."""
+        data = os.pread(self.fd, length, offset)
+        if len(data) != length:
+            raise MbrescueError(f"{self.path} is truncated")
+        return data
 
     def read_member(self, name: str) -> bytes:
+        """A small member whole (the GPT tail: its size was checked against the manifest)."""
         member = self.members.get(name)
         if member is None:
             raise MbrescueError(f"{self.path}: the capture has no {name}")
-        with open(self.path, "rb") as stream:
-            stream.seek(member.offset)
-            data = stream.read(member.size)
-        if len(data) != member.size:
-            raise MbrescueError(f"{self.path} is truncated ({name})")
-        return data
+        return self.pread(member.size, member.offset)
+
+    def member_sha256(self, name: str) -> str:
+        """A member's SHA-256, read in slices (the /boot archive can be large)."""
+        member = self.members[name]
+        digest = hashlib.sha256()
+        for at in range(0, member.size, CHUNK_BYTES):
+            digest.update(self.pread(min(CHUNK_BYTES, member.size - at), member.offset + at))
+        return digest.hexdigest()
 
     def compressed_chunks(self) -> Iterator[bytes]:
         """The region's gzip members, one per chunk, as recorded in the manifest."""
-        member = self.members[REGION_MEMBER]
-        sizes = self.region["chunks"]
-        if sum(sizes) != member.size or len(sizes) != len(self.region.get("chunk_sha256", ())):
-            raise MbrescueError(f"{self.path}: region chunk list does not match its member")
-        with open(self.path, "rb") as stream:
-            stream.seek(member.offset)
-            for size in sizes:
-                data = stream.read(size)
-                if len(data) != size:
-                    raise MbrescueError(f"{self.path} is truncated (region)")
-                yield data
+        offset = self.members[REGION_MEMBER].offset
+        for size in self.region.chunks:
+            yield self.pread(size, offset)
+            offset += size
 
     def region_chunks(self) -> Iterator[bytes]:
         """The raw region, chunk by chunk (each `chunk_bytes` long, the last shorter)."""
@@ -188,44 +184,163 @@ class Capture:
             yield self.unpack(index, packed)
 
     def unpack(self, index: int, packed: bytes) -> bytes:
-        """One region chunk's raw bytes from its gzip member; a damaged member names itself."""
+        """One region chunk's raw bytes from its gzip member; a damaged member names itself.
+
+        Inflating stops one byte past the chunk's size: a member that would inflate to
+        more (a hostile "zip bomb") is refused without the memory it asks for.
+        """
+        want = self.region.raw_chunk_bytes(index)
         try:
             unpacker = zlib.decompressobj(GZIP_WBITS)
-            raw = unpacker.decompress(packed)
+            raw = unpacker.decompress(packed, want + 1)
+            if len(raw) > want or unpacker.unconsumed_tail:
+                raise zlib.error(f"inflates to more than its {want} bytes")
             if not unpacker.eof or unpacker.unused_data:
                 raise zlib.error("member not complete")
         except zlib.error as exc:
             raise MbrescueError(f"{self.path}: region chunk {index} is corrupt ({exc})") from exc
+        if len(raw) != want:
+            raise MbrescueError(
+                f"{self.path}: region chunk {index} inflates to {len(raw)} bytes, not {want}"
+            )
         return raw
 
     def verify(self) -> None:
-        """Check every recorded checksum; raise naming the first that differs.
+        """Check every recorded checksum, then the manifest against the region's own table;
+        raise naming the first that differs.
 
         Nothing may be written to a disk before this passes: a failed unpack can
         leave a full-length but corrupt file. Each gzip member has its own
         SHA-256 (so a damaged capture names the chunk), and the raw region has one.
         """
-        expected = self.region["chunk_sha256"]
+        expected = self.region.chunk_sha256
         raw_digest = hashlib.sha256()
-        length = 0
+        head = bytearray()
         for index, packed in enumerate(self.compressed_chunks()):
             if hashlib.sha256(packed).hexdigest() != expected[index]:
                 raise MbrescueError(f"{self.path}: checksum mismatch in region chunk {index}")
             raw = self.unpack(index, packed)
             raw_digest.update(raw)
-            length += len(raw)
-        if length != self.region["length_bytes"]:
-            raise MbrescueError(
-                f"{self.path}: region is {length} bytes, the manifest says {self.region['length_bytes']}"
-            )
-        if raw_digest.hexdigest() != self.region["sha256"]:
+            if len(head) < HEAD_BYTES:
+                head += raw[: HEAD_BYTES - len(head)]
+        if raw_digest.hexdigest() != self.region.sha256:
             raise MbrescueError(f"{self.path}: checksum mismatch in the region")
         self.verify_members()
+        self.check_tables(bytes(head))
+
+    def check_tables(self, head: bytes) -> None:
+        """The manifest against the partition table in the region's first bytes (`head`,
+        from a verified region); a disagreement is refused before anything is planned."""
+
+        def read_region(offset: int, length: int) -> bytes:
+            if offset + length <= len(head):
+                return head[offset : offset + length]
+            if offset + length > self.region.length_bytes:
+                raise MbrescueError(f"{self.path}: the region does not hold bytes {offset}"
+                                    f"..{offset + length - 1}")
+            return self.read_region(offset, length)
+
+        try:
+            check_tables(self.manifest, read_region)
+        except MbrescueError as exc:
+            raise MbrescueError(f"{self.path}: {exc}") from None
+
+    def read_region(self, offset: int, length: int) -> bytes:
+        """Raw region bytes at any offset (inflates the chunks that hold them)."""
+        size = self.region.chunk_bytes
+        first, last = offset // size, (offset + length - 1) // size
+        sizes = self.region.chunks
+        at = self.members[REGION_MEMBER].offset + sum(sizes[:first])
+        raw = b""
+        for index in range(first, last + 1):
+            raw += self.unpack(index, self.pread(sizes[index], at))
+            at += sizes[index]
+        start = offset - first * size
+        return raw[start : start + length]
 
     def verify_members(self) -> None:
         """The GPT tail's and the /boot archive's checksums."""
-        for entry in (self.manifest.get("gpt_tail"), self.manifest.get("boot_files")):
-            if entry and entry.get("member"):
-                data = self.read_member(entry["member"])
-                if hashlib.sha256(data).hexdigest() != entry["sha256"]:
-                    raise MbrescueError(f"{self.path}: checksum mismatch in {entry['member']}")
+        for member, digest in (
+            (self.manifest.gpt_tail.member, self.manifest.gpt_tail.sha256)
+            if self.manifest.gpt_tail else (None, None),
+            (self.manifest.boot_files.member, self.manifest.boot_files.sha256),
+        ):
+            if member is not None and self.member_sha256(member) != digest:
+                raise MbrescueError(f"{self.path}: checksum mismatch in {member}")
+
+
+# The MBR, a GPT header and a 128-entry array (34 sectors of 4096 bytes at most).
+HEAD_BYTES = 34 * 4096
+
+
+def _members(path: str, fd: int) -> dict[str, Member]:
+    members: dict[str, Member] = {}
+    try:
+        with os.fdopen(os.dup(fd), "rb") as stream, tarfile.open(fileobj=stream, mode="r:") as archive:
+            for info in archive:
+                if info.isfile():
+                    if info.name in members:
+                        raise MbrescueError(f"{path}: the capture holds {info.name} twice")
+                    members[info.name] = Member(info.name, info.offset_data, info.size)
+    except (tarfile.TarError, OSError, EOFError, ValueError) as exc:
+        raise MbrescueError(f"{path} is not a capture file ({exc})") from exc
+    if MANIFEST_MEMBER not in members or REGION_MEMBER not in members:
+        raise MbrescueError(f"{path} is not a capture file (no manifest or region)")
+    end = os.fstat(fd).st_size
+    for member in members.values():
+        if member.offset + member.size > end:
+            raise MbrescueError(f"{path} is truncated ({member.name})")
+    return members
+
+
+def _read_manifest(path: str, fd: int, members: dict[str, Member]) -> Manifest:
+    if MANIFEST_SEAL_MEMBER not in members:
+        raise MbrescueError(
+            f"{path}: the manifest has no seal ({MANIFEST_SEAL_MEMBER}); a capture made "
+            f"before format version {FORMAT_VERSION} must be taken again"
+        )
+    manifest_member = members[MANIFEST_MEMBER]
+    if manifest_member.size > MANIFEST_MAX_BYTES:
+        raise MbrescueError(f"{path}: the manifest is {manifest_member.size} bytes, more than a "
+                            "capture's manifest can be")
+    raw = os.pread(fd, manifest_member.size, manifest_member.offset)
+    seal_member = members[MANIFEST_SEAL_MEMBER]
+    seal = os.pread(fd, min(seal_member.size, 128), seal_member.offset)
+    if seal.strip() != hashlib.sha256(raw).hexdigest().encode():
+        raise MbrescueError(
+            f"{path}: checksum mismatch in {MANIFEST_MEMBER} (the manifest was changed or "
+            "damaged after the capture); nothing written"
+        )
+    try:
+        data = json.loads(raw)
+    except (ValueError, RecursionError) as exc:
+        raise MbrescueError(f"{path}: the manifest is not valid JSON") from exc
+    if not isinstance(data, dict) or data.get("format") != FORMAT:
+        found = data.get("format") if isinstance(data, dict) else type(data).__name__
+        raise MbrescueError(f"{path} is not a capture file (format {found!r})")
+    if data.get("format_version") != FORMAT_VERSION:
+        raise MbrescueError(
+            f"{path}: capture format version {data.get('format_version')!r} "
+            f"is not supported (this mbrescue reads {FORMAT_VERSION})"
+        )
+    try:
+        return parse_manifest(data)
+    except MbrescueError as exc:
+        raise MbrescueError(f"{path}: {exc}") from None
+
+
+def _check_members(path: str, manifest: Manifest, members: dict[str, Member]) -> None:
+    """Member sizes against the manifest, before any member is read."""
+    if members[REGION_MEMBER].size != manifest.region.compressed_bytes:
+        raise MbrescueError(
+            f"{path}: the region member is {members[REGION_MEMBER].size} bytes, the manifest's "
+            f"chunk list says {manifest.region.compressed_bytes}"
+        )
+    tail = manifest.gpt_tail
+    if tail is not None:
+        member = members.get(tail.member)
+        if member is None or member.size != tail.length_bytes:
+            raise MbrescueError(f"{path}: the GPT tail member does not match the manifest")
+    archive = manifest.boot_files.member
+    if archive is not None and archive not in members:
+        raise MbrescueError(f"{path}: the capture has no {archive}")

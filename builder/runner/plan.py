@@ -20,6 +20,7 @@ from .console import Console, human_bytes
 from .disk import DiskInfo, read_at
 from .errors import MbrescueError
 from .layout import read_layout
+from .manifest import EbrRecord, Manifest
 
 SWAP_TYPES = (0x82,)
 LINUX_SWAP_GUID = "0657fd6d-a4ab-43c4-84e5-0933c84b4f4f"
@@ -50,6 +51,12 @@ class Plan:
     adjusted: list[str] = field(default_factory=list)  # what changes against the capture
     recreated: list[str] = field(default_factory=list)
     shrunk: dict[int, int] = field(default_factory=dict)  # partition number -> new size
+    # Byte ranges (offset, length) written last, after the rest is on the disk and read
+    # back: what makes the disk look bootable or healthy (sector 0, the GPT headers, the
+    # boot chain's superblocks). Until they are there the ISO's boot-time probe finds no
+    # captured /boot, so an interrupted restore never looks healthy (safety rule 6).
+    deferred: list[tuple[int, int]] = field(default_factory=list)
+    deferred_what: list[str] = field(default_factory=list)
 
     @property
     def region_sectors(self) -> int:
@@ -65,7 +72,7 @@ class RegionHead:
         self._chunks = capture.region_chunks()
 
     def read(self, offset: int, length: int) -> bytes:
-        region_bytes = self.capture.region["length_bytes"]
+        region_bytes = self.capture.region.length_bytes
         if offset + length > region_bytes:
             raise MbrescueError(
                 f"the capture's region ({region_bytes} bytes) does not hold bytes "
@@ -79,17 +86,12 @@ class RegionHead:
 # --- planning --------------------------------------------------------------------------
 
 
-def _swap_numbers(manifest: dict) -> set[int]:
-    return {record["partition"] for record in manifest.get("swap") or []}
-
-
 def plan_restore(capture: Capture, head: RegionHead, target: DiskInfo) -> Plan:
     """Decide every write for this target, or refuse with the reason; writes nothing."""
     manifest = capture.manifest
-    source = manifest["source"]
-    sector = int(source["logical_sector_bytes"])
-    region_bytes = int(manifest["region"]["length_bytes"])
-    table = manifest["layout"]["table"]
+    sector = manifest.source.logical_sector_bytes
+    region_bytes = manifest.region.length_bytes
+    table = manifest.table
     if target.logical_sector_bytes != sector:
         raise MbrescueError(
             f"{target.path} has {target.logical_sector_bytes}-byte logical sectors, the captured "
@@ -106,10 +108,64 @@ def plan_restore(capture: Capture, head: RegionHead, target: DiskInfo) -> Plan:
     else:
         _plan_msdos(plan, manifest, head)
     _plan_swap(plan, manifest)
+    _plan_deferred(plan, manifest)
     return plan
 
 
-def _plan_gpt(plan: Plan, manifest: dict, head: RegionHead) -> None:
+# The first 64 KiB of a file system hold every superblock a probe reads: ext's at 1 KiB,
+# FAT's boot sector, XFS's at 0; GRUB's `search --fs-uuid` finds none of them until then.
+SUPERBLOCK_SPAN_BYTES = 64 << 10
+
+
+def _plan_deferred(plan: Plan, manifest: Manifest) -> None:
+    sector = plan.sector_bytes
+    ranges = [(0, (2 if plan.table == "gpt" else 1) * sector)]
+    plan.deferred_what.append("sector 0" + (" and the primary GPT header" if plan.table == "gpt"
+                                            else " (boot code and partition table)"))
+    for number in manifest.boot_chain:
+        part = manifest.partition(number)
+        if part.fs is None:
+            continue
+        start = part.start_lba * sector
+        ranges.append((start, min(SUPERBLOCK_SPAN_BYTES, part.size_sectors * sector)))
+        plan.deferred_what.append(f"the superblock of partition {number} ({part.fs.type})")
+    for write in plan.writes:
+        if write.what == "backup GPT header":
+            ranges.append((write.offset_bytes, len(write.data)))
+            plan.deferred_what.append("the backup GPT header")
+    # A planned write that overlaps a deferred range joins it whole, so each write is
+    # either deferred entirely or not at all.
+    while True:
+        merged = _merge(ranges + [
+            (w.offset_bytes, len(w.data)) for w in plan.writes
+            if any(_overlaps(w.offset_bytes, w.end_bytes, lo, lo + n) for lo, n in ranges)
+        ])
+        if merged == ranges:
+            break
+        ranges = merged
+    plan.deferred = ranges
+
+
+def _overlaps(lo: int, hi: int, other_lo: int, other_hi: int) -> bool:
+    return lo < other_hi and other_lo < hi
+
+
+def _merge(ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    merged: list[tuple[int, int]] = []
+    for lo, length in sorted(ranges):
+        if merged and lo <= merged[-1][0] + merged[-1][1]:
+            last_lo, last_length = merged[-1]
+            merged[-1] = (last_lo, max(last_lo + last_length, lo + length) - last_lo)
+        else:
+            merged.append((lo, length))
+    return merged
+
+
+def is_deferred(plan: Plan, lo: int, hi: int) -> bool:
+    return any(lo >= d_lo and hi <= d_lo + d_len for d_lo, d_len in plan.deferred)
+
+
+def _plan_gpt(plan: Plan, manifest: Manifest, head: RegionHead) -> None:
     sector = plan.sector_bytes
     disk_sectors = plan.target.size_bytes // sector
     header_raw = head.read(sector, sector)
@@ -118,7 +174,7 @@ def _plan_gpt(plan: Plan, manifest: dict, head: RegionHead) -> None:
     entries = bytearray(head.read(header.entries_lba * sector, total))
     entries_sectors = -(-total // sector)
     last_usable = disk_sectors - 1 - entries_sectors - 1
-    swaps = _swap_numbers(manifest)
+    swaps = manifest.swap_numbers
     changed = False
     for entry in gpt.parse_entries(bytes(entries), header.entry_count, header.entry_bytes):
         if entry.last_lba <= last_usable:
@@ -156,7 +212,7 @@ def _plan_gpt(plan: Plan, manifest: dict, head: RegionHead) -> None:
             # Same size: only the CHS guess would change; keep the captured sector 0 exact.
             continue
         plan.writes.append(Write(lba * sector, data, names.get(lba, "backup GPT entries")))
-    source_sectors = int(manifest["source"]["size_bytes"]) // sector
+    source_sectors = manifest.source.size_sectors
     if disk_sectors != source_sectors or changed:
         plan.adjusted.append(
             f"GPT backup header and entries written at sectors {disk_sectors - 1 - entries_sectors}"
@@ -169,15 +225,23 @@ def _plan_gpt(plan: Plan, manifest: dict, head: RegionHead) -> None:
         )
 
 
+def _mbr_type(text: str) -> int:
+    try:
+        return int(text, 16)
+    except ValueError:
+        raise MbrescueError(f"the capture's partition type {text[:20]!r} is not an MBR type") from None
+
+
 def _mbr_extents(sector: bytes) -> list[tuple[int, int, int]]:
     return [(e.type, e.start_lba, e.size_sectors) for e in mbr.parse_mbr(sector).entries]
 
 
-def _check_swap_size(plan: Plan, number: int, new_size_sectors: int, manifest: dict) -> None:
+def _check_swap_size(plan: Plan, number: int, new_size_sectors: int,
+                     manifest: Manifest) -> None:
     page = 4096
-    for record in manifest.get("swap") or []:
-        if record["partition"] == number and record.get("page_bytes"):
-            page = int(record["page_bytes"])
+    for record in manifest.swap:
+        if record.partition == number:
+            page = record.page_bytes
     if new_size_sectors * plan.sector_bytes < MIN_SWAP_PAGES * page:
         raise MbrescueError(
             f"{plan.target.path} is too small: swap partition {number} would shrink to "
@@ -185,11 +249,11 @@ def _check_swap_size(plan: Plan, number: int, new_size_sectors: int, manifest: d
         )
 
 
-def _plan_msdos(plan: Plan, manifest: dict, head: RegionHead) -> None:
+def _plan_msdos(plan: Plan, manifest: Manifest, head: RegionHead) -> None:
     sector = plan.sector_bytes
     disk_sectors = plan.target.size_bytes // sector
     last_lba = disk_sectors - 1
-    swaps = _swap_numbers(manifest)
+    swaps = manifest.swap_numbers
     sector0 = head.read(0, 512)
     table = mbr.parse_mbr(sector0)
     new_sector0 = sector0
@@ -231,19 +295,16 @@ def _plan_msdos(plan: Plan, manifest: dict, head: RegionHead) -> None:
     _plan_ebrs(plan, manifest, extended_start, swaps)
 
 
-def _plan_ebrs(plan: Plan, manifest: dict, extended_start: int | None, swaps: set[int]) -> None:
+def _plan_ebrs(plan: Plan, manifest: Manifest, extended_start: int | None,
+               swaps: set[int]) -> None:
     """Logical partitions: their EBRs come from the manifest (an EBR usually lies outside
     the region, so a blank target would otherwise lose every logical partition)."""
-    records = manifest.get("ebrs") or []
+    records = list(manifest.ebrs)
     if extended_start is None:
         return
     if not records:
         records = ebrs_from_layout(manifest, extended_start)
-    by_lba = {
-        int(record["lba"]): bytes.fromhex(record["hex"])
-        for record in records
-        if int(record["lba"]) >= extended_start
-    }
+    by_lba = {record.lba: record.sector for record in records if record.lba >= extended_start}
     sector = plan.sector_bytes
     disk_sectors = plan.target.size_bytes // sector
     last_lba = disk_sectors - 1
@@ -301,63 +362,66 @@ def _plan_ebrs(plan: Plan, manifest: dict, extended_start: int | None, swaps: se
                 plan.recreated.append(f"EBR at sector {ebr_lba} (the chain of logical partitions)")
 
 
-def ebrs_from_layout(manifest: dict, extended_start: int) -> list[dict]:
+def ebrs_from_layout(manifest: Manifest, extended_start: int) -> list[EbrRecord]:
     """EBR sectors rebuilt from the layout's logical partitions, for a capture that did not
     keep them verbatim: the chain's meaning (entries and links) is all an EBR holds."""
     logicals = sorted(
-        (p for p in manifest["layout"]["partitions"] if p.get("is_logical")),
-        key=lambda p: p["number"],
+        (p for p in manifest.partitions if p.is_logical),
+        key=lambda p: p.number,
     )
     records = []
     for index, part in enumerate(logicals):
-        ebr_lba = part.get("table_lba")
+        ebr_lba = part.table_lba
         if ebr_lba is None:
             raise MbrescueError(
-                f"the capture does not say where logical partition {part['number']}'s EBR is"
+                f"the capture does not say where logical partition {part.number}'s EBR is"
             )
         sector = bytearray(512)
-        status = 0x80 if part.get("bootable") else 0
+        status = 0x80 if part.bootable else 0
         # CHS fields carry absolute addresses, the LBA fields relative ones.
         sector[446:462] = mbr.encode_entry(
-            status, int(part["type"], 16), part["start_lba"] - ebr_lba, part["size_sectors"],
-            mbr.chs_from_lba(part["start_lba"]), mbr.chs_from_lba(part["end_lba"]),
+            status, _mbr_type(part.type), part.start_lba - ebr_lba, part.size_sectors,
+            mbr.chs_from_lba(part.start_lba), mbr.chs_from_lba(part.end_lba),
         )
         if index + 1 < len(logicals):
             following = logicals[index + 1]
-            next_lba = following["table_lba"]
+            next_lba = following.table_lba
+            if next_lba is None:
+                raise MbrescueError(
+                    f"the capture does not say where logical partition {following.number}'s "
+                    "EBR is"
+                )
             sector[462:478] = mbr.encode_entry(
-                0, 0x05, next_lba - extended_start, following["end_lba"] - next_lba + 1,
-                mbr.chs_from_lba(next_lba), mbr.chs_from_lba(following["end_lba"]),
+                0, 0x05, next_lba - extended_start, following.end_lba - next_lba + 1,
+                mbr.chs_from_lba(next_lba), mbr.chs_from_lba(following.end_lba),
             )
         sector[510:512] = mbr.BOOT_SIGNATURE
-        records.append({"lba": ebr_lba, "hex": bytes(sector).hex()})
+        records.append(EbrRecord(ebr_lba, bytes(sector)))
     return records
 
 
-def _plan_swap(plan: Plan, manifest: dict) -> None:
+def _plan_swap(plan: Plan, manifest: Manifest) -> None:
     sector = plan.sector_bytes
-    for record in manifest.get("swap") or []:
-        number = int(record["partition"])
-        offset = int(record["start_lba"]) * sector
+    for record in manifest.swap:
+        number = record.partition
+        offset = record.start_lba * sector
         shrunk = number in plan.shrunk
-        size_sectors = plan.shrunk.get(number, int(record["size_sectors"]))
-        page = int(record.get("page_bytes") or 4096)
+        size_sectors = plan.shrunk.get(number, record.size_sectors)
+        page = record.page_bytes
         if offset + page <= plan.region_bytes and not shrunk:
             continue  # inside the region: restored with it, byte for byte
         if offset + page > plan.target.size_bytes:
             raise MbrescueError(
-                f"swap partition {number} starts at sector {record['start_lba']}, too close to "
+                f"swap partition {number} starts at sector {record.start_lba}, too close to "
                 f"the end of {plan.target.path} for a swap header"
             )
-        if not record.get("uuid"):
-            raise MbrescueError(f"the capture has no UUID for swap partition {number}")
         header = swap.make_swap_header(
-            size_sectors * sector, page, record["uuid"], record.get("label")
+            size_sectors * sector, page, record.uuid, record.label
         )
         plan.writes.append(Write(offset, header, f"swap header of partition {number}"))
         plan.recreated.append(
-            f"swap partition {number}: label {record.get('label') or '(none)'}, "
-            f"UUID {record['uuid']}, {human_bytes(size_sectors * sector)}"
+            f"swap partition {number}: label {record.label or '(none)'}, "
+            f"UUID {record.uuid}, {human_bytes(size_sectors * sector)}"
         )
 
 
@@ -416,14 +480,16 @@ def show_plan(console: Console, plan: Plan) -> None:
         console.say("  Will adjust: " + line)
     for line in plan.recreated:
         console.say("  Will recreate: " + line)
+    console.say("  Written last, once the rest reads back right (until then the disk does "
+                "not look bootable): " + ", ".join(plan.deferred_what))
 
 
 def show_capture(console: Console, capture: Capture) -> None:
     manifest = capture.manifest
-    source = manifest["source"]
+    source = manifest.source
     console.say(
-        f"mbrescue: capture of {manifest.get('hostname')} taken {manifest.get('created')} from "
-        f"{source.get('path')} ({source.get('model') or 'model unknown'}, serial "
-        f"{source.get('serial') or 'unknown'}, {human_bytes(source['size_bytes'])}, "
-        f"{manifest['layout']['table']})"
+        f"mbrescue: capture of {manifest.hostname} taken {manifest.created} from "
+        f"{source.path} ({source.model or 'model unknown'}, serial "
+        f"{source.serial or 'unknown'}, {human_bytes(source.size_bytes)}, "
+        f"{manifest.table})"
     )

@@ -55,7 +55,7 @@ def rescue_candidates(capture: Capture, head: RegionHead, medium: str | None
         except MbrescueError as exc:
             found.append((Candidate(listed, 9, "", str(exc)), None))
             continue
-        order, why = rank(disk, capture.manifest["source"])
+        order, why = rank(disk, capture.manifest.source)
         candidate = Candidate(disk, order, why, base_refusal(disk, medium))
         plan = None
         if candidate.refusal is None:
@@ -94,7 +94,7 @@ def restore(
     show_capture(console, capture)
     console.say("mbrescue: checking the capture's checksums ...")
     capture.verify()
-    console.say(f"mbrescue: capture verified (region SHA-256 {capture.region['sha256'][:16]}...)")
+    console.say(f"mbrescue: capture verified (region SHA-256 {capture.region.sha256[:16]}...)")
     head = RegionHead(capture)
     unambiguous = False
     if target is not None:
@@ -163,5 +163,5 @@ def restore(
     for line in plan.recreated:
         console.say("mbrescue: recreated: " + line)
     console.say(f"mbrescue: restore complete: {plan.target.path} holds the boot region of "
-                f"{capture.manifest.get('hostname')}")
+                f"{capture.manifest.hostname}")
     return 0

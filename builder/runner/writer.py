@@ -17,6 +17,7 @@ import fcntl
 import hashlib
 import mmap
 import os
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -25,7 +26,7 @@ from .capfile import REGION_MEMBER, Capture
 from .console import Console
 from .errors import MbrescueError
 from .layout import read_layout
-from .plan import Plan, Write
+from .plan import Plan, Write, is_deferred
 from .probe import probe
 from .targets import busy_reason
 
@@ -113,39 +114,48 @@ def region_groups(capture: Capture, block_bytes: int) -> Iterator[list[bytes | m
     the next group is asked for.
     """
     member = capture.members[REGION_MEMBER]
-    sizes = [int(size) for size in capture.region["chunks"]]
-    if sum(sizes) != member.size:
-        raise MbrescueError(f"{capture.path}: region chunk list does not match its member")
+    sizes = capture.region.chunks
+    expected = capture.region.chunk_sha256
     slab = bytearray(block_bytes + max(sizes, default=0))
     view = memoryview(slab)
     # Runs of zeros (free space of /boot, the gap after the MBR) come as identical small
     # members: inflate each distinct one once.
     small: dict[bytes, bytes] = {}
-    with open(capture.path, "rb", buffering=0) as stream:
-        stream.seek(member.offset)
-        group: list[bytes | memoryview] = []
-        raw_bytes = used = 0
-        for index, size in enumerate(sizes):
-            if used + size > len(slab):
-                yield group
-                group, raw_bytes, used = [], 0, 0
-            packed = view[used : used + size]
-            if stream.readinto(packed) != size:
-                raise MbrescueError(f"{capture.path} is truncated (region)")
-            used += size
-            stored = stored_blocks(packed)
-            parts: list[bytes | memoryview] = (
-                list(stored) if stored is not None
-                else [_inflate(capture, index, bytes(packed), small)]
-            )
-            group.extend(parts)
-            raw_bytes += sum(len(part) for part in parts)
-            # pwritev takes at most IOV_MAX (1024) buffers.
-            if raw_bytes >= block_bytes or len(group) > 512:
-                yield group
-                group, raw_bytes, used = [], 0, 0
-        if group:
+    # The capture's own descriptor, the one its checksums were verified through.
+    at = member.offset
+    group: list[bytes | memoryview] = []
+    raw_bytes = used = 0
+    for index, size in enumerate(sizes):
+        if used + size > len(slab):
             yield group
+            group, raw_bytes, used = [], 0, 0
+        packed = view[used : used + size]
+        if os.preadv(capture.fd, [packed], at) != size:
+            raise MbrescueError(f"{capture.path} is truncated (region)")
+        at += size
+        # Hashed again as it is written: what goes to the disk is what was verified,
+        # and a mismatch stops the restore before the boot sectors are written.
+        if hashlib.sha256(packed).hexdigest() != expected[index]:
+            raise MbrescueError(
+                f"{capture.path}: region chunk {index} changed since it was verified; "
+                "stopped before the boot sectors were written"
+            )
+        used += size
+        stored = stored_blocks(packed)
+        if stored is not None and sum(map(len, stored)) != capture.region.raw_chunk_bytes(index):
+            stored = None  # inflate names the wrong length
+        parts: list[bytes | memoryview] = (
+            list(stored) if stored is not None
+            else [_inflate(capture, index, bytes(packed), small)]
+        )
+        group.extend(parts)
+        raw_bytes += sum(len(part) for part in parts)
+        # pwritev takes at most IOV_MAX (1024) buffers.
+        if raw_bytes >= block_bytes or len(group) > 512:
+            yield group
+            group, raw_bytes, used = [], 0, 0
+    if group:
+        yield group
 
 
 def _inflate(capture: Capture, index: int, packed: bytes, small: dict[bytes, bytes]) -> bytes:
@@ -223,9 +233,23 @@ def open_target(plan: Plan) -> int:
         raise MbrescueError(f"cannot open {plan.target.path} for writing: {exc.strerror}") from exc
 
 
+def invalidate(fd: int, plan: Plan) -> None:
+    """Zero what will be written last, first: a target that looked healthy before (an
+    older copy of the same host) must not look healthy while the restore runs."""
+    for offset, length in plan.deferred:
+        length = min(length, plan.target.size_bytes - offset)
+        if length > 0:
+            _pwrite_all(fd, bytes(length), offset, plan)
+    _fsync(fd, plan)
+
+
 def write_plan(fd: int, capture: Capture, plan: Plan, console: Console,
-               originals: list[tuple[int, bytes]]) -> float:
-    """The region with its in-region adjustments, then everything past it; fsync. Seconds."""
+               originals: list[tuple[int, bytes]], held: list[tuple[int, bytes]]) -> float:
+    """The region with its in-region adjustments, then everything past it; fsync. Seconds.
+
+    The deferred ranges go out as zeros here; their final bytes are kept in `held` for
+    `write_held`, and the captured bytes they replace in `originals` for the check.
+    """
     progress = console.progress("writing", plan.region_bytes)
     in_region = [w for w in plan.writes if w.offset_bytes < plan.region_bytes]
     offset = 0
@@ -236,8 +260,10 @@ def write_plan(fd: int, capture: Capture, plan: Plan, console: Console,
         at = offset
         for piece in group:
             data, replaced = _overlay(piece, at, in_region)
-            originals.extend(replaced)
-            buffers.append(data)
+            originals.extend(
+                item for item in replaced if not is_deferred(plan, item[0], item[0] + len(item[1]))
+            )
+            buffers.append(_hold_deferred(plan, piece, data, at, originals, held))
             at += len(piece)
         length = at - offset
         _pwritev_all(fd, buffers, offset, plan)
@@ -250,12 +276,45 @@ def write_plan(fd: int, capture: Capture, plan: Plan, console: Console,
     for write in plan.writes:
         if write.end_bytes > plan.region_bytes:
             start = max(write.offset_bytes, plan.region_bytes)
-            _pwrite_all(fd, write.data[start - write.offset_bytes :], start, plan)
+            data = write.data[start - write.offset_bytes :]
+            if is_deferred(plan, write.offset_bytes, write.end_bytes):
+                held.append((start, data))
+            else:
+                _pwrite_all(fd, data, start, plan)
+    _fsync(fd, plan)
+    return progress.finish()
+
+
+def _hold_deferred(plan: Plan, piece: bytes | memoryview, data: bytes | memoryview, at: int,
+                   originals: list[tuple[int, bytes]], held: list[tuple[int, bytes]]
+                   ) -> bytes | memoryview:
+    """`data` (the piece with its writes patched in) with the deferred ranges zeroed."""
+    end = at + len(piece)
+    patched: bytearray | None = None
+    for lo, length in plan.deferred:
+        a, b = max(lo, at), min(lo + length, end)
+        if a >= b:
+            continue
+        originals.append((a, bytes(piece[a - at : b - at])))
+        held.append((a, bytes(data[a - at : b - at])))
+        if patched is None:
+            patched = bytearray(data)
+        patched[a - at : b - at] = bytes(b - a)
+    return bytes(patched) if patched is not None else data
+
+
+def write_held(fd: int, plan: Plan, held: list[tuple[int, bytes]]) -> None:
+    """The deferred ranges' final bytes: the moment the disk starts to look bootable."""
+    for offset, data in held:
+        _pwrite_all(fd, data, offset, plan)
+    _fsync(fd, plan)
+
+
+def _fsync(fd: int, plan: Plan) -> None:
     try:
         os.fsync(fd)
     except OSError as exc:
         raise MbrescueError(f"flushing {plan.target.path} failed: {exc.strerror}") from exc
-    return progress.finish()
 
 
 # --- verifying -------------------------------------------------------------------------
@@ -330,9 +389,10 @@ class ReadBack:
 
 def verify_plan(capture: Capture, plan: Plan, console: Console,
                 originals: list[tuple[int, bytes]]) -> tuple[float, str]:
-    """Read the region back and hash it with the adjusted ranges put back to what the
-    capture holds there: that must give the capture's SHA-256. The adjusted ranges and the
-    writes past the region must read back as planned; then the tables are re-parsed."""
+    """Read the region back and hash it with the adjusted and the deferred ranges put back
+    to what the capture holds there: that must give the capture's SHA-256. The adjusted
+    ranges and the writes past the region must read back as planned (the deferred ones
+    are checked by `verify_held`, once written)."""
     progress = console.progress("verifying", plan.region_bytes)
     reader = ReadBack(plan.target.path, plan.target.kind)
     try:
@@ -352,20 +412,36 @@ def verify_plan(capture: Capture, plan: Plan, console: Console,
             digest.update(data[at - offset :])
             progress.advance(length)
         seconds = progress.finish()
-        if digest.hexdigest() != capture.region["sha256"]:
+        if digest.hexdigest() != capture.region.sha256:
             raise MbrescueError(
                 f"verification failed: the region read back from {plan.target.path} does not "
                 f"match the capture's SHA-256"
             )
         for write in plan.writes:
+            if is_deferred(plan, write.offset_bytes, write.end_bytes):
+                continue
             if reader.read(write.offset_bytes, len(write.data)) != write.data:
                 raise MbrescueError(
                     f"verification failed: the {write.what} at sector "
                     f"{write.offset_bytes // plan.sector_bytes} of {plan.target.path} "
                     "reads back wrong"
                 )
-        _check_tables(capture, plan, reader)
         return seconds, reader.method
+    finally:
+        reader.close()
+
+
+def verify_held(capture: Capture, plan: Plan, held: list[tuple[int, bytes]]) -> None:
+    """The deferred ranges read back as written, then the tables are re-parsed."""
+    reader = ReadBack(plan.target.path, plan.target.kind)
+    try:
+        for offset, data in held:
+            if reader.read(offset, len(data)) != data:
+                raise MbrescueError(
+                    f"verification failed: sector {offset // plan.sector_bytes} of "
+                    f"{plan.target.path} reads back wrong"
+                )
+        _check_tables(capture, plan, reader)
     finally:
         reader.close()
 
@@ -391,26 +467,26 @@ def _check_tables(capture: Capture, plan: Plan, reader: ReadBack) -> None:
         layout = read_layout(plan.target.path, plan.sector_bytes if plan.target.kind == "file"
                              else None)
         found_parts = {p.number: p for p in layout.partitions}
-        for part in capture.manifest["layout"]["partitions"]:
-            number = part["number"]
+        for part in capture.manifest.partitions:
+            number = part.number
             got = found_parts.get(number)
-            size = plan.shrunk.get(number, part["size_sectors"])
-            if got is None or got.start_lba != part["start_lba"] or (
+            size = plan.shrunk.get(number, part.size_sectors)
+            if got is None or got.start_lba != part.start_lba or (
                 got.size_sectors != size and not got.is_extended
             ):
                 raise MbrescueError(
                     f"verification failed: partition {number} on {plan.target.path} is not "
                     f"where the plan put it"
                 )
-    for record in capture.manifest.get("swap") or []:
-        offset = int(record["start_lba"]) * plan.sector_bytes
+    for record in capture.manifest.swap:
+        offset = record.start_lba * plan.sector_bytes
         found = probe(reader.fd, offset, 1 << 20)
-        if found is None or found.type != "swap" or found.uuid != record.get("uuid") or (
-            (found.label or None) != (record.get("label") or None)
+        if found is None or found.type != "swap" or found.uuid != record.uuid or (
+            (found.label or None) != (record.label or None)
         ):
             raise MbrescueError(
-                f"verification failed: swap partition {record['partition']} does not read back "
-                f"with label {record.get('label')} and UUID {record.get('uuid')}"
+                f"verification failed: swap partition {record.partition} does not read back "
+                f"with label {record.label} and UUID {record.uuid}"
             )
 
 
@@ -435,11 +511,19 @@ def execute(capture: Capture, plan: Plan, console: Console) -> Stats:
     if reason:
         raise MbrescueError(f"{plan.target.path} cannot be written: {reason}")
     originals: list[tuple[int, bytes]] = []
+    held: list[tuple[int, bytes]] = []
     fd = open_target(plan)
     try:
-        write_seconds = write_plan(fd, capture, plan, console, originals)
+        # Safety rule 6: what makes the disk look bootable is blanked first and written
+        # last, after everything else reads back right.
+        invalidate(fd, plan)
+        write_seconds = write_plan(fd, capture, plan, console, originals, held)
+        verify_seconds, method = verify_plan(capture, plan, console, originals)
+        started = time.monotonic()
+        write_held(fd, plan, held)
     finally:
         os.close(fd)
-    verify_seconds, method = verify_plan(capture, plan, console, originals)
+    verify_held(capture, plan, held)
+    verify_seconds += time.monotonic() - started
     reread_partitions(plan, console)
     return Stats(write_seconds, verify_seconds, plan.region_bytes, method)

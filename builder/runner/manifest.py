@@ -1,0 +1,548 @@
+"""The capture's manifest, parsed once into checked, frozen records.
+
+Everything a restore writes besides the region itself is steered by the manifest: the
+EBRs of logical partitions, swap headers, where a GPT moves, which partition may shrink.
+So it is parsed here, in one function, and every field is checked before anything is
+planned: types, ranges (every LBA inside the source disk, the region inside the disk,
+the chunk list consistent with the region's length) and cross-field consistency (swap
+records name a partition with the same extent, the boot chain's partitions exist and
+end where the region ends). A bad field fails here with its name; the rest of the code
+takes `Manifest` and never indexes the raw JSON. `check_tables` then holds the manifest
+against the partition table stored in the region itself, once the region's checksum
+has been verified: a manifest that disagrees with the captured table is refused.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from . import gpt, mbr
+from .errors import MbrescueError
+
+SECTOR_SIZES = (512, 1024, 2048, 4096)
+SWAP_PAGE_SIZES = (4096, 8192, 16384, 65536)
+# Far above any disk made so far (2**64 bytes), low enough that products stay exact.
+MAX_DISK_BYTES = 1 << 64
+MAX_PARTITIONS = 256
+# A region chunk's gzip member: deflate's stored blocks add 5 bytes per 64 KiB, the gzip
+# frame 18; anything much larger than the raw chunk was not written by capture.
+CHUNK_OVERHEAD_BYTES = 4096
+SHA256_RE = re.compile(r"[0-9a-f]{64}")
+UUID_RE = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
+HEX_RE = re.compile(r"(?:[0-9a-f]{2})*")
+
+
+class _Fields:
+    """Typed access to one JSON object of the manifest; a wrong field names itself."""
+
+    def __init__(self, data: Any, where: str) -> None:
+        if not isinstance(data, dict):
+            raise _bad(where, f"expected an object, found {_kind(data)}")
+        self.data = data
+        self.where = where
+
+    def _get(self, name: str, optional: bool) -> Any:
+        if name not in self.data:
+            if optional:
+                return None
+            raise _bad(self._name(name), "missing")
+        return self.data[name]
+
+    def _name(self, name: str) -> str:
+        return f"{self.where}.{name}" if self.where else name
+
+    def integer(self, name: str, low: int = 0, high: int = MAX_DISK_BYTES) -> int:
+        value = self._get(name, False)
+        # bool is an int subclass in Python; true is no sector number.
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise _bad(self._name(name), f"expected an integer, found {_kind(value)}")
+        if not low <= value <= high:
+            raise _bad(self._name(name), f"{value} is outside {low}..{high}")
+        return value
+
+    def opt_int(self, name: str, low: int = 0, high: int = MAX_DISK_BYTES) -> int | None:
+        if self.data.get(name) is None:
+            return None
+        return self.integer(name, low, high)
+
+    def text(self, name: str, pattern: re.Pattern[str] | None = None,
+            choices: tuple[str, ...] = ()) -> str:
+        value = self._get(name, False)
+        if not isinstance(value, str):
+            raise _bad(self._name(name), f"expected a string, found {_kind(value)}")
+        if choices and value not in choices:
+            raise _bad(self._name(name), f"{value[:40]!r} is not one of {', '.join(choices)}")
+        if pattern is not None and not pattern.fullmatch(value):
+            raise _bad(self._name(name), f"{value[:40]!r} is not well-formed")
+        return value
+
+    def opt_str(self, name: str, pattern: re.Pattern[str] | None = None) -> str | None:
+        if self.data.get(name) is None:
+            return None
+        return self.text(name, pattern)
+
+    def flag(self, name: str) -> bool:
+        value = self._get(name, True)
+        if value is None:
+            return False
+        if not isinstance(value, bool):
+            raise _bad(self._name(name), f"expected true or false, found {_kind(value)}")
+        return value
+
+    def items(self, name: str, optional: bool = False) -> list[Any]:
+        value = self._get(name, optional)
+        if value is None and optional:
+            return []
+        if not isinstance(value, list):
+            raise _bad(self._name(name), f"expected a list, found {_kind(value)}")
+        return value
+
+    def obj(self, name: str) -> _Fields:
+        return _Fields(self._get(name, False), self._name(name))
+
+    def opt_obj(self, name: str) -> _Fields | None:
+        if self.data.get(name) is None:
+            return None
+        return self.obj(name)
+
+
+def _kind(value: Any) -> str:
+    return {dict: "an object", list: "a list", str: "a string", bool: "a boolean",
+            int: "an integer", float: "a number", type(None): "null"}.get(type(value), "?")
+
+
+def _bad(field_name: str, problem: str) -> MbrescueError:
+    return MbrescueError(f"the manifest's field {field_name} is invalid: {problem}")
+
+
+@dataclass(frozen=True)
+class SourceDisk:
+    path: str
+    kind: str
+    size_bytes: int
+    logical_sector_bytes: int
+    physical_sector_bytes: int
+    model: str | None
+    serial: str | None
+    wwn: str | None
+
+    @property
+    def size_sectors(self) -> int:
+        return self.size_bytes // self.logical_sector_bytes
+
+
+@dataclass(frozen=True)
+class FsRecord:
+    type: str
+    label: str | None
+    uuid: str | None
+
+
+@dataclass(frozen=True)
+class PartitionRecord:
+    number: int
+    start_lba: int
+    size_sectors: int
+    type: str  # MBR "0x83" or a GPT type GUID
+    type_name: str
+    bootable: bool
+    is_extended: bool
+    is_logical: bool
+    table_lba: int | None  # the MBR/EBR sector holding an msdos entry
+    guid: str | None
+    name: str | None
+    fs: FsRecord | None
+
+    @property
+    def end_lba(self) -> int:
+        return self.start_lba + self.size_sectors - 1
+
+
+@dataclass(frozen=True)
+class RegionRecord:
+    length_bytes: int
+    end_lba: int
+    sha256: str
+    chunk_bytes: int
+    chunks: tuple[int, ...]  # compressed size of each gzip member
+    chunk_sha256: tuple[str, ...]
+
+    @property
+    def compressed_bytes(self) -> int:
+        return sum(self.chunks)
+
+    def raw_chunk_bytes(self, index: int) -> int:
+        """What chunk `index` must inflate to: `chunk_bytes`, the last one the rest."""
+        return min(self.chunk_bytes, self.length_bytes - index * self.chunk_bytes)
+
+
+@dataclass(frozen=True)
+class SwapRecord:
+    partition: int
+    start_lba: int
+    size_sectors: int
+    label: str | None
+    uuid: str
+    page_bytes: int
+
+
+@dataclass(frozen=True)
+class EbrRecord:
+    lba: int
+    sector: bytes  # the EBR verbatim
+
+
+@dataclass(frozen=True)
+class TailRecord:
+    """GPT disks: the backup entries and header (the disk's last sectors), verbatim."""
+
+    member: str
+    offset_bytes: int
+    length_bytes: int
+    sha256: str
+
+
+@dataclass(frozen=True)
+class BootFilesRecord:
+    member: str | None
+    sha256: str | None
+    file_count: int
+    mountpoint: str | None
+    reason: str | None
+
+
+@dataclass(frozen=True)
+class Manifest:
+    hostname: str
+    created: str
+    tool_version: str
+    source: SourceDisk
+    table: str  # "msdos" or "gpt"
+    disk_id: str
+    partitions: tuple[PartitionRecord, ...]
+    boot_partition: int
+    boot_chain: tuple[int, ...]
+    boot_fs: FsRecord | None
+    frozen: bool
+    region: RegionRecord
+    ebrs: tuple[EbrRecord, ...]
+    gpt_tail: TailRecord | None
+    swap: tuple[SwapRecord, ...]
+    boot_files: BootFilesRecord
+    raw: dict[str, Any]  # the JSON as read, for `inspect --json` only
+
+    def partition(self, number: int) -> PartitionRecord:
+        for part in self.partitions:
+            if part.number == number:
+                return part
+        raise MbrescueError(f"the capture has no partition {number}")
+
+    @property
+    def swap_numbers(self) -> set[int]:
+        return {record.partition for record in self.swap}
+
+
+# --- parsing ---------------------------------------------------------------------------
+
+
+def parse_manifest(data: Any) -> Manifest:
+    """The manifest's JSON value, checked field by field and across fields."""
+    top = _Fields(data, "")
+    source = _source(top.obj("source"))
+    disk_sectors = source.size_sectors
+    layout = top.obj("layout")
+    table = layout.text("table", choices=("msdos", "gpt"))
+    partitions = tuple(
+        _partition(_Fields(item, f"layout.partitions[{index}]"), disk_sectors, table)
+        for index, item in enumerate(layout.items("partitions"))
+    )
+    if len(partitions) > MAX_PARTITIONS:
+        raise _bad("layout.partitions", f"{len(partitions)} partitions")
+    numbers = [p.number for p in partitions]
+    if len(set(numbers)) != len(numbers):
+        raise _bad("layout.partitions", "a partition number appears twice")
+    by_number = {p.number: p for p in partitions}
+
+    region = _region(top.obj("region"), source)
+    boot_partition = top.integer("boot_partition", 1, 1 << 16)
+    if boot_partition not in by_number:
+        raise _bad("boot_partition", f"partition {boot_partition} is not in the layout")
+    boot_chain = tuple(int(n) if isinstance(n, int) and not isinstance(n, bool) else -1
+                       for n in top.items("boot_chain"))
+    if not boot_chain or any(n not in by_number or by_number[n].is_extended for n in boot_chain):
+        raise _bad("boot_chain", f"{list(boot_chain)} names a partition the layout lacks")
+    if boot_partition not in boot_chain:
+        raise _bad("boot_chain", f"does not hold the boot partition {boot_partition}")
+    chain_end = max(by_number[n].end_lba + 1 for n in boot_chain)
+    if region.end_lba != chain_end:
+        raise _bad("region.end_lba", f"{region.end_lba}, but the boot chain ends at sector "
+                                     f"{chain_end}")
+    swaps = tuple(
+        _swap(_Fields(item, f"swap[{index}]"), by_number)
+        for index, item in enumerate(top.items("swap", optional=True))
+    )
+    if len({s.partition for s in swaps}) != len(swaps):
+        raise _bad("swap", "a partition appears twice")
+    ebrs = tuple(
+        _ebr(_Fields(item, f"ebrs[{index}]"), source)
+        for index, item in enumerate(top.items("ebrs", optional=True))
+    )
+    if len({e.lba for e in ebrs}) != len(ebrs):
+        raise _bad("ebrs", "an EBR sector appears twice")
+    if ebrs and table != "msdos":
+        raise _bad("ebrs", "EBRs on a GPT disk")
+    tail_fields = top.opt_obj("gpt_tail")
+    gpt_tail = _tail(tail_fields, source) if tail_fields is not None else None
+    if (gpt_tail is None) != (table != "gpt"):
+        raise _bad("gpt_tail", "a GPT disk needs its backup table, an msdos disk has none")
+    boot_fs_fields = top.opt_obj("boot_fs")
+    return Manifest(
+        hostname=top.text("hostname"),
+        created=top.text("created"),
+        tool_version=top.text("tool_version"),
+        source=source,
+        table=table,
+        disk_id=layout.text("disk_id"),
+        partitions=partitions,
+        boot_partition=boot_partition,
+        boot_chain=boot_chain,
+        boot_fs=_fs(boot_fs_fields) if boot_fs_fields is not None else None,
+        frozen=top.flag("frozen"),
+        region=region,
+        ebrs=ebrs,
+        gpt_tail=gpt_tail,
+        swap=swaps,
+        boot_files=_boot_files(top.obj("boot_files")),
+        raw=data,
+    )
+
+
+def _source(fields: _Fields) -> SourceDisk:
+    sector = fields.integer("logical_sector_bytes", 512, 4096)
+    if sector not in SECTOR_SIZES:
+        raise _bad("source.logical_sector_bytes", f"{sector} is not a sector size")
+    size = fields.integer("size_bytes", sector, MAX_DISK_BYTES)
+    if size % sector:
+        raise _bad("source.size_bytes", f"{size} is not a whole number of {sector}-byte sectors")
+    return SourceDisk(
+        path=fields.text("path"),
+        kind=fields.text("kind"),
+        size_bytes=size,
+        logical_sector_bytes=sector,
+        physical_sector_bytes=fields.integer("physical_sector_bytes", 512, 1 << 20),
+        model=fields.opt_str("model"),
+        serial=fields.opt_str("serial"),
+        wwn=fields.opt_str("wwn"),
+    )
+
+
+def _fs(fields: _Fields) -> FsRecord:
+    return FsRecord(type=fields.text("type"), label=fields.opt_str("label"),
+                    uuid=fields.opt_str("uuid"))
+
+
+def _partition(fields: _Fields, disk_sectors: int, table: str) -> PartitionRecord:
+    start = fields.integer("start_lba", 1, disk_sectors - 1)
+    size = fields.integer("size_sectors", 1, disk_sectors - start)
+    end = fields.integer("end_lba", 0, disk_sectors)
+    if end != start + size - 1:
+        raise _bad(f"{fields.where}.end_lba", f"{end}, but start {start} + size {size} - 1 is "
+                                              f"{start + size - 1}")
+    fs_fields = fields.opt_obj("fs")
+    return PartitionRecord(
+        number=fields.integer("number", 1, 1 << 16),
+        start_lba=start,
+        size_sectors=size,
+        type=fields.text("type"),
+        type_name=fields.opt_str("type_name") or "",
+        bootable=fields.flag("bootable"),
+        is_extended=fields.flag("is_extended"),
+        is_logical=fields.flag("is_logical"),
+        table_lba=fields.opt_int("table_lba", 0, disk_sectors - 1),
+        guid=fields.opt_str("guid"),
+        name=fields.opt_str("name"),
+        fs=_fs(fs_fields) if fs_fields is not None else None,
+    )
+
+
+def _region(fields: _Fields, source: SourceDisk) -> RegionRecord:
+    sector = source.logical_sector_bytes
+    length = fields.integer("length_bytes", sector, source.size_bytes)
+    end_lba = fields.integer("end_lba", 1, source.size_sectors)
+    if length != end_lba * sector:
+        raise _bad("region.length_bytes", f"{length}, but end_lba {end_lba} x {sector} bytes "
+                                          f"is {end_lba * sector}")
+    chunk_bytes = fields.integer("chunk_bytes", 4096, 64 << 20)
+    count = -(-length // chunk_bytes)
+    chunks = fields.items("chunks")
+    digests = fields.items("chunk_sha256")
+    if len(chunks) != count or len(digests) != count:
+        raise _bad("region.chunks", f"{len(chunks)} chunks and {len(digests)} checksums, a "
+                                    f"{length}-byte region has {count}")
+    limit = chunk_bytes + CHUNK_OVERHEAD_BYTES
+    for index, size in enumerate(chunks):
+        if not isinstance(size, int) or isinstance(size, bool) or not 18 <= size <= limit:
+            raise _bad(f"region.chunks[{index}]", f"{size!r} is not a member size")
+    for index, digest in enumerate(digests):
+        if not isinstance(digest, str) or not SHA256_RE.fullmatch(digest):
+            raise _bad(f"region.chunk_sha256[{index}]", "not a SHA-256")
+    return RegionRecord(
+        length_bytes=length,
+        end_lba=end_lba,
+        sha256=fields.text("sha256", SHA256_RE),
+        chunk_bytes=chunk_bytes,
+        chunks=tuple(chunks),
+        chunk_sha256=tuple(digests),
+    )
+
+
+def _swap(fields: _Fields, partitions: dict[int, PartitionRecord]) -> SwapRecord:
+    number = fields.integer("partition", 1, 1 << 16)
+    part = partitions.get(number)
+    start = fields.integer("start_lba", 1)
+    size = fields.integer("size_sectors", 1)
+    if part is None or part.is_extended:
+        raise _bad(f"{fields.where}.partition", f"partition {number} is not in the layout")
+    if (start, size) != (part.start_lba, part.size_sectors):
+        raise _bad(f"{fields.where}.start_lba",
+                   f"swap at sectors {start}+{size}, but partition {number} is at "
+                   f"{part.start_lba}+{part.size_sectors}")
+    label = fields.opt_str("label")
+    if label is not None and len(label.encode()) > 16:
+        raise _bad(f"{fields.where}.label", "longer than the 16 bytes a swap label holds")
+    page = fields.opt_int("page_bytes", 4096, 65536) or 4096
+    if page not in SWAP_PAGE_SIZES:
+        raise _bad(f"{fields.where}.page_bytes", f"{page} is not a page size")
+    return SwapRecord(partition=number, start_lba=start, size_sectors=size, label=label,
+                      uuid=fields.text("uuid", UUID_RE), page_bytes=page)
+
+
+def _ebr(fields: _Fields, source: SourceDisk) -> EbrRecord:
+    lba = fields.integer("lba", 1, source.size_sectors - 1)
+    raw = fields.text("hex", HEX_RE)
+    if len(raw) != 2 * source.logical_sector_bytes and len(raw) != 1024:
+        raise _bad(f"{fields.where}.hex", f"{len(raw) // 2} bytes, not one sector")
+    return EbrRecord(lba=lba, sector=bytes.fromhex(raw))
+
+
+def _tail(fields: _Fields, source: SourceDisk) -> TailRecord:
+    sector = source.logical_sector_bytes
+    length = fields.integer("length_bytes", 2 * sector, 1 << 24)
+    offset = fields.integer("offset_bytes", 0, source.size_bytes)
+    if length % sector or offset + length != source.size_bytes:
+        raise _bad("gpt_tail.offset_bytes", f"{offset}+{length} is not the disk's last sectors")
+    return TailRecord(member=fields.text("member"), offset_bytes=offset, length_bytes=length,
+                      sha256=fields.text("sha256", SHA256_RE))
+
+
+def _boot_files(fields: _Fields) -> BootFilesRecord:
+    member = fields.opt_str("member")
+    digest = fields.opt_str("sha256", SHA256_RE)
+    if member is not None and digest is None:
+        raise _bad("boot_files.sha256", "missing for the archive")
+    return BootFilesRecord(
+        member=member,
+        sha256=digest,
+        file_count=fields.opt_int("file_count", 0, 1 << 32) or 0,
+        mountpoint=fields.opt_str("mountpoint"),
+        reason=fields.opt_str("reason"),
+    )
+
+
+# --- the manifest against the captured table -------------------------------------------
+
+
+def check_tables(manifest: Manifest, read_region: Callable[[int, int], bytes]) -> None:
+    """Hold the manifest's partitions, swap records and EBRs against the partition table
+    stored in the (verified) region; raise naming the first disagreement.
+
+    `read_region(offset, length)` reads the captured region's raw bytes.
+    """
+    sector = manifest.source.logical_sector_bytes
+    if manifest.table == "gpt":
+        _check_gpt(manifest, read_region, sector)
+    else:
+        _check_msdos(manifest, read_region, sector)
+
+
+def _disagree(what: str) -> MbrescueError:
+    return MbrescueError(f"the manifest disagrees with the partition table in the region: {what}")
+
+
+def _check_gpt(manifest: Manifest, read_region: Callable[[int, int], bytes], sector: int) -> None:
+    header = gpt.parse_header(read_region(sector, sector))
+    total = header.entries_total_bytes
+    if (header.entries_lba * sector + total) > manifest.region.length_bytes:
+        raise _disagree("the GPT entries lie outside the region")
+    entries = {e.number: e for e in gpt.parse_entries(
+        read_region(header.entries_lba * sector, total), header.entry_count, header.entry_bytes)}
+    for part in manifest.partitions:
+        entry = entries.get(part.number)
+        if entry is None or (entry.first_lba, entry.last_lba) != (part.start_lba, part.end_lba):
+            raise _disagree(f"partition {part.number} at sectors {part.start_lba}..{part.end_lba}"
+                            f" is not in the captured GPT")
+        if entry.type_guid != part.type.lower():
+            raise _disagree(f"partition {part.number}'s type {part.type}")
+    if set(entries) != {p.number for p in manifest.partitions}:
+        raise _disagree("the captured GPT has partitions the manifest lacks")
+
+
+def _check_msdos(manifest: Manifest, read_region: Callable[[int, int], bytes],
+                 sector: int) -> None:
+    table = mbr.parse_mbr(read_region(0, 512))
+    expected = {p.number: p for p in manifest.partitions}
+    seen: set[int] = set()
+    extended: PartitionRecord | None = None
+    for entry in table.entries:
+        if entry.is_empty:
+            continue
+        number = entry.index + 1
+        part = expected.get(number)
+        if part is None or part.is_logical or (part.start_lba, part.size_sectors) != (
+                entry.start_lba, entry.size_sectors):
+            raise _disagree(f"primary partition {number} (sectors {entry.start_lba}"
+                            f"+{entry.size_sectors}) is not so in the manifest")
+        seen.add(number)
+        if entry.is_extended:
+            extended = part
+    by_lba = {record.lba: record.sector[:512] for record in manifest.ebrs}
+    region_sectors = manifest.region.length_bytes // sector
+    for lba, data in by_lba.items():
+        # An EBR inside the region is covered by the region's checksum: it must agree.
+        if lba < region_sectors and read_region(lba * sector, 512) != data:
+            raise _disagree(f"the EBR at sector {lba} differs from the region's bytes there")
+    if extended is not None and by_lba:
+        number = 5
+        ebr_lba: int | None = extended.start_lba
+        visited: set[int] = set()
+        while ebr_lba is not None and ebr_lba in by_lba and ebr_lba not in visited:
+            visited.add(ebr_lba)
+            ebr = mbr.parse_mbr(by_lba[ebr_lba])
+            link: int | None = None
+            for entry in ebr.entries:
+                if entry.is_empty:
+                    continue
+                if entry.is_extended:
+                    link = extended.start_lba + entry.start_lba
+                    continue
+                part = expected.get(number)
+                start = ebr_lba + entry.start_lba
+                if part is None or not part.is_logical or (
+                        part.start_lba, part.size_sectors) != (start, entry.size_sectors):
+                    raise _disagree(f"logical partition {number} (sectors {start}"
+                                    f"+{entry.size_sectors}) is not so in the manifest")
+                seen.add(number)
+                number += 1
+            ebr_lba = link
+    missing = set(expected) - seen
+    if missing and (by_lba or extended is None):
+        raise _disagree(f"partition(s) {sorted(missing)} are in no captured table")
+    for record in manifest.swap:
+        part = expected[record.partition]
+        if part.is_logical and not by_lba:
+            continue
+        if record.partition not in seen:
+            raise _disagree(f"swap partition {record.partition} is in no captured table")
