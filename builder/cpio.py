@@ -1,21 +1,31 @@
-"""A deterministic `newc` cpio writer for initramfs archives.
+"""The `newc` cpio format of initramfs archives: a deterministic writer and a guarded reader.
 
 Entries are sorted by path with every parent directory emitted before its
 contents, owned by 0:0, timestamped from `SOURCE_DATE_EPOCH` (0 if unset), and
 numbered by position, so the same input gives the same bytes. The kernel's
 format is documented in Documentation/driver-api/early-userspace/buffer-format.
+
+The reader (`iter_newc`) takes archives from outside (a payload inside an ISO someone
+handed over): any bytes give members or MbrescueError, names are bounded, and a member's
+claimed size is held against the stream's real length before anyone reads it.
 """
 
 from __future__ import annotations
 
 import os
 import stat
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import BinaryIO
 
+from .errors import MbrescueError
+
 TRAILER = "TRAILER!!!"
+MAGIC = b"070701"
+HEADER_BYTES = 110  # the magic and 13 fields of 8 hex digits
+# The kernel refuses names longer than PATH_MAX; a longer one is not an initramfs.
+MAX_NAME_BYTES = 4096
 
 
 def source_date_epoch() -> int:
@@ -150,3 +160,53 @@ def write(tree_entries: Iterable[Entry], stream: BinaryIO) -> int:
 
 def write_tree(tree: Tree, stream: BinaryIO) -> int:
     return write(tree.sorted_entries(), stream)
+
+
+# --- reading ------------------------------------------------------------------------------------
+
+
+def _fields(header: bytes, position: int) -> list[int]:
+    fields = []
+    for index in range(13):
+        text = header[6 + 8 * index : 14 + 8 * index]
+        # int(..., 16) also takes "+1", " 1" and "1_0": only eight plain hex digits are newc.
+        if len(text) != 8 or text.strip(b"0123456789abcdefABCDEF"):
+            raise MbrescueError(f"cpio header at byte {position}: field {index} is not hex")
+        fields.append(int(text, 16))
+    return fields
+
+
+def iter_newc(stream: BinaryIO) -> Iterator[tuple[str, int, int]]:
+    """(name, mode, size) of each member of a newc cpio, positioned at the member's data.
+
+    The caller may read the data or not; the next step seeks past it either way. Every
+    header up to the trailer must be sound, and every member must lie inside the stream.
+    """
+    position = stream.tell()
+    end = stream.seek(0, os.SEEK_END)
+    while True:
+        stream.seek(position)
+        header = stream.read(HEADER_BYTES)
+        if len(header) < HEADER_BYTES or header[:6] != MAGIC:
+            raise MbrescueError(f"no cpio header at byte {position}")
+        fields = _fields(header, position)
+        mode, size, name_bytes = fields[1], fields[6], fields[11]
+        if not 1 <= name_bytes <= MAX_NAME_BYTES:
+            raise MbrescueError(f"cpio header at byte {position}: name of {name_bytes} bytes")
+        raw_name = stream.read(name_bytes)
+        if len(raw_name) != name_bytes or raw_name[-1:] != b"\0":
+            raise MbrescueError(f"cpio member at byte {position}: its name is cut or unterminated")
+        name = raw_name[:-1].decode(errors="replace")
+        data_at = position + HEADER_BYTES + name_bytes
+        data_at += (-data_at) % 4
+        if name == TRAILER:
+            return
+        if data_at + size > end:
+            raise MbrescueError(
+                f"cpio member {name!r} claims {size} bytes; the archive ends {end - data_at} "
+                "bytes after its header"
+            )
+        stream.seek(data_at)
+        yield name, mode, size
+        position = data_at + size
+        position += (-position) % 4

@@ -16,7 +16,7 @@ import json
 import shutil
 import struct
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
@@ -24,6 +24,7 @@ from typing import BinaryIO
 import pycdlib
 import pycdlib.pycdlibexception
 
+from .cpio import iter_newc
 from .errors import MbrescueError
 from .run import output, require_tools, run
 
@@ -35,6 +36,8 @@ ESP_TYPE = "C12A7328-F81F-11D2-BA4B-00A0C93EC93B"
 CAPTURE_MEMBER = "mbrescue/capture.mbrescue"
 PAYLOAD_PATH = "/mbrescue/payload.img"
 SUMS_PATH = "/mbrescue/payload.sha256"
+# Two sha256sum lines; anything near this size is not ours.
+MAX_SUMS_BYTES = 64 * 1024
 REQUIRED_FILES = (
     "/boot/grub/grub.cfg",
     "/mbrescue/vmlinuz",
@@ -42,8 +45,6 @@ REQUIRED_FILES = (
     PAYLOAD_PATH,
     SUMS_PATH,
 )
-NEWC_MAGIC = b"070701"
-NEWC_HEADER_BYTES = 110
 
 
 @dataclass(frozen=True)
@@ -71,19 +72,28 @@ def _read_at(stream: BinaryIO, offset: int, length: int) -> bytes:
 
 
 def read_boot_catalog(stream: BinaryIO) -> list[BootEntry]:
-    """The El Torito catalog's boot entries (initial entry first, then every section entry)."""
+    """The El Torito catalog's boot entries (initial entry first, then every section entry).
+
+    Any bytes give entries or MbrescueError: the descriptors are looked for in blocks 16..63
+    only, and the catalog is one block, so every entry must fit in it.
+    """
+    catalog_block = None
     for block in range(16, 64):
         descriptor = _read_at(stream, block * BLOCK, BLOCK)
-        if descriptor[1:6] != b"CD001" or descriptor[0] == 0xFF:
+        if len(descriptor) < BLOCK or descriptor[1:6] != b"CD001":
+            raise MbrescueError(f"no ISO 9660 volume descriptor at block {block}")
+        if descriptor[0] == 0xFF:
             break
         if descriptor[0] == 0 and descriptor[7:30].rstrip(b"\0") == b"EL TORITO SPECIFICATION":
             catalog_block = struct.unpack_from("<I", descriptor, 0x47)[0]
             break
     else:
         raise MbrescueError("no volume descriptor terminator")
-    if descriptor[0] != 0:
+    if catalog_block is None:
         raise MbrescueError("no El Torito boot record")
     catalog = _read_at(stream, catalog_block * BLOCK, BLOCK)
+    if len(catalog) < 64:
+        raise MbrescueError(f"the El Torito catalog at block {catalog_block} is past the end")
     validation = catalog[:32]
     words = struct.unpack("<16H", validation)
     if validation[0] != 1 or validation[30:32] != b"\x55\xaa" or sum(words) & 0xFFFF:
@@ -94,6 +104,8 @@ def read_boot_catalog(stream: BinaryIO) -> list[BootEntry]:
         header = catalog[offset : offset + 32]
         platform, count = header[1], struct.unpack_from("<H", header, 2)[0]
         offset += 32
+        if offset + 32 * count > len(catalog):
+            raise MbrescueError(f"an El Torito section claims {count} entries past the catalog")
         for _ in range(count):
             entries.append(_entry(catalog[offset : offset + 32], platform))
             offset += 32
@@ -111,30 +123,6 @@ def _entry(raw: bytes, platform: int) -> BootEntry:
         sector_count=sector_count,
         load_block=load_block,
     )
-
-
-def iter_newc(stream: BinaryIO) -> Iterator[tuple[str, int, int]]:
-    """(name, mode, size) of each member of a newc cpio, positioned at the member's data.
-
-    The caller may read the data or not; the next step seeks past it either way.
-    """
-    position = stream.tell()
-    while True:
-        stream.seek(position)
-        header = stream.read(NEWC_HEADER_BYTES)
-        if len(header) < NEWC_HEADER_BYTES or header[:6] != NEWC_MAGIC:
-            raise MbrescueError(f"no cpio header at byte {position}")
-        fields = [int(header[6 + 8 * i : 14 + 8 * i], 16) for i in range(13)]
-        mode, size, name_bytes = fields[1], fields[6], fields[11]
-        name = stream.read(name_bytes).rstrip(b"\0").decode(errors="replace")
-        data_at = position + NEWC_HEADER_BYTES + name_bytes
-        data_at += (-data_at) % 4
-        if name == "TRAILER!!!":
-            return
-        stream.seek(data_at)
-        yield name, mode, size
-        position = data_at + size
-        position += (-position) % 4
 
 
 def sha256_stream(
@@ -356,38 +344,61 @@ def _tree_checks(path: Path, work: Path) -> list[Check]:
     return checks
 
 
-def _payload(iso: pycdlib.PyCdlib, work: Path) -> str:
+def _payload(iso: pycdlib.PyCdlib, work: Path, deep: bool = True) -> str:
     with iso.open_file_from_iso(rr_path=SUMS_PATH) as sums_file:
-        sums = parse_sums(sums_file.read().decode())
-    _require("payload.img" in sums, "payload.sha256 names no payload.img")
+        sums_text = sums_file.read(MAX_SUMS_BYTES + 1)
+    _require(len(sums_text) <= MAX_SUMS_BYTES, "payload.sha256 is larger than a sums file")
     with iso.open_file_from_iso(rr_path=PAYLOAD_PATH) as payload:
-        _require(
-            sha256_stream(payload) == sums["payload.img"], "payload.img does not match its SHA-256"
-        )
+        return check_payload(payload, sums_text.decode(errors="replace"), work, deep=deep)
+
+
+def check_payload(payload: BinaryIO, sums_text: str, work: Path, deep: bool = True) -> str:
+    """The payload cpio against its sums: sound to the trailer, holding one matching capture.
+
+    With `deep`, the capture is also opened and checked whole by `builder.capture`; without,
+    its SHA-256 must match the one written at build time (after the build checked it).
+    """
+    sums = parse_sums(sums_text)
+    _require("payload.img" in sums, "payload.sha256 names no payload.img")
+    _require(
+        "capture.mbrescue" in sums, "payload.sha256 names no capture.mbrescue: no capture inside"
+    )
+    payload.seek(0)
+    _require(
+        sha256_stream(payload) == sums["payload.img"], "payload.img does not match its SHA-256"
+    )
+    payload.seek(0)
     # The cpio's structure: every header sound up to the trailer.
     members = 0
-    capture_path: Path | None = None
-    with iso.open_file_from_iso(rr_path=PAYLOAD_PATH) as payload:
+    captures = 0
+    capture_path = work / "capture.mbrescue"
+    try:
         for name, _mode, size in iter_newc(payload):
             members += 1
-            if name == CAPTURE_MEMBER:
-                capture_path = work / "capture.mbrescue"
+            if name != CAPTURE_MEMBER:
+                continue
+            captures += 1
+            _require(captures == 1, f"the payload holds {CAPTURE_MEMBER} twice")
+            if deep:
                 with open(capture_path, "wb") as copy:
                     digest = sha256_stream(payload, size, copy_to=copy)
-                if "capture.mbrescue" in sums:
-                    _require(
-                        digest == sums["capture.mbrescue"],
-                        "the capture in the payload does not match its SHA-256",
-                    )
-    detail = f"payload.img matches, cpio of {members} member(s)"
-    if capture_path is None:
-        return detail + ", no capture inside"
-    hook = _capture_hook()
-    if hook is None:
-        return detail + ", capture checksum matches (capture not checked further)"
-    result = hook(capture_path)
-    capture_path.unlink()
-    return detail + ", capture checked" + (f": {result}" if isinstance(result, str) else "")
+            else:
+                digest = sha256_stream(payload, size)
+            _require(
+                digest == sums["capture.mbrescue"],
+                "the capture in the payload does not match its SHA-256",
+            )
+        _require(captures == 1, f"the payload holds no capture ({CAPTURE_MEMBER})")
+        detail = f"payload.img matches, cpio of {members} member(s)"
+        if not deep:
+            return detail + ", capture's SHA-256 matches"
+        hook = _capture_hook()
+        _require(hook is not None, "builder.capture.check_capture is missing")
+        assert hook is not None
+        result = hook(capture_path)
+        return detail + ", capture checked" + (f": {result}" if isinstance(result, str) else "")
+    finally:
+        capture_path.unlink(missing_ok=True)
 
 
 def format_checks(checks: list[Check]) -> str:

@@ -15,6 +15,8 @@ import json
 import os
 import shutil
 import struct
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -27,6 +29,7 @@ from builder.debs import cache_dir
 from builder.errors import MbrescueError
 from builder.run import output, run
 from builder.vm import Disk, Vm, VmConfig
+from tests.conftest import one_error_line
 
 EPOCH = "1700000000"
 BOOT_FS_UUID = "5b0c4c8e-3f0a-4e57-9c1e-2a4d5e6f7a8b"
@@ -73,7 +76,7 @@ def make_capture(work: Path) -> Path:
 def build_iso(
     work: Path,
     out: Path,
-    capture_file: Path,
+    capture_file: Path | None,
     *,
     local_timeout_s: int = 10,
     restore_timeout_s: int = 5,
@@ -85,9 +88,14 @@ def build_iso(
     base.file_from("bin/busybox", busybox_root / "bin" / "busybox", 0o755)
     base.symlink("bin/sh", "busybox")
     base.file("init", INIT_SCRIPT.encode(), 0o755)
-    payload = initramfs.make_payload_initramfs(
-        capture_file, work / "payload.img", extra={"marker": f"{PAYLOAD_MARKER}\n".encode()}
-    )
+    if capture_file is None:  # a payload with no capture in it (what verify must refuse)
+        tree = cpio.Tree()
+        tree.file("mbrescue/marker", f"{PAYLOAD_MARKER}\n".encode())
+        payload = _cpio(tree, work / "payload.img")
+    else:
+        payload = initramfs.make_payload_initramfs(
+            capture_file, work / "payload.img", extra={"marker": f"{PAYLOAD_MARKER}\n".encode()}
+        )
     images = grub.make_grub_images(work / "grub", medium_id=MEDIUM_ID)
     cfg = grub.render_grub_cfg(
         host="testhost",
@@ -227,6 +235,22 @@ def test_verify_finds_damage(built: iso.IsoReport, tmp_path: Path) -> None:
         stream.write(b"X")  # inside the capture
     failed = {check.name for check in verify.verify_iso(damaged) if not check.ok}
     assert failed == {"hybrid MBR (GRUB)", "payload checksum"}
+
+
+def test_verify_refuses_payload_without_capture(epoch: None, tmp_path: Path) -> None:
+    # A real ISO from the project's own functions, whose payload holds no capture.
+    report = build_iso(tmp_path, tmp_path / "out" / "empty.iso", None, **TEST_TIMEOUTS)
+    checks = {check.name: check for check in verify.verify_iso(report.path)}
+    assert not checks["payload checksum"].ok, checks["payload checksum"]
+    assert "no capture" in checks["payload checksum"].detail
+    assert [name for name, check in checks.items() if not check.ok] == ["payload checksum"]
+    result = subprocess.run(
+        [sys.executable, "-m", "builder.cli", "verify", os.fspath(report.path)],
+        cwd=Path(__file__).resolve().parent.parent, text=True, capture_output=True,
+        stdin=subprocess.DEVNULL, timeout=600,
+    )  # fmt: skip
+    assert "payload checksum" in one_error_line(result)
+    assert "no capture" in result.stdout
 
 
 def test_missing_input_is_refused(built: iso.IsoReport, tmp_path: Path) -> None:
