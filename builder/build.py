@@ -8,15 +8,18 @@ parallel (`--jobs`), after the shared parts were made once.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
 import tempfile
+import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
 from . import log
+from .debs import sha256_file
 from .errors import MbrescueError
 from .grub import check_grub_installed, make_grub_images, render_grub_cfg
 from .initramfs import make_base_initramfs, make_payload_initramfs
@@ -24,6 +27,7 @@ from .iso import IsoReport, iso_volume_label, new_medium_id, write_iso
 from .kit import Kit, ensure_kit
 from .run import require_tools
 from .runner.capfile import Capture
+from .verify import verify_iso
 
 PACKAGE_DIR = Path(__file__).resolve().parent
 RUNNER_DIR = PACKAGE_DIR / "runner"
@@ -121,7 +125,8 @@ def build_one(
             boot_fs_uuid=boot_fs_uuid,
             medium_id=medium_id,
         )
-        return write_iso(
+        capture_sha256 = sha256_file(capture_path)
+        report = write_iso(
             out,
             grub=grub,
             kernel=shared.kit.kernel,
@@ -132,6 +137,49 @@ def build_one(
             volume_label=iso_volume_label(manifest.hostname)[:16],
             medium_id=medium_id,
         )
+    return check_written(report, capture_sha256)
+
+
+# What the summary may say: each boot way needs the parts that a check of the written
+# file found, not what the build meant to write.
+BOOT_WAYS = (
+    ("BIOS CD", ("El Torito BIOS entry",)),
+    ("UEFI CD", ("El Torito EFI entry",)),
+    ("BIOS USB", ("El Torito BIOS entry", "hybrid MBR (GRUB)")),
+    ("UEFI USB", ("El Torito EFI entry", "partition table")),
+)
+CHECKED_WORDS = {
+    "El Torito BIOS entry": "El Torito BIOS entry (GRUB, boot info table)",
+    "El Torito EFI entry": "El Torito EFI entry (FAT image with EFI/BOOT/BOOTX64.EFI)",
+    "hybrid MBR (GRUB)": "hybrid MBR (GRUB's boot_hybrid.img)",
+    "partition table": "GPT with an ESP on the EFI image",
+    "payload checksum": "payload with the checked capture",
+}
+
+
+def check_written(report: IsoReport, capture_sha256: str) -> IsoReport:
+    """Check the written ISO as `mbrescue verify` does; the report says what was found.
+
+    The capture inside must be the very file the build checked (its SHA-256). An ISO that
+    fails is removed, so nobody burns it.
+    """
+    started = time.monotonic()
+    checks = verify_iso(report.path, capture_sha256=capture_sha256)
+    failed = [check for check in checks if not check.ok]
+    if failed:
+        report.path.unlink(missing_ok=True)
+        more = f" (and {len(failed) - 1} more)" if len(failed) > 1 else ""
+        raise MbrescueError(
+            f"{report.path} failed its check after writing and was removed: "
+            f"{failed[0].name}: {failed[0].detail}{more}"
+        )
+    passed = {check.name for check in checks}
+    return dataclasses.replace(
+        report,
+        boots=tuple(way for way, needs in BOOT_WAYS if all(name in passed for name in needs)),
+        checked=tuple(words for name, words in CHECKED_WORDS.items() if name in passed),
+        check_seconds=time.monotonic() - started,
+    )
 
 
 def build(options: BuildOptions) -> list[IsoReport]:
@@ -153,7 +201,11 @@ def build(options: BuildOptions) -> list[IsoReport]:
 
 
 def summary(report: IsoReport) -> str:
+    """What was written and what a check of the written file found in it."""
+    boots = ", ".join(report.boots) if report.boots else "nothing (not checked)"
+    checked = "; ".join(report.checked) if report.checked else "nothing"
     return (
         f"{report.path}: {log.human_bytes(report.size_bytes)} in {report.seconds:.1f} s; "
-        f"boots {', '.join(report.boots)}"
+        f"checked in the written file ({report.check_seconds:.1f} s): {checked}; "
+        f"boots {boots}"
     )

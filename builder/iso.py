@@ -91,7 +91,10 @@ class IsoReport:
     efi_image_bytes: int
     payload_sha256: str
     seconds: float
-    boots: tuple[str, ...] = ("BIOS CD", "UEFI CD", "BIOS USB", "UEFI USB")
+    # Filled by `build.check_written` from a check of the written file, never assumed here.
+    boots: tuple[str, ...] = ()
+    checked: tuple[str, ...] = ()
+    check_seconds: float = 0.0
 
 
 def new_medium_id(*parts: str | bytes) -> str:

@@ -176,8 +176,13 @@ def _require(condition: bool, message: str) -> None:
         raise MbrescueError(message)
 
 
-def verify_iso(path: Path) -> list[Check]:
-    """All checks of one ISO; a failure of one does not stop the others."""
+def verify_iso(path: Path, capture_sha256: str | None = None) -> list[Check]:
+    """All checks of one ISO; a failure of one does not stop the others.
+
+    With `capture_sha256` (the build's own check of what it just wrote), the capture in the
+    payload must have that SHA-256 (the file the build checked) instead of being opened and
+    checked again.
+    """
     require_tools("mdir", "sfdisk", "sgdisk")
     checks: list[Check] = []
     if not path.is_file():
@@ -202,7 +207,7 @@ def verify_iso(path: Path) -> list[Check]:
         )
         checks.append(_check("hybrid MBR (GRUB)", lambda: _hybrid_mbr(stream, bios)))
         checks.append(_check("partition table", lambda: _partitions(path, efi, size_bytes)))
-        checks.extend(_tree_checks(path, work))
+        checks.extend(_tree_checks(path, work, capture_sha256))
     return checks
 
 
@@ -311,7 +316,7 @@ def _capture_hook() -> Callable[[Path], object] | None:
     return hook if callable(hook) else None
 
 
-def _tree_checks(path: Path, work: Path) -> list[Check]:
+def _tree_checks(path: Path, work: Path, capture_sha256: str | None) -> list[Check]:
     iso = pycdlib.PyCdlib()
     try:
         iso.open(str(path))
@@ -338,26 +343,31 @@ def _tree_checks(path: Path, work: Path) -> list[Check]:
             return ", ".join(sizes)
 
         checks.append(_check("kernel, initrds, grub.cfg", files))
-        checks.append(_check("payload checksum", lambda: _payload(iso, work)))
+        checks.append(_check("payload checksum", lambda: _payload(iso, work, capture_sha256)))
     finally:
         iso.close()
     return checks
 
 
-def _payload(iso: pycdlib.PyCdlib, work: Path, deep: bool = True) -> str:
+def _payload(iso: pycdlib.PyCdlib, work: Path, capture_sha256: str | None = None) -> str:
     with iso.open_file_from_iso(rr_path=SUMS_PATH) as sums_file:
         sums_text = sums_file.read(MAX_SUMS_BYTES + 1)
     _require(len(sums_text) <= MAX_SUMS_BYTES, "payload.sha256 is larger than a sums file")
     with iso.open_file_from_iso(rr_path=PAYLOAD_PATH) as payload:
-        return check_payload(payload, sums_text.decode(errors="replace"), work, deep=deep)
+        return check_payload(
+            payload, sums_text.decode(errors="replace"), work, capture_sha256=capture_sha256
+        )
 
 
-def check_payload(payload: BinaryIO, sums_text: str, work: Path, deep: bool = True) -> str:
+def check_payload(
+    payload: BinaryIO, sums_text: str, work: Path, capture_sha256: str | None = None
+) -> str:
     """The payload cpio against its sums: sound to the trailer, holding one matching capture.
 
-    With `deep`, the capture is also opened and checked whole by `builder.capture`; without,
-    its SHA-256 must match the one written at build time (after the build checked it).
+    The capture is then opened and checked whole by `builder.capture`; or, given
+    `capture_sha256` (a capture the caller checked itself), it must have that SHA-256.
     """
+    deep = capture_sha256 is None
     sums = parse_sums(sums_text)
     _require("payload.img" in sums, "payload.sha256 names no payload.img")
     _require(
@@ -388,10 +398,14 @@ def check_payload(payload: BinaryIO, sums_text: str, work: Path, deep: bool = Tr
                 digest == sums["capture.mbrescue"],
                 "the capture in the payload does not match its SHA-256",
             )
+            _require(
+                deep or digest == capture_sha256,
+                "the capture in the payload is not the one the build checked",
+            )
         _require(captures == 1, f"the payload holds no capture ({CAPTURE_MEMBER})")
         detail = f"payload.img matches, cpio of {members} member(s)"
         if not deep:
-            return detail + ", capture's SHA-256 matches"
+            return detail + ", the checked capture (SHA-256 matches)"
         hook = _capture_hook()
         _require(hook is not None, "builder.capture.check_capture is missing")
         assert hook is not None

@@ -73,6 +73,7 @@ class Isos:
         self.work = work
         self._captures: dict[str, Path] = {}
         self._isos: dict[str, Path] = {}
+        self.build_output: dict[str, str] = {}
 
     def capture(self, name: str) -> Path:
         if name not in self._captures:
@@ -90,8 +91,9 @@ class Isos:
         if name not in self._isos:
             out = self.work / f"host-{name.lower()}.iso"
             started = time.monotonic()
-            _check(mbrescue("build", self.capture(name), "-o", out,
-                            env={"SOURCE_DATE_EPOCH": EPOCH}))  # fmt: skip
+            result = _check(mbrescue("build", self.capture(name), "-o", out,
+                                     env={"SOURCE_DATE_EPOCH": EPOCH}))  # fmt: skip
+            self.build_output[name] = result.stdout + result.stderr
             print(f"built {out.name} in {time.monotonic() - started:.1f} s")
             self._isos[name] = out
         return self._isos[name]
@@ -230,6 +232,18 @@ def test_uefi_usb_through_gpt_without_el_torito_efi(isos: Isos, tmp_path: Path) 
 
 def _assert_nothing_written(out_dir: Path) -> None:
     assert list(out_dir.iterdir()) == [], list(out_dir.iterdir())
+
+
+def test_build_summary_says_what_the_written_iso_holds(isos: Isos) -> None:
+    isos.iso("A")
+    summary = next(
+        line for line in isos.build_output["A"].splitlines() if "checked in the written file" in line
+    )
+    print(summary)
+    for words in ("El Torito BIOS entry", "EFI/BOOT/BOOTX64.EFI", "hybrid MBR", "GPT with an ESP",
+                  "payload with the checked capture",
+                  "boots BIOS CD, UEFI CD, BIOS USB, UEFI USB"):  # fmt: skip
+        assert words in summary, summary
 
 
 def test_build_refuses_missing_capture(tmp_path: Path) -> None:

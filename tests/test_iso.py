@@ -11,6 +11,7 @@ the captured /boot UUID, where the default entry must boot the local disk: its M
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -24,7 +25,7 @@ from pathlib import Path
 import pycdlib
 import pytest
 
-from builder import capture, cpio, debs, grub, initramfs, iso, verify
+from builder import build, capture, cpio, debs, grub, initramfs, iso, verify
 from builder.debs import cache_dir
 from builder.errors import MbrescueError
 from builder.run import output, run
@@ -251,6 +252,40 @@ def test_verify_refuses_payload_without_capture(epoch: None, tmp_path: Path) -> 
     )  # fmt: skip
     assert "payload checksum" in one_error_line(result)
     assert "no capture" in result.stdout
+
+
+def test_build_summary_comes_from_a_check_of_the_written_file(
+    built: iso.IsoReport, capture_file: Path, tmp_path: Path
+) -> None:
+    copy = tmp_path / "copy.iso"
+    shutil.copyfile(built.path, copy)
+    report = dataclasses.replace(built, path=copy)
+    checked = build.check_written(report, debs.sha256_file(capture_file))
+    assert checked.boots == ("BIOS CD", "UEFI CD", "BIOS USB", "UEFI USB")
+    text = build.summary(checked)
+    for words in ("El Torito BIOS entry", "EFI/BOOT/BOOTX64.EFI", "hybrid MBR",
+                  "GPT with an ESP", "payload with the checked capture"):  # fmt: skip
+        assert words in text, text
+    # A capture other than the one the build checked: refused, and the ISO removed.
+    with pytest.raises(MbrescueError, match="not the one the build checked"):
+        build.check_written(report, "0" * 64)
+    assert not copy.exists()
+
+
+def test_build_summary_refuses_an_iso_without_its_efi_entry(
+    built: iso.IsoReport, capture_file: Path, tmp_path: Path
+) -> None:
+    copy = tmp_path / "no-efi.iso"
+    shutil.copyfile(built.path, copy)
+    with open(copy, "r+b") as stream:
+        stream.seek(17 * 2048 + 0x47)
+        catalog_block = struct.unpack("<I", stream.read(4))[0]
+        stream.seek(catalog_block * 2048 + 64)
+        stream.write(bytes(64))  # the EFI section header and its entry
+    # The old summary said "UEFI CD" for any ISO; the check of the file finds no EFI entry.
+    with pytest.raises(MbrescueError, match="El Torito EFI entry"):
+        build.check_written(dataclasses.replace(built, path=copy), debs.sha256_file(capture_file))
+    assert not copy.exists()
 
 
 def test_missing_input_is_refused(built: iso.IsoReport, tmp_path: Path) -> None:
