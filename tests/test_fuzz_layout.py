@@ -509,8 +509,15 @@ def test_relocate_damaged(case: tuple[SparseDisk, int], new_disk_sectors: int) -
             assert lba * sector_bytes + len(data) <= new_disk_sectors * sector_bytes
 
 
-@given(mbr_sectors(1 << 32), st.one_of(st.integers(-1, 300), uint(40)), uint(64))
-def test_resize_protective_any_sector(sector: bytes, disk_sectors: int, old_alternate: int) -> None:
+@given(st.data())
+def test_resize_protective_any_sector(data: st.DataObject) -> None:
+    old_disk_sectors = data.draw(st.one_of(st.integers(1, 300), uint(32)))
+    entries = [data.draw(mbr_entries(old_disk_sectors)) for _ in range(4)]
+    slot = data.draw(st.integers(0, 3))
+    entries[slot] = data.draw(mbr_entries(old_disk_sectors, part_type=0xEE))
+    sector = data.draw(mbr_sectors(old_disk_sectors, entries))
+    disk_sectors = data.draw(st.one_of(st.integers(-1, 300), near(old_disk_sectors), uint(40)))
+    old_alternate = data.draw(st.one_of(near(old_disk_sectors - 1), uint(64)))
     result = outcome(lambda: gpt.resize_protective(sector, disk_sectors, old_alternate))
     if isinstance(result, bytes):
         assert len(result) == len(sector)
@@ -684,3 +691,10 @@ def test_primary_pointing_at_itself_is_not_its_own_backup() -> None:
     table = gpt.read_gpt(disk.read, 2048, sector)
     assert table.primary_valid and not table.backup_valid
     assert table.backup_lba == 2047, table.backup_lba
+
+
+def test_resize_protective_entry_past_the_new_end_is_refused() -> None:
+    """A 0xEE entry (whole old disk) that starts past the end of the disk it is resized for."""
+    sector = bytes(446) + mbr.encode_entry(0, 0xEE, 5000, 0xFFFFFFFF) + bytes(48) + b"\x55\xaa"
+    with pytest.raises(MbrescueError, match="past the end"):
+        gpt.resize_protective(sector, 100, old_alternate_lba=0)
