@@ -98,3 +98,18 @@ from hypothesis import settings  # noqa: E402
 settings.register_profile("ci", max_examples=150, deadline=None, derandomize=True, database=None)
 settings.register_profile("long", max_examples=3000, deadline=None)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+
+
+@pytest.fixture(scope="session")
+def captures(fixtures, tmp_path_factory) -> dict[str, Path]:
+    """One capture per fixture, made by the real `capture()`, once per session."""
+    from builder.capture import CaptureOptions, capture
+
+    folder = tmp_path_factory.mktemp("captures")
+    made = {}
+    for name, fx in fixtures.items():
+        result = capture(CaptureOptions(source=fx.path, output=folder / f"{name}.mbrescue",
+                                        progress=False))
+        assert result.manifest["region"]["end_lba"] == fx.region_end_sectors
+        made[name] = result.path
+    return made

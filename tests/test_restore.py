@@ -15,7 +15,6 @@ from pathlib import Path
 
 import pytest
 
-from builder.capture import CaptureOptions, capture
 from builder.fixtures import Fixture, boot_to_marker
 from builder.runner import restore as runner
 from builder.runner import writer
@@ -35,19 +34,6 @@ GPT_TAIL_SECTORS = 33
 def quiet_console() -> tuple[Console, io.StringIO, io.StringIO]:
     out, err = io.StringIO(), io.StringIO()
     return Console([Terminal("test", -1, None, False, out_stream=out)], error_stream=err), out, err
-
-
-@pytest.fixture(scope="session")
-def captures(fixtures, tmp_path_factory) -> dict[str, Path]:
-    """One capture per fixture, made by the real `capture()`, once per session."""
-    folder = tmp_path_factory.mktemp("captures")
-    made = {}
-    for name, fx in fixtures.items():
-        result = capture(CaptureOptions(source=fx.path, output=folder / f"{name}.mbrescue",
-                                        progress=False))
-        assert result.manifest["region"]["end_lba"] == fx.region_end_sectors
-        made[name] = result.path
-    return made
 
 
 def make_target(path: Path, size_bytes: int, fill: str = "zero") -> Path:
