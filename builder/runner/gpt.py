@@ -34,6 +34,7 @@ SIGNATURE = b"EFI PART"
 HEADER_FORMAT = "<8sIIIIQQQQ16sQIII"
 HEADER_BYTES = struct.calcsize(HEADER_FORMAT)  # 92
 ENTRY_FORMAT = "<16s16sQQQ72s"
+ENTRY_MIN_BYTES = struct.calcsize(ENTRY_FORMAT)  # 128: the UEFI minimum and the usual size
 # sgdisk allows large arrays, but more than this is garbage, not a partition table.
 MAX_ENTRIES_BYTES = 4 << 20
 
@@ -57,7 +58,8 @@ class GptHeader:
 
     @property
     def entries_total_bytes(self) -> int:
-        return self.entry_count * self.entry_bytes
+        """The entry array's size, checked: every caller reads by it (see entry_array_bytes)."""
+        return entry_array_bytes(self.entry_count, self.entry_bytes)
 
 
 @dataclass
@@ -116,6 +118,26 @@ def parse_guid(text: str) -> bytes:
     return struct.pack("<IHH", d1, d2, d3) + raw[8:]
 
 
+def entry_array_bytes(entry_count: int, entry_bytes: int) -> int:
+    """count x size of an entry array, refused unless it is a shape a real GPT can have.
+
+    Both numbers come from the disk (or a capture): an unchecked 2**32 entries would make a
+    reader ask for 512 GiB, an entry size of 0 would make it loop 2**32 times over nothing.
+    """
+    if entry_bytes < ENTRY_MIN_BYTES or entry_bytes % 8:
+        raise MbrescueError(
+            f"GPT entry size {entry_bytes} bytes: it must be a multiple of 8, at least "
+            f"{ENTRY_MIN_BYTES}"
+        )
+    total = entry_count * entry_bytes
+    if total > MAX_ENTRIES_BYTES:
+        raise MbrescueError(
+            f"GPT entry array of {entry_count} entries of {entry_bytes} bytes ({total} bytes) "
+            f"is over the {MAX_ENTRIES_BYTES}-byte limit: not a partition table"
+        )
+    return total
+
+
 def header_crc(header: bytes, header_bytes: int) -> int:
     """CRC32 over the first `header_bytes` with the CRC field itself taken as zero."""
     data = bytearray(header[:header_bytes])
@@ -124,6 +146,9 @@ def header_crc(header: bytes, header_bytes: int) -> int:
 
 
 def parse_header(raw: bytes) -> GptHeader:
+    """The header's fields as stored; no check of signature, CRC or shape (see _check_copy)."""
+    if len(raw) < HEADER_BYTES:
+        raise MbrescueError(f"a GPT header is {HEADER_BYTES} bytes, got {len(raw)}")
     fields = struct.unpack_from(HEADER_FORMAT, raw)
     return GptHeader(
         revision=fields[1],
@@ -161,9 +186,13 @@ def encode_header(raw: bytes, **changes: int) -> bytes:
 
 
 def parse_entries(raw: bytes, entry_count: int, entry_bytes: int) -> list[GptEntry]:
+    """The used slots of an entry array; the shape checked and the array long enough."""
+    total = entry_array_bytes(entry_count, entry_bytes)
+    if len(raw) < total:
+        raise MbrescueError(f"the GPT entry array is short ({len(raw)} of {total} bytes)")
     entries: list[GptEntry] = []
     for index in range(entry_count):
-        chunk = raw[index * entry_bytes : index * entry_bytes + 128]
+        chunk = raw[index * entry_bytes : index * entry_bytes + ENTRY_MIN_BYTES]
         type_raw, unique_raw, first, last, attributes, name_raw = struct.unpack(ENTRY_FORMAT, chunk)
         if type_raw == bytes(16):
             continue
@@ -199,11 +228,12 @@ def _check_copy(
         return None, raw, b"", f"header at LBA {lba} fails its CRC32"
     if header.my_lba != lba:
         return header, raw, b"", f"header at LBA {lba} says it lives at LBA {header.my_lba}"
-    if header.entry_bytes < 128 or header.entry_bytes % 8 or header.entry_count == 0:
-        return header, raw, b"", f"header at LBA {lba} has a bad entry array shape"
-    total = header.entries_total_bytes
-    if total > MAX_ENTRIES_BYTES:
-        return header, raw, b"", f"header at LBA {lba} declares a {total}-byte entry array"
+    if header.entry_count == 0:
+        return header, raw, b"", f"header at LBA {lba} has a bad entry array shape (no entries)"
+    try:
+        total = header.entries_total_bytes
+    except MbrescueError as exc:
+        return header, raw, b"", f"header at LBA {lba} has a bad entry array shape ({exc})"
     entries_sectors = -(-total // sector_bytes)
     if header.entries_lba < 1 or header.entries_lba + entries_sectors > disk_sectors:
         return header, raw, b"", f"entry array of the header at LBA {lba} lies outside the disk"
@@ -215,14 +245,18 @@ def _check_copy(
 
 def read_gpt(read: ReadFn, disk_sectors: int, sector_bytes: int) -> Gpt:
     """Both copies checked; the primary used when valid, else the backup; both bad: refused."""
+    if disk_sectors < 3:
+        # Sector 0, the primary at 1 and a backup elsewhere: fewer, and the backup is the primary.
+        raise MbrescueError(f"a disk of {disk_sectors} sectors is too small to hold a GPT")
     last_lba = disk_sectors - 1
     primary, primary_raw, primary_entries, primary_problem = _check_copy(
         read, 1, disk_sectors, sector_bytes
     )
     # The backup is where the primary says; failing that, at the last LBA (the only place
     # left to look when the primary is gone, and where it belongs on an unmoved disk).
+    # AlternateLBA 1 would make the primary its own backup: never a second copy.
     candidates = []
-    if primary is not None and 0 < primary.alternate_lba < disk_sectors:
+    if primary is not None and 1 < primary.alternate_lba < disk_sectors:
         candidates.append(primary.alternate_lba)
     if last_lba not in candidates:
         candidates.append(last_lba)
@@ -323,6 +357,8 @@ def relocate(
             f"the captured GPT header is not a primary (it says LBA {header.my_lba})"
         )
     total = header.entries_total_bytes
+    if header.entry_count == 0:
+        raise MbrescueError("the captured GPT header declares no entries")
     if len(entries) < total:
         raise MbrescueError(
             f"the captured GPT entry array is short ({len(entries)} < {total} bytes)"
@@ -388,6 +424,11 @@ def resize_protective(mbr_sector: bytes, disk_sectors: int, old_alternate_lba: i
         )
         if not whole_old_disk:
             continue
+        if entry.start_lba >= disk_sectors:
+            raise MbrescueError(
+                f"the protective MBR entry starts at sector {entry.start_lba}, past the end "
+                f"of a disk of {disk_sectors} sectors"
+            )
         size = min(disk_sectors - entry.start_lba, 0xFFFFFFFF)
         # End CHS too, as sgdisk writes it (255/63 geometry, capped), so the result
         # matches what `sgdisk -e` would leave.

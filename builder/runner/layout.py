@@ -155,6 +155,11 @@ class Layout:
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> Layout:
+        if not isinstance(data, dict):
+            raise MbrescueError(
+                f"the layout in the manifest is malformed (an object expected, not "
+                f"{type(data).__name__})"
+            )
         try:
             gpt = data.get("gpt")
             mbr = data["mbr"]
@@ -170,7 +175,7 @@ class Layout:
                 ),
                 warnings=list(data.get("warnings", [])),
             )
-        except (KeyError, TypeError) as exc:
+        except (KeyError, TypeError, AttributeError) as exc:
             raise MbrescueError(f"the layout in the manifest is malformed ({exc})") from None
 
 
@@ -347,7 +352,13 @@ def _read_layout_fd(fd: int, info: DiskInfo, disk_sectors: int) -> Layout:
                 f"partition {partition.number} ends at sector {partition.end_lba}, "
                 f"past the disk's last sector {disk_sectors - 1}"
             )
-        if partition.is_extended or partition.start_lba >= disk_sectors:
+        # Nothing to probe in an extended container, past the end, or in an entry whose
+        # end comes before its start (read_gpt has warned about that one already).
+        if (
+            partition.is_extended
+            or partition.start_lba >= disk_sectors
+            or partition.size_sectors <= 0
+        ):
             continue
         partition.fs = probe(fd, partition.start_lba * sector, partition.size_sectors * sector)
     return Layout(
