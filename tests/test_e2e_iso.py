@@ -24,7 +24,7 @@ from pathlib import Path
 import pytest
 
 from builder import verify
-from builder.bootcheck import COMPLETE, FAILED, PROMPT
+from builder.bootcheck import COMPLETE, FAILED, PROMPT, verify_boot
 from builder.fixtures import Fixture, boot_to_marker
 from builder.runner.capfile import REGION_MEMBER, Capture
 from builder.vm import Disk, Vm, VmConfig, VmTimeout
@@ -317,6 +317,43 @@ def test_verify_boot_passes(isos: Isos) -> None:
     result = mbrescue("verify", isos.iso("A"), "--boot", timeout=2400)
     print(result.stdout)
     assert result.returncode == 0, f"{result.stdout}\n{result.stderr}"
-    assert re.search(r"PASS\s+boot BIOS", result.stdout), result.stdout
-    assert re.search(r"PASS\s+boot UEFI", result.stdout), result.stdout
+    for firmware in ("BIOS", "UEFI"):
+        line = re.search(rf"PASS\s+boot {firmware}[^\n]*", result.stdout)
+        assert line, result.stdout
+        # The proof is the restored disk's kernel, not its boot loader's words.
+        assert "started its kernel" in line.group(0), line.group(0)
+    assert not list(isos.iso("A").parent.glob("*verify-boot*")), "a passing check keeps nothing"
     print(f"verify --boot took {time.monotonic() - started:.0f} s")
+
+
+@pytest.mark.qemu
+def test_verify_boot_fails_when_the_restored_disk_starts_no_kernel(
+    isos: Isos, tmp_path: Path
+) -> None:
+    # A host whose GRUB runs and talks on the serial console but whose kernel is gone: the
+    # restore succeeds, the restored disk shows GRUB's menu and "Booting `...'", and no kernel.
+    # The old check passed this on GRUB's words.
+    fixture = isos.fixtures["A"]
+    source = tmp_path / "host-nokernel.img"
+    subprocess.run(["cp", "--sparse=always", fixture.path, source], check=True)
+    offset = 63 * 512  # fixture A's /boot starts at sector 63
+    listing = subprocess.run(["debugfs", "-R", "ls -p /", f"{source}?offset={offset}"],
+                             check=True, capture_output=True, text=True).stdout  # fmt: skip
+    kernel = next(line.split("/")[5] for line in listing.splitlines() if "/vmlinuz-" in line)
+    subprocess.run(["debugfs", "-w", "-R", f"rm /{kernel}", f"{source}?offset={offset}"],
+                   check=True, capture_output=True)  # fmt: skip
+    capture_file = tmp_path / "host-nokernel.mbrescue"
+    _check(mbrescue("capture", source, "-o", capture_file, "--hostname", "host-nokernel"))
+    iso = tmp_path / "host-nokernel.iso"
+    _check(mbrescue("build", capture_file, "-o", iso, env={"SOURCE_DATE_EPOCH": EPOCH}))
+    reports = tmp_path / "reports"
+    reports.mkdir()
+    (result,) = verify_boot(iso, ("bios",), report_dir=reports, disk_boot_timeout_s=60)
+    print(result)
+    assert result.restored and not result.ok, result
+    shot = reports / "host-nokernel-verify-boot-bios.png"
+    serial_log = reports / "host-nokernel-verify-boot-bios.log"
+    assert result.screenshot == shot and shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert str(shot) in result.detail and str(serial_log) in result.detail, result.detail
+    log_text = serial_log.read_text(errors="replace")
+    assert "mbrescue: restore complete" in log_text and "Booting" in log_text
