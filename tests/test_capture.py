@@ -355,3 +355,72 @@ def test_full_disk_removes_the_partial_file(tmp_path):
         assert list(full.iterdir()) == []
     finally:
         sh("umount", full)
+
+
+# -- regions and members over 8 GiB (ustar's octal size field stops at 8 GiB - 1) ---------------
+
+GiB = 1 << 30
+
+
+def _tar_listing(path: Path) -> dict[str, int]:
+    """`tar tvf` as an independent reader: member name -> size."""
+    listing = sh("tar", "tvf", path)
+    sizes = {}
+    for line in listing.splitlines():
+        fields = line.split()
+        sizes[fields[5]] = int(fields[2])
+    return sizes
+
+
+def test_capture_of_a_9_gib_region(tmp_path):
+    """A sparse 9 GiB /boot partition (no file system: --boot-partition): the whole region."""
+    image = tmp_path / "big.img"
+    with open(image, "wb") as f:
+        f.truncate(9 * GiB + 64 * MiB)
+    sh("sfdisk", "-q", image, input_bytes=b"label: dos\n2048,9GiB,83,*\n,,82\n")
+    with open(image, "r+b") as f:  # some data at both ends of the partition
+        f.seek(2048 * 512)
+        f.write(os.urandom(MiB))
+        f.seek(2048 * 512 + 9 * GiB - MiB)
+        f.write(os.urandom(MiB))
+    out = tmp_path / "big.mbrescue"
+    result = mbrescue("capture", image, "-o", out, "--boot-partition", "1", timeout=600)
+    assert result.returncode == 0, result.stderr
+    region_bytes = (2048 + 9 * 2048 * 1024) * 512
+    with Capture.open(str(out)) as capture:
+        assert capture.region.length_bytes == region_bytes > 8 * GiB
+        assert capture.manifest.raw["region"]["length_bytes"] == region_bytes
+        member = capture.members["region.img.gz"]
+        assert member.size == sum(capture.manifest.raw["region"]["chunks"])
+        # The last chunk holds the random MiB at the partition's end, as the source does.
+        chunks = capture.manifest.raw["region"]["chunks"]
+        assert len(chunks) == region_bytes // MiB
+        *_, last = capture.compressed_chunks()
+        with open(image, "rb") as source:
+            source.seek(region_bytes - MiB)
+            assert capture.unpack(len(chunks) - 1, last) == source.read(MiB)
+    with tarfile.open(out) as archive:
+        sizes = {info.name: info.size for info in archive}
+    assert sizes["region.img.gz"] == member.size
+    assert _tar_listing(out) == sizes
+
+
+def test_tar_member_over_8_gib_reads_back(tmp_path):
+    """capfile.TarWriter's GNU header: a sparse 9 GiB member, then one after it, both read right."""
+    from builder.runner.capfile import TarWriter
+
+    path = tmp_path / "big.tar"
+    size = 9 * GiB + 12345
+    with open(path, "w+b") as out:
+        tar = TarWriter(out)
+        with tar.member("big.bin", 0) as stream:
+            stream.seek(size - 1, os.SEEK_CUR)
+            stream.write(b"\x01")
+        tar.add_bytes("after.txt", b"after\n", 0)
+        tar.close()
+    with tarfile.open(path) as archive:
+        infos = {info.name: info for info in archive}
+        assert infos["big.bin"].size == size
+        after = archive.extractfile("after.txt")
+        assert after is not None and after.read() == b"after\n"
+    assert _tar_listing(path) == {"big.bin": size, "after.txt": 6}
