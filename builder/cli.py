@@ -7,7 +7,9 @@ non-zero exit status, never a traceback; `--debug` shows the commands run.
 from __future__ import annotations
 
 import json
+import shlex
 import sys
+import traceback
 from pathlib import Path
 from typing import Annotated
 
@@ -196,17 +198,48 @@ def burn_command(
     log.info(burn(BurnOptions(iso=iso, device=device, assume_yes=yes)))
 
 
+def _rerun_command(argv: list[str]) -> str:
+    """The command the user typed, with --debug in front, ready to paste."""
+    rest = [arg for arg in argv if arg != "--debug"]
+    return shlex.join(["mbrescue", "--debug", *rest])
+
+
+def _unexpected(exc: Exception, argv: list[str]) -> None:
+    """One line for an exception no code expected; the traceback only under --debug."""
+    message = str(exc).splitlines()[0] if str(exc).strip() else "(no message)"
+    if log.debug_enabled():
+        traceback.print_exception(exc, file=sys.stderr)
+        where = "the traceback is above"
+    else:
+        where = f"rerun with --debug for the traceback: {_rerun_command(argv)}"
+    print(
+        f"mbrescue: error: {type(exc).__name__}: {message} (this is a bug; {where})",
+        file=sys.stderr,
+    )
+
+
+def _interrupted() -> None:
+    print("mbrescue: error: interrupted", file=sys.stderr)
+    sys.exit(130)
+
+
 def main() -> None:
+    argv = sys.argv[1:]
     try:
-        app(standalone_mode=False)
+        # Outside standalone mode typer turns Ctrl-C into a returned 130, and
+        # `raise typer.Exit(n)` into a returned n: both are exit statuses here.
+        status = app(args=argv, prog_name="mbrescue", standalone_mode=False)
+        sys.stdout.flush()  # a full or closed stdout fails here, as one line, not at exit
     except typer.Exit as exc:
         sys.exit(exc.exit_code)
     except typer.TyperException as exc:  # usage errors: one line, like every other error
+        if type(exc).__name__ == "NoArgsIsHelpError":  # bare `mbrescue`: the help, as asked
+            print(exc.format_message(), file=sys.stderr)
+            sys.exit(2)
         print(f"mbrescue: error: {exc.format_message()}", file=sys.stderr)
         sys.exit(exc.exit_code or 2)
     except (typer.Abort, KeyboardInterrupt):
-        print("mbrescue: error: interrupted", file=sys.stderr)
-        sys.exit(130)
+        _interrupted()
     except OSError as exc:  # e.g. an I/O error reading a failing disk
         where = f"{exc.filename}: " if exc.filename else ""
         print(f"mbrescue: error: {where}{exc.strerror or exc}", file=sys.stderr)
@@ -218,6 +251,12 @@ def main() -> None:
         if log.debug_enabled() and len(str(exc).splitlines()) > 1:
             print(str(exc), file=sys.stderr)
         sys.exit(1)
+    except Exception as exc:  # the last guard: never a bare traceback
+        _unexpected(exc, argv)
+        sys.exit(70)  # EX_SOFTWARE: an internal error, not the user's
+    if status == 130:
+        _interrupted()
+    sys.exit(status if isinstance(status, int) else 0)
 
 
 if __name__ == "__main__":

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
+import signal
 import subprocess
 from pathlib import Path
 
 import pytest
 
-from .conftest import MBRESCUE, ROOT, mbrescue, one_error_line, sh, sha256_of
+from .conftest import MBRESCUE, ROOT, mbrescue, one_error_line, read_until, sh, sha256_of
 from .test_capture import small_msdos_image
 
 MiB = 1 << 20
@@ -42,6 +44,62 @@ def test_progress_only_on_a_terminal(tmp_path):
     quiet = mbrescue("capture", image, "-o", tmp_path / "pipe.mbrescue")
     assert quiet.returncode == 0
     assert "ETA" not in quiet.stderr
+
+
+# -- unexpected failures and Ctrl-C ------------------------------------------------------------
+
+# A stack limit larger than the address space can hold: every new thread's stack fails to map,
+# so Python raises RuntimeError("can't start new thread") where capture starts its writer
+# thread. A real fault of the environment that no parser can turn into the project's error.
+HUGE_STACK_LIMIT = ["prlimit", f"--stack={1 << 40}", "--"]
+
+
+def _capture_with_a_huge_stack_limit(image, out, *, debug: bool):
+    command = [*HUGE_STACK_LIMIT, *MBRESCUE, *(["--debug"] if debug else []),
+               "capture", os.fspath(image), "-o", os.fspath(out)]
+    return subprocess.run(command, cwd=ROOT, capture_output=True, text=True,
+                          stdin=subprocess.DEVNULL, timeout=120)
+
+
+def test_an_unexpected_exception_is_one_line_naming_the_rerun(tmp_path):
+    image = small_msdos_image(tmp_path / "host.img")
+    out = tmp_path / "x.mbrescue"
+    line = one_error_line(_capture_with_a_huge_stack_limit(image, out, debug=False))
+    assert line.startswith("mbrescue: error: RuntimeError: can't start new thread (this is a bug;")
+    assert line.endswith(
+        f"rerun with --debug for the traceback: mbrescue --debug capture {image} -o {out})"
+    )
+    shown = _capture_with_a_huge_stack_limit(image, out, debug=True)
+    assert shown.returncode != 0
+    assert "Traceback (most recent call last)" in shown.stderr
+    assert shown.stderr.rstrip().splitlines()[-1].startswith("mbrescue: error: RuntimeError: ")
+
+
+def test_ctrl_c_at_the_prompt_is_one_line_and_exit_130(tmp_path):
+    """SIGINT while restore waits for its typed yes: status 130, one line, nothing written."""
+    image = small_msdos_image(tmp_path / "host.img")
+    capture = tmp_path / "host.mbrescue"
+    assert mbrescue("capture", image, "-o", capture).returncode == 0
+    target = tmp_path / "target.img"
+    with open(target, "wb") as blank:
+        blank.truncate(os.path.getsize(image))
+    process = subprocess.Popen([*MBRESCUE, "restore", os.fspath(capture), os.fspath(target)],
+                               cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE)
+    assert process.stdout is not None
+    read_until(process.stdout.fileno(), b"Type yes", timeout=60)
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=30)
+    result = subprocess.CompletedProcess(process.args, process.returncode, "", stderr.decode())
+    assert one_error_line(result) == "mbrescue: error: interrupted"
+    assert result.returncode == 130
+    assert sha256_of(target) == sha256_of_zeros(os.path.getsize(image))
+
+
+def sha256_of_zeros(length: int) -> str:
+    digest = hashlib.sha256()
+    digest.update(bytes(length))
+    return digest.hexdigest()
 
 
 # -- burn ----------------------------------------------------------------------------------------
