@@ -463,11 +463,25 @@ def test_parse_entries_any_shape(raw: bytes, count: int, size: int) -> None:
         assert len(result) <= count and all(1 <= e.number <= count for e in result)
 
 
-@given(st.text(max_size=40))
+GUID_TEXT = st.one_of(
+    st.text(max_size=40),
+    st.text(alphabet="0123456789abcdefABCDEF-{} \t\ng", min_size=30, max_size=40),
+)
+
+
+@given(GUID_TEXT)
 def test_parse_guid_any_text(text: str) -> None:
     result = outcome(lambda: gpt.parse_guid(text))
     if isinstance(result, bytes):
         assert len(result) == 16
+        assert gpt.parse_guid(gpt.format_guid(result)) == result
+
+
+@pytest.mark.parametrize("text", [" " * 32, "00 " * 10 + "00", "0" * 30 + "\n0"])
+def test_parse_guid_refuses_whitespace(text: str) -> None:
+    """bytes.fromhex skips whitespace: 32 characters are not always 16 bytes."""
+    with pytest.raises(MbrescueError, match="not a GUID"):
+        gpt.parse_guid(text)
 
 
 @SLOW
