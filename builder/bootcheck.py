@@ -158,10 +158,13 @@ def check_disk_boots(
     with Vm(config, serial_log) as vm:
         deadline = time.monotonic() + timeout_s
         while True:
+            ended = not vm.running()
+            if ended:
+                vm.drain()  # its last words (a marker, then power-off) may still be in the pipe
             printed = vm.search(KERNEL_OUTPUT)
             if printed is not None:
                 return DiskBoot(True, vm.elapsed(), f"its kernel printed {printed.group(0)!r}")
-            if not vm.running():
+            if ended:
                 return DiskBoot(
                     False,
                     vm.elapsed(),
@@ -234,6 +237,9 @@ def boot_check(
         blank.truncate(manifest.source.size_bytes)
     serial_log = (log_dir or work) / f"verify-boot-{firmware}.log"
     to_prompt: float | None = None
+    # What an earlier failed run kept must not stand for this one.
+    for stale in (report_dir / f"{stem}.png", report_dir / f"{stem}.log"):
+        stale.unlink(missing_ok=True)
 
     def failed(restored: bool, what: str, shot: Path | None) -> BootResult:
         where = _keep(serial_log, shot, report_dir, stem)

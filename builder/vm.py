@@ -81,6 +81,7 @@ class Vm:
         self._pos = 0
         self.started = 0.0
         self._qmp_sock: socket.socket | None = None
+        self._reader_thread: threading.Thread | None = None
         self._qmp_file: BinaryIO | None = None
 
     def argv(self) -> list[str]:
@@ -187,7 +188,8 @@ class Vm:
             stderr=subprocess.STDOUT,
             env=base_env(),
         )
-        threading.Thread(target=self._reader, daemon=True).start()
+        self._reader_thread = threading.Thread(target=self._reader, daemon=True)
+        self._reader_thread.start()
 
     def _reader(self) -> None:
         assert self._proc is not None and self._proc.stdout is not None
@@ -256,6 +258,11 @@ class Vm:
 
     def running(self) -> bool:
         return self._proc is not None and self._proc.poll() is None
+
+    def drain(self, timeout: float = 5.0) -> None:
+        """After QEMU ended: wait until everything it printed has been read."""
+        if self._reader_thread is not None:
+            self._reader_thread.join(timeout)
 
     def search(self, pattern: str) -> re.Match[str] | None:
         """The first match in everything printed so far (does not move expect's position)."""
