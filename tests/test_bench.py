@@ -4,14 +4,21 @@ from __future__ import annotations
 
 import re
 
+import pytest
+
 from builder.bench import bench_capture, make_bench_disk, manifest_of, region_bytes
 from builder.bench_rescue import bench_rescue
 
 SMALL_BOOT_MIB = 48
 
 
-def test_capture_and_restore_sections_measure_what_they_say(tmp_path):
-    image = make_bench_disk(tmp_path, SMALL_BOOT_MIB)
+@pytest.fixture(scope="module")
+def bench_disk(tmp_path_factory):
+    return make_bench_disk(tmp_path_factory.mktemp("bench-disk"), SMALL_BOOT_MIB)
+
+
+def test_capture_and_restore_sections_measure_what_they_say(tmp_path, bench_disk):
+    image = bench_disk
     rows, capture = bench_capture(tmp_path, image, runs=1, boot_mib=SMALL_BOOT_MIB)
     text = "\n".join(rows)
     # The capture measured is of a frozen, mounted /boot with its file archive.
@@ -26,3 +33,12 @@ def test_capture_and_restore_sections_measure_what_they_say(tmp_path):
     text = "\n".join(rows)
     assert re.search(r"run 1  mbrescue restore +[\d.]+ s .*tools +[\d.]+ s \(sha256sum", text), text
     assert re.search(r"mbrescue restore / standard tools: wall time [\d.]+x", text), text
+
+
+def test_build_section_builds_a_never_seen_capture(tmp_path, bench_disk):
+    """Each measured build makes GRUB images for its host (the section raises otherwise)."""
+    from builder.bench import bench_build
+
+    text = "\n".join(bench_build(tmp_path, bench_disk, runs=2, boot=False))
+    assert re.search(r"run 2  mbrescue build +[\d.]+ s +grub-mkrescue +[\d.]+ s", text), text
+    assert re.search(r"mbrescue build / grub-mkrescue: time [\d.]+x", text), text
