@@ -1,11 +1,19 @@
-"""The runner's consoles on real pseudo-terminals, and the kernel command line switches."""
+"""The runner's consoles on real pseudo-terminals, the kernel command line switches, and
+Ctrl-C / SIGTERM: the runner on a pty that is its controlling terminal, as /init starts it."""
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
+import re
+import signal
+import subprocess
+import sys
+import termios
 import threading
 import time
+from pathlib import Path
 
 import pytest
 
@@ -13,7 +21,9 @@ from builder.runner.cmdline import parse_switches, split_cmdline, unattended_all
 from builder.runner.console import Console, console_device, parse_proc_consoles
 from builder.runner.errors import MbrescueError
 
-from .conftest import read_until
+from .conftest import ROOT, mbrescue, read_until, sha256_of
+
+CTRL_C, CTRL_S, CTRL_Q = b"\x03", b"\x13", b"\x11"
 
 
 @pytest.fixture
@@ -113,3 +123,110 @@ def test_kernel_command_line_switches(tmp_path):
     options.write_text("{broken")
     with pytest.raises(MbrescueError):
         unattended_allowed(str(options))
+
+
+# --- Ctrl-C and SIGTERM -------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def capture_a(fixtures, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("console") / "host-a.mbrescue"
+    result = mbrescue("capture", fixtures["A"].path, "-o", out, "--hostname", "host-a")
+    assert result.returncode == 0, result.stderr
+    return out
+
+
+def _take_terminal() -> None:
+    # In the child, after setsid: the pty on stdin becomes its controlling terminal, so the
+    # line discipline turns a typed Ctrl-C into SIGINT for it (what cttyhack does in /init).
+    fcntl.ioctl(0, termios.TIOCSCTTY, 0)
+
+
+def spawn_runner(*args: str | os.PathLike[str]) -> tuple[subprocess.Popen[bytes], int]:
+    master, slave = os.openpty()
+    process = subprocess.Popen(
+        [sys.executable, "-m", "builder.runner", *map(os.fspath, args)], cwd=ROOT,
+        stdin=slave, stdout=slave, stderr=slave, start_new_session=True,
+        preexec_fn=_take_terminal,
+    )
+    os.close(slave)
+    return process, master
+
+
+def read_to_end(master: int, timeout: float = 60) -> bytes:
+    """Everything until the child closes the pty (EIO), within the timeout."""
+    seen = b""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            chunk = os.read(master, 65536)
+        except OSError:
+            break
+        if not chunk:
+            break
+        seen += chunk
+    return seen
+
+
+def blank(path: Path, size_bytes: int) -> Path:
+    with open(path, "wb") as stream:
+        stream.truncate(size_bytes)
+    return path
+
+
+def test_ctrl_c_at_the_prompt_writes_nothing(fixtures, capture_a, tmp_path):
+    target = blank(tmp_path / "target.img", fixtures["A"].path.stat().st_size)
+    with open(target, "r+b") as stream:
+        stream.write(b"OLD" * 4096)
+    before = sha256_of(target)
+    process, master = spawn_runner("restore", capture_a, target)
+    try:
+        read_until(master, b"Type yes to write ", timeout=120)
+        os.write(master, CTRL_C)
+        rest = read_to_end(master)
+        assert process.wait(30) == 130
+    finally:
+        process.kill()
+        os.close(master)
+    assert b"mbrescue: error: interrupted, nothing written" in rest, rest
+    assert b"Traceback" not in rest
+    assert sha256_of(target) == before
+
+
+@pytest.mark.parametrize("how", ["ctrl-c", "sigterm"])
+def test_interrupted_write_says_how_to_finish(fixtures, capture_a, tmp_path, how):
+    """Stopped mid-write (XOFF holds the runner at its next progress line, so the moment
+    is certain), then Ctrl-C typed or SIGTERM sent: the runner names the command that
+    finishes the restore; that very command, run again, completes it."""
+    fx = fixtures["A"]
+    target = blank(tmp_path / "target.img", fx.path.stat().st_size)
+    process, master = spawn_runner("restore", capture_a, target)
+    try:
+        read_until(master, b"Type yes to write ", timeout=120)
+        os.write(master, b"yes\n")
+        read_until(master, b"writing: ", timeout=120)
+        os.write(master, CTRL_S)
+        time.sleep(0.5)
+        if how == "ctrl-c":
+            os.write(master, CTRL_C)  # also restarts the output (IXON)
+        else:
+            process.send_signal(signal.SIGTERM)
+            time.sleep(0.2)
+            os.write(master, CTRL_Q)
+        rest = read_to_end(master)
+        assert process.wait(30) == 130
+    finally:
+        process.kill()
+        os.close(master)
+    text = rest.decode(errors="replace")
+    assert "Traceback" not in text and "restore complete" not in text, text
+    found = re.search(r"mbrescue: error: interrupted while writing (\S+): the restore is "
+                      r"incomplete; to finish it, run: ([^\r\n]+)", text)
+    assert found, text
+    assert found.group(1) == str(target)
+    again = subprocess.run(found.group(2), shell=True, cwd="/", input="yes\n", text=True,
+                           capture_output=True, timeout=300)
+    assert again.returncode == 0, again.stderr
+    assert again.stdout.splitlines()[-1].startswith("mbrescue: restore complete")
+    region = fx.region_end_sectors * 512
+    assert sha256_of(target, region) == sha256_of(fx.path, region)

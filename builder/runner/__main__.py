@@ -3,18 +3,24 @@
 `restore.restore` directly).
 
 Exit status 0 after a verified restore; 1 with one `mbrescue: error: ...` line for a
-refusal, an abort or a failure; 130 when interrupted.
+refusal, an abort or a failure; 130 when interrupted (Ctrl-C, SIGTERM), with a line that
+says "nothing written" or gives the exact command that finishes the restore.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+from collections.abc import Callable
 
 from .cmdline import OPTIONS_PATH
 from .console import Console
 from .errors import MbrescueError
-from .restore import restore
+from .restore import Interrupted, restore
+
+# What the rescue system's /init puts in front of the runner; repeated in the resume hint.
+RERUN_ENVIRONMENT = ("PYTHONHASHSEED", "PYTHONPATH")
 
 
 def parser() -> argparse.ArgumentParser:
@@ -33,6 +39,22 @@ def parser() -> argparse.ArgumentParser:
     return top
 
 
+def runner_rerun(capture: str, sector_bytes: int | None, assume_yes: bool
+                 ) -> Callable[[str], list[str]]:
+    """This runner's `restore` command line for a target, as it can be typed again (in the
+    rescue shell or wherever this ran)."""
+    environment = [f"{name}={os.environ[name]}" for name in RERUN_ENVIRONMENT
+                   if name in os.environ]
+
+    def words(target: str) -> list[str]:
+        extra = ["--sector-bytes", str(sector_bytes)] if sector_bytes else []
+        return [*environment, sys.executable, "-m", __package__ or "mbrescue_runner",
+                "restore", os.path.abspath(capture), os.path.abspath(target), *extra,
+                *(["--yes"] if assume_yes else [])]
+
+    return words
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     rescue_mode = args.command == "rescue"
@@ -40,14 +62,19 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if rescue_mode:
             return restore(args.capture, None, console=console, rescue=True,
-                           options_path=args.options)
+                           options_path=args.options,
+                           rerun=runner_rerun(args.capture, None, False))
         return restore(args.capture, args.target, console=console, assume_yes=args.yes,
-                       sector_bytes=args.sector_bytes)
+                       sector_bytes=args.sector_bytes,
+                       rerun=runner_rerun(args.capture, args.sector_bytes, args.yes))
+    except Interrupted as exc:
+        console.error(str(exc))
+        return 130
     except MbrescueError as exc:
         console.error(str(exc))
         return 1
     except KeyboardInterrupt:
-        console.error("interrupted; run the restore again to finish it")
+        console.error("interrupted before the restore began, nothing written")
         return 130
     finally:
         console.close()

@@ -38,9 +38,10 @@ class DiskInfo:
     serial: str | None = None
     wwn: str | None = None
     name: str | None = None  # kernel name (sda, vda, nvme0n1, loop3); None for files
-    removable: bool = False
+    removable: bool = False  # sysfs `removable`, or on USB (a stick, a card reader, a USB disk)
     readonly: bool = False
     is_cdrom: bool = False
+    on_usb: bool = False
 
     @property
     def size_sectors(self) -> int:
@@ -110,6 +111,15 @@ def _sys_flag(name: str, attribute: str) -> bool:
     return _read_sys(os.path.join(SYS_BLOCK, name, attribute)) == "1"
 
 
+def _sys_on_usb(name: str) -> bool:
+    """Is the disk behind a USB controller? Its device path in sysfs passes a usbN bus."""
+    try:
+        real = os.path.realpath(os.path.join(SYS_BLOCK, name, "device"))
+    except OSError:
+        return False
+    return any(part.startswith("usb") and part[3:].isdigit() for part in real.split("/"))
+
+
 def _sys_is_cdrom(name: str) -> bool:
     # SCSI peripheral type 5 is a CD/DVD drive; sr* is how the kernel names those.
     return (
@@ -166,10 +176,11 @@ def disk_info(path: str, sector_bytes: int | None = None) -> DiskInfo:
         )
     name, whole = _sys_name(st.st_rdev)
     model = serial = wwn = None
-    removable = is_cdrom = False
+    removable = is_cdrom = on_usb = False
     if whole is not None:
         model, serial, wwn = _sys_identity(whole)
-        removable = _sys_flag(whole, "removable")
+        on_usb = _sys_on_usb(whole)
+        removable = _sys_flag(whole, "removable") or on_usb
         is_cdrom = _sys_is_cdrom(whole)
     return DiskInfo(
         path=path,
@@ -184,6 +195,7 @@ def disk_info(path: str, sector_bytes: int | None = None) -> DiskInfo:
         removable=removable,
         readonly=readonly,
         is_cdrom=is_cdrom,
+        on_usb=on_usb,
     )
 
 
@@ -256,6 +268,7 @@ def list_disks() -> list[DiskInfo]:
         logical = int(_read_sys(os.path.join(base, "queue", "logical_block_size")) or "512")
         physical = int(_read_sys(os.path.join(base, "queue", "physical_block_size")) or logical)
         model, serial, wwn = _sys_identity(name)
+        on_usb = _sys_on_usb(name)
         disks.append(
             DiskInfo(
                 path=os.path.join("/dev", name),
@@ -268,9 +281,10 @@ def list_disks() -> list[DiskInfo]:
                 serial=serial,
                 wwn=wwn,
                 name=name,
-                removable=_sys_flag(name, "removable"),
+                removable=_sys_flag(name, "removable") or on_usb,
                 readonly=_sys_flag(name, "ro"),
                 is_cdrom=is_cdrom,
+                on_usb=on_usb,
             )
         )
     return disks

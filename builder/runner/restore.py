@@ -10,10 +10,23 @@ adjustments (protective MBR, primary GPT header, shrunk MBR/EBR entries) patched
 the stream, the rest (GPT backup, EBRs outside the region, swap headers) after it;
 then everything is read back from the device, past the page cache, and compared.
 Every write is a pure function of the capture and the target's size, so running it
-again after an interruption simply writes the same bytes.
+again after an interruption simply writes the same bytes: an interrupted restore (Ctrl-C,
+SIGTERM) says whether anything was written and, if so, the exact command that finishes it.
+
+Unattended mode (`mbrescue.unattended=1`, honoured only with the build's opt-in) writes
+without asking only to a disk that is *identified*: named by `mbrescue.target=` (or the
+TARGET argument), or carrying the captured disk's serial/WWN. A lone disk that is merely
+large enough is not identified: it may be the wrong machine's data disk.
 """
 
 from __future__ import annotations
+
+import os
+import shlex
+import signal
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 from .capfile import Capture
 from .cmdline import OPTIONS_PATH, Switches, read_switches, unattended_allowed
@@ -21,10 +34,50 @@ from .console import Console
 from .disk import disk_info, list_disks
 from .errors import MbrescueError
 from .plan import Plan, RegionHead, disk_title, plan_restore, show_capture, show_plan
-from .targets import Candidate, base_refusal, matches, rank
+from .targets import (
+    Candidate,
+    base_refusal,
+    identified,
+    matches,
+    order_key,
+    rank,
+    removable_note,
+    unattended_choice,
+)
 from .writer import execute
 
 CONFIRM_WORD = "yes"
+
+
+class Interrupted(MbrescueError):
+    """Ctrl-C or SIGTERM: the message says whether the target was touched and how to finish."""
+
+
+@contextmanager
+def _sigterm_interrupts() -> Iterator[None]:
+    """SIGTERM ends a restore as Ctrl-C does (with the resume hint), not silently."""
+    if threading.current_thread() is not threading.main_thread():
+        yield  # only the main thread may set handlers (tests drive restore() from threads)
+        return
+
+    def interrupt(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def cli_rerun(capture_path: str, sector_bytes: int | None, assume_yes: bool
+              ) -> Callable[[str], list[str]]:
+    """The `mbrescue restore` command line that repeats this restore onto a target."""
+    def words(target: str) -> list[str]:
+        extra = ["--sector-size", str(sector_bytes)] if sector_bytes else []
+        return ["mbrescue", "restore", os.path.abspath(capture_path), os.path.abspath(target),
+                *extra, *(["--yes"] if assume_yes else [])]
+    return words
 
 
 # --- the whole job -----------------------------------------------------------------------
@@ -44,11 +97,13 @@ def _choose(console: Console, offered: list[Candidate]) -> Candidate:
         console.say(f"'{answer.strip()}' is not one of the numbers shown.")
 
 
-def rescue_candidates(capture: Capture, head: RegionHead, medium: str | None
-                      ) -> list[tuple[Candidate, Plan | None]]:
-    """Every disk the kernel sees, ranked, each with its plan or the reason it is refused."""
+def rescue_candidates(capture: Capture, head: RegionHead, medium: str | None,
+                      disks: list[str] | None = None) -> list[tuple[Candidate, Plan | None]]:
+    """Every disk the kernel sees (or only `disks`), ranked, each with its plan or the
+    reason it is refused."""
     found: list[tuple[Candidate, Plan | None]] = []
-    for listed in list_disks():
+    listed_disks = list_disks() if disks is None else [disk_info(path) for path in disks]
+    for listed in listed_disks:
         try:
             disk = listed if listed.is_cdrom else disk_info(listed.path)
             disk.is_cdrom = disk.is_cdrom or listed.is_cdrom
@@ -56,7 +111,9 @@ def rescue_candidates(capture: Capture, head: RegionHead, medium: str | None
             found.append((Candidate(listed, 9, "", str(exc)), None))
             continue
         order, why = rank(disk, capture.manifest.source)
-        candidate = Candidate(disk, order, why, base_refusal(disk, medium))
+        note = removable_note(disk)
+        candidate = Candidate(disk, order, f"{why}, {note}" if note else why,
+                              base_refusal(disk, medium))
         plan = None
         if candidate.refusal is None:
             try:
@@ -64,7 +121,7 @@ def rescue_candidates(capture: Capture, head: RegionHead, medium: str | None
             except MbrescueError as exc:
                 candidate.refusal = str(exc)
         found.append((candidate, plan))
-    found.sort(key=lambda item: (item[0].rank, item[0].disk.size_bytes, item[0].disk.path))
+    found.sort(key=lambda item: order_key(item[0]))
     return found
 
 
@@ -79,13 +136,49 @@ def restore(
     sector_bytes: int | None = None,
     switches: Switches | None = None,
     options_path: str = OPTIONS_PATH,
+    rerun: Callable[[str], list[str]] | None = None,
+    disks: list[str] | None = None,
 ) -> int:
     """Restore the capture onto `target` (CLI) or onto a disk chosen in the rescue system.
 
     Returns 0 when the restore completed and verified; raises MbrescueError (one line)
     for a refusal, an abort or a failure. `rescue=True` reads the kernel command line
-    switches (unless given) and offers every disk but the boot medium.
+    switches (unless given) and offers every disk but rescue media. `rerun(target)` is the
+    command line that repeats the restore onto target (shown when a write is interrupted;
+    default: `mbrescue restore ...`). `disks` limits the rescue mode's candidates to these
+    paths (default: every disk the kernel lists). Ctrl-C or SIGTERM raises Interrupted.
     """
+    rerun = rerun or cli_rerun(capture_path, sector_bytes, assume_yes)
+    writing: list[str] = []  # the target, once the first write may have happened
+    try:
+        with _sigterm_interrupts():
+            return _restore(capture_path, target, console=console, assume_yes=assume_yes,
+                            rescue=rescue, medium=medium, sector_bytes=sector_bytes,
+                            switches=switches, options_path=options_path, disks=disks,
+                            writing=writing)
+    except KeyboardInterrupt:
+        if not writing:
+            raise Interrupted("interrupted, nothing written") from None
+        raise Interrupted(
+            f"interrupted while writing {writing[0]}: the restore is incomplete; "
+            f"to finish it, run: {shlex.join(rerun(writing[0]))}"
+        ) from None
+
+
+def _restore(
+    capture_path: str,
+    target: str | None,
+    *,
+    console: Console,
+    assume_yes: bool,
+    rescue: bool,
+    medium: str | None,
+    sector_bytes: int | None,
+    switches: Switches | None,
+    options_path: str,
+    disks: list[str] | None,
+    writing: list[str],
+) -> int:
     if rescue and switches is None:
         switches = read_switches()
     switches = switches or Switches()
@@ -96,16 +189,18 @@ def restore(
     capture.verify()
     console.say(f"mbrescue: capture verified (region SHA-256 {capture.region.sha256[:16]}...)")
     head = RegionHead(capture)
-    unambiguous = False
+    # Known to be the right disk (named, or the captured serial/WWN): unattended needs it.
+    identity_known = False
+    unattended = switches.unattended and unattended_allowed(options_path)
     if target is not None:
         disk = disk_info(target, sector_bytes)
         refusal = base_refusal(disk, medium)
         if refusal:
             raise MbrescueError(f"refusing {disk.path}: {refusal}")
         plan = plan_restore(capture, head, disk)
-        unambiguous = True
+        identity_known = True
     else:
-        found = rescue_candidates(capture, head, medium)
+        found = rescue_candidates(capture, head, medium, disks)
         wanted = switches.target
         if wanted:
             chosen = [item for item in found if matches(item[0].disk, wanted)]
@@ -116,7 +211,7 @@ def restore(
             if candidate.refusal or maybe_plan is None:
                 raise MbrescueError(f"refusing {candidate.disk.path}: {candidate.refusal}")
             plan = maybe_plan
-            unambiguous = True
+            identity_known = True
         else:
             for candidate, _ in found:
                 if candidate.refusal:
@@ -126,19 +221,22 @@ def restore(
                 raise MbrescueError("no disk can take the region (see the reasons above)")
             if len(offered) == 1:
                 plan = offered[0][1]  # type: ignore[assignment]
-                unambiguous = True
+                identity_known = identified(offered[0][0])
             else:
-                pick = _choose(console, [c for c, _ in offered])
+                sure = unattended_choice([c for c, _ in offered]) if unattended else None
+                pick = sure or _choose(console, [c for c, _ in offered])
+                identity_known = sure is not None
                 plan = next(p for c, p in offered if c is pick)  # type: ignore[misc]
     show_plan(console, plan)
     proceed = assume_yes
     if not proceed and switches.unattended:
-        if not unattended_allowed(options_path):
+        if not unattended:
             console.say("mbrescue: mbrescue.unattended=1 ignored: this rescue system was built "
                         "without the unattended opt-in")
-        elif not unambiguous:
-            console.say("mbrescue: mbrescue.unattended=1 ignored: more than one disk could be "
-                        "the target")
+        elif not identity_known:
+            console.say("mbrescue: mbrescue.unattended=1 ignored: no disk has the captured "
+                        "serial/WWN and mbrescue.target= names none (a disk that is merely "
+                        "large enough is not proof)")
         else:
             console.say(
                 "mbrescue: unattended restore (mbrescue.unattended=1, allowed by the build)"
@@ -152,6 +250,7 @@ def restore(
         # Exactly the word: "y", "YES" or " yes" are not an informed consent to overwrite.
         if answer != CONFIRM_WORD:
             raise MbrescueError("aborted, nothing written")
+    writing.append(plan.target.path)
     stats = execute(capture, plan, console)
     console.say(
         f"mbrescue: wrote {plan.region_bytes} bytes in {stats.write_seconds:.2f} s "
