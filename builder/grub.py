@@ -1,16 +1,26 @@
-"""GRUB boot images for the rescue ISO: one for BIOS, one for UEFI, and the hybrid MBR code.
+"""GRUB boot images for the rescue ISO: BIOS GRUB, the Secure Boot UEFI chain, the hybrid MBR code.
 
 `grub-mkimage -O i386-pc-eltorito` makes the El Torito no-emulation image (cdboot.img followed
-by a core image; the same bytes boot a USB stick through `boot_hybrid.img`), and
-`grub-mkimage -O x86_64-efi` makes `BOOTX64.EFI`, which goes into a small FAT image under
-`EFI/BOOT/` for the El Torito EFI entry and the GPT ESP entry. The FAT image is made with
-`mkfs.vfat --invariant` and mtools, which write image files directly (this machine's kernel
-cannot mount vfat) and honour `SOURCE_DATE_EPOCH`, so the bytes are reproducible.
+by a core image; the same bytes boot a USB stick through `boot_hybrid.img`). UEFI boots
+Debian's signed chain, so it works with Secure Boot on and off: `EFI/BOOT/BOOTX64.EFI` is
+shim (signed by Microsoft's UEFI CA), `EFI/BOOT/grubx64.efi` beside it is Debian's signed
+GRUB for removable media (gcdx64, as Debian's own installer and live media use), and shim
+checks it and the kernel against Debian's CA. They go into a small FAT image for the El Torito
+EFI entry and the GPT ESP entry (and into the ISO 9660 tree, for firmware that reads that).
+The FAT image is made with `mkfs.vfat --invariant` and mtools, which write image files directly
+(this machine's kernel cannot mount vfat) and honour `SOURCE_DATE_EPOCH`, so the bytes are
+reproducible.
 
-Both images embed a two-line config that finds the medium by a file named after its medium
-id and sets the prefix there: from a USB stick the UEFI image starts on the ESP, and the BIOS
-image on the whole disk, neither of which is where `/boot/grub/grub.cfg` lives. Results are
-cached by a hash of the GRUB package versions, the module lists and the embedded config.
+A signed GRUB cannot take an embedded config of ours nor load modules under Secure Boot:
+everything the menu uses must be built into Debian's image (see SIGNED_GRUB_COMMANDS). gcdx64
+reads `<its device>/boot/grub/grub.cfg`: from CD that device is the ISO itself, so the real
+menu is read at once; from USB it is the ESP, whose `boot/grub/grub.cfg` is a three-line
+loader config that finds this medium by a file named after its medium id (never by Debian's
+`/.disk/info`, which another Debian medium in the machine would also have), sets the prefix
+there and sources the real menu. The same loader config sits at `EFI/debian/grub.cfg`, where
+Debian's disk image (grubx64, prefix `/EFI/debian`) would look for it. The BIOS image embeds
+the same search. Results are cached by a hash of the package versions, the module list and
+the configs.
 """
 
 from __future__ import annotations
@@ -19,6 +29,7 @@ import hashlib
 import os
 import re
 import shutil
+import struct
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +40,7 @@ from . import log
 from .cpio import source_date_epoch
 from .debs import cache_dir
 from .errors import MbrescueError, ToolMissing
+from .kit import EfiLoaders, ensure_efi_loaders
 from .run import output, require_tools, run
 
 TEMPLATES = Path(__file__).resolve().parent.parent / "templates"
@@ -66,7 +78,73 @@ COMMON_MODULES = (
     "minicmd",
 )
 BIOS_MODULES = ("biosdisk", *COMMON_MODULES)
-EFI_MODULES = ("efi_gop", "efi_uga", *COMMON_MODULES)
+# What grub.cfg and the loader config may use under UEFI: each of these is built into both of
+# Debian's signed images (gcdx64 and grubx64 of grub-efi-amd64-signed 2.06-13, read from the
+# images' module list), because under Secure Boot `insmod` refuses to load anything more.
+# Command -> the GRUB module that provides it (the script's own words live in `normal`).
+SIGNED_GRUB_COMMANDS = {
+    "serial": "serial",
+    "terminal_input": "terminal",
+    "terminal_output": "terminal",
+    "echo": "echo",
+    "search": "search",
+    "set": "normal",
+    "if": "normal",
+    "for": "normal",
+    "menuentry": "normal",
+    "linux": "linux",
+    "initrd": "linux",
+    "regexp": "regexp",
+    "chainloader": "chain",
+    "boot": "boot",
+    "configfile": "configfile",
+    "source": "configfile",
+    "sleep": "sleep",
+    "exit": "minicmd",
+    "[": "test",
+}
+# The file systems and partition tables the menu reads through.
+SIGNED_GRUB_MODULES = ("iso9660", "fat", "ext2", "part_gpt", "part_msdos", "search_fs_uuid",
+                       "search_fs_file")  # fmt: skip
+
+_GRUB_MODULES_MAGIC = 0x676D696D  # "mimg": the module area's header in a GRUB image
+_GRUB_MODULE_ELF = 0
+
+
+def image_modules(image: Path) -> list[str]:
+    """The module names built into a GRUB EFI image (read from its module area)."""
+    data = image.read_bytes()
+    magic = struct.pack("<I", _GRUB_MODULES_MAGIC)
+    at = data.find(magic)
+    while at >= 0:
+        _magic, padding, offset, size = struct.unpack_from("<IIQQ", data, at)
+        if padding == 0 and offset == 24 and at + size <= len(data):
+            break
+        at = data.find(magic, at + 1)
+    if at < 0:
+        raise MbrescueError(f"{image} holds no GRUB module area")
+    names = []
+    cursor, end = at + 24, at + size
+    while cursor + 8 <= end:
+        kind, length = struct.unpack_from("<II", data, cursor)
+        if length < 8:
+            break
+        if kind == _GRUB_MODULE_ELF:
+            names.append(_elf_modname(data[cursor + 8 : cursor + length]))
+        cursor += length
+    return [name for name in names if name]
+
+
+def _elf_modname(elf: bytes) -> str:
+    shoff, = struct.unpack_from("<Q", elf, 0x28)
+    entry_bytes, count, names_index = struct.unpack_from("<HHH", elf, 0x3A)
+    sections = [struct.unpack_from("<IIQQQQII", elf, shoff + i * entry_bytes) for i in range(count)]
+    names_at = sections[names_index][4]
+    for name_at, _kind, _flags, _addr, offset, size, _link, _info in sections:
+        name = elf[names_at + name_at : elf.index(b"\0", names_at + name_at)]
+        if name == b".modname":
+            return elf[offset : offset + size].rstrip(b"\0").decode()
+    return ""
 
 # FAT cannot store dates before 1980; mtools would wrap an earlier SOURCE_DATE_EPOCH.
 FAT_EPOCH_MIN = 315532800
@@ -77,10 +155,15 @@ FAT_LABEL = "MBRESCUE"
 @dataclass(frozen=True)
 class GrubImages:
     bios_eltorito: Path  # cdboot.img + core image, El Torito no-emulation boot file
-    efi_fat: Path  # FAT image holding EFI/BOOT/BOOTX64.EFI
+    efi_fat: Path  # FAT image: EFI/BOOT/BOOTX64.EFI (shim), grubx64.efi, the loader configs
     boot_hybrid: Path  # GRUB's MBR code for the hybrid (USB) boot
-    modules: tuple[str, ...]  # what the BIOS image holds; the EFI one adds efi_gop/efi_uga
+    modules: tuple[str, ...]  # what the BIOS image holds
     medium_id: str
+    # The same UEFI chain for the ISO 9660 tree (EFI/BOOT/..., EFI/debian/grub.cfg).
+    efi_shim: Path
+    efi_grub: Path
+    efi_loader_cfg: Path
+    efi_packages: dict[str, str]  # Debian package -> version of the signed loaders
 
 
 def medium_marker(medium_id: str) -> str:
@@ -96,10 +179,20 @@ def embedded_config(medium_id: str) -> str:
     )
 
 
+def efi_loader_config(medium_id: str) -> str:
+    """What the signed GRUB reads from the ESP: find this medium, then its real menu."""
+    return (
+        f"search --no-floppy --file --set=root {medium_marker(medium_id)}\n"
+        "set prefix=($root)/boot/grub\n"
+        "source $prefix/grub.cfg\n"
+    )
+
+
 def check_grub_installed() -> None:
     """Fail before any work when GRUB's image builders or platform files are missing."""
     require_tools("grub-mkimage", "mkfs.vfat", "mmd", "mcopy")
-    for directory, package in ((BIOS_DIR, "grub-pc-bin"), (EFI_DIR, "grub-efi-amd64-bin")):
+    # UEFI needs no platform files here: its GRUB is Debian's signed image from the kit.
+    for directory, package in ((BIOS_DIR, "grub-pc-bin"),):
         if not (directory / "kernel.img").exists():
             raise ToolMissing(
                 f"GRUB platform files missing in {directory}",
@@ -120,7 +213,6 @@ def _package_versions() -> str:
             "${Package}=${Version}\n",
             "grub-common",
             "grub-pc-bin",
-            "grub-efi-amd64-bin",
             "dosfstools",
             "mtools",
         ],
@@ -129,15 +221,17 @@ def _package_versions() -> str:
     return text
 
 
-def _cache_key(medium_id: str) -> str:
+def _cache_key(medium_id: str, loaders: EfiLoaders | None = None) -> str:
+    loaders = loaders or ensure_efi_loaders()
     digest = hashlib.sha256()
     for part in (
         _package_versions(),
         " ".join(BIOS_MODULES),
-        " ".join(EFI_MODULES),
+        " ".join(f"{name}={sha}" for name, sha in sorted(loaders.package_sha256.items())),
         embedded_config(medium_id),
+        efi_loader_config(medium_id),
         str(_fat_epoch()),
-        "v1",
+        "v2",
     ):
         digest.update(part.encode() + b"\0")
     return digest.hexdigest()[:24]
@@ -157,11 +251,15 @@ def _fat_size_kib(payload_bytes: int) -> int:
     return size_kib
 
 
-def make_efi_fat(bootx64: Path, out: Path) -> None:
-    """A FAT image with EFI/BOOT/BOOTX64.EFI, reproducible under SOURCE_DATE_EPOCH."""
+def make_efi_fat(shim: Path, grub_efi: Path, loader_cfg: Path, out: Path) -> None:
+    """The ESP image: shim as EFI/BOOT/BOOTX64.EFI, the signed GRUB beside it, loader configs.
+
+    Reproducible under SOURCE_DATE_EPOCH.
+    """
     env = {"SOURCE_DATE_EPOCH": str(_fat_epoch()), "MTOOLS_SKIP_CHECK": "1"}
     if out.exists():
         out.unlink()
+    payload_bytes = sum(path.stat().st_size for path in (shim, grub_efi)) + 2 * 4096
     run(
         [
             "mkfs.vfat",
@@ -172,21 +270,29 @@ def make_efi_fat(bootx64: Path, out: Path) -> None:
             FAT_LABEL,
             "-C",
             out,
-            str(_fat_size_kib(bootx64.stat().st_size)),
+            str(_fat_size_kib(payload_bytes)),
         ],
         env=env,
     )
-    run(["mmd", "-i", out, "::EFI", "::EFI/BOOT"], env=env)
-    run(["mcopy", "-i", out, bootx64, "::EFI/BOOT/BOOTX64.EFI"], env=env)
+    run(["mmd", "-i", out, "::EFI", "::EFI/BOOT", "::EFI/debian", "::boot", "::boot/grub"],
+        env=env)  # fmt: skip
+    # shim loads grubx64.efi from its own directory; no fbx64.efi, so shim never starts its
+    # fallback (which would write boot entries into the machine's NVRAM).
+    run(["mcopy", "-i", out, shim, "::EFI/BOOT/BOOTX64.EFI"], env=env)
+    run(["mcopy", "-i", out, grub_efi, "::EFI/BOOT/grubx64.efi"], env=env)
+    # gcdx64 reads (ESP)/boot/grub/grub.cfg; Debian's disk image (ESP)/EFI/debian/grub.cfg.
+    run(["mcopy", "-i", out, loader_cfg, "::boot/grub/grub.cfg"], env=env)
+    run(["mcopy", "-i", out, loader_cfg, "::EFI/debian/grub.cfg"], env=env)
 
 
 def make_grub_images(work: Path, *, medium_id: str) -> GrubImages:
     """Build (or take from the cache) the BIOS El Torito image and the EFI FAT image."""
     check_grub_installed()
-    key = _cache_key(medium_id)
+    loaders = ensure_efi_loaders()
+    key = _cache_key(medium_id, loaders)
     cached = cache_dir() / "grub" / key
     if not (cached / ".complete").exists():
-        log.info("making GRUB images (BIOS El Torito, UEFI FAT)")
+        log.info("making GRUB images (BIOS El Torito, UEFI FAT with shim and signed GRUB)")
         cached.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(dir=cached.parent, prefix=".g-"))
         try:
@@ -208,23 +314,11 @@ def make_grub_images(work: Path, *, medium_id: str) -> GrubImages:
                     *BIOS_MODULES,
                 ]
             )
-            run(
-                [
-                    "grub-mkimage",
-                    "-O",
-                    "x86_64-efi",
-                    "-d",
-                    EFI_DIR,
-                    "-p",
-                    "()/boot/grub",
-                    "-c",
-                    config,
-                    "-o",
-                    tmp / "BOOTX64.EFI",
-                    *EFI_MODULES,
-                ]
-            )
-            make_efi_fat(tmp / "BOOTX64.EFI", tmp / "efi.img")
+            loader_cfg = tmp / "loader.cfg"
+            loader_cfg.write_text(efi_loader_config(medium_id))
+            shutil.copyfile(loaders.shim, tmp / "BOOTX64.EFI")
+            shutil.copyfile(loaders.grub_removable, tmp / "grubx64.efi")
+            make_efi_fat(tmp / "BOOTX64.EFI", tmp / "grubx64.efi", loader_cfg, tmp / "efi.img")
             shutil.copyfile(BIOS_DIR / "boot_hybrid.img", tmp / "boot_hybrid.img")
             (tmp / ".complete").write_text(key + "\n")
             if cached.exists():
@@ -234,7 +328,8 @@ def make_grub_images(work: Path, *, medium_id: str) -> GrubImages:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
     work.mkdir(parents=True, exist_ok=True)
-    names = ("eltorito.img", "efi.img", "boot_hybrid.img")
+    names = ("eltorito.img", "efi.img", "boot_hybrid.img", "BOOTX64.EFI", "grubx64.efi",
+             "loader.cfg")  # fmt: skip
     for name in names:
         shutil.copyfile(cached / name, work / name)
     return GrubImages(
@@ -243,6 +338,10 @@ def make_grub_images(work: Path, *, medium_id: str) -> GrubImages:
         boot_hybrid=work / "boot_hybrid.img",
         modules=BIOS_MODULES,
         medium_id=medium_id,
+        efi_shim=work / "BOOTX64.EFI",
+        efi_grub=work / "grubx64.efi",
+        efi_loader_cfg=work / "loader.cfg",
+        efi_packages=dict(loaders.packages),
     )
 
 

@@ -2,7 +2,9 @@
 
 BIOS from CD boots the El Torito no-emulation entry (GRUB's i386-pc-eltorito image with a
 boot info table); UEFI from CD boots the second El Torito entry (platform 0xEF), a FAT image
-holding BOOTX64.EFI. The same file written to a USB stick boots on BIOS through GRUB's
+holding the Secure Boot chain (shim as BOOTX64.EFI, Debian's signed GRUB; see `grub.py`),
+which the ISO 9660 tree carries too (`/EFI/BOOT`, `/EFI/debian/grub.cfg`) for firmware that
+boots from the file system rather than the El Torito image. The same file written to a USB stick boots on BIOS through GRUB's
 `boot_hybrid.img` in the MBR, which loads the El Torito image's core by 512-byte sector, and
 on UEFI through a GPT whose only entry is an ESP over the FAT image. This is the layout
 `grub-mkrescue` (xorriso `--grub2-mbr --grub2-boot-info`, protective MBR + GPT) produces,
@@ -76,6 +78,9 @@ ISO_FILES = {
     "/mbrescue/base.img": "/MBRESCUE/BASE.IMG;1",
     "/mbrescue/payload.img": "/MBRESCUE/PAYLOAD.IMG;1",
     "/mbrescue/payload.sha256": "/MBRESCUE/PAYLOAD.SHA;1",
+    "/EFI/BOOT/BOOTX64.EFI": "/EFI/BOOT/BOOTX64.EFI;1",
+    "/EFI/BOOT/grubx64.efi": "/EFI/BOOT/GRUBX64.EFI;1",
+    "/EFI/debian/grub.cfg": "/EFI/DEBIAN/GRUB.CFG;1",
 }
 BOOT_CATALOG = "/BOOT/GRUB/BOOT.CAT;1"
 
@@ -305,6 +310,9 @@ def _add_directories(iso: pycdlib.PyCdlib) -> None:
         ("/boot", "/BOOT"),
         ("/boot/grub", "/BOOT/GRUB"),
         ("/mbrescue", "/MBRESCUE"),
+        ("/EFI", "/EFI"),
+        ("/EFI/BOOT", "/EFI/BOOT"),
+        ("/EFI/debian", "/EFI/DEBIAN"),
     ):
         iso.add_directory(iso_path, rr_name=rr_path.rsplit("/", 1)[1], joliet_path=rr_path)
 
@@ -337,7 +345,8 @@ def write_iso(
         raise MbrescueError(f"medium id {medium_id!r} must be 4-24 characters a-z, 0-9")
     if grub.medium_id != medium_id:
         raise MbrescueError("the GRUB images were made for another medium id")
-    for path in (kernel, base_initrd, payload, grub.bios_eltorito, grub.efi_fat, grub.boot_hybrid):
+    for path in (kernel, base_initrd, payload, grub.bios_eltorito, grub.efi_fat, grub.boot_hybrid,
+                 grub.efi_shim, grub.efi_grub, grub.efi_loader_cfg):  # fmt: skip
         if not path.is_file():
             raise MbrescueError(f"{path} is missing")
     label = iso_volume_label(volume_label)
@@ -359,6 +368,9 @@ def write_iso(
         "/mbrescue/vmlinuz": kernel,
         "/mbrescue/base.img": base_initrd,
         "/mbrescue/payload.img": payload,
+        "/EFI/BOOT/BOOTX64.EFI": grub.efi_shim,
+        "/EFI/BOOT/grubx64.efi": grub.efi_grub,
+        "/EFI/debian/grub.cfg": grub.efi_loader_cfg,
     }
     efi_bytes = grub.efi_fat.stat().st_size
 

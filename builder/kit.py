@@ -9,6 +9,12 @@ kernel and Python, as ReaR does) only has to fill the same `Kit`.
 
 Shared libraries and module dependencies are read from the files themselves
 (ELF `DT_NEEDED`, the kernel modules' `.modinfo`), not from hand lists that rot.
+
+The UEFI loaders for Secure Boot come the same way (`ensure_efi_loaders`): Debian's
+`shim-signed` (shimx64, signed by Microsoft's UEFI CA, holding Debian's CA) and
+`grub-efi-amd64-signed` (GRUB images signed by Debian), each .deb checked by its SHA-256
+from the signed archive and cached. They are kept apart from `Kit`, whose fields key the
+base initramfs: a new shim does not rebuild the rescue system.
 """
 
 from __future__ import annotations
@@ -301,6 +307,70 @@ def _trimmed_modules(source: Path, version: str, selected: list[str], key: str) 
         shutil.rmtree(work, ignore_errors=True)
         raise
     return tree
+
+
+# ---- UEFI Secure Boot loaders ----
+
+SHIM_PACKAGE = "shim-signed"
+SIGNED_GRUB_PACKAGE = "grub-efi-amd64-signed"
+SHIM_FILE = Path("usr/lib/shim/shimx64.efi.signed")
+SIGNED_GRUB_DIR = Path("usr/lib/grub/x86_64-efi-signed")
+# PE/COFF: the optional header's data directory entry 4 is the certificate table, where an
+# Authenticode signature lives (a file offset and size, not an RVA).
+_PE32_PLUS = 0x20B
+_CERTIFICATE_TABLE_ENTRY = 4
+
+
+@dataclass(frozen=True)
+class EfiLoaders:
+    shim: Path  # shimx64.efi.signed: the firmware checks it against Microsoft's UEFI CA
+    # gcdx64: Debian's image for removable media (CD, USB); its built-in prefix is /boot/grub.
+    grub_removable: Path
+    grub_disk: Path  # grubx64: what Debian installs on a disk; its prefix is /EFI/debian
+    packages: dict[str, str]  # Debian package name -> version, for the build record
+    package_sha256: dict[str, str]  # Debian package name -> .deb SHA-256, for cache keys
+
+
+def authenticode_bytes(path: Path) -> int:
+    """The size of a PE image's certificate table (its Authenticode signatures); 0: unsigned."""
+    with open(path, "rb") as stream:
+        dos = stream.read(64)
+        if len(dos) < 64 or dos[:2] != b"MZ":
+            raise MbrescueError(f"{path} is not a PE (EFI) image")
+        pe_at, = struct.unpack_from("<I", dos, 0x3C)
+        stream.seek(pe_at)
+        head = stream.read(24 + 112 + 8 * 16)
+    if len(head) < 24 + 2 or head[:4] != b"PE\0\0":
+        raise MbrescueError(f"{path} is not a PE (EFI) image")
+    magic, = struct.unpack_from("<H", head, 24)
+    if magic != _PE32_PLUS:
+        raise MbrescueError(f"{path} is not a 64-bit PE image")
+    directories, = struct.unpack_from("<I", head, 24 + 108)
+    if directories <= _CERTIFICATE_TABLE_ENTRY:
+        return 0
+    _offset, size = struct.unpack_from("<II", head, 24 + 112 + 8 * _CERTIFICATE_TABLE_ENTRY)
+    return size
+
+
+@functools.cache
+def ensure_efi_loaders() -> EfiLoaders:
+    """Debian's signed shim and GRUB images from the download cache (fetched when needed)."""
+    names = [SHIM_PACKAGE, SIGNED_GRUB_PACKAGE]
+    debs.prefetch(names)
+    fetched = {name: debs.fetch_extracted(name) for name in names}
+    loaders = EfiLoaders(
+        shim=fetched[SHIM_PACKAGE][1] / SHIM_FILE,
+        grub_removable=fetched[SIGNED_GRUB_PACKAGE][1] / SIGNED_GRUB_DIR / "gcdx64.efi.signed",
+        grub_disk=fetched[SIGNED_GRUB_PACKAGE][1] / SIGNED_GRUB_DIR / "grubx64.efi.signed",
+        packages={name: deb.version for name, (deb, _root) in fetched.items()},
+        package_sha256={name: deb.sha256 for name, (deb, _root) in fetched.items()},
+    )
+    for image in (loaders.shim, loaders.grub_removable, loaders.grub_disk):
+        if not image.is_file():
+            raise MbrescueError(f"Secure Boot loader missing from its Debian package: {image}")
+        if authenticode_bytes(image) == 0:
+            raise MbrescueError(f"{image} carries no signature")
+    return loaders
 
 
 # ---- the kit ----

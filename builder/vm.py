@@ -35,6 +35,9 @@ from .run import base_env, find_tool
 
 OVMF_CODE = Path("/usr/share/OVMF/OVMF_CODE_4M.fd")
 OVMF_VARS = Path("/usr/share/OVMF/OVMF_VARS_4M.fd")
+# Secure Boot enforced: the SMM build of OVMF and variables with Microsoft's keys enrolled.
+OVMF_CODE_SECBOOT = Path("/usr/share/OVMF/OVMF_CODE_4M.secboot.fd")
+OVMF_VARS_MS = Path("/usr/share/OVMF/OVMF_VARS_4M.ms.fd")
 
 
 @dataclass
@@ -62,6 +65,7 @@ class VmConfig:
     boot_order: str | None = None  # e.g. "d" for CD first (BIOS)
     extra: list[str] = field(default_factory=list)
     qmp: bool = False  # a QMP socket for registers() and screendump()
+    secure_boot: bool = False  # uefi only: OVMF with Secure Boot enforced (Microsoft keys)
 
 
 class VmTimeout(MbrescueError):
@@ -104,15 +108,20 @@ class Vm:
         ]
         if c.firmware == "uefi":
             vars_copy = self._tmp / "OVMF_VARS.fd"
-            shutil.copyfile(OVMF_VARS, vars_copy)
+            shutil.copyfile(OVMF_VARS_MS if c.secure_boot else OVMF_VARS, vars_copy)
+            code = OVMF_CODE_SECBOOT if c.secure_boot else OVMF_CODE
             argv += [
                 "-machine",
-                "q35",
+                "q35,smm=on" if c.secure_boot else "q35",
                 "-drive",
-                f"if=pflash,format=raw,unit=0,readonly=on,file={OVMF_CODE}",
+                f"if=pflash,format=raw,unit=0,readonly=on,file={code}",
                 "-drive",
                 f"if=pflash,format=raw,unit=1,file={vars_copy}",
             ]
+            if c.secure_boot:
+                # Only SMM code may then write the variable store: the guest cannot turn
+                # Secure Boot off behind the firmware's back.
+                argv += ["-global", "driver=cfi.pflash01,property=secure,value=on"]
         else:
             argv += ["-machine", "pc"]
         if c.kernel:

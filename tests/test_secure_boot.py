@@ -1,0 +1,239 @@
+"""UEFI Secure Boot: Debian's signed shim and GRUB in the kit, on the ISO, and booted enforced.
+
+The loaders come from the real Debian packages (`apt-get download` into the cache). The ISO's
+EFI parts are checked in the FAT image (mtools) and the ISO 9660 tree (a fresh pycdlib), the
+menu's commands against the module list read out of Debian's signed GRUB image. Under QEMU,
+OVMF runs with Secure Boot enforced (the SMM build with Microsoft's keys enrolled): a control
+shows it refuses an unsigned `grub-mkimage` image, then the real rescue ISO of fixture D
+restores a blank disk from CD and from USB, with the kernel reporting Secure Boot enabled.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import time
+from pathlib import Path
+
+import pycdlib
+import pytest
+
+from builder import debs, grub, kit
+from builder.bootcheck import COMPLETE, FAILED, PROMPT
+from builder.fixtures import Fixture
+from builder.run import output, run
+from builder.vm import Disk, Vm, VmConfig, VmTimeout
+from tests.conftest import mbrescue, sha256_of
+
+EPOCH = "1700000000"
+MEDIUM_ID = "5ecb007000000001"
+MTOOLS_ENV = {"MTOOLS_SKIP_CHECK": "1"}
+UNSIGNED_MARKER = "MBRESCUE-TEST-UNSIGNED-GRUB-RAN"
+SCRATCH_SERIAL = "MBRESCUE-SCRATCH"
+RESTORE_DEFAULT = r"default\s+is\s+the\s+restore"
+# The kernel's own words: its EFI stub, then the secureboot driver.
+KERNEL_SECURE_BOOT = "secureboot: Secure boot enabled"
+MEMORY_MIB = 1024
+
+
+# --- the kit: Debian's signed loaders --------------------------------------------------------
+
+
+def test_loaders_come_from_the_checked_debian_packages() -> None:
+    loaders = kit.ensure_efi_loaders()
+    assert set(loaders.packages) == {"shim-signed", "grub-efi-amd64-signed"}
+    index = debs._load_index()
+    cache = os.fspath(debs.cache_dir())
+    for name, sha256 in loaders.package_sha256.items():
+        record = index[name]
+        assert record["sha256"] == sha256 and record["version"] == loaders.packages[name]
+        assert debs.sha256_file(debs.cache_dir() / "debs" / record["file"]) == sha256
+    for image in (loaders.shim, loaders.grub_removable, loaders.grub_disk):
+        assert os.fspath(image).startswith(cache), image
+        assert kit.authenticode_bytes(image) > 0, f"{image} is not signed"
+    assert loaders.shim.name == "shimx64.efi.signed"
+    assert loaders.grub_removable.name == "gcdx64.efi.signed"
+
+
+def test_unsigned_grub_image_has_no_signature(tmp_path: Path) -> None:
+    image = tmp_path / "unsigned.efi"
+    run(["grub-mkimage", "-O", "x86_64-efi", "-p", "/x", "-o", image, "echo"])
+    assert kit.authenticode_bytes(image) == 0
+
+
+# --- the menu uses only what the signed GRUB has built in ------------------------------------
+
+SCRIPT_WORDS = {"then", "else", "fi", "do", "done", "}", "{", "in"}
+
+
+def menu_commands(text: str) -> set[str]:
+    """The commands a GRUB script runs: the first word of each statement (and after if/elif)."""
+    commands = set()
+    for line in text.splitlines():
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        for statement in line.split(";"):
+            words = statement.split()
+            while words and words[0] in ("if", "elif", "else", "then", "do", "!"):
+                words = words[1:]
+            if words and words[0] not in SCRIPT_WORDS:
+                commands.add(words[0])
+    return commands
+
+
+def test_menu_and_loader_config_use_only_built_in_commands() -> None:
+    menu = grub.render_grub_cfg(
+        host="h", captured_at="now", region_size="1 MiB", boot_fs_uuid="u", medium_id=MEDIUM_ID
+    )
+    used = menu_commands(menu) | menu_commands(grub.efi_loader_config(MEDIUM_ID))
+    assert "insmod" not in used
+    assert used <= set(grub.SIGNED_GRUB_COMMANDS), used - set(grub.SIGNED_GRUB_COMMANDS)
+    loaders = kit.ensure_efi_loaders()
+    needed = {*grub.SIGNED_GRUB_COMMANDS.values(), *grub.SIGNED_GRUB_MODULES}
+    for image in (loaders.grub_removable, loaders.grub_disk):
+        built_in = set(grub.image_modules(image))
+        assert "read" not in built_in  # as measured: what the menu must never need
+        assert needed <= built_in, (image.name, needed - built_in)
+
+
+# --- the ISO's UEFI path ---------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory: pytest.TempPathFactory) -> grub.GrubImages:
+    return grub.make_grub_images(tmp_path_factory.mktemp("grub"), medium_id=MEDIUM_ID)
+
+
+def _fat_file(image: Path, path: str, out: Path) -> bytes:
+    run(["mcopy", "-n", "-i", image, f"::{path}", out], env=MTOOLS_ENV)
+    return out.read_bytes()
+
+
+def test_fat_image_holds_the_signed_chain(images: grub.GrubImages, tmp_path: Path) -> None:
+    loaders = kit.ensure_efi_loaders()
+    fat = images.efi_fat
+    assert _fat_file(fat, "EFI/BOOT/BOOTX64.EFI", tmp_path / "a") == loaders.shim.read_bytes()
+    assert (_fat_file(fat, "EFI/BOOT/grubx64.efi", tmp_path / "b")
+            == loaders.grub_removable.read_bytes())  # fmt: skip
+    loader_cfg = grub.efi_loader_config(MEDIUM_ID).encode()
+    assert _fat_file(fat, "boot/grub/grub.cfg", tmp_path / "c") == loader_cfg
+    assert _fat_file(fat, "EFI/debian/grub.cfg", tmp_path / "d") == loader_cfg
+    assert f"--file --set=root {grub.medium_marker(MEDIUM_ID)}" in loader_cfg.decode()
+    # No fallback loader: shim would then write boot entries into the machine's NVRAM.
+    listing = output(["mdir", "-b", "-i", fat, "::EFI/BOOT"], env=MTOOLS_ENV)
+    assert "fbx64" not in listing.lower()
+
+
+def test_iso_tree_holds_the_signed_chain(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from tests.test_iso import build_iso, make_capture  # the small test ISO's builder
+
+    monkeypatch.setenv("SOURCE_DATE_EPOCH", EPOCH)
+    built = build_iso(tmp_path, tmp_path / "t.iso", make_capture(tmp_path))
+    loaders = kit.ensure_efi_loaders()
+    iso = pycdlib.PyCdlib()
+    iso.open(os.fspath(built.path))
+    try:
+        for rr_path, expected in (
+            ("/EFI/BOOT/BOOTX64.EFI", loaders.shim.read_bytes()),
+            ("/EFI/BOOT/grubx64.efi", loaders.grub_removable.read_bytes()),
+            ("/EFI/debian/grub.cfg", grub.efi_loader_config("0123456789abcdef").encode()),
+        ):
+            with iso.open_file_from_iso(rr_path=rr_path) as stream:
+                assert stream.read() == expected, rr_path
+    finally:
+        iso.close()
+
+
+# --- QEMU with Secure Boot enforced ----------------------------------------------------------
+
+
+def _esp_disk(work: Path, efi_binary: Path) -> Path:
+    """A GPT disk whose ESP holds efi_binary as EFI/BOOT/BOOTX64.EFI."""
+    disk = work / "esp.img"
+    with open(disk, "wb") as stream:
+        stream.truncate(40 << 20)
+    run(["sfdisk", "-q", disk], input_bytes=b"label: gpt\nstart=2048, size=32768, type=U\n")
+    run(["mkfs.vfat", "--offset", "2048", disk, "16384"])
+    esp = f"{disk}@@{2048 * 512}"
+    run(["mmd", "-i", esp, "::EFI", "::EFI/BOOT"], env=MTOOLS_ENV)
+    run(["mcopy", "-i", esp, efi_binary, "::EFI/BOOT/BOOTX64.EFI"], env=MTOOLS_ENV)
+    return disk
+
+
+@pytest.mark.qemu
+@pytest.mark.parametrize("secure_boot", [True, False], ids=["enforced", "off"])
+def test_control_unsigned_grub_is_refused(secure_boot: bool, tmp_path: Path) -> None:
+    """The same unsigned image: refused with Secure Boot enforced, runs with it off."""
+    config = tmp_path / "embedded.cfg"
+    config.write_text(f'echo "{UNSIGNED_MARKER}"\nsleep 60\n')
+    image = tmp_path / "BOOTX64.EFI"
+    run(["grub-mkimage", "-O", "x86_64-efi", "-p", "/nowhere", "-c", config, "-o", image,
+         "echo", "sleep"])  # fmt: skip
+    disk = _esp_disk(tmp_path, image)
+    vm_config = VmConfig(
+        firmware="uefi", secure_boot=secure_boot, disks=[Disk(disk, readonly=True, bootindex=0)]
+    )
+    with Vm(vm_config, tmp_path / "serial.log") as vm:
+        if secure_boot:
+            vm.expect(r"BdsDxe: failed to load Boot\d+[^\r\n]*Access Denied", timeout=120)
+            time.sleep(2)
+            assert UNSIGNED_MARKER not in vm.output
+        else:
+            vm.expect(UNSIGNED_MARKER, timeout=120)
+        print(f"secure boot {secure_boot}: decided after {vm.elapsed():.1f} s")
+
+
+@pytest.fixture(scope="module")
+def rescue_iso(fixtures: dict[str, Fixture], tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The real rescue ISO of fixture D (UEFI, GPT), built by the CLI once."""
+    work = tmp_path_factory.mktemp("sb-iso")
+    source = work / "host-d.img"
+    subprocess.run(["cp", "--sparse=always", fixtures["D"].path, source], check=True)
+    capture = work / "host-d.mbrescue"
+    result = mbrescue("capture", source, "-o", capture, "--hostname", "host-d")
+    assert result.returncode == 0, result.stderr
+    source.unlink()
+    out = work / "host-d.iso"
+    started = time.monotonic()
+    result = mbrescue("build", capture, "-o", out, env={"SOURCE_DATE_EPOCH": EPOCH})
+    assert result.returncode == 0, result.stdout + result.stderr
+    print(f"built {out.name} in {time.monotonic() - started:.1f} s")
+    return out
+
+
+@pytest.mark.qemu
+@pytest.mark.parametrize("interface", ["cdrom", "usb"])
+def test_restore_under_secure_boot(
+    rescue_iso: Path, fixtures: dict[str, Fixture], interface: str, tmp_path: Path
+) -> None:
+    scratch = tmp_path / "scratch.img"
+    with open(scratch, "wb") as stream:
+        stream.truncate(fixtures["D"].path.stat().st_size)
+    disks = [
+        Disk(rescue_iso, interface=interface, readonly=True, bootindex=0),
+        Disk(scratch, interface="virtio", serial=SCRATCH_SERIAL, bootindex=1),
+    ]
+    config = VmConfig(firmware="uefi", secure_boot=True, memory_mib=MEMORY_MIB, disks=disks)
+    log_path = tmp_path / "serial.log"
+    try:
+        with Vm(config, log_path) as vm:
+            vm.expect(RESTORE_DEFAULT, timeout=240)
+            menu_s = vm.elapsed()
+            vm.expect(re.escape(KERNEL_SECURE_BOOT), timeout=240)
+            vm.expect(PROMPT, timeout=300)
+            prompt_s = vm.elapsed()
+            vm.send("yes\r")
+            done = vm.expect(rf"{COMPLETE}|{FAILED}", timeout=300)
+            assert done.group(0).startswith(COMPLETE), vm.output[-3000:]
+            print(f"secure boot {interface}: menu {menu_s:.1f} s, prompt {prompt_s:.1f} s, "
+                  f"complete {vm.elapsed():.1f} s")  # fmt: skip
+            assert "Access Denied" not in vm.output
+            assert "prohibited by secure boot policy" not in vm.output
+    except VmTimeout as exc:
+        text = log_path.read_text(errors="replace") if log_path.exists() else ""
+        raise AssertionError(f"{str(exc).splitlines()[0]}\n{text[-3000:]}") from None
+    # The restore wrote the captured region back: the scratch disk starts as the fixture does.
+    region_bytes = fixtures["D"].region_end_sectors * 512
+    assert sha256_of(scratch, region_bytes) == sha256_of(fixtures["D"].path, region_bytes)
