@@ -198,6 +198,14 @@ def burn_command(
     log.info(burn(BurnOptions(iso=iso, device=device, assume_yes=yes)))
 
 
+def _error_line(exc: MbrescueError) -> None:
+    line = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    hint = f" (hint: {exc.hint})" if exc.hint else ""
+    print(f"mbrescue: error: {line}{hint}", file=sys.stderr)
+    if log.debug_enabled() and len(str(exc).splitlines()) > 1:
+        print(str(exc), file=sys.stderr)
+
+
 def _rerun_command(argv: list[str]) -> str:
     """The command the user typed, with --debug in front, ready to paste."""
     rest = [arg for arg in argv if arg != "--debug"]
@@ -245,12 +253,11 @@ def main() -> None:
         print(f"mbrescue: error: {where}{exc.strerror or exc}", file=sys.stderr)
         sys.exit(1)
     except MbrescueError as exc:
-        line = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        hint = f" (hint: {exc.hint})" if exc.hint else ""
-        print(f"mbrescue: error: {line}{hint}", file=sys.stderr)
-        if log.debug_enabled() and len(str(exc).splitlines()) > 1:
-            print(str(exc), file=sys.stderr)
-        sys.exit(1)
+        from .runner.restore import Interrupted
+
+        _error_line(exc)
+        # A restore stopped by Ctrl-C or SIGTERM: its line says what was written, how to finish.
+        sys.exit(130 if isinstance(exc, Interrupted) else 1)
     except Exception as exc:  # the last guard: never a bare traceback
         _unexpected(exc, argv)
         sys.exit(70)  # EX_SOFTWARE: an internal error, not the user's

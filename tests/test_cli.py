@@ -91,7 +91,7 @@ def test_ctrl_c_at_the_prompt_is_one_line_and_exit_130(tmp_path):
     process.send_signal(signal.SIGINT)
     _, stderr = process.communicate(timeout=30)
     result = subprocess.CompletedProcess(process.args, process.returncode, "", stderr.decode())
-    assert one_error_line(result) == "mbrescue: error: interrupted"
+    assert one_error_line(result).startswith("mbrescue: error: interrupted")
     assert result.returncode == 130
     assert sha256_of(target) == sha256_of_zeros(os.path.getsize(image))
 
