@@ -1,7 +1,9 @@
 """The `mbrescue` command line: parse, call one function, turn known errors into one line.
 
 Every failure a user can cause ends as `mbrescue: error: <what>` on stderr and a
-non-zero exit status, never a traceback; `--debug` shows the commands run.
+non-zero exit status, never a traceback; `--debug` shows the commands run. An exception
+no code expected is a bug: one line naming it and the `--debug` command that shows its
+traceback, exit status 70. Ctrl-C: one line, exit status 130.
 """
 
 from __future__ import annotations
@@ -249,6 +251,8 @@ def main() -> None:
     except (typer.Abort, KeyboardInterrupt):
         _interrupted()
     except OSError as exc:  # e.g. an I/O error reading a failing disk
+        if log.debug_enabled():
+            traceback.print_exception(exc, file=sys.stderr)
         where = f"{exc.filename}: " if exc.filename else ""
         print(f"mbrescue: error: {where}{exc.strerror or exc}", file=sys.stderr)
         sys.exit(1)
