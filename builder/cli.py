@@ -200,6 +200,18 @@ def burn_command(
     log.info(burn(BurnOptions(iso=iso, device=device, assume_yes=yes)))
 
 
+@app.command("bundle")
+def bundle_command(
+    output: Annotated[
+        Path, typer.Option("-o", "--output", help="The bundle file to write (or a directory).")
+    ],
+) -> None:
+    """Write the host side (capture, restore) as one executable that needs nothing installed."""
+    from .bundle import BundleOptions, bundle, summary
+
+    log.info(summary(bundle(BundleOptions(output=output))))
+
+
 def _error_line(exc: MbrescueError) -> None:
     line = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
     hint = f" (hint: {exc.hint})" if exc.hint else ""
