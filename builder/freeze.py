@@ -50,6 +50,7 @@ FREEZE_LIMIT_ENV = "MBRESCUE_FREEZE_LIMIT_S"
 _WATCHDOG_RELEASED = 0  # the parent thawed and said so
 _WATCHDOG_EXPIRED = 3  # the limit passed: the watchdog thawed
 _WATCHDOG_ORPHANED = 4  # the parent went away without a word: the watchdog thawed
+_WATCHDOG_IDLE = 5  # the limit passed, but the file system was thawed already
 
 
 class FreezeLost(MbrescueError):
@@ -336,12 +337,13 @@ def _watchdog(fd: int, parent_pipe: int, deadline: float, mountpoint: str) -> in
     while True:
         left = deadline - time.monotonic()
         if left <= 0:
-            if _thaw_quietly(fd):
-                os.write(
-                    2,
-                    f"mbrescue: the freeze of {mountpoint} reached its limit; the watchdog "
-                    "thawed it\n".encode(),
-                )
+            if not _thaw_quietly(fd):
+                return _WATCHDOG_IDLE  # thawed already: the parent is about to say so
+            os.write(
+                2,
+                f"mbrescue: the freeze of {mountpoint} reached its limit; the watchdog "
+                "thawed it\n".encode(),
+            )
             return _WATCHDOG_EXPIRED
         try:
             ready, _, _ = select.select([parent_pipe], [], [], left)
@@ -415,9 +417,10 @@ def frozen(mountpoint: str, limit_s: float | None = None) -> Iterator[bool]:
             pid, status = os.waitpid(watchdog[0], os.WNOHANG)
         except ChildProcessError:
             return
-        if pid == 0:
-            return  # another child of this process
-        if os.waitstatus_to_exitcode(status) == _WATCHDOG_EXPIRED:
+        code = os.waitstatus_to_exitcode(status)
+        if pid == 0 or code == _WATCHDOG_IDLE:
+            return  # another child of this process, or nothing was left to thaw
+        if code == _WATCHDOG_EXPIRED:
             raise FreezeLost(
                 f"the freeze of {mountpoint} reached its {limit_s:g} s limit before the read "
                 "finished and the watchdog thawed it: the copy is not consistent; nothing kept",
@@ -479,5 +482,6 @@ def frozen(mountpoint: str, limit_s: float | None = None) -> Iterator[bool]:
             with contextlib.suppress(ChildProcessError):
                 os.waitpid(pid, 0)
         for signum, handler in previous.items():
-            signal.signal(signum, handler)
+            if handler is not None:  # None: set outside Python, cannot be put back
+                signal.signal(signum, handler)
         os.close(fd)
