@@ -20,7 +20,7 @@ import pytest
 
 from builder.build import OVERLAYS_DIR, RUNNER_DIR
 from builder.fixtures import Fixture, boot_to_marker
-from builder.initramfs import make_base_initramfs, make_payload_initramfs
+from builder.initramfs import make_base_initramfs, make_payload_initramfs, runner_command
 from builder.kit import ensure_kit
 from builder.log import human_bytes
 from builder.runner.capfile import Capture
@@ -87,6 +87,19 @@ def rescue(fixtures, tmp_path_factory) -> Callable[..., Rescue]:
     return get
 
 
+@pytest.fixture(scope="module")
+def other_host_iso(fixtures, tmp_path_factory) -> Path:
+    """A real rescue ISO of another host (fixture B as `otherhost`), made by the CLI: the
+    stick an administrator may have left in the machine."""
+    folder = tmp_path_factory.mktemp("other-host")
+    capture = folder / "otherhost.mbrescue"
+    result = mbrescue("capture", fixtures["B"].path, "-o", capture, "--hostname", "otherhost")
+    assert result.returncode == 0, result.stderr
+    result = mbrescue("build", capture, "-o", folder / "otherhost.iso")
+    assert result.returncode == 0, result.stderr
+    return folder / "otherhost.iso"
+
+
 def blank_disk(path: Path, size_bytes: int) -> Path:
     with open(path, "wb") as stream:
         stream.truncate(size_bytes)
@@ -147,10 +160,12 @@ def test_restores_a_blank_disk_that_then_boots(fixtures, rescue, tmp_path, name)
 
 
 @pytest.mark.qemu
-def test_asks_which_disk_and_never_offers_the_medium(fixtures, rescue, tmp_path):
-    """Three disks: the one named by `mbrescue.medium=` (its serial) is refused and never
-    written; the two blank ones of different sizes are offered by number; the one picked is
-    restored, the other is untouched."""
+def test_asks_which_disk_and_never_offers_the_medium(fixtures, rescue, other_host_iso,
+                                                     tmp_path):
+    """Five disks: the one named by `mbrescue.medium=` (its serial) is refused and never
+    written; so is another host's real rescue stick on USB, which no switch names; the two
+    blank fixed disks of different sizes are offered by number, then a blank USB disk of the
+    captured size, marked removable; the one picked is restored, the others are untouched."""
     fx = fixtures["A"]
     size = fx.path.stat().st_size
     medium = blank_disk(tmp_path / "medium.img", size)
@@ -158,17 +173,26 @@ def test_asks_which_disk_and_never_offers_the_medium(fixtures, rescue, tmp_path)
         stream.write(b"MEDIUM" * 100)  # not blank: any write would show in its hash
     one = blank_disk(tmp_path / "one.img", size)
     two = blank_disk(tmp_path / "two.img", size + 32 * MiB)
-    before = {path: sha256_of(path) for path in (medium, one, two)}
+    stick = tmp_path / "otherhost-stick.img"
+    stick.write_bytes(other_host_iso.read_bytes())
+    usb_blank = blank_disk(tmp_path / "usb-blank.img", size)
+    before = {path: sha256_of(path) for path in (medium, one, two, stick, usb_blank)}
     disks = [Disk(medium, serial="MEDIUMDISK"), Disk(one, serial="TARGETONE"),
-             Disk(two, serial="TARGETTWO")]
+             Disk(two, serial="TARGETTWO"), Disk(stick, interface="usb", serial="OTHERSTICK"),
+             Disk(usb_blank, interface="usb", serial="USBBLANK")]
     with rescue_vm(rescue("A"), disks, tmp_path / "serial.log", "mbrescue.medium=MEDIUMDISK") as vm:
         vm.expect(r"not offered: /dev/vda: it is the medium the rescue system booted from",
                   PROMPT_TIMEOUT_S)
         listing = vm.expect(r"(?s)Disks that can take the region:(.*?)Restore onto which disk\? "
-                            r"Type its number \(1\.\.2\)", STEP_TIMEOUT_S).group(1)
+                            r"Type its number \(1\.\.3\)", STEP_TIMEOUT_S).group(1)
+        assert re.search(r"not offered: /dev/sd[a-z]: it is an mbrescue rescue medium "
+                         r"\(OTHERHOST, medium id [0-9a-f]+\)", vm.output), vm.output
         numbers = disk_listing(listing)
-        assert set(numbers) == {"TARGETONE", "TARGETTWO"}, listing
-        assert "/dev/vda" not in listing
+        # usb-storage has no SCSI serial page: the serial shown is the USB device's own.
+        assert numbers == {"TARGETONE": 1, "TARGETTWO": 2, "USBBLANK": 3}, listing
+        assert re.search(r"3\) /dev/sd[a-z]: [^\r\n]*serial USBBLANK,[^\r\n]* - same size as "
+                         r"the captured disk, removable \(USB\)", listing), listing
+        assert "/dev/vda" not in listing and "OTHERSTICK" not in listing
         vm.send(f"{numbers['TARGETTWO']}\r")
         vm.expect(r"Target /dev/vdc: [^\r\n]*serial TARGETTWO", STEP_TIMEOUT_S)
         assert vm.expect(PROMPT, STEP_TIMEOUT_S).group(1) == "/dev/vdc"
@@ -176,8 +200,8 @@ def test_asks_which_disk_and_never_offers_the_medium(fixtures, rescue, tmp_path)
         vm.expect(COMPLETE, COMPLETE_TIMEOUT_S)
     assert "Traceback" not in vm.output and "mbrescue: error:" not in vm.output
     assert_region_restored(fx, two)
-    assert sha256_of(medium) == before[medium]
-    assert sha256_of(one) == before[one]
+    for untouched in (medium, one, stick, usb_blank):
+        assert sha256_of(untouched) == before[untouched], untouched
 
 
 @pytest.mark.qemu
@@ -209,7 +233,9 @@ def test_unattended_without_opt_in_asks_and_no_drops_to_a_shell(fixtures, rescue
 @pytest.mark.qemu
 def test_target_switch_preselects_a_disk(fixtures, rescue, tmp_path):
     """`mbrescue.target=<serial>` among two disks: no number is asked, the plan is for the
-    named disk; answering anything but `yes` writes neither."""
+    named disk. Ctrl-C at the prompt (the runner has the console as its controlling tty)
+    aborts with nothing written and leads to the rescue shell; run again from there,
+    answering anything but `yes` writes neither."""
     fx = fixtures["A"]
     size = fx.path.stat().st_size
     one = blank_disk(tmp_path / "one.img", size)
@@ -220,6 +246,12 @@ def test_target_switch_preselects_a_disk(fixtures, rescue, tmp_path):
         vm.expect(r"Target /dev/vdb: [^\r\n]*serial TARGETTWO", PROMPT_TIMEOUT_S)
         assert vm.expect(PROMPT, STEP_TIMEOUT_S).group(1) == "/dev/vdb"
         assert "Restore onto which disk" not in vm.output
+        vm.send("\x03")
+        vm.expect(r"mbrescue: error: interrupted, nothing written", STEP_TIMEOUT_S)
+        vm.expect(r"the restore runner ended with exit status 130", STEP_TIMEOUT_S)
+        vm.expect(r"mbrescue# ", STEP_TIMEOUT_S)
+        vm.send(runner_command() + "\r")
+        assert vm.expect(PROMPT, PROMPT_TIMEOUT_S).group(1) == "/dev/vdb"
         vm.send("y\r")  # not the word: an abort
         vm.expect(r"mbrescue: error: aborted, nothing written", STEP_TIMEOUT_S)
     assert {path: sha256_of(path) for path in (one, two)} == before
@@ -227,12 +259,13 @@ def test_target_switch_preselects_a_disk(fixtures, rescue, tmp_path):
 
 @pytest.mark.qemu
 def test_unattended_with_opt_in_restores_without_asking(fixtures, rescue, tmp_path):
-    """Built with the opt-in and booted with `mbrescue.unattended=1`, one disk: restored
-    without a prompt."""
+    """Built with the opt-in and booted with `mbrescue.unattended=1 mbrescue.target=FLEET01`:
+    restored without a prompt. (A lone disk that is merely large enough would not be: only
+    a target switch or the captured serial/WWN proves which disk it is; see test_targets.)"""
     fx = fixtures["A"]
     target = blank_disk(tmp_path / "blank.img", fx.path.stat().st_size)
     with rescue_vm(rescue("A", unattended=True), [Disk(target, serial="FLEET01")],
-                   tmp_path / "serial.log", "mbrescue.unattended=1") as vm:
+                   tmp_path / "serial.log", "mbrescue.unattended=1 mbrescue.target=FLEET01") as vm:
         vm.expect(r"mbrescue: unattended restore \(mbrescue\.unattended=1, allowed by the build\)",
                   PROMPT_TIMEOUT_S)
         vm.expect(COMPLETE, COMPLETE_TIMEOUT_S)

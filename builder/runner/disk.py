@@ -73,6 +73,25 @@ def _vpd_serial(path: str) -> str | None:
     return text or None
 
 
+def _usb_device_dir(name: str) -> str | None:
+    """The USB device (the directory with idVendor) a disk hangs off, or None."""
+    try:
+        here = os.path.realpath(os.path.join(SYS_BLOCK, name, "device"))
+    except OSError:
+        return None
+    while here.startswith("/sys/devices/") and "/usb" in here:
+        if os.path.exists(os.path.join(here, "idVendor")):
+            return here
+        here = os.path.dirname(here)
+    return None
+
+
+def _usb_serial(name: str) -> str | None:
+    # usb-storage skips the SCSI VPD pages; the serial is the USB device's own.
+    usb = _usb_device_dir(name)
+    return _read_sys(os.path.join(usb, "serial")) if usb else None
+
+
 def _sys_identity(name: str) -> tuple[str | None, str | None, str | None]:
     """(model, serial, wwn) of a whole disk from /sys/block/<name>."""
     base = os.path.join(SYS_BLOCK, name)
@@ -83,6 +102,7 @@ def _sys_identity(name: str) -> tuple[str | None, str | None, str | None]:
         _read_sys(os.path.join(base, "serial"))
         or _read_sys(os.path.join(device, "serial"))
         or _vpd_serial(os.path.join(device, "vpd_pg80"))
+        or _usb_serial(name)
     )
     wwn = (
         _read_sys(os.path.join(base, "wwid"))
@@ -112,12 +132,8 @@ def _sys_flag(name: str, attribute: str) -> bool:
 
 
 def _sys_on_usb(name: str) -> bool:
-    """Is the disk behind a USB controller? Its device path in sysfs passes a usbN bus."""
-    try:
-        real = os.path.realpath(os.path.join(SYS_BLOCK, name, "device"))
-    except OSError:
-        return False
-    return any(part.startswith("usb") and part[3:].isdigit() for part in real.split("/"))
+    """Is the disk behind a USB controller (a stick, a card reader, a USB disk)?"""
+    return _usb_device_dir(name) is not None
 
 
 def _sys_is_cdrom(name: str) -> bool:

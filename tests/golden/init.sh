@@ -155,7 +155,9 @@ unpack_error="$(dmesg | grep -m 1 'Initramfs unpacking failed')"
 [ -x /usr/bin/python3.11 ] || rescue_shell "/usr/bin/python3.11 is missing from the rescue system"
 [ -f /mbrescue/capture.mbrescue ] || rescue_shell "no capture in this rescue system (/mbrescue/capture.mbrescue is missing)"
 
-PYTHONHASHSEED=0 PYTHONPATH=/opt/mbrescue python3 -m mbrescue_runner rescue /mbrescue/capture.mbrescue
+# A session of its own with the console's real tty as controlling terminal (cttyhack:
+# /dev/console itself cannot be one), so Ctrl-C there reaches the runner, not PID 1.
+setsid cttyhack env PYTHONHASHSEED=0 PYTHONPATH=/opt/mbrescue python3 -m mbrescue_runner rescue /mbrescue/capture.mbrescue
 status=$?
 if [ "$status" != 0 ]; then
     rescue_shell "the restore runner ended with exit status $status"
