@@ -296,11 +296,11 @@ def _pwrite_all(fd: int, data: bytes, offset: int) -> None:
 
 # -- under the freeze: copy raw, as fast as the disk reads; compress after the thaw ---------------
 #
-# Measured on the bench's 256 MiB /boot (2 cores shared with other jobs, page cache
-# warm, 6 runs each): compressing while frozen held the freeze 8.8-15.0 s; copying the
-# raw region and an uncompressed tar of the files to a spool file, then compressing
-# after the thaw, 0.4-2.8 s; to memory, 0.6-1.9 s; the whole capture took about as
-# long either way (9-23 s, noisy). So the spool
+# Measured with `mbrescue capture` of the bench's mounted 256 MiB /boot (2 cores, page
+# cache warm, 3 runs each): compressing while frozen held the freeze 3.7-4.0 s (wall
+# 4.2-4.4 s); copying the raw region and an uncompressed tar of the files to memory,
+# then compressing after the thaw, 0.20-0.25 s (wall 4.4-4.8 s). On a busier machine
+# the spool file did as well as memory (0.4-2.8 s against 0.6-1.9 s). So the spool
 # is memory (a memfd: no file system at all) while the region is small next to the
 # RAM available, else an unnamed file (O_TMPFILE) in the output's directory, which is
 # checked to be on another file system than the one frozen. Neither leaves anything
