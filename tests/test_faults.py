@@ -313,9 +313,8 @@ def test_late_usb_disk_is_found_within_the_wait(isos: Isos, tmp_path: Path) -> N
                 assert re.search(r"\bsd[a-z]+\b", listed.group(1)), (
                     f"/init stopped waiting before the late disk: {listed.group(0)!r}"
                 )
-                # The only SCSI disk is the USB one (QEMU's usb-storage serial is the USB
-                # device's, not the disk's: the runner shows `serial unknown`).
-                assert target.group(0).startswith("Target /dev/sd"), (
+                # usb-storage's `serial` is the USB device's; the runner shows that one.
+                assert f"serial {LATE_SERIAL}" in target.group(0), (
                     f"the late USB disk was not offered: {target.group(0)!r}\n{_tail(vm)}"
                 )
                 _expect_prompt(vm)
