@@ -339,6 +339,7 @@ def _spool(directory: Path, expected_bytes: int) -> Iterator[int]:
 
 def spool_region(source: Path, length: int, spool_fd: int, progress: log.Progress) -> None:
     """The raw region into the spool; runs of zeros stay holes (no write, no space)."""
+    os.ftruncate(spool_fd, 0)  # a retry starts from an empty spool: holes must read as zeros
     fd = _open_source(source)
     try:
         offset = 0
@@ -355,6 +356,8 @@ def spool_region(source: Path, length: int, spool_fd: int, progress: log.Progres
 def spool_boot_files(mountpoint: str, spool_fd: int) -> int:
     """An uncompressed tar of the mounted /boot into the spool; returns the file count."""
     count = 0
+    os.ftruncate(spool_fd, 0)
+    os.lseek(spool_fd, 0, os.SEEK_SET)
     with (
         open(spool_fd, "wb", closefd=False) as raw,
         tarfile.open(fileobj=raw, mode="w", format=tarfile.GNU_FORMAT) as archive,
@@ -492,6 +495,11 @@ def _capture(options: CaptureOptions) -> CaptureResult:
         raise MbrescueError(f"cannot write {output}: {output.parent} is not a directory")
 
     boot_mount = mounted.get(boot.number)
+    # Other mounted file systems of the chain (an ESP at /boot/efi: vfat, which cannot be
+    # frozen) are not frozen; their bytes must read the same twice.
+    others_in_chain = [p for p in chain if p.number != boot.number and p.number in mounted]
+    others = [mounted[p.number] for p in others_in_chain]
+    other_ranges = [(p.start_lba * sector, p.size_sectors * sector) for p in others_in_chain]
     to_freeze: Mount | None = None
     if boot_mount is not None:
         if is_system_root(boot_mount):
@@ -516,12 +524,21 @@ def _capture(options: CaptureOptions) -> CaptureResult:
             if to_freeze is not None:
                 region_spool = stack.enter_context(_spool(output.parent, region_bytes))
                 files_spool = stack.enter_context(_spool(output.parent, region_bytes))
-                reading = log.Progress("reading boot region", region_bytes, options.progress)
-                with frozen(to_freeze.mountpoint) as frozen_ok:
-                    if frozen_ok:
-                        spool_region(source, region_bytes, region_spool, reading)
-                        files_count = spool_boot_files(to_freeze.mountpoint, files_spool)
-                reading.finish()
+                for attempt in range(1, UNFROZEN_READ_ATTEMPTS + 1):
+                    reading = log.Progress("reading boot region", region_bytes, options.progress)
+                    with frozen(to_freeze.mountpoint) as frozen_ok:
+                        if frozen_ok:
+                            spool_region(source, region_bytes, region_spool, reading)
+                            files_count = spool_boot_files(to_freeze.mountpoint, files_spool)
+                    reading.finish()
+                    if not frozen_ok or not others:
+                        break
+                    if _unchanged(source, region_spool, other_ranges):
+                        log.info(f"{_names(others)} (not frozen) read the same twice")
+                        break
+                    log.info(f"{_names(others)} changed while it was read (attempt {attempt})")
+                else:
+                    raise _kept_changing(others)
             if frozen_ok:
                 assert region_spool is not None
                 progress = log.Progress("compressing boot region", region_bytes, options.progress)
@@ -531,9 +548,8 @@ def _capture(options: CaptureOptions) -> CaptureResult:
                     )
                 progress.finish()
             else:
-                region = _read_unfrozen(
-                    source, region_bytes, tar, mtime, options, boot_mount, boot.number
-                )
+                watched = ([boot_mount] if boot_mount is not None else []) + others
+                region = _read_unfrozen(source, region_bytes, tar, mtime, options, watched)
             gpt_tail = _gpt_tail(source, layout, tar, mtime)
             if boot_mount is not None and to_freeze is not None:
                 if files_count is None:  # not freezable (vfat): the live files, as they are
@@ -624,10 +640,9 @@ def _read_unfrozen(
     tar: capfile.TarWriter,
     mtime: int,
     options: CaptureOptions,
-    boot_mount: Mount | None,
-    boot_number: int,
+    watched: list[Mount],
 ) -> RegionRecord:
-    """The region read straight from the source; twice and compared when it is mounted."""
+    """The region read straight from the source; twice and compared when any of it is mounted."""
     out = tar.out
     region_at = out.tell()
     progress = log.Progress("reading boot region", region_bytes, options.progress)
@@ -640,21 +655,44 @@ def _read_unfrozen(
                 region = write_region(fd, region_bytes, stream, options.compress_level, progress)
         finally:
             os.close(fd)
-        if boot_mount is None:
+        if not watched:
             break
         # Not frozen and mounted: a second read must agree or the file system moved.
         if region_digest(source, region_bytes) == region.sha256:
             break
-        log.info(f"{boot_mount.mountpoint} changed while it was read (attempt {attempt})")
+        log.info(f"{_names(watched)} changed while it was read (attempt {attempt})")
     else:
-        assert boot_mount is not None  # the loop only repeats for a mounted /boot
-        raise MbrescueError(
-            f"{boot_mount.mountpoint} kept changing while it was read "
-            f"({UNFROZEN_READ_ATTEMPTS} attempts)",
-            hint="stop what writes to it and retry",
-        )
+        raise _kept_changing(watched)
     progress.finish()
     return region
+
+
+def _names(mounts: list[Mount]) -> str:
+    return ", ".join(m.mountpoint for m in mounts)
+
+
+def _kept_changing(mounts: list[Mount]) -> MbrescueError:
+    return MbrescueError(
+        f"{_names(mounts)} kept changing while it was read ({UNFROZEN_READ_ATTEMPTS} attempts)",
+        hint="stop what writes to it and retry",
+    )
+
+
+def _unchanged(source: Path, spool_fd: int, ranges: list[tuple[int, int]]) -> bool:
+    """The byte ranges (offset, length) read the same again from the source as in the spool."""
+    fd = _open_source(source)
+    try:
+        for offset, length in ranges:
+            again, spooled = hashlib.sha256(), hashlib.sha256()
+            for start in range(offset, offset + length, capfile.CHUNK_BYTES):
+                want = min(capfile.CHUNK_BYTES, offset + length - start)
+                again.update(os.pread(fd, want, start))
+                spooled.update(os.pread(spool_fd, want, start))
+            if again.digest() != spooled.digest():
+                return False
+    finally:
+        os.close(fd)
+    return True
 
 
 def _gpt_tail(source: Path, layout: Layout, tar: capfile.TarWriter, mtime: int) -> dict | None:

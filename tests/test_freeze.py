@@ -374,3 +374,46 @@ def test_plain_devices_are_not_taken_for_md_or_dm(tmp_path):
         assert freeze.stacked_mounts(loop, {1: BOOT_START_LBA}, 512) == []
     finally:
         sh("losetup", "-d", loop)
+
+
+# -- the rest of the boot chain: a mounted ESP is not frozen, so it must read the same twice ------
+
+
+def test_mounted_esp_beside_the_frozen_boot_is_read_twice(tmp_path):
+    """GPT: an ESP (ext4 here: this machine's kernel has no vfat) and /boot, both mounted."""
+    image = tmp_path / "gpt.img"
+    with open(image, "wb") as f:
+        f.truncate(48 * MiB)
+    sh(
+        "sgdisk",
+        "-o",
+        "-n",
+        "1:2048:+8M",
+        "-t",
+        "1:EF00",
+        "-n",
+        "2:0:+16M",
+        "-t",
+        "2:8300",
+        "-n",
+        "3:0:0",
+        "-t",
+        "3:8200",
+        image,
+    )
+    esp_at, boot_at = 2048 * 512, (2048 + 8 * 2048) * 512
+    sh("mke2fs", "-q", "-F", "-t", "ext4", "-E", f"offset={esp_at}", image, "8M")
+    sh("mke2fs", "-q", "-F", "-t", "ext4", "-E", f"offset={boot_at}", image, "16M")
+    out = tmp_path / "x.mbrescue"
+    with (
+        mounted(image, tmp_path / "efi", esp_at, 8 * MiB) as esp,
+        mounted(image, tmp_path / "boot", boot_at, 16 * MiB) as boot,
+    ):
+        result = run_capture(boot, image, "-o", out)
+        assert writes_within(esp, 5) and writes_within(boot, 5)
+    assert result.returncode == 0, result.stderr
+    assert f"froze {boot}" in result.stderr
+    assert f"{esp} (not frozen) read the same twice" in result.stderr, result.stderr
+    with Capture.open(str(out)) as capture:
+        assert capture.manifest.raw["boot_chain"] == [1, 2]
+        assert capture.manifest.raw["frozen"] is True
