@@ -417,3 +417,21 @@ def test_mounted_esp_beside_the_frozen_boot_is_read_twice(tmp_path):
     with Capture.open(str(out)) as capture:
         assert capture.manifest.raw["boot_chain"] == [1, 2]
         assert capture.manifest.raw["frozen"] is True
+
+
+def test_md_and_dm_messages_say_what_to_do():
+    """The wording for the kinds this machine cannot make (no md, no device-mapper here)."""
+    raid = freeze.StackedMount(
+        1,
+        freeze.Mount("9:0", "/boot", "ext4"),
+        freeze.StackedDevice("9:0", "md0", "md RAID1", ("8:1", "8:17")),
+    )
+    error = freeze.describe_stacked("/dev/sda", raid)
+    assert "partition 1 of /dev/sda" in str(error) and "md RAID1" in str(error)
+    assert error.hint is not None and "capture each RAID1 member disk" in error.hint
+    lvm = freeze.StackedMount(
+        2,
+        freeze.Mount("253:3", "/boot", "ext4"),
+        freeze.StackedDevice("253:3", "vg-boot", "LVM", ("8:2",)),
+    )
+    assert "not supported: /boot on LVM" in str(freeze.describe_stacked("/dev/sda", lvm))
