@@ -83,3 +83,12 @@ def test_bad_arguments() -> None:
         make_swap_header(MIB, 4096, "not-a-uuid", None)
     with pytest.raises(MbrescueError, match="page size"):
         make_swap_header(MIB, 3000, UUID, None)
+
+
+def test_uuid_with_spaces_is_not_a_uuid():
+    """bytes.fromhex skips whitespace: this once gave an 11-byte 'UUID'."""
+    from builder.runner.errors import MbrescueError
+    from builder.runner.swap import uuid_bytes
+
+    with pytest.raises(MbrescueError, match="not a UUID"):
+        uuid_bytes("00 " * 10 + "00")  # 32 characters, 11 bytes of hex

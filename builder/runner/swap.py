@@ -26,7 +26,8 @@ MIN_PAGES = 10
 def uuid_bytes(uuid: str) -> bytes:
     """The 16 stored bytes of a UUID in blkid's text form (stored in text order)."""
     digits = uuid.replace("-", "")
-    if len(digits) != 32:
+    # bytes.fromhex skips whitespace: "00 " * 10 would give 11 bytes, not an error.
+    if len(digits) != 32 or any(c not in "0123456789abcdefABCDEF" for c in digits):
         raise MbrescueError(f"not a UUID: {uuid!r}")
     try:
         return bytes.fromhex(digits)
