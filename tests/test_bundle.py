@@ -213,3 +213,41 @@ def test_bundle_bad_output(tmp_path):
     line = one_error_line(mbrescue("bundle", "-o", tmp_path / "missing" / "x"))
     assert "no such directory" in line
     assert not (tmp_path / "missing").exists()
+
+
+def test_capture_of_a_mounted_boot_in_an_empty_root_freezes_and_thaws(bundle_file, fixtures,
+                                                                      tmp_path):
+    """The freeze path (watchdog process, FIFREEZE/FITHAW, file-level archive) in the bundle."""
+    from builder.runner.layout import read_layout
+
+    image = tmp_path / "host.img"
+    image.write_bytes(fixtures["A"].path.read_bytes())
+    boot = next(p for p in read_layout(str(image)).partitions
+                if p.number == fixtures["A"].boot_partition)
+    out = tmp_path / "out"
+    out.mkdir()
+    with empty_root(tmp_path, bundle_file) as root:
+        root.bind(image, image)
+        root.bind(out, Path("/out"))
+        loop = sh("losetup", "-f", "--show", "-o", str(boot.start_lba * 512), "--sizelimit",
+                  str(boot.size_sectors * 512), image).strip()
+        mountpoint = root.root / "boot"
+        mountpoint.mkdir()
+        try:
+            sh("mount", loop, mountpoint)
+            try:
+                payload = os.urandom(200_000)  # unsynced: only a freeze puts it on the disk
+                (mountpoint / "initrd.img-new").write_bytes(payload)
+                result = root.run("capture", image, "-o", "/out/frozen.mbrescue")
+                assert result.returncode == 0, result.stderr
+                assert "froze" in result.stderr and "thawed" in result.stderr, result.stderr
+                (mountpoint / "after").write_text("writable again")
+            finally:
+                subprocess.run(["fsfreeze", "--unfreeze", mountpoint], capture_output=True)
+                sh("umount", mountpoint)
+        finally:
+            sh("losetup", "-d", loop)
+    capture = Capture.open(str(out / "frozen.mbrescue"))
+    capture.verify()
+    assert capture.manifest.raw["frozen"] is True
+    assert capture.manifest.raw["boot_files"].get("member"), capture.manifest.raw["boot_files"]
