@@ -35,6 +35,9 @@ RESTORE_DEFAULT = r"default\s+is\s+the\s+restore"
 # The kernel's own words: its EFI stub, then the secureboot driver.
 KERNEL_SECURE_BOOT = "secureboot: Secure boot enabled"
 MEMORY_MIB = 1024
+GRUB_SAYS_ENFORCED = r"Secure\s+Boot\s+is\s+enforced"
+LOCAL_DEFAULT = r"default\s+is\s+to\s+boot\s+the\s+local\s+disk"
+HOST_MARKER = "MBRESCUE-TEST-SECURE-BOOT-HOST-BOOTED"
 
 
 # --- the kit: Debian's signed loaders --------------------------------------------------------
@@ -127,10 +130,10 @@ def test_fat_image_holds_the_signed_chain(images: grub.GrubImages, tmp_path: Pat
 
 
 def test_iso_tree_holds_the_signed_chain(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from tests.test_iso import build_iso, make_capture  # the small test ISO's builder
+    from tests.test_iso import build_iso  # the small test ISO's builder
 
     monkeypatch.setenv("SOURCE_DATE_EPOCH", EPOCH)
-    built = build_iso(tmp_path, tmp_path / "t.iso", make_capture(tmp_path))
+    built = build_iso(tmp_path, tmp_path / "t.iso", None)
     loaders = kit.ensure_efi_loaders()
     iso = pycdlib.PyCdlib()
     iso.open(os.fspath(built.path))
@@ -219,7 +222,8 @@ def test_restore_under_secure_boot(
     log_path = tmp_path / "serial.log"
     try:
         with Vm(config, log_path) as vm:
-            vm.expect(RESTORE_DEFAULT, timeout=240)
+            vm.expect(GRUB_SAYS_ENFORCED, timeout=240)
+            vm.expect(RESTORE_DEFAULT, timeout=60)
             menu_s = vm.elapsed()
             vm.expect(re.escape(KERNEL_SECURE_BOOT), timeout=240)
             vm.expect(PROMPT, timeout=300)
@@ -237,3 +241,104 @@ def test_restore_under_secure_boot(
     # The restore wrote the captured region back: the scratch disk starts as the fixture does.
     region_bytes = fixtures["D"].region_end_sectors * 512
     assert sha256_of(scratch, region_bytes) == sha256_of(fixtures["D"].path, region_bytes)
+
+
+# --- a healthy host whose own chain is Debian's shim + signed GRUB + signed kernel ----------
+
+HOST_INIT = f"""#!/bin/sh
+/bin/busybox mkdir -p /proc /sys
+/bin/busybox mount -t proc proc /proc
+echo "{HOST_MARKER}"
+echo "{HOST_MARKER}" > /dev/ttyS0
+/bin/busybox poweroff -f
+"""
+
+
+def secure_boot_host_disk(work: Path, boot_fs_uuid: str) -> Path:
+    """A GPT disk laid out as Debian installs it for Secure Boot, without BOOTX64.EFI's shim.
+
+    ESP: EFI/debian/{shimx64.efi, grubx64.efi (signed), grub.cfg -> /boot's grub.cfg}, and an
+    unsigned grub-mkimage image as EFI/BOOT/BOOTX64.EFI, which enforcing firmware refuses, so
+    the rescue menu must go on to the shim. /boot: Debian's signed kernel, an initrd printing
+    HOST_MARKER, and a grub.cfg that boots it on the serial console.
+    """
+    from builder import cpio
+
+    loaders = kit.ensure_efi_loaders()
+    the_kit = kit.ensure_kit()
+    disk = work / "sb-host.img"
+    with open(disk, "wb") as stream:
+        stream.truncate(64 << 20)
+    esp_start, esp_sectors, boot_start = 2048, 32768, 34816
+    table = f"label: gpt\nstart={esp_start}, size={esp_sectors}, type=U\nstart={boot_start}, type=L\n"
+    run(["sfdisk", "-q", disk], input_bytes=table.encode())
+    run(["mkfs.vfat", "--offset", str(esp_start), disk, str(esp_sectors // 2)])
+    esp = f"{disk}@@{esp_start * 512}"
+    esp_cfg = work / "esp-grub.cfg"
+    esp_cfg.write_text(
+        f"search --no-floppy --fs-uuid --set=root {boot_fs_uuid}\n"
+        "set prefix=($root)/grub\nconfigfile $prefix/grub.cfg\n"
+    )
+    unsigned = work / "unsigned.efi"
+    (work / "unsigned.cfg").write_text('echo "unsigned image ran"\n')
+    run(["grub-mkimage", "-O", "x86_64-efi", "-p", "/x", "-c", work / "unsigned.cfg", "-o",
+         unsigned, "echo"])  # fmt: skip
+    run(["mmd", "-i", esp, "::EFI", "::EFI/BOOT", "::EFI/debian"], env=MTOOLS_ENV)
+    for source, target in (
+        (unsigned, "EFI/BOOT/BOOTX64.EFI"),
+        (loaders.shim, "EFI/debian/shimx64.efi"),
+        (loaders.grub_disk, "EFI/debian/grubx64.efi"),
+        (esp_cfg, "EFI/debian/grub.cfg"),
+    ):
+        run(["mcopy", "-i", esp, source, f"::{target}"], env=MTOOLS_ENV)
+
+    root = work / "boot"
+    (root / "grub").mkdir(parents=True)
+    (root / "vmlinuz").write_bytes(the_kit.kernel.read_bytes())
+    tree = cpio.Tree()
+    tree.file_from("bin/busybox", the_kit.busybox, 0o755)
+    tree.symlink("bin/sh", "busybox")
+    tree.file("init", HOST_INIT.encode(), 0o755)
+    with open(root / "initrd.img", "wb") as stream:
+        cpio.write_tree(tree, stream)
+    (root / "grub" / "grub.cfg").write_text(
+        "serial --unit=0 --speed=115200\nterminal_input serial console\n"
+        "terminal_output serial console\nset timeout=0\n"
+        "menuentry host {\n  linux /vmlinuz console=ttyS0,115200n8\n  initrd /initrd.img\n}\n"
+    )
+    run(["mke2fs", "-q", "-t", "ext4", "-E", f"offset={boot_start * 512}", "-U", boot_fs_uuid,
+         "-d", root, "-F", disk, "28M"])  # fmt: skip
+    return disk
+
+
+@pytest.mark.qemu
+def test_healthy_shim_host_boots_locally_under_secure_boot(
+    rescue_iso: Path, fixtures: dict[str, Fixture], tmp_path: Path
+) -> None:
+    """No input: the menu finds the host's /boot, the firmware refuses the unsigned
+    EFI/BOOT/BOOTX64.EFI, the menu goes on to EFI/debian/shimx64.efi, whose chain boots."""
+    disk = secure_boot_host_disk(tmp_path, fixtures["D"].boot_fs_uuid)
+    before = debs.sha256_file(disk)
+    disks = [
+        Disk(rescue_iso, interface="cdrom", readonly=True, bootindex=0),
+        Disk(disk, interface="virtio", bootindex=1),
+    ]
+    config = VmConfig(firmware="uefi", secure_boot=True, memory_mib=MEMORY_MIB, disks=disks)
+    log_path = tmp_path / "serial.log"
+    try:
+        with Vm(config, log_path) as vm:
+            vm.expect(GRUB_SAYS_ENFORCED, timeout=240)
+            vm.expect(LOCAL_DEFAULT, timeout=60)
+            vm.expect(r"starting\s+\(hd\d+,gpt1\)/EFI/BOOT/BOOTX64\.EFI", timeout=120)
+            # Debian's GRUB asks shim to check an image before it chainloads it.
+            vm.expect(r"bad shim signature", timeout=60)
+            vm.expect(r"starting\s+\(hd\d+,gpt1\)/EFI/debian/shimx64\.efi", timeout=120)
+            vm.expect(re.escape(KERNEL_SECURE_BOOT), timeout=240)
+            vm.expect(HOST_MARKER, timeout=240)
+            print(f"secure boot healthy host: local kernel up after {vm.elapsed():.1f} s")
+            assert "unsigned image ran" not in vm.output
+            assert "mbrescue.medium=" not in vm.output  # the rescue kernel never started
+    except VmTimeout as exc:
+        text = log_path.read_text(errors="replace") if log_path.exists() else ""
+        raise AssertionError(f"{str(exc).splitlines()[0]}\n{text[-3000:]}") from None
+    assert debs.sha256_file(disk) == before
