@@ -281,8 +281,60 @@ def write_plan(fd: int, capture: Capture, plan: Plan, console: Console,
                 held.append((start, data))
             else:
                 _pwrite_all(fd, data, start, plan)
-    _fsync(fd, plan)
+    try:
+        os.fsync(fd)
+    except OSError as exc:
+        progress.finish()
+        raise _locate_write_error(fd, capture, plan, console, exc) from exc
     return progress.finish()
+
+
+def _locate_write_error(fd: int, capture: Capture, plan: Plan, console: Console,
+                        first: OSError) -> MbrescueError:
+    """The error for a failed flush, naming the sector where it can.
+
+    Writes go through the page cache, so a failing sector only shows at fsync, for the
+    whole device. The region is written again group by group, each one flushed, and the
+    failing group block by block (4 KiB: the page cache writes whole blocks), which
+    names the first failing block. The same bytes go to the same places as before, and
+    the deferred ranges stay zero, so this changes nothing a good write would not.
+    """
+    console.say(f"mbrescue: flushing {plan.target.path} failed ({first.strerror}); writing the "
+                "region again in flushed pieces to find where")
+    in_region = [w for w in plan.writes if w.offset_bytes < plan.region_bytes]
+    step = max(plan.sector_bytes, DIRECT_ALIGN)
+    offset = 0
+    for group in region_groups(capture, WRITE_BLOCK_BYTES):
+        pieces = []
+        at = offset
+        for piece in group:
+            patched, _ = _overlay(piece, at, in_region)
+            pieces.append(_hold_deferred(plan, piece, patched, at, [], []))
+            at += len(piece)
+        data = b"".join(pieces)
+        try:
+            _pwrite_all(fd, data, offset, plan)
+            os.fdatasync(fd)
+        except (OSError, MbrescueError):
+            for block in range(0, len(data), step):
+                try:
+                    os.pwrite(fd, data[block : block + step], offset + block)
+                    os.fdatasync(fd)
+                except OSError as exc:
+                    lba = (offset + block) // plan.sector_bytes
+                    last = lba + min(step, len(data) - block) // plan.sector_bytes - 1
+                    return MbrescueError(
+                        f"write error on {plan.target.path} at sector {lba} (the block of "
+                        f"sectors {lba}..{last}): {exc.strerror}"
+                    )
+            first_lba = offset // plan.sector_bytes
+            return MbrescueError(
+                f"write error on {plan.target.path} in sectors {first_lba}.."
+                f"{(offset + len(data)) // plan.sector_bytes - 1}: {first.strerror}"
+            )
+        offset += len(data)
+    return MbrescueError(f"flushing {plan.target.path} failed: {first.strerror} (writing it "
+                         "again in flushed pieces found no failing sector)")
 
 
 def _hold_deferred(plan: Plan, piece: bytes | memoryview, data: bytes | memoryview, at: int,
