@@ -13,7 +13,8 @@
  *
  * Layout, all integers little-endian:
  *   [this program][file data ...][index][index offset: u64]["MBRBND01"]
- *   index: u32 file count, then per file u64 offset, u64 size, NUL-terminated name;
+ *   index: u32 file count, then per file u64 offset, u64 stored size, u64 size,
+ *          NUL-terminated name (stored size < size: a zlib stream, inflated here);
  *          u32 argument count, then NUL-terminated argument templates;
  *          u32 environment count, then NUL-terminated "NAME=value" templates.
  * The inherited environment is kept except variables beginning with PYTHON, so that a
@@ -30,6 +31,7 @@
 #include <sys/sendfile.h>
 #include <sys/stat.h>
 #include <unistd.h>
+#include <zlib.h>
 
 #define MAGIC "MBRBND01"
 #define TRAILER_BYTES 16
@@ -124,10 +126,64 @@ static char *expand(const char *template) {
     return out;
 }
 
-static int copy_to_memfd(int self, const char *name, uint64_t offset, uint64_t size) {
+static void write_all(int fd, const unsigned char *data, size_t length) {
+    while (length > 0) {
+        ssize_t done = write(fd, data, length);
+        if (done < 0 && errno == EINTR)
+            continue;
+        if (done <= 0)
+            fail("writing the payload into memory", done < 0 ? errno : EIO);
+        data += done;
+        length -= (size_t)done;
+    }
+}
+
+static void inflate_into(int fd, int self, uint64_t offset, uint64_t stored, uint64_t size) {
+    static unsigned char in[1 << 16], out[1 << 18];
+    z_stream z;
+    memset(&z, 0, sizeof z);
+    if (inflateInit(&z) != Z_OK)
+        fail("inflateInit", 0);
+    uint64_t read_bytes = 0, written = 0;
+    int status = Z_OK;
+    while (status != Z_STREAM_END) {
+        if (z.avail_in == 0) {
+            if (read_bytes == stored)
+                fail("damaged payload (zlib stream ends early)", 0);
+            size_t want = stored - read_bytes > sizeof in ? sizeof in : (size_t)(stored - read_bytes);
+            ssize_t got = pread(self, in, want, (off_t)(offset + read_bytes));
+            if (got <= 0)
+                fail("reading the payload", got < 0 ? errno : EIO);
+            read_bytes += (uint64_t)got;
+            z.next_in = in;
+            z.avail_in = (uInt)got;
+        }
+        z.next_out = out;
+        z.avail_out = sizeof out;
+        status = inflate(&z, Z_NO_FLUSH);
+        if (status != Z_OK && status != Z_STREAM_END)
+            fail("damaged payload (zlib)", 0);
+        size_t produced = sizeof out - z.avail_out;
+        written += produced;
+        if (written > size)
+            fail("damaged payload (longer than its index says)", 0);
+        write_all(fd, out, produced);
+    }
+    inflateEnd(&z);
+    if (written != size)
+        fail("damaged payload (shorter than its index says)", 0);
+}
+
+static int copy_to_memfd(int self, const char *name, uint64_t offset, uint64_t stored,
+                         uint64_t size) {
     int fd = memfd_create(name, MFD_ALLOW_SEALING);
     if (fd < 0)
         fail("memfd_create (Linux 3.17 or later is needed)", errno);
+    if (stored != size) {
+        inflate_into(fd, self, offset, stored, size);
+        fcntl(fd, F_ADD_SEALS, F_SEAL_WRITE | F_SEAL_GROW | F_SEAL_SHRINK | F_SEAL_SEAL);
+        return fd;
+    }
     off_t from = (off_t)offset;
     uint64_t left = size;
     while (left > 0) {
@@ -171,11 +227,11 @@ int main(int argc, char **argv) {
     if (file_count > MAX_FILES)
         fail("damaged index (file count)", 0);
     for (uint32_t i = 0; i < file_count; i++) {
-        uint64_t offset = take(&c, 8), size = take(&c, 8);
+        uint64_t offset = take(&c, 8), stored = take(&c, 8), size = take(&c, 8);
         const char *name = take_string(&c);
-        if (offset > index_at || size > index_at - offset)
+        if (offset > index_at || stored > index_at - offset || stored > size)
             fail("damaged index (file extent)", 0);
-        file_fds[i] = copy_to_memfd(self, name, offset, size);
+        file_fds[i] = copy_to_memfd(self, name, offset, stored, size);
     }
     uint32_t arg_count = (uint32_t)take(&c, 4);
     if (arg_count > 4096)
