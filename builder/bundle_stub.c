@@ -34,6 +34,7 @@
 #include <zlib.h>
 
 #define MAGIC "MBRBND01"
+#define MFD_EXEC_FLAG 0x0010U /* MFD_EXEC, Linux 6.3 */
 #define TRAILER_BYTES 16
 #define MAX_FILES 256
 #define MAX_INDEX_BYTES (1 << 20)
@@ -176,7 +177,11 @@ static void inflate_into(int fd, int self, uint64_t offset, uint64_t stored, uin
 
 static int copy_to_memfd(int self, const char *name, uint64_t offset, uint64_t stored,
                          uint64_t size) {
-    int fd = memfd_create(name, MFD_ALLOW_SEALING);
+    /* Linux 6.3+ may make memfds non-executable unless asked (vm.memfd_noexec=1);
+     * older kernels do not know the flag and refuse it: then ask without. */
+    int fd = memfd_create(name, MFD_ALLOW_SEALING | MFD_EXEC_FLAG);
+    if (fd < 0 && errno == EINVAL)
+        fd = memfd_create(name, MFD_ALLOW_SEALING);
     if (fd < 0)
         fail("memfd_create (Linux 3.17 or later is needed)", errno);
     if (stored != size) {
@@ -265,6 +270,7 @@ int main(int argc, char **argv) {
     if (arg_count == 0)
         fail("damaged index (nothing to run)", 0);
     execve(args[0], args, env);
-    fail("starting the bundled loader", errno);
+    fail(errno == EACCES ? "starting the bundled loader (is vm.memfd_noexec set to 2?)"
+                         : "starting the bundled loader", errno);
     return 127;
 }

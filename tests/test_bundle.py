@@ -218,6 +218,13 @@ def test_two_bundles_are_the_same_bytes(bundle_file, tmp_path):
     assert again.read_bytes() == bundle_file.read_bytes()
 
 
+def test_bundle_without_a_compiler_is_one_line(tmp_path):
+    result = mbrescue("bundle", "-o", tmp_path / "x", env={"PATH": os.fspath(tmp_path)})
+    line = one_error_line(result)
+    assert "gcc is not installed" in line and "apt-get install gcc" in line
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_bundle_bad_output(tmp_path):
     line = one_error_line(mbrescue("bundle", "-o", tmp_path / "missing" / "x"))
     assert "no such directory" in line
