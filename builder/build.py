@@ -27,6 +27,7 @@ from .iso import IsoReport, iso_volume_label, new_medium_id, write_iso
 from .kit import Kit, ensure_kit
 from .run import require_tools
 from .runner.capfile import Capture
+from .runner.outputs import check_output_file
 from .verify import verify_iso
 
 PACKAGE_DIR = Path(__file__).resolve().parent
@@ -79,10 +80,10 @@ def check_capture(path: Path) -> Capture:
 def output_path(options: BuildOptions, capture: Capture) -> Path:
     name = f"{capture.manifest.hostname}-rescue.iso"
     if options.output is None:
-        return Path.cwd() / name
+        return check_output_file(Path.cwd() / name)
     if options.output.is_dir() or len(options.captures) > 1:
-        return options.output / name
-    return options.output
+        return check_output_file(options.output / name)
+    return check_output_file(options.output)
 
 
 def prepare_shared() -> SharedParts:

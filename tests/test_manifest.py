@@ -327,3 +327,42 @@ def test_interrupted_restore_never_looks_healthy(fixtures, captures, tmp_path):
     assert fx.boot_fs_uuid in sh("blkid", "-p", "-O", str(boot_offset), target)
     region = fx.region_end_sectors * 512
     assert sha256_of(target, region) == sha256_of(fx.path, region)
+
+
+# -- outputs and names that are not what they seem ------------------------------------------
+
+
+def cli(*args: str | os.PathLike[str]) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "builder.cli", *map(os.fspath, args)], cwd=ROOT,
+                          text=True, capture_output=True, stdin=subprocess.DEVNULL, timeout=60)
+
+
+def test_a_fifo_as_capture_is_refused_not_waited_on(tmp_path):
+    fifo = tmp_path / "capture.fifo"
+    os.mkfifo(fifo)
+    assert "not a regular file" in the_error(cli("inspect", fifo))
+
+
+def test_capture_never_renames_over_a_device_node(fixtures, tmp_path):
+    """A copy of a real device node (/dev/null's numbers): the temporary output renamed
+    over it would have replaced the node with a regular file."""
+    node = tmp_path / "node"
+    sh("mknod", node, "c", "1", "3")
+    assert "it is a character device" in the_error(cli("capture", fixtures["A"].path, "-o", node))
+    assert node.is_char_device()
+
+
+def test_host_name_that_is_a_path_is_refused(fixtures, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    error = the_error(cli("capture", fixtures["A"].path, "-o", out, "--hostname", "../../x"))
+    assert "is not a host name" in error
+    assert list(out.iterdir()) == []
+
+
+def test_manifest_host_name_that_is_a_path_is_refused(members_a, tmp_path):
+    manifest = manifest_of(members_a)
+    manifest["hostname"] = "../../etc/x"
+    bad = repack(members_a, tmp_path / "bad.mbrescue", manifest=json.dumps(manifest).encode(),
+                 reseal=True)
+    assert "field hostname is invalid" in the_error(cli("inspect", bad))

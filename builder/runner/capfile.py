@@ -120,9 +120,11 @@ class Capture:
         if os.path.isdir(path):
             raise MbrescueError(f"{path} is a directory, not a capture file")
         try:
-            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+            # O_NONBLOCK: opening a FIFO would otherwise wait for a writer, forever.
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
         except OSError as exc:
             raise MbrescueError(f"cannot read {path}: {exc.strerror}") from exc
+        os.set_blocking(fd, True)
         try:
             if not stat.S_ISREG(os.fstat(fd).st_mode):
                 raise MbrescueError(f"{path} is not a regular file, so not a capture file")

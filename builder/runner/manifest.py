@@ -21,6 +21,7 @@ from typing import Any
 
 from . import gpt, mbr
 from .errors import MbrescueError
+from .outputs import check_hostname
 
 SECTOR_SIZES = (512, 1024, 2048, 4096)
 SWAP_PAGE_SIZES = (4096, 8192, 16384, 65536)
@@ -300,7 +301,7 @@ def parse_manifest(data: Any) -> Manifest:
         raise _bad("gpt_tail", "a GPT disk needs its backup table, an msdos disk has none")
     boot_fs_fields = top.opt_obj("boot_fs")
     return Manifest(
-        hostname=top.text("hostname"),
+        hostname=_hostname(top),
         created=top.text("created"),
         tool_version=top.text("tool_version"),
         source=source,
@@ -318,6 +319,14 @@ def parse_manifest(data: Any) -> Manifest:
         boot_files=_boot_files(top.obj("boot_files")),
         raw=data,
     )
+
+
+def _hostname(fields: _Fields) -> str:
+    name = fields.text("hostname")
+    try:
+        return check_hostname(name)
+    except MbrescueError as exc:
+        raise _bad("hostname", str(exc)) from None
 
 
 def _source(fields: _Fields) -> SourceDisk:
