@@ -47,6 +47,7 @@ from .freeze import (
 )
 from .runner import capfile, mbr
 from .runner.layout import Layout, Partition, read_layout
+from .runner.outputs import check_hostname, check_output_file
 
 BIOS_BOOT_GUID = "21686148-6449-6e6f-744e-656564454649"
 ESP_GUID = "c12a7328-f81f-11d2-ba4b-00a0c93ec93b"
@@ -487,10 +488,11 @@ def _capture(options: CaptureOptions) -> CaptureResult:
     if region_bytes > layout.disk.size_bytes:
         raise MbrescueError(f"partition {boot.number} runs past the end of {source}")
 
-    hostname = options.hostname or _default_hostname(source)
+    hostname = check_hostname(options.hostname or _default_hostname(source))
     output = options.output or Path.cwd() / f"{hostname}.mbrescue"
     if output.is_dir():
         output = output / f"{hostname}.mbrescue"
+    check_output_file(output)
     if not output.parent.is_dir():
         raise MbrescueError(f"cannot write {output}: {output.parent} is not a directory")
 
