@@ -246,6 +246,7 @@ def payload_layout(kit: Kit, stdlib_zip: Path, host_zip: Path,
         "PYTHONDONTWRITEBYTECODE=1",
         "PYTHONUTF8=1",
         "MBRESCUE_BUNDLE={argv0}",
+        "MBRESCUE_BUNDLE_FILE={exe}",
         f"MBRESCUE_EXTENSIONS={':'.join(extension_refs)}",
     ]
     return files, arguments, environment

@@ -9,7 +9,8 @@
  * seals it read-only, and replaces itself with the bundled loader running the bundled
  * interpreter. What to run is not decided here but by the payload's own argument and
  * environment templates (written by builder/bundle.py), where `{N}` stands for the
- * /proc/self/fd path of payload file N and `{argv0}` for the name the bundle was run by.
+ * /proc/self/fd path of payload file N, `{argv0}` for the name the bundle was run by and
+ * `{exe}` for the bundle file's absolute path (what `install` will copy).
  *
  * Layout, all integers little-endian:
  *   [this program][file data ...][index][index offset: u64]["MBRBND01"]
@@ -82,6 +83,7 @@ static const char *take_string(struct cursor *c) {
 static int file_fds[MAX_FILES];
 static uint32_t file_count;
 static const char *argv0;
+static char exe_path[4096];
 
 /* Expand `{N}` and `{argv0}` in a template; the result is malloc'ed. */
 static char *expand(const char *template) {
@@ -99,6 +101,8 @@ static char *expand(const char *template) {
                 fail("damaged template (no closing brace)", 0);
             if ((size_t)(close - p) == 6 && strncmp(p, "{argv0}", 7) == 0) {
                 add = argv0;
+            } else if ((size_t)(close - p) == 4 && strncmp(p, "{exe}", 5) == 0) {
+                add = exe_path;
             } else {
                 char *stop;
                 unsigned long n = strtoul(p + 1, &stop, 10);
@@ -210,6 +214,8 @@ int main(int argc, char **argv) {
     int self = open("/proc/self/exe", O_RDONLY | O_CLOEXEC);
     if (self < 0)
         fail("cannot open /proc/self/exe (is /proc mounted?)", errno);
+    ssize_t exe_bytes = readlink("/proc/self/exe", exe_path, sizeof exe_path - 1);
+    exe_path[exe_bytes > 0 ? exe_bytes : 0] = 0;
     struct stat st;
     if (fstat(self, &st) != 0)
         fail("fstat", errno);

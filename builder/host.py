@@ -32,8 +32,10 @@ try:  # written into the bundle by builder/bundle.py: which kit the bundle was m
 except ImportError:
     KIT = None
 
-# The bundle's launcher names the file it was started as; outside the bundle: `python -m`.
+# The bundle's launcher names the file it was started as (as typed, and its absolute path:
+# inside the bundle sys.executable is empty); outside the bundle neither is set.
 BUNDLE_ENV = "MBRESCUE_BUNDLE"
+BUNDLE_FILE_ENV = "MBRESCUE_BUNDLE_FILE"
 
 
 @dataclass(frozen=True)

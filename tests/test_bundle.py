@@ -181,6 +181,8 @@ def test_sigterm_at_the_prompt_leaves_nothing(bundle_file, captures, fixtures, t
             assert "/memfd:python3.11" in maps and "/memfd:libc.so.6" in maps, maps
             # hashlib runs on OpenSSL (17x the built-in SHA-256 here), bundled too.
             assert "/memfd:libcrypto.so.3" in maps, maps
+            environ = Path(f"/proc/{process.pid}/environ").read_bytes().split(b"\0")
+            assert b"MBRESCUE_BUNDLE_FILE=/mbrescue-host" in environ
             process.send_signal(signal.SIGTERM)
             assert process.wait(timeout=20) != 0
         finally:
