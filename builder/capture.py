@@ -45,7 +45,7 @@ from .freeze import (
     stacked_device,
     stacked_mounts,
 )
-from .runner import capfile, mbr
+from .runner import bootfiles, capfile, mbr
 from .runner.layout import Layout, Partition, read_layout
 from .runner.outputs import check_hostname, check_output_file
 
@@ -580,6 +580,11 @@ def _capture(options: CaptureOptions) -> CaptureResult:
                     "mountpoint": None,
                     "reason": reason,
                 }
+            fingerprint = _fingerprint(
+                source, layout, chain, region_spool if frozen_ok else None,
+                files_spool if boot_files["member"] is not None else None,
+                str(boot_files["reason"]) if boot_files["reason"] else None, boot_mount is not None and boot_mount.mountpoint == "/boot",
+            )
             manifest = {
                 "format": capfile.FORMAT,
                 "format_version": capfile.FORMAT_VERSION,
@@ -617,6 +622,7 @@ def _capture(options: CaptureOptions) -> CaptureResult:
                 "gpt_tail": gpt_tail,
                 "swap": _swap_records(layout),
                 "boot_files": boot_files,
+                "fingerprint": fingerprint,
             }
             capfile.write_manifest(tar, manifest, mtime)
             tar.close()
@@ -781,3 +787,21 @@ def _ebr_records(source: Path, layout: Layout) -> list[dict]:
         return [{"lba": lba, "hex": read_sector(lba).hex()} for lba in sorted(lbas)]
     finally:
         os.close(fd)
+
+
+def _fingerprint(source: Path, layout: Layout, chain: list[Partition], region_spool: int | None,
+                 files_spool: int | None, files_reason: str | None, live_host: bool) -> dict:
+    """What `mbrescue check` compares (runner/bootfiles.py); warns of a kernel without modules."""
+    fd = region_spool if region_spool is not None else os.open(source, os.O_RDONLY)
+    try:
+        record = bootfiles.fingerprint(layout, chain, fd, files_spool, files_reason, live_host)
+    finally:
+        if region_spool is None:
+            os.close(fd)
+    for kernel in record["kernels"]:
+        if kernel["modules"] is False:
+            log.info(
+                f"warning: /boot/{kernel['file']} has no {bootfiles.MODULES_DIR}/"
+                f"{kernel['version']} on this system: restored, it would boot without its modules"
+            )
+    return record

@@ -74,6 +74,31 @@ def capture_command(
     log.info(f"wrote {result.path} (mode 0600: it holds the host's /boot, which can hold secrets)")
 
 
+@app.command("check")
+def check_command(
+    capture: Annotated[Path, typer.Argument(help="A capture file, or a rescue ISO built from one.")],
+    source: Annotated[
+        Path | None,
+        typer.Argument(help="Boot disk or image file [the disk holding the mounted /boot]."),
+    ] = None,
+    strict: Annotated[
+        bool, typer.Option("--strict", help="Count grubenv and mtime-only changes too.")
+    ] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
+    sector_bytes: Annotated[
+        int | None,
+        typer.Option("--sector-size", help="Logical sector size of an image SOURCE [the capture's]."),
+    ] = None,
+) -> None:
+    """Does the capture still match SOURCE? Exit 0 it matches, 1 it drifted, 2 error."""
+    from .runner.check import main_check
+
+    status = main_check(
+        str(capture), str(source) if source is not None else None, strict, as_json, sector_bytes
+    )
+    raise typer.Exit(status)
+
+
 @app.command("inspect")
 def inspect_command(
     path: Annotated[Path, typer.Argument(help="A capture file.")],

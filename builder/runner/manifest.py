@@ -216,6 +216,53 @@ class BootFilesRecord:
 
 
 @dataclass(frozen=True)
+class FileEntry:
+    """One file of the captured /boot, as `check` compares it (path relative to /boot)."""
+
+    path: str
+    type: str  # "file", "symlink", "dir" or "special"
+    size: int
+    mode: int  # permission bits (and setuid/setgid/sticky)
+    uid: int
+    gid: int
+    mtime: int
+    sha256: str | None  # regular files
+    target: str | None  # symlinks
+
+
+@dataclass(frozen=True)
+class KernelRecord:
+    file: str  # vmlinuz-<version>, at /boot's top level
+    version: str
+    modules: bool | None  # /lib/modules/<version> existed; None: not captured on the live host
+
+
+@dataclass(frozen=True)
+class GapRecord:
+    start_lba: int
+    end_lba: int
+    sha256: str
+
+
+@dataclass(frozen=True)
+class RawPartitionRecord:
+    """A boot-chain partition without a file system (BIOS boot: GRUB's core image)."""
+
+    partition: int
+    sha256: str
+
+
+@dataclass(frozen=True)
+class FingerprintRecord:
+    gap: GapRecord | None  # None: no sectors between the table and the first partition
+    raw_partitions: tuple[RawPartitionRecord, ...]
+    files: tuple[FileEntry, ...] | None  # None: /boot was not read as files (files_reason)
+    files_reason: str | None
+    kernels: tuple[KernelRecord, ...]
+    live_host: bool  # captured on the running system whose /boot this is
+
+
+@dataclass(frozen=True)
 class Manifest:
     hostname: str
     created: str
@@ -234,6 +281,9 @@ class Manifest:
     swap: tuple[SwapRecord, ...]
     boot_files: BootFilesRecord
     raw: dict[str, Any]  # the JSON as read, for `inspect --json` only
+    # Optional (captures made before `check` existed have neither): what `check` compares.
+    mbr_boot_code_sha256: str | None = None  # layout.mbr.boot_code_sha256: bytes 0..439
+    fingerprint: FingerprintRecord | None = None
 
     def partition(self, number: int) -> PartitionRecord:
         for part in self.partitions:
@@ -318,6 +368,8 @@ def parse_manifest(data: Any) -> Manifest:
         swap=swaps,
         boot_files=_boot_files(top.obj("boot_files")),
         raw=data,
+        mbr_boot_code_sha256=_boot_code_sha256(layout),
+        fingerprint=_fingerprint(top.opt_obj("fingerprint"), source, by_number),
     )
 
 
@@ -459,6 +511,72 @@ def _boot_files(fields: _Fields) -> BootFilesRecord:
         mountpoint=fields.opt_str("mountpoint"),
         reason=fields.opt_str("reason"),
     )
+
+
+FILE_TYPES = ("file", "symlink", "dir", "special")
+MAX_FILES = 1 << 20
+MAX_PATH_CHARS = 4096
+
+
+def _boot_code_sha256(layout: _Fields) -> str | None:
+    mbr_fields = layout.opt_obj("mbr")
+    return mbr_fields.opt_str("boot_code_sha256", SHA256_RE) if mbr_fields is not None else None
+
+
+def _fingerprint(fields: _Fields | None, source: SourceDisk,
+                 partitions: dict[int, PartitionRecord]) -> FingerprintRecord | None:
+    if fields is None:
+        return None
+    gap_fields = fields.opt_obj("gap")
+    gap = None
+    if gap_fields is not None:
+        start = gap_fields.integer("start_lba", 1, source.size_sectors - 1)
+        end = gap_fields.integer("end_lba", start, source.size_sectors - 1)
+        gap = GapRecord(start, end, gap_fields.text("sha256", SHA256_RE))
+    raw_partitions = []
+    for index, item in enumerate(fields.items("raw_partitions", optional=True)):
+        raw = _Fields(item, f"fingerprint.raw_partitions[{index}]")
+        number = raw.integer("partition", 1, 1 << 16)
+        if number not in partitions:
+            raise _bad(f"{raw.where}.partition", f"partition {number} is not in the layout")
+        raw_partitions.append(RawPartitionRecord(number, raw.text("sha256", SHA256_RE)))
+    files = None
+    if fields.data.get("files") is not None:
+        listed = fields.items("files")
+        if len(listed) > MAX_FILES:
+            raise _bad("fingerprint.files", f"{len(listed)} entries")
+        files = tuple(_file_entry(_Fields(item, f"fingerprint.files[{index}]"))
+                      for index, item in enumerate(listed))
+        if len({entry.path for entry in files}) != len(files):
+            raise _bad("fingerprint.files", "a path appears twice")
+    kernels = []
+    for index, item in enumerate(fields.items("kernels", optional=True)):
+        kernel = _Fields(item, f"fingerprint.kernels[{index}]")
+        modules = None if kernel.data.get("modules") is None else kernel.flag("modules")
+        kernels.append(KernelRecord(kernel.text("file"), kernel.text("version"), modules))
+    return FingerprintRecord(gap=gap, raw_partitions=tuple(raw_partitions), files=files,
+                             files_reason=fields.opt_str("files_reason"),
+                             kernels=tuple(kernels), live_host=fields.flag("live_host"))
+
+
+def _file_entry(fields: _Fields) -> FileEntry:
+    path = fields.text("path")
+    parts = path.split("/")
+    if (not path or len(path) > MAX_PATH_CHARS or "\0" in path or path.startswith("/")
+            or ".." in parts or "" in parts):
+        raise _bad(f"{fields.where}.path", f"{path[:40]!r} is not a relative path inside /boot")
+    kind = fields.text("type", choices=FILE_TYPES)
+    digest = fields.opt_str("sha256", SHA256_RE)
+    if kind == "file" and digest is None:
+        raise _bad(f"{fields.where}.sha256", "missing for a regular file")
+    target = fields.opt_str("target")
+    if kind == "symlink" and target is None:
+        raise _bad(f"{fields.where}.target", "missing for a symlink")
+    return FileEntry(path=path, type=kind, size=fields.integer("size"),
+                     mode=fields.integer("mode", 0, 0o7777), uid=fields.integer("uid", 0, 1 << 32),
+                     gid=fields.integer("gid", 0, 1 << 32),
+                     mtime=fields.integer("mtime", -(1 << 40), 1 << 40), sha256=digest,
+                     target=target)
 
 
 # --- the manifest against the captured table -------------------------------------------

@@ -1,0 +1,222 @@
+"""What `check` compares beyond the partition table: /boot's files, kernels, the gap.
+
+Standard library only: capture records this on the protected host and `check` reads it
+back there. Both sides walk /boot the same way the capture's file archive does
+(`os.walk`, files and symlinks of each directory, no directories of their own), so the
+recorded list describes exactly what the archive holds. Capture builds the list from
+its spooled, uncompressed tar after the thaw, so the list is the frozen snapshot's and
+hashing it costs the freeze nothing; `check` builds it from the live mount.
+
+The gap matters because on an msdos disk GRUB's core image lives in the sectors
+between the MBR and the first partition: a `grub-install` rewrites them, and the
+partition table and file systems look the same afterwards. A GPT disk's sectors
+before its first usable LBA are the GPT itself (compared entry by entry elsewhere), so
+its gap starts there; its BIOS boot partition, which holds no file system, is hashed
+whole for the same reason as the msdos gap.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import hashlib
+import os
+import stat
+import tarfile
+from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor
+from typing import IO, Any, BinaryIO
+
+from .errors import MbrescueError
+from .layout import Layout, Partition
+
+READ_BYTES = 1 << 20
+# Beyond this a gap or raw partition is not hashed (no real layout comes near it).
+MAX_HASHED_BYTES = 64 << 20
+# GRUB rewrites its environment block at boot (`save_default`, `recordfail`, boot
+# counting): a changed grubenv is no reason to capture again, and a restore of the old
+# one is harmless. Paths are relative to the /boot mount.
+VOLATILE_PATTERNS = ("grub/grubenv", "grub2/grubenv", "efi/EFI/*/grubenv", "EFI/*/grubenv")
+KERNEL_PREFIX = "vmlinuz-"
+MODULES_DIR = "/lib/modules"
+
+
+def is_volatile(path: str) -> bool:
+    return any(fnmatch.fnmatchcase(path, pattern) for pattern in VOLATILE_PATTERNS)
+
+
+def _type_name(mode: int) -> str:
+    if stat.S_ISREG(mode):
+        return "file"
+    if stat.S_ISLNK(mode):
+        return "symlink"
+    if stat.S_ISDIR(mode):
+        return "dir"
+    return "special"
+
+
+def _entry(path: str, kind: str, size: int, mode: int, uid: int, gid: int, mtime: int,
+           sha256: str | None, target: str | None) -> dict[str, Any]:
+    return {"path": path, "type": kind, "size": size, "mode": mode, "uid": uid, "gid": gid,
+            "mtime": mtime, "sha256": sha256, "target": target}
+
+
+def _sha256_stream(stream: IO[bytes]) -> str:
+    digest = hashlib.sha256()
+    while piece := stream.read(READ_BYTES):
+        digest.update(piece)
+    return digest.hexdigest()
+
+
+def list_from_tar(stream: BinaryIO) -> list[dict[str, Any]]:
+    """The per-file list of an uncompressed tar of /boot (the capture's spool).
+
+    A hard link is stored once with its data and then as a link member: it is listed
+    as the file it is, with the first copy's size and hash, as `check` sees it live.
+    """
+    entries: list[dict[str, Any]] = []
+    by_name: dict[str, dict[str, Any]] = {}
+    with tarfile.open(fileobj=stream, mode="r:") as archive:
+        for info in archive:
+            mode = stat.S_IMODE(info.mode)
+            if info.isreg():
+                member = archive.extractfile(info)
+                assert member is not None
+                entry = _entry(info.name, "file", info.size, mode, info.uid, info.gid,
+                               int(info.mtime), _sha256_stream(member), None)
+            elif info.islnk():
+                first = by_name.get(info.linkname)
+                if first is None:
+                    raise MbrescueError(f"the /boot archive links {info.name} to a missing file")
+                entry = _entry(info.name, "file", first["size"], mode, info.uid, info.gid,
+                               int(info.mtime), first["sha256"], None)
+            elif info.issym():
+                entry = _entry(info.name, "symlink", len(os.fsencode(info.linkname)), mode,
+                               info.uid, info.gid, int(info.mtime), None, info.linkname)
+            else:
+                entry = _entry(info.name, "dir" if info.isdir() else "special", 0, mode,
+                               info.uid, info.gid, int(info.mtime), None, None)
+            by_name[info.name] = entry
+            entries.append(entry)
+    return entries
+
+
+def walk_names(mountpoint: str) -> list[str]:
+    """Paths (relative to the mount) in the order and selection of the capture's archive."""
+    names = []
+    for root, dirs, files in os.walk(mountpoint):
+        dirs.sort()
+        for name in sorted(files):
+            names.append(os.path.relpath(os.path.join(root, name), mountpoint))
+    return names
+
+
+def _live_entry(mountpoint: str, relative: str) -> dict[str, Any]:
+    path = os.path.join(mountpoint, relative)
+    try:
+        st = os.lstat(path)
+        kind = _type_name(st.st_mode)
+        sha256 = target = None
+        size = st.st_size
+        if kind == "file":
+            with open(path, "rb") as stream:
+                sha256 = hashlib.file_digest(stream, "sha256").hexdigest()
+        elif kind == "symlink":
+            target = os.readlink(path)
+        else:
+            size = 0
+    except FileNotFoundError:  # removed between the walk and now: gone, as the walk will say
+        return {"path": relative, "type": "gone"}
+    except OSError as exc:
+        raise MbrescueError(f"cannot read {path}: {exc.strerror}") from exc
+    return _entry(relative, kind, size, stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid,
+                  int(st.st_mtime), sha256, target)
+
+
+def list_live(mountpoint: str, workers: int | None = None) -> list[dict[str, Any]]:
+    """The per-file list of a mounted /boot as it is now (files hashed on all cores;
+    hashlib lets go of the GIL while it hashes)."""
+    names = walk_names(mountpoint)
+    with ThreadPoolExecutor(workers or max(os.cpu_count() or 1, 1)) as pool:
+        entries = list(pool.map(lambda name: _live_entry(mountpoint, name), names))
+    return [entry for entry in entries if entry["type"] != "gone"]
+
+
+def kernels(entries: Iterable[dict[str, Any]], live_host: bool,
+            modules_dir: str = MODULES_DIR) -> list[dict[str, Any]]:
+    """The kernels at /boot's top level; on the live host, whether their modules exist."""
+    found = []
+    for entry in entries:
+        path = entry["path"]
+        if "/" in path or not path.startswith(KERNEL_PREFIX) or entry["type"] != "file":
+            continue
+        version = path[len(KERNEL_PREFIX):]
+        if not version:
+            continue
+        modules = os.path.isdir(os.path.join(modules_dir, version)) if live_host else None
+        found.append({"file": path, "version": version, "modules": modules})
+    return found
+
+
+def hash_range(fd: int, offset: int, length: int) -> str:
+    digest = hashlib.sha256()
+    at = offset
+    while at < offset + length:
+        piece = os.pread(fd, min(READ_BYTES, offset + length - at), at)
+        if not piece:
+            raise MbrescueError(f"short read at byte {at} of the source")
+        digest.update(piece)
+        at += len(piece)
+    return digest.hexdigest()
+
+
+def gap_sectors(table: str, first_usable_lba: int | None,
+                starts: Iterable[int]) -> tuple[int, int] | None:
+    """(first, last) sector of the gap before the first partition, or None if it is empty."""
+    first = (first_usable_lba or 34) if table == "gpt" else 1
+    last = min(starts, default=first) - 1
+    if last < first or (last - first + 1) * 4096 > MAX_HASHED_BYTES:
+        return None
+    return first, last
+
+
+def gap_record(fd: int, sector: int, table: str, first_usable_lba: int | None,
+               starts: Iterable[int]) -> dict[str, Any] | None:
+    span = gap_sectors(table, first_usable_lba, starts)
+    if span is None:
+        return None
+    first, last = span
+    return {"start_lba": first, "end_lba": last,
+            "sha256": hash_range(fd, first * sector, (last - first + 1) * sector)}
+
+
+def fingerprint(layout: Layout, chain: list[Partition], region_fd: int,
+                files_spool_fd: int | None, files_reason: str | None,
+                live_host: bool) -> dict[str, Any]:
+    """The manifest's `fingerprint`: what `check` holds a live disk against.
+
+    region_fd reads the region as captured (the spool, or the source itself) from
+    byte 0; files_spool_fd holds the uncompressed tar of /boot, or is None (then
+    files_reason says why).
+    """
+    sector = layout.disk.logical_sector_bytes
+    starts = [p.start_lba for p in layout.partitions if not p.is_extended]
+    first_usable = layout.gpt.first_usable_lba if layout.gpt is not None else None
+    raw_partitions = [
+        {"partition": p.number,
+         "sha256": hash_range(region_fd, p.start_lba * sector, p.size_sectors * sector)}
+        for p in chain
+        if p.fs is None and p.size_sectors * sector <= MAX_HASHED_BYTES
+    ]
+    files = None
+    if files_spool_fd is not None:
+        with open(files_spool_fd, "rb", closefd=False) as stream:
+            stream.seek(0)
+            files = list_from_tar(stream)
+    return {
+        "gap": gap_record(region_fd, sector, layout.table, first_usable, starts),
+        "raw_partitions": raw_partitions,
+        "files": files,
+        "files_reason": None if files is not None else files_reason,
+        "kernels": kernels(files or [], live_host),
+        "live_host": live_host,
+    }
