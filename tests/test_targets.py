@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pycdlib
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from builder.runner import restore as runner
 from builder.runner.capfile import Capture
@@ -19,7 +21,13 @@ from builder.runner.cmdline import Switches
 from builder.runner.console import Console
 from builder.runner.disk import DiskInfo
 from builder.runner.errors import MbrescueError
-from builder.runner.targets import Candidate, order_key, removable_note, unattended_choice
+from builder.runner.targets import (
+    Candidate,
+    order_key,
+    removable_note,
+    rescue_medium,
+    unattended_choice,
+)
 
 from .conftest import mbrescue, one_error_line, read_until, sh, sha256_of
 
@@ -124,6 +132,27 @@ def test_no_rescue_medium_is_ever_offered(fixtures, capture_a, other_host_iso, w
     line = one_error_line(mbrescue("restore", capture_a, other_host_iso, "--yes"))
     assert f"medium id {medium_id})" in line
     assert {path: sha256_of(path) for path in before} == before
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(pvd_tail=st.binary(min_size=2042, max_size=2042), directory=st.binary(max_size=6144),
+       directory_lba=st.integers(0, 40), block_bytes=st.sampled_from([512, 2048, 7]))
+def test_rescue_medium_survives_any_volume_descriptor(tmp_path, pvd_tail, directory,
+                                                      directory_lba, block_bytes):
+    """A disk's bytes are not ours: any PVD and directory give a description or None."""
+    pvd = bytearray(b"\x01CD001" + pvd_tail[:2041])
+    pvd[128:130] = block_bytes.to_bytes(2, "little")
+    pvd[156 + 2 : 156 + 6] = directory_lba.to_bytes(4, "little")
+    pvd[156 + 10 : 156 + 14] = (len(directory) + pvd_tail[-1] * 64).to_bytes(4, "little")
+    path = tmp_path / "disk.img"
+    with open(path, "wb") as stream:
+        stream.truncate(18 * 2048)
+        stream.seek(16 * 2048)
+        stream.write(pvd)
+        stream.seek(18 * 2048)
+        stream.write(directory)
+    found = rescue_medium(str(path))
+    assert found is None or isinstance(found, str)
 
 
 def disk(path: str, size_bytes: int, removable: bool = False, usb: bool = False,

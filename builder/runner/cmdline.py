@@ -3,9 +3,13 @@
 - `mbrescue.target=<serial, WWN or /dev path>` preselects the disk to restore onto.
 - `mbrescue.unattended=1` restores without asking — DANGEROUS: honoured only when the
   rescue system was built with the explicit opt-in (`/mbrescue/options.json` holding
-  `{"unattended_allowed": true}`) and only when the target is unambiguous.
+  `{"unattended_allowed": true}`) and only onto an identified disk: the one named by
+  `mbrescue.target=`, or the one with the captured serial/WWN. A lone disk that is merely
+  large enough is not identified, so the runner asks.
 - `mbrescue.medium=<ID>` names the medium the rescue system booted from (the ISO's
   volume set or application id, a serial or a /dev path): it is never offered as a target.
+  It is not needed for safety: every mbrescue rescue medium is refused by its ISO 9660
+  volume descriptor (targets.py), this switch only adds a serial or path match.
 
 Values may be double-quoted, as the kernel allows (`mbrescue.target="WD 123"`).
 """

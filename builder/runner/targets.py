@@ -109,6 +109,7 @@ def rescue_medium(path: str) -> str | None:
                         marker = inner[len(MEDIUM_FILE_PREFIX):].split(b".")[0]
                         medium_id = marker.decode("ascii", errors="replace").lower()
                         break
+                break  # one /MBRESCUE only: a hostile table gets no second look
         if medium_id is None:
             return None
     return f"{volume or 'no volume id'}, medium id {medium_id.strip() or 'unknown'}"
