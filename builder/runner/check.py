@@ -300,8 +300,9 @@ def _compare_fs(name: str, old: Any, new: Partition, found: _Found) -> None:
         found.add("filesystem", name, f"{name} file system UUID changed: {old.uuid} -> "
                                       f"{new.fs.uuid}")
     if (old.label or "") != (new.fs.label or ""):
-        found.add("filesystem", name, f"{name} file system label changed: {old.label!r} -> "
-                                      f"{new.fs.label!r}")
+        was, now = repr(old.label) if old.label else "(none)", (
+            repr(new.fs.label) if new.fs.label else "(none)")
+        found.add("filesystem", name, f"{name} file system label changed: {was} -> {now}")
 
 
 def _compare_sectors(manifest: Manifest, live: Layout, source: str, found: _Found) -> None:
