@@ -338,3 +338,29 @@ def test_bad_fingerprint_fields_name_themselves(host, change, field):
     change(raw["fingerprint"])
     with pytest.raises(MbrescueError, match=f"field {re.escape(field)} "):
         parse_manifest(raw)
+
+
+# ---- GPT: the BIOS boot partition (GRUB's core image) and the partition GUIDs -----------------
+
+
+def test_gpt_bios_boot_partition_and_guid(fixtures, tmp_path):
+    disk = fixtures["C"]
+    capture = tmp_path / "c.mbrescue"
+    assert mbrescue("capture", disk.path, "-o", capture).returncode == 0
+    fingerprint = Capture.open(str(capture)).manifest.fingerprint
+    assert fingerprint is not None and [r.partition for r in fingerprint.raw_partitions] == [1]
+    assert fingerprint.gap is not None and fingerprint.gap.start_lba == 34
+    result = check(capture, disk.path)
+    assert result.returncode == 0, (result.stdout, result.stderr)
+    copied = tmp_path / "c-copy.img"
+    sh("cp", "--sparse=always", disk.path, copied)
+    bios_boot_start = Capture.open(str(capture)).manifest.partition(1).start_lba
+    with open(copied, "r+b") as image:
+        image.seek((bios_boot_start + 3) * 512)
+        image.write(b"another core.img")
+    sh("sgdisk", "--partition-guid=2:01234567-89ab-cdef-0123-456789abcdef", copied)
+    lines = drift_lines(check(capture, copied))
+    assert len(lines) == 2, lines
+    assert lines[0].startswith("partition 2 GUID changed: ")
+    assert lines[0].endswith(" -> 01234567-89ab-cdef-0123-456789abcdef")
+    assert lines[1].startswith("partition 1's content changed ("), lines

@@ -9,10 +9,11 @@ hashing it costs the freeze nothing; `check` builds it from the live mount.
 
 The gap matters because on an msdos disk GRUB's core image lives in the sectors
 between the MBR and the first partition: a `grub-install` rewrites them, and the
-partition table and file systems look the same afterwards. A GPT disk's sectors
-before its first usable LBA are the GPT itself (compared entry by entry elsewhere), so
-its gap starts there; its BIOS boot partition, which holds no file system, is hashed
-whole for the same reason as the msdos gap.
+partition table and file systems look the same afterwards. A GPT disk's first sectors
+are the GPT itself (header and entry array, compared entry by entry elsewhere, and its
+CRCs change with any entry), so its gap starts after the primary entry array; its BIOS
+boot partition, which holds no file system, is hashed whole for the same reason as the
+msdos gap.
 """
 
 from __future__ import annotations
@@ -169,19 +170,27 @@ def hash_range(fd: int, offset: int, length: int) -> str:
     return digest.hexdigest()
 
 
-def gap_sectors(table: str, first_usable_lba: int | None,
-                starts: Iterable[int]) -> tuple[int, int] | None:
-    """(first, last) sector of the gap before the first partition, or None if it is empty."""
-    first = (first_usable_lba or 34) if table == "gpt" else 1
+def gap_sectors(table_end_lba: int, starts: Iterable[int]) -> tuple[int, int] | None:
+    """(first, last) sector of the gap between the table (which ends before
+    table_end_lba) and the first partition, or None if there is none."""
+    first = table_end_lba
     last = min(starts, default=first) - 1
     if last < first or (last - first + 1) * 4096 > MAX_HASHED_BYTES:
         return None
     return first, last
 
 
-def gap_record(fd: int, sector: int, table: str, first_usable_lba: int | None,
+def table_end_lba(layout: Layout) -> int:
+    """The first sector after the MBR, or after a GPT's primary header and entry array."""
+    if layout.gpt is None:
+        return 1
+    entries_bytes = layout.gpt.entry_count * layout.gpt.entry_bytes
+    return 2 + -(-entries_bytes // layout.disk.logical_sector_bytes)
+
+
+def gap_record(fd: int, sector: int, table_end: int,
                starts: Iterable[int]) -> dict[str, Any] | None:
-    span = gap_sectors(table, first_usable_lba, starts)
+    span = gap_sectors(table_end, starts)
     if span is None:
         return None
     first, last = span
@@ -200,7 +209,6 @@ def fingerprint(layout: Layout, chain: list[Partition], region_fd: int,
     """
     sector = layout.disk.logical_sector_bytes
     starts = [p.start_lba for p in layout.partitions if not p.is_extended]
-    first_usable = layout.gpt.first_usable_lba if layout.gpt is not None else None
     raw_partitions = [
         {"partition": p.number,
          "sha256": hash_range(region_fd, p.start_lba * sector, p.size_sectors * sector)}
@@ -213,7 +221,7 @@ def fingerprint(layout: Layout, chain: list[Partition], region_fd: int,
             stream.seek(0)
             files = list_from_tar(stream)
     return {
-        "gap": gap_record(region_fd, sector, layout.table, first_usable, starts),
+        "gap": gap_record(region_fd, sector, table_end_lba(layout), starts),
         "raw_partitions": raw_partitions,
         "files": files,
         "files_reason": None if files is not None else files_reason,
