@@ -188,22 +188,38 @@ def test_control_unsigned_grub_is_refused(secure_boot: bool, tmp_path: Path) -> 
         print(f"secure boot {secure_boot}: decided after {vm.elapsed():.1f} s")
 
 
-@pytest.fixture(scope="module")
-def rescue_iso(fixtures: dict[str, Fixture], tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The real rescue ISO of fixture D (UEFI, GPT), built by the CLI once."""
-    work = tmp_path_factory.mktemp("sb-iso")
-    source = work / "host-d.img"
-    subprocess.run(["cp", "--sparse=always", fixtures["D"].path, source], check=True)
-    capture = work / "host-d.mbrescue"
-    result = mbrescue("capture", source, "-o", capture, "--hostname", "host-d")
+def _build_rescue_iso(fixture: Fixture, work: Path, hostname: str) -> Path:
+    """Capture a sparse copy of a fixture and build its rescue ISO with the CLI."""
+    source = work / f"{hostname}.img"
+    subprocess.run(["cp", "--sparse=always", fixture.path, source], check=True)
+    capture = work / f"{hostname}.mbrescue"
+    result = mbrescue("capture", source, "-o", capture, "--hostname", hostname)
     assert result.returncode == 0, result.stderr
     source.unlink()
-    out = work / "host-d.iso"
+    out = work / f"{hostname}.iso"
     started = time.monotonic()
     result = mbrescue("build", capture, "-o", out, env={"SOURCE_DATE_EPOCH": EPOCH})
     assert result.returncode == 0, result.stdout + result.stderr
     print(f"built {out.name} in {time.monotonic() - started:.1f} s")
     return out
+
+
+@pytest.fixture(scope="module")
+def rescue_iso(fixtures: dict[str, Fixture], tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The real rescue ISO of fixture D (UEFI, GPT, its own GRUB unsigned), built once."""
+    return _build_rescue_iso(fixtures["D"], tmp_path_factory.mktemp("sb-iso"), "host-d")
+
+
+@pytest.fixture(scope="module")
+def secure_host() -> Fixture:
+    from builder.fixtures.secureboot import ensure_secure_boot_fixture
+
+    return ensure_secure_boot_fixture()
+
+
+@pytest.fixture(scope="module")
+def secure_host_iso(secure_host: Fixture, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return _build_rescue_iso(secure_host, tmp_path_factory.mktemp("sb-host-iso"), "host-s")
 
 
 @pytest.mark.qemu
@@ -254,13 +270,14 @@ echo "{HOST_MARKER}" > /dev/ttyS0
 """
 
 
-def secure_boot_host_disk(work: Path, boot_fs_uuid: str) -> Path:
+def secure_boot_host_disk(work: Path, boot_fs_uuid: str, *, with_shim_chain: bool = True) -> Path:
     """A GPT disk laid out as Debian installs it for Secure Boot, without BOOTX64.EFI's shim.
 
     ESP: EFI/debian/{shimx64.efi, grubx64.efi (signed), grub.cfg -> /boot's grub.cfg}, and an
     unsigned grub-mkimage image as EFI/BOOT/BOOTX64.EFI, which enforcing firmware refuses, so
     the rescue menu must go on to the shim. /boot: Debian's signed kernel, an initrd printing
-    HOST_MARKER, and a grub.cfg that boots it on the serial console.
+    HOST_MARKER, and a grub.cfg that boots it on the serial console. Without the shim chain:
+    only the unsigned EFI/BOOT/BOOTX64.EFI and a /boot with no grub.cfg (nothing may start).
     """
     from builder import cpio
 
@@ -284,16 +301,22 @@ def secure_boot_host_disk(work: Path, boot_fs_uuid: str) -> Path:
     run(["grub-mkimage", "-O", "x86_64-efi", "-p", "/x", "-c", work / "unsigned.cfg", "-o",
          unsigned, "echo"])  # fmt: skip
     run(["mmd", "-i", esp, "::EFI", "::EFI/BOOT", "::EFI/debian"], env=MTOOLS_ENV)
-    for source, target in (
-        (unsigned, "EFI/BOOT/BOOTX64.EFI"),
-        (loaders.shim, "EFI/debian/shimx64.efi"),
-        (loaders.grub_disk, "EFI/debian/grubx64.efi"),
-        (esp_cfg, "EFI/debian/grub.cfg"),
-    ):
+    esp_files = [(unsigned, "EFI/BOOT/BOOTX64.EFI")]
+    if with_shim_chain:
+        esp_files += [
+            (loaders.shim, "EFI/debian/shimx64.efi"),
+            (loaders.grub_disk, "EFI/debian/grubx64.efi"),
+            (esp_cfg, "EFI/debian/grub.cfg"),
+        ]
+    for source, target in esp_files:
         run(["mcopy", "-i", esp, source, f"::{target}"], env=MTOOLS_ENV)
 
     root = work / "boot"
     (root / "grub").mkdir(parents=True)
+    if not with_shim_chain:
+        run(["mke2fs", "-q", "-t", "ext4", "-E", f"offset={boot_start * 512}", "-U",
+             boot_fs_uuid, "-d", root, "-F", disk, "28M"])  # fmt: skip
+        return disk
     (root / "vmlinuz").write_bytes(the_kit.kernel.read_bytes())
     tree = cpio.Tree()
     tree.file_from("bin/busybox", the_kit.busybox, 0o755)
@@ -338,6 +361,93 @@ def test_healthy_shim_host_boots_locally_under_secure_boot(
             print(f"secure boot healthy host: local kernel up after {vm.elapsed():.1f} s")
             assert "unsigned image ran" not in vm.output
             assert "mbrescue.medium=" not in vm.output  # the rescue kernel never started
+    except VmTimeout as exc:
+        text = log_path.read_text(errors="replace") if log_path.exists() else ""
+        raise AssertionError(f"{str(exc).splitlines()[0]}\n{text[-3000:]}") from None
+    assert debs.sha256_file(disk) == before
+
+
+@pytest.mark.qemu
+def test_refused_local_loader_hands_back_to_the_firmware(
+    rescue_iso: Path, fixtures: dict[str, Fixture], tmp_path: Path
+) -> None:
+    """Healthy /boot found but its only loader is refused: GRUB exits to the firmware, which
+    goes on with its boot order (the next option), instead of waiting at a GRUB prompt."""
+    disk = secure_boot_host_disk(tmp_path, fixtures["D"].boot_fs_uuid, with_shim_chain=False)
+    disks = [
+        Disk(rescue_iso, interface="cdrom", readonly=True, bootindex=0),
+        Disk(disk, interface="virtio", bootindex=1),
+    ]
+    config = VmConfig(firmware="uefi", secure_boot=True, memory_mib=MEMORY_MIB, disks=disks)
+    log_path = tmp_path / "serial.log"
+    try:
+        with Vm(config, log_path) as vm:
+            vm.expect(LOCAL_DEFAULT, timeout=240)
+            vm.expect(r"bad shim signature", timeout=120)
+            vm.expect(r"handing\s+back\s+to\s+the\s+firmware", timeout=60)
+            # The firmware takes the next boot option (the disk), which it refuses in turn.
+            vm.expect(r"BdsDxe: (loading|failed to load) Boot\d+[^\r\n]*", timeout=60)
+            print(f"secure boot hand-back: firmware went on after {vm.elapsed():.1f} s")
+            assert "unsigned image ran" not in vm.output
+            assert "mbrescue.medium=" not in vm.output
+    except VmTimeout as exc:
+        text = log_path.read_text(errors="replace") if log_path.exists() else ""
+        raise AssertionError(f"{str(exc).splitlines()[0]}\n{text[-3000:]}") from None
+
+
+# --- fixture S: Debian's own Secure Boot chain, restored and healthy --------------------------
+
+
+@pytest.mark.qemu
+def test_secure_boot_host_restored_then_boots_enforced(
+    secure_host: Fixture, secure_host_iso: Path, tmp_path: Path
+) -> None:
+    from builder.fixtures.secureboot import boot_secure_to_marker
+
+    scratch = tmp_path / "scratch.img"
+    with open(scratch, "wb") as stream:
+        stream.truncate(secure_host.path.stat().st_size)
+    disks = [
+        Disk(secure_host_iso, interface="usb", readonly=True, bootindex=0),
+        Disk(scratch, interface="virtio", serial=SCRATCH_SERIAL, bootindex=1),
+    ]
+    config = VmConfig(firmware="uefi", secure_boot=True, memory_mib=MEMORY_MIB, disks=disks)
+    log_path = tmp_path / "serial.log"
+    try:
+        with Vm(config, log_path) as vm:
+            vm.expect(RESTORE_DEFAULT, timeout=240)
+            vm.expect(PROMPT, timeout=300)
+            vm.send("yes\r")
+            done = vm.expect(rf"{COMPLETE}|{FAILED}", timeout=300)
+            assert done.group(0).startswith(COMPLETE), vm.output[-3000:]
+            print(f"fixture S restored from USB under Secure Boot in {vm.elapsed():.1f} s")
+    except VmTimeout as exc:
+        text = log_path.read_text(errors="replace") if log_path.exists() else ""
+        raise AssertionError(f"{str(exc).splitlines()[0]}\n{text[-3000:]}") from None
+    seconds = boot_secure_to_marker(scratch, secure_host.marker)
+    print(f"restored fixture S reached its marker under Secure Boot in {seconds:.1f} s")
+
+
+@pytest.mark.qemu
+def test_healthy_secure_boot_host_is_the_default(
+    secure_host: Fixture, secure_host_iso: Path, tmp_path: Path
+) -> None:
+    disk = tmp_path / "host.img"
+    subprocess.run(["cp", "--sparse=always", secure_host.path, disk], check=True)
+    before = debs.sha256_file(disk)
+    disks = [
+        Disk(secure_host_iso, interface="cdrom", readonly=True, bootindex=0),
+        Disk(disk, interface="virtio", bootindex=1),
+    ]
+    config = VmConfig(firmware="uefi", secure_boot=True, memory_mib=MEMORY_MIB, disks=disks)
+    log_path = tmp_path / "serial.log"
+    try:
+        with Vm(config, log_path) as vm:
+            vm.expect(GRUB_SAYS_ENFORCED, timeout=240)
+            vm.expect(LOCAL_DEFAULT, timeout=60)
+            vm.expect(rf"{secure_host.marker}\r*\n", timeout=240)
+            print(f"healthy fixture S booted through the menu in {vm.elapsed():.1f} s")
+            assert "mbrescue.medium=" not in vm.output
     except VmTimeout as exc:
         text = log_path.read_text(errors="replace") if log_path.exists() else ""
         raise AssertionError(f"{str(exc).splitlines()[0]}\n{text[-3000:]}") from None
