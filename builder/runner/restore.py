@@ -25,6 +25,7 @@ import os
 import shlex
 import signal
 import threading
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
@@ -45,6 +46,9 @@ from .targets import (
     unattended_choice,
 )
 from .writer import execute
+
+# Set by /init: when its disk wait (mbrescue.wait=N) runs out, in seconds since boot.
+WAIT_UNTIL_ENV = "MBRESCUE_WAIT_UNTIL"
 
 CONFIRM_WORD = "yes"
 
@@ -125,6 +129,35 @@ def rescue_candidates(capture: Capture, head: RegionHead, medium: str | None,
     return found
 
 
+def _usable(found: list[tuple[Candidate, Plan | None]], wanted: str | None) -> bool:
+    if wanted:
+        return any(matches(c.disk, wanted) for c, _ in found)
+    return any(p is not None and not c.refusal for c, p in found)
+
+
+def _wait_for_a_candidate(console: Console, capture: Capture, head: RegionHead,
+                          medium: str | None, disks: list[str] | None, wanted: str | None
+                          ) -> list[tuple[Candidate, Plan | None]]:
+    """The candidates, looked for again once a second while none can take the region and
+    the rescue system's disk wait (`mbrescue.wait=N`, from /init) has not run out: a USB
+    disk plugged in late is still found within the documented wait."""
+    found = rescue_candidates(capture, head, medium, disks)
+    try:
+        until_s = float(os.environ.get(WAIT_UNTIL_ENV, ""))
+    except ValueError:
+        return found
+    announced = False
+    while not _usable(found, wanted) and time.clock_gettime(time.CLOCK_BOOTTIME) < until_s:
+        if not announced:
+            left_s = until_s - time.clock_gettime(time.CLOCK_BOOTTIME)
+            console.say(f"mbrescue: no disk can take the region yet; looking again for up to "
+                        f"{left_s:.0f} s (mbrescue.wait=N sets the limit)")
+            announced = True
+        time.sleep(1)
+        found = rescue_candidates(capture, head, medium, disks)
+    return found
+
+
 def restore(
     capture_path: str,
     target: str | None,
@@ -200,8 +233,8 @@ def _restore(
         plan = plan_restore(capture, head, disk)
         identity_known = True
     else:
-        found = rescue_candidates(capture, head, medium, disks)
         wanted = switches.target
+        found = _wait_for_a_candidate(console, capture, head, medium, disks, wanted)
         if wanted:
             chosen = [item for item in found if matches(item[0].disk, wanted)]
             if not chosen:

@@ -120,7 +120,11 @@ if [ "$shell_requested" = 1 ]; then
 fi
 
 # AHCI, NVMe and USB probe asynchronously: wait until the set of disks has not
-# changed for 2 s, at most $wait_limit_s s (mbrescue.wait=N).
+# changed for 2 s, at most $wait_limit_s s (mbrescue.wait=N). A disk plugged in
+# later still counts: the runner goes on looking until the limit while no disk can take
+# the region, so it is told when the limit ends (seconds since boot, as /proc/uptime).
+read -r uptime_s _ < /proc/uptime
+export MBRESCUE_WAIT_UNTIL=$(( ${uptime_s%.*} + wait_limit_s ))
 list_disks() {
     for entry in /sys/block/*; do
         case "${entry##*/}" in
