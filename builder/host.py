@@ -26,6 +26,7 @@ from typing import NoReturn
 
 from . import __version__, log
 from .errors import MbrescueError
+from .runner import check as drift_check
 
 try:  # written into the bundle by builder/bundle.py: which kit the bundle was made from
     from ._bundle_info import KIT  # type: ignore[import-not-found, unused-ignore]
@@ -125,6 +126,7 @@ COMMANDS: tuple[HostCommand, ...] = (
                 _capture_arguments, _capture),
     HostCommand("restore", "write a capture's boot region onto TARGET, after the plan and a "
                 "typed yes", _restore_arguments, _restore),
+    HostCommand("check", drift_check.HELP, drift_check.add_arguments, drift_check.run),
 )
 
 

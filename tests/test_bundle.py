@@ -158,6 +158,30 @@ def test_restore_in_an_empty_root(bundle_file, fixtures, captures, tmp_path):
     assert sha256_of(target, region["length_bytes"]) == region["sha256"]
 
 
+def test_check_in_an_empty_root(bundle_file, fixtures, captures, tmp_path):
+    """`PATH check` in the bundle: the unchanged fixture matches (0); a changed MBR boot
+    code on a copy drifts (1, named); a capture that is not one is an error (2)."""
+    out = tmp_path / "out"
+    out.mkdir()
+    image = out / "A.img"
+    image.write_bytes(fixtures["A"].path.read_bytes())
+    (out / "A.mbrescue").write_bytes(captures["A"].read_bytes())
+    (out / "junk.mbrescue").write_bytes(b"junk")
+    with empty_root(tmp_path, bundle_file) as root:
+        root.bind(out, Path("/out"))
+        same = root.run("check", "/out/A.mbrescue", "/out/A.img")
+        assert same.returncode == 0, same.stdout + same.stderr
+        with open(image, "r+b") as disk:
+            disk.seek(100)
+            disk.write(b"\x90" * 8)
+        drifted = root.run("check", "/out/A.mbrescue", "/out/A.img")
+        assert drifted.returncode == 1, drifted.stdout + drifted.stderr
+        assert "MBR boot code changed" in drifted.stdout
+        bad = root.run("check", "/out/junk.mbrescue", "/out/A.img")
+        assert bad.returncode == 2, bad.stdout + bad.stderr
+        assert bad.stderr.startswith("mbrescue: error: ")
+
+
 def test_sigterm_at_the_prompt_leaves_nothing(bundle_file, captures, fixtures, tmp_path):
     """Killed while it waits for `yes`: nothing written, nothing left, the files were memfds."""
     out = tmp_path / "out"
