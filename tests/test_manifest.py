@@ -366,3 +366,16 @@ def test_manifest_host_name_that_is_a_path_is_refused(members_a, tmp_path):
     bad = repack(members_a, tmp_path / "bad.mbrescue", manifest=json.dumps(manifest).encode(),
                  reseal=True)
     assert "field hostname is invalid" in the_error(cli("inspect", bad))
+
+
+def test_capture_age_in_words():
+    from builder.runner.plan import capture_age
+
+    taken = "2026-10-21T08:00:00Z"
+    day = 86400
+    base = 1792569600  # 2026-10-21T08:00:00Z
+    assert capture_age(taken, base + 41 * day + 5) == "captured 41 days ago"
+    assert capture_age(taken, base + 5 * 3600) == "captured 5 hours ago"
+    assert capture_age(taken, base + 30) == "captured just now"
+    assert "clock" in capture_age(taken, base - 3600)
+    assert capture_age("yesterday", base) == "age unknown"

@@ -11,6 +11,8 @@ restore here, before the first byte is written. Also the words the plan is shown
 
 from __future__ import annotations
 
+import calendar
+import time
 import zlib
 from dataclasses import dataclass, field
 
@@ -488,8 +490,29 @@ def show_capture(console: Console, capture: Capture) -> None:
     manifest = capture.manifest
     source = manifest.source
     console.say(
-        f"mbrescue: capture of {manifest.hostname} taken {manifest.created} from "
+        f"mbrescue: capture of {manifest.hostname} taken {manifest.created} "
+        f"({capture_age(manifest.created)}) from "
         f"{source.path} ({source.model or 'model unknown'}, serial "
         f"{source.serial or 'unknown'}, {human_bytes(source.size_bytes)}, "
         f"{manifest.table})"
     )
+    kernels = manifest.fingerprint.kernels if manifest.fingerprint else ()
+    if kernels:
+        console.say("mbrescue: kernels in the captured /boot (what comes back): "
+                    + ", ".join(kernel.version for kernel in kernels))
+
+
+def capture_age(created: str, now_s: float | None = None) -> str:
+    """'captured 41 days ago', in words a person at the console weighs before `yes`."""
+    try:
+        taken_s = calendar.timegm(time.strptime(created, "%Y-%m-%dT%H:%M:%SZ"))
+    except ValueError:
+        return "age unknown"
+    age_s = (time.time() if now_s is None else now_s) - taken_s
+    if age_s < -60:
+        return "this machine's clock is before the capture time: age unknown"
+    days = int(age_s // 86400)
+    if days >= 2:
+        return f"captured {days} days ago"
+    hours = int(age_s // 3600)
+    return f"captured {hours} hours ago" if hours >= 2 else "captured just now"
