@@ -231,7 +231,9 @@ def _cache_key(medium_id: str, loaders: EfiLoaders | None = None) -> str:
         embedded_config(medium_id),
         efi_loader_config(medium_id),
         str(_fat_epoch()),
-        "v2",
+        # This module's text: a change to how the images are made (the FAT's size) is a
+        # change of the images.
+        Path(__file__).read_text(),
     ):
         digest.update(part.encode() + b"\0")
     return digest.hexdigest()[:24]
@@ -242,9 +244,10 @@ def _fat_epoch() -> int:
 
 
 def _fat_size_kib(payload_bytes: int) -> int:
-    # Room for the FAT tables, directories and a quarter spare; El Torito's 16-bit load size
+    # Room for the FAT tables, directories and cluster slack (a sixteenth and 128 KiB: the
+    # image is part of every ISO's overhead, so no more); El Torito's 16-bit load size
     # (512-byte sectors) caps the image below 32 MiB.
-    size_kib = max(1440, (payload_bytes * 5 // 4 + 256 * 1024) // 1024)
+    size_kib = max(1440, (payload_bytes * 17 // 16 + 128 * 1024) // 1024)
     size_kib = (size_kib + 63) // 64 * 64
     if size_kib >= 32 * 1024:
         raise MbrescueError(f"EFI image would be {size_kib} KiB, El Torito allows under 32 MiB")
