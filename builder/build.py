@@ -114,7 +114,11 @@ def build_one(
     )
     with tempfile.TemporaryDirectory(prefix="mbrescue-build-") as tmp:
         work = Path(tmp)
-        options_json = json.dumps({"unattended_allowed": options.unattended_allowed}).encode()
+        # The capture's SHA-256 travels beside it: the rescue system checks the capture it
+        # unpacked is, byte for byte, the one this build verified.
+        capture_sha256 = sha256_file(capture_path)
+        options_json = json.dumps({"unattended_allowed": options.unattended_allowed,
+                                   "capture_sha256": capture_sha256}).encode()
         payload = make_payload_initramfs(
             capture_path, work / "payload.img", extra={"options.json": options_json}
         )
@@ -126,7 +130,6 @@ def build_one(
             boot_fs_uuid=boot_fs_uuid,
             medium_id=medium_id,
         )
-        capture_sha256 = sha256_file(capture_path)
         report = write_iso(
             out,
             grub=grub,

@@ -379,3 +379,24 @@ def test_capture_age_in_words():
     assert capture_age(taken, base + 30) == "captured just now"
     assert "clock" in capture_age(taken, base - 3600)
     assert capture_age("yesterday", base) == "age unknown"
+
+
+def test_rescue_refuses_a_capture_that_is_not_the_one_built(captures, tmp_path):
+    """The build records the capture file's SHA-256 beside it in the payload; the rescue
+    system compares before anything else. A capture swapped or damaged in the payload is
+    refused even if it is itself a sound capture (here: fixture B's instead of A's)."""
+    from builder.runner import restore as runner
+    from builder.runner.cmdline import Switches
+    from builder.runner.console import Console
+
+    options = tmp_path / "options.json"
+    options.write_text(json.dumps({"unattended_allowed": False,
+                                   "capture_sha256": sha256_of(captures["A"])}))
+    console = Console.from_fds([os.open(os.devnull, os.O_RDWR)])
+    with pytest.raises(MbrescueError, match="not the one the ISO was built with"):
+        runner.restore(str(captures["B"]), None, console=console, rescue=True, disks=[],
+                       switches=Switches(), options_path=str(options))
+    # The right one passes that check and goes on to look for disks (none given here).
+    with pytest.raises(MbrescueError, match="no disk can take the region"):
+        runner.restore(str(captures["A"]), None, console=console, rescue=True, disks=[],
+                       switches=Switches(), options_path=str(options))

@@ -173,6 +173,14 @@ class Capture:
             digest.update(self.pread(min(CHUNK_BYTES, member.size - at), member.offset + at))
         return digest.hexdigest()
 
+    def file_sha256(self) -> str:
+        """The whole capture file's SHA-256, read through the same descriptor."""
+        digest = hashlib.sha256()
+        size = os.fstat(self.fd).st_size
+        for at in range(0, size, CHUNK_BYTES * 8):
+            digest.update(self.pread(min(CHUNK_BYTES * 8, size - at), at))
+        return digest.hexdigest()
+
     def compressed_chunks(self) -> Iterator[bytes]:
         """The region's gzip members, one per chunk, as recorded in the manifest."""
         offset = self.members[REGION_MEMBER].offset

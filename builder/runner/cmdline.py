@@ -77,6 +77,19 @@ def read_switches(path: str = PROC_CMDLINE) -> Switches:
         return Switches()
 
 
+def expected_capture_sha256(path: str = OPTIONS_PATH) -> str | None:
+    """The SHA-256 of the capture file the build verified and packed, if it says."""
+    if not os.path.exists(path):
+        return None
+    try:
+        with open(path, encoding="utf-8") as handle:
+            options = json.load(handle)
+    except (OSError, ValueError) as exc:
+        raise MbrescueError(f"{path} is unreadable ({exc})") from exc
+    value = options.get("capture_sha256") if isinstance(options, dict) else None
+    return value if isinstance(value, str) else None
+
+
 def unattended_allowed(path: str = OPTIONS_PATH) -> bool:
     """The build's explicit opt-in to unattended restores; absent or unreadable means no."""
     if not os.path.exists(path):

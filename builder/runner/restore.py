@@ -30,7 +30,13 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 from .capfile import Capture
-from .cmdline import OPTIONS_PATH, Switches, read_switches, unattended_allowed
+from .cmdline import (
+    OPTIONS_PATH,
+    Switches,
+    expected_capture_sha256,
+    read_switches,
+    unattended_allowed,
+)
 from .console import Console
 from .disk import disk_info, list_disks
 from .errors import MbrescueError
@@ -219,6 +225,13 @@ def _restore(
     capture = Capture.open(capture_path)
     show_capture(console, capture)
     console.say("mbrescue: checking the capture's checksums ...")
+    if rescue:
+        expected = expected_capture_sha256(options_path)
+        if expected is not None and capture.file_sha256() != expected:
+            raise MbrescueError(
+                "the capture in this rescue system is not the one the ISO was built with "
+                "(its SHA-256 differs from the build's): the medium is damaged; nothing written"
+            )
     capture.verify()
     console.say(f"mbrescue: capture verified (region SHA-256 {capture.region.sha256[:16]}...)")
     head = RegionHead(capture)
