@@ -1,0 +1,277 @@
+"""The Ansible role (ansible/rescue.yml) run by the real ansible-playbook against three hosts.
+
+The hosts are fixtures A, B and D on this machine (`ansible_connection=local`), each with a
+copy of its fixture image as `mbrescue_source`, its /boot partition loop-mounted (so that
+`check` compares /boot's files, as on a live host), and its own bundle and capture paths.
+Their `ansible_python_interpreter` does not exist: any task that needed Python on a host
+would fail. The ISOs are really built and verified (3 on the first run, 1 after a change).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from .conftest import ROOT, mbrescue, sh
+
+pytestmark = pytest.mark.root
+
+ANSIBLE_DIR = ROOT / "ansible"
+VENV_BIN = Path(sys.executable).parent
+PLAYBOOK = VENV_BIN / "ansible-playbook"
+HOSTS = {"hostA": "A", "hostB": "B", "hostD": "D"}
+RECAP = re.compile(r"^(\S+)\s*:\s*ok=(\d+)\s+changed=(\d+)\s+unreachable=(\d+)\s+failed=(\d+)",
+                   re.MULTILINE)
+
+
+def _environment(tmp: Path) -> dict[str, str]:
+    return {
+        **os.environ,
+        "PATH": f"{VENV_BIN}:{os.environ.get('PATH', '/usr/bin:/bin')}",
+        "ANSIBLE_NOCOLOR": "1",
+        "ANSIBLE_FORCE_COLOR": "0",
+        "ANSIBLE_LOCAL_TEMP": os.fspath(tmp / "ansible-local"),
+        "ANSIBLE_REMOTE_TEMP": os.fspath(tmp / "ansible-remote"),
+        "ANSIBLE_HOME": os.fspath(tmp / "ansible-home"),
+        "ANSIBLE_RETRY_FILES_ENABLED": "0",
+    }
+
+
+def playbook(tmp: Path, inventory: Path, *extra: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [os.fspath(PLAYBOOK), "-i", os.fspath(inventory), os.fspath(ANSIBLE_DIR / "rescue.yml"),
+         *extra],
+        cwd=tmp, env=_environment(tmp), text=True, capture_output=True,
+        stdin=subprocess.DEVNULL, timeout=1500,
+    )
+
+
+def recap(result: subprocess.CompletedProcess[str]) -> dict[str, dict[str, int]]:
+    counts = {}
+    for host, ok, changed, unreachable, failed in RECAP.findall(result.stdout):
+        counts[host] = {"ok": int(ok), "changed": int(changed),
+                        "unreachable": int(unreachable), "failed": int(failed)}
+    return counts
+
+
+def task_lines(result: subprocess.CompletedProcess[str], name: str) -> list[str]:
+    """The per-host lines ("ok: [hostA -> localhost]", "skipping: ...") under one task."""
+    marker = f"TASK [mbrescue : {name}]"
+    assert result.stdout.count(marker) == 1, result.stdout[-3000:]
+    section = result.stdout.split(marker, 1)[1].split("\n", 1)[1].split("TASK [", 1)[0]
+    return [line for line in section.splitlines() if re.match(r"^\w+: \[", line)]
+
+
+BUILD = "Build the ISOs of the hosts with a new capture, in one run"
+VERIFY = "Verify the new ISO"
+
+
+def _boot_partition(image: Path, number: int) -> tuple[int, int]:
+    """(offset, size) in bytes of partition `number`, as sfdisk reads the image."""
+    table = json.loads(sh("sfdisk", "--json", image))["partitiontable"]
+    sector = table.get("sectorsize", 512)
+    part = next(p for p in table["partitions"] if p["node"].endswith(str(number)))
+    return part["start"] * sector, part["size"] * sector
+
+
+class Fleet:
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.output = root / "out"
+        self.inventory = root / "inventory.yml"
+        self.sources: dict[str, Path] = {}
+        self.boots: dict[str, Path] = {}
+        self.host_captures: dict[str, Path] = {}
+
+    def iso(self, host: str) -> Path:
+        return self.output / "iso" / f"{host}-rescue.iso"
+
+    def capture(self, host: str) -> Path:
+        return self.output / "captures" / f"{host}.mbrescue"
+
+    def mtimes(self) -> dict[str, int]:
+        files = [self.iso(h) for h in HOSTS] + [self.capture(h) for h in HOSTS]
+        return {os.fspath(f): f.stat().st_mtime_ns for f in files}
+
+
+@pytest.fixture(scope="module")
+def fleet(fixtures, tmp_path_factory):
+    root = tmp_path_factory.mktemp("fleet")
+    state = Fleet(root)
+    hosts = {}
+    mounted: list[tuple[Path, str]] = []
+    try:
+        for host, name in HOSTS.items():
+            fixture = fixtures[name]
+            home = root / host
+            home.mkdir()
+            image = home / "disk.img"
+            sh("cp", "--sparse=always", fixture.path, image)
+            offset, size = _boot_partition(image, fixture.boot_partition)
+            loop = sh("losetup", "--find", "--show", "-o", str(offset), "--sizelimit", str(size),
+                      image).strip()
+            boot = home / "boot"
+            boot.mkdir()
+            try:
+                sh("mount", loop, boot)
+            except AssertionError:
+                sh("losetup", "-d", loop)
+                raise
+            mounted.append((boot, loop))
+            state.sources[host], state.boots[host] = image, boot
+            state.host_captures[host] = home / "var" / "host.mbrescue"
+            hosts[host] = {
+                "ansible_connection": "local",
+                # No Python on these hosts: a task that needed it would fail.
+                "ansible_python_interpreter": "/nonexistent/python3",
+                "mbrescue_source": os.fspath(image),
+                "mbrescue_host_bundle_path": os.fspath(home / "bin" / "mbrescue-host"),
+                "mbrescue_host_capture_path": os.fspath(state.host_captures[host]),
+            }
+        inventory = {"all": {"hosts": hosts, "vars": {
+            "mbrescue_command": os.fspath(VENV_BIN / "mbrescue"),
+            "mbrescue_output_dir": os.fspath(state.output),
+            "mbrescue_jobs": 2,
+        }}}
+        state.inventory.write_text(json.dumps(inventory, indent=1))
+        yield state
+    finally:
+        for boot, loop in reversed(mounted):
+            subprocess.run(["umount", boot], check=False)
+            subprocess.run(["losetup", "-d", loop], check=False)
+
+
+def _assert_ok(result: subprocess.CompletedProcess[str]) -> dict[str, dict[str, int]]:
+    assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-3000:]
+    counts = recap(result)
+    assert set(HOSTS) <= set(counts), result.stdout[-3000:]
+    return counts
+
+
+def test_first_run_builds_three_verified_isos(fleet):
+    result = playbook(fleet.root, fleet.inventory)
+    counts = _assert_ok(result)
+    assert all(counts[h]["changed"] > 0 and counts[h]["failed"] == 0 for h in HOSTS), counts
+    for host in HOSTS:
+        assert fleet.iso(host).is_file(), host
+        assert fleet.host_captures[host].is_file(), host
+        assert (fleet.capture(host).stat().st_mode & 0o777) == 0o600
+        assert sh("sha256sum", fleet.capture(host)).split()[0] == \
+            sh("sha256sum", fleet.host_captures[host]).split()[0]
+        inspected = mbrescue("inspect", "--json", fleet.capture(host))
+        assert json.loads(inspected.stdout)["hostname"] == host, inspected.stderr
+    # One build for the three, then each ISO verified (a failed verify fails its host).
+    assert [line for line in task_lines(result, BUILD) if not line.startswith("skipping")] == \
+        ["changed: [hostA -> localhost]"]
+    assert sorted(task_lines(result, VERIFY)) == [f"ok: [{h} -> localhost]" for h in HOSTS]
+
+
+def test_second_run_changes_nothing(fleet):
+    before = fleet.mtimes()
+    result = playbook(fleet.root, fleet.inventory)
+    counts = _assert_ok(result)
+    assert all(counts[h]["changed"] == 0 for h in HOSTS), counts
+    assert fleet.mtimes() == before
+    assert all(line.startswith("skipping") for line in task_lines(result, BUILD))
+    assert all(line.startswith("skipping") for line in task_lines(result, VERIFY))
+
+
+def test_changed_boot_rebuilds_only_that_host(fleet):
+    before = fleet.mtimes()
+    old_capture = fleet.capture("hostB").read_bytes()
+    # A file added to hostB's mounted /boot, as a kernel update would.
+    (fleet.boots["hostB"] / "config-ansible-test").write_text("CONFIG_TEST=y\n")
+    sh("sync")
+    result = playbook(fleet.root, fleet.inventory)
+    counts = _assert_ok(result)
+    assert counts["hostB"]["changed"] > 0, counts
+    assert counts["hostA"]["changed"] == 0 and counts["hostD"]["changed"] == 0, counts
+    after = fleet.mtimes()
+    changed = {path for path in after if after[path] != before[path]}
+    assert changed == {os.fspath(fleet.iso("hostB")), os.fspath(fleet.capture("hostB"))}
+    # The older capture is kept as the next generation, with the same mode.
+    older = Path(f"{fleet.capture('hostB')}.1")
+    assert older.read_bytes() == old_capture
+    assert (older.stat().st_mode & 0o777) == 0o600
+    assert not Path(f"{fleet.capture('hostA')}.1").exists()
+    assert [line for line in task_lines(result, BUILD) if not line.startswith("skipping")] == \
+        ["changed: [hostB -> localhost]"]
+    assert [line for line in task_lines(result, VERIFY) if not line.startswith("skipping")] == \
+        ["ok: [hostB -> localhost]"]
+
+
+def test_publish_copies_every_iso_once(fleet):
+    publish = fleet.root / "publish"
+    publish.mkdir()
+    before = fleet.mtimes()
+    for run in (1, 2):
+        result = playbook(fleet.root, fleet.inventory, "-e", f"mbrescue_publish_dir={publish}")
+        counts = _assert_ok(result)
+        assert all(counts[h]["changed"] == (1 if run == 1 else 0) for h in HOSTS), counts
+    assert fleet.mtimes() == before  # nothing built
+    for host in HOSTS:
+        copy = publish / fleet.iso(host).name
+        assert copy.read_bytes() == fleet.iso(host).read_bytes()
+        assert (copy.stat().st_mode & 0o777) == 0o640
+
+
+def test_check_error_fails_the_host_with_its_line(fleet, tmp_path):
+    # A capture on the host that is not a capture: check exits 2, the host fails, naming it.
+    bad = tmp_path / "host.mbrescue"
+    bad.write_bytes(b"not a capture\n")
+    inventory = json.loads(fleet.inventory.read_text())
+    host = dict(inventory["all"]["hosts"]["hostA"], mbrescue_host_capture_path=os.fspath(bad))
+    inventory["all"]["hosts"] = {"hostbad": host}
+    inventory["all"]["vars"]["mbrescue_output_dir"] = os.fspath(tmp_path / "out")
+    path = tmp_path / "inventory.yml"
+    path.write_text(json.dumps(inventory))
+    result = playbook(tmp_path, path)
+    assert result.returncode != 0
+    assert recap(result)["hostbad"]["failed"] == 1
+    assert re.search(r"mbrescue check failed on hostbad \(exit 2\): mbrescue: error: ",
+                     result.stdout), result.stdout[-3000:]
+    assert not (tmp_path / "out" / "iso" / "hostbad-rescue.iso").exists()
+
+
+def test_install_hooks_is_refused(tmp_path):
+    inventory = tmp_path / "inventory.ini"
+    inventory.write_text("lonely ansible_connection=local\n")
+    result = playbook(tmp_path, inventory, "-e", "mbrescue_install_hooks=true")
+    assert result.returncode != 0
+    assert "`install` command (hooks and timer) does not exist yet" in result.stdout
+
+
+def test_generations_rotate(tmp_path):
+    path = ANSIBLE_DIR / "roles/mbrescue/action_plugins/mbrescue_transfer.py"
+    spec = importlib.util.spec_from_file_location("mbrescue_transfer", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    dest = tmp_path / "h.mbrescue"
+    for generation in range(5):
+        module._rotate(os.fspath(dest), 3)
+        dest.write_text(str(generation))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["h.mbrescue", "h.mbrescue.1",
+                                                          "h.mbrescue.2"]
+    assert [Path(f"{dest}{s}").read_text() for s in ("", ".1", ".2")] == ["4", "3", "2"]
+    module._rotate(os.fspath(dest), 1)  # fewer generations: the older ones go
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["h.mbrescue"]
+
+
+def test_ansible_lint_is_clean(tmp_path):
+    assert shutil.which("ansible-lint", path=os.fspath(VENV_BIN))
+    result = subprocess.run(
+        [os.fspath(VENV_BIN / "ansible-lint"), "--offline", "--nocolor", "rescue.yml",
+         "roles/mbrescue"],
+        cwd=ANSIBLE_DIR, env=_environment(tmp_path), text=True, capture_output=True,
+        stdin=subprocess.DEVNULL, timeout=600,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
