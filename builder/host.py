@@ -27,6 +27,8 @@ from typing import NoReturn
 from . import __version__, log
 from .errors import MbrescueError
 from .runner import check as drift_check
+from .runner import install as host_install
+from .runner import refresh as host_refresh
 
 try:  # written into the bundle by builder/bundle.py: which kit the bundle was made from
     from ._bundle_info import KIT  # type: ignore[import-not-found, unused-ignore]
@@ -127,6 +129,11 @@ COMMANDS: tuple[HostCommand, ...] = (
     HostCommand("restore", "write a capture's boot region onto TARGET, after the plan and a "
                 "typed yes", _restore_arguments, _restore),
     HostCommand("check", drift_check.HELP, drift_check.add_arguments, drift_check.run),
+    HostCommand("install", host_install.INSTALL_HELP, host_install.add_arguments,
+                host_install.run_install),
+    HostCommand("uninstall", host_install.UNINSTALL_HELP, host_install.add_arguments,
+                host_install.run_uninstall),
+    HostCommand("refresh", host_refresh.HELP, host_refresh.add_arguments, host_refresh.run),
 )
 
 

@@ -1,0 +1,421 @@
+"""`mbrescue-host install` and `uninstall`: captures that follow every change of /boot.
+
+Standard library only: it runs inside the host bundle, which copies itself (the launcher
+names its own file in MBRESCUE_BUNDLE_FILE; inside the bundle `sys.executable` is empty).
+`install [--root DIR]` lays down, under DIR (default /):
+
+- /usr/local/sbin/mbrescue-host: the bundle itself;
+- /etc/mbrescue/host.conf: the settings of `refresh` (kept as it is when it exists);
+- the kernel hooks: /etc/kernel/postinst.d/zz-mbrescue and /etc/kernel/postrm.d/zz-mbrescue
+  (Debian and Ubuntu run them with run-parts after each kernel install and removal),
+  /etc/kernel/install.d/95-mbrescue.install (`kernel-install` on RHEL and Fedora), and
+  /etc/initramfs/post-update.d/zz-mbrescue (initramfs-tools, after any `update-initramfs`,
+  which rewrites an initrd without a kernel install);
+- /etc/systemd/system/mbrescue-refresh.service (runs `mbrescue-host refresh`),
+  mbrescue-refresh.timer (daily, Persistent=true, so a host that was off catches up,
+  RandomizedDelaySec so a fleet does not capture at the same second) and its
+  timers.target.wants link, and mbrescue-refresh-soon.timer;
+- the capture directory (default /var/lib/mbrescue, mode 0700);
+- /etc/mbrescue/installed.json: what was laid down, with each file's SHA-256.
+
+Why a timer for the hooks: a hook runs in the middle of a package transaction, while the
+initrd may still be rebuilt by the next hook and GRUB's menu not yet updated. So a hook
+never captures; it runs `systemctl restart --no-block mbrescue-refresh-soon.timer` and
+returns at once. That timer (OnActiveSec=2min) starts mbrescue-refresh.service two minutes
+after its last restart, and every hook call restarts it: the capture runs once /boot has
+been quiet for two minutes, once per transaction, however many kernels it touched. Chosen
+over `systemd-run --on-active`, whose transient unit names clash when hooks come fast
+and which `systemd-analyze verify` cannot check. Without systemd running (a chroot, an
+image build) the hook says so in one line and succeeds: a kernel install never fails
+because of mbrescue.
+
+`uninstall [--root DIR]` removes what installed.json names and nothing else: a file whose
+content changed since install is kept with one line saying so (an edited host.conf is
+the usual case), a directory only if install created it and it is empty (the capture
+directory with captures in it stays).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass
+
+from .. import __version__
+from . import refresh
+from .errors import MbrescueError
+
+BUNDLE_FILE_ENV = "MBRESCUE_BUNDLE_FILE"
+PROGRAM = "/usr/local/sbin/mbrescue-host"
+CONFIG = refresh.CONFIG_PATH
+MANIFEST = "/etc/mbrescue/installed.json"
+MANIFEST_FORMAT = "mbrescue-installed"
+UNIT_DIR = "/etc/systemd/system"
+SERVICE = "mbrescue-refresh.service"
+DAILY_TIMER = "mbrescue-refresh.timer"
+SOON_TIMER = "mbrescue-refresh-soon.timer"
+QUIET_SECONDS = 120
+HOOKS = (
+    "/etc/kernel/postinst.d/zz-mbrescue",
+    "/etc/kernel/postrm.d/zz-mbrescue",
+    "/etc/kernel/install.d/95-mbrescue.install",
+    "/etc/initramfs/post-update.d/zz-mbrescue",
+)
+WANTS_LINK = f"{UNIT_DIR}/timers.target.wants/{DAILY_TIMER}"
+# Uninstall removes only these (and the capture directory, when empty): a damaged or
+# edited installed.json cannot make it remove anything else.
+KNOWN_FILES = frozenset((PROGRAM, CONFIG, MANIFEST, *HOOKS, WANTS_LINK,
+                         *(f"{UNIT_DIR}/{unit}" for unit in (SERVICE, DAILY_TIMER, SOON_TIMER))))
+
+HOOK = f"""\
+#!/bin/sh
+# mbrescue: a kernel or an initrd was installed or removed, so /boot changed.
+# Laid down by `mbrescue-host install`, removed by `mbrescue-host uninstall`.
+# This only asks for a capture: {SOON_TIMER} starts {SERVICE}
+# once /boot has been quiet for {QUIET_SECONDS // 60} minutes (each call starts the wait again),
+# never in the middle of this package transaction. Arguments are ignored.
+if [ -d /run/systemd/system ]; then
+    systemctl restart --no-block {SOON_TIMER} ||
+        echo "mbrescue: warning: could not ask for a new capture: run {PROGRAM} refresh" >&2
+else
+    echo "mbrescue: systemd is not running: run {PROGRAM} refresh once this update is done" >&2
+fi
+exit 0
+"""
+
+SERVICE_UNIT = f"""\
+# Laid down by `mbrescue-host install`; settings in {CONFIG}.
+[Unit]
+Description=mbrescue: capture the boot disk again if /boot changed since the last capture
+After=local-fs.target
+RequiresMountsFor=/boot
+
+[Service]
+Type=oneshot
+ExecStart={PROGRAM} refresh
+# Exit 1: nothing could be captured; 3: captured, but after_capture failed.
+Nice=10
+IOSchedulingClass=idle
+TimeoutStartSec=1h
+"""
+
+DAILY_TIMER_UNIT = f"""\
+# Laid down by `mbrescue-host install`.
+[Unit]
+Description=mbrescue: daily check of the boot disk against its newest capture
+
+[Timer]
+OnCalendar=daily
+Persistent=true
+RandomizedDelaySec=1h
+Unit={SERVICE}
+
+[Install]
+WantedBy=timers.target
+"""
+
+SOON_TIMER_UNIT = f"""\
+# Laid down by `mbrescue-host install`; restarted by the kernel hooks.
+[Unit]
+Description=mbrescue: capture once /boot has been quiet for {QUIET_SECONDS // 60} minutes
+
+[Timer]
+OnActiveSec={QUIET_SECONDS}s
+AccuracySec=10s
+Unit={SERVICE}
+"""
+
+
+@dataclass(frozen=True)
+class Item:
+    path: str  # absolute, as on the host (not under --root)
+    mode: int = 0o644
+    text: str | None = None  # file content; None with `link` or `copy_from`
+    link: str | None = None  # a symlink's target
+    copy_from: str | None = None  # a file copied as it is (the bundle)
+
+
+def _sha256_file(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as stream:
+        for block in iter(lambda: stream.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _under(root: str, path: str) -> str:
+    return os.path.join(root, path.lstrip("/"))
+
+
+def _bundle_file() -> str:
+    bundle = os.environ.get(BUNDLE_FILE_ENV)
+    if not bundle or not os.path.isfile(bundle):
+        raise MbrescueError(
+            "install copies the host bundle, and this is not one (or its file is gone)",
+            hint="build it with `mbrescue bundle -o mbrescue-host`, then run `./mbrescue-host "
+                 "install`")
+    return bundle
+
+
+def _items(config_exists: bool, bundle: str) -> list[Item]:
+    items = [Item(PROGRAM, 0o755, copy_from=bundle)]
+    if not config_exists:
+        items.append(Item(CONFIG, 0o644, text=refresh.DEFAULT_CONFIG))
+    items += [Item(hook, 0o755, text=HOOK) for hook in HOOKS]
+    items += [Item(f"{UNIT_DIR}/{SERVICE}", text=SERVICE_UNIT),
+              Item(f"{UNIT_DIR}/{DAILY_TIMER}", text=DAILY_TIMER_UNIT),
+              Item(f"{UNIT_DIR}/{SOON_TIMER}", text=SOON_TIMER_UNIT),
+              Item(WANTS_LINK, link=f"{UNIT_DIR}/{DAILY_TIMER}")]
+    return items
+
+
+# ---- the record of what was laid down ---------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Record:
+    path: str
+    kind: str  # file, symlink
+    sha256: str | None
+    target: str | None
+
+
+@dataclass(frozen=True)
+class Installed:
+    files: tuple[Record, ...]
+    directories: tuple[str, ...]  # created by install, parents first
+
+
+def read_manifest(root: str) -> Installed | None:
+    where = _under(root, MANIFEST)
+    try:
+        with open(where, encoding="utf-8") as stream:
+            data = json.load(stream)
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as exc:
+        raise MbrescueError(f"cannot read {where}: {exc}") from None
+    try:
+        if not isinstance(data, dict) or data.get("format") != MANIFEST_FORMAT:
+            raise ValueError("format")
+        records = []
+        for item in data["files"]:
+            kind = item["kind"]
+            if kind not in ("file", "symlink") or not isinstance(item["path"], str):
+                raise ValueError("files")
+            digest, target = item.get("sha256"), item.get("target")
+            if not isinstance(digest if kind == "file" else target, str):
+                raise ValueError("files")
+            records.append(Record(item["path"], kind, digest, target))
+        directories = tuple(data["directories"])
+        if not all(isinstance(d, str) and os.path.isabs(d) for d in directories):
+            raise ValueError("directories")
+    except (KeyError, TypeError, ValueError) as exc:
+        raise MbrescueError(f"{where} is not mbrescue's record of an install (field "
+                            f"{str(exc).strip(chr(39))})") from None
+    return Installed(tuple(records), directories)
+
+
+def _write_manifest(root: str, records: list[Record], directories: list[str]) -> None:
+    data = {
+        "format": MANIFEST_FORMAT,
+        "tool_version": __version__,
+        "installed": datetime.datetime.now(datetime.UTC).replace(microsecond=0)
+        .isoformat().replace("+00:00", "Z"),
+        "files": [{"path": r.path, "kind": r.kind, "sha256": r.sha256, "target": r.target}
+                  for r in records],
+        "directories": directories,
+    }
+    _write_text(_under(root, MANIFEST), json.dumps(data, indent=1) + "\n", 0o644)
+
+
+def _matches(root: str, record: Record) -> bool | None:
+    """Is the file still as install left it? None: it is gone."""
+    where = _under(root, record.path)
+    if not os.path.lexists(where):
+        return None
+    if record.kind == "symlink":
+        return os.path.islink(where) and os.readlink(where) == record.target
+    if os.path.islink(where) or not os.path.isfile(where):
+        return False
+    return _sha256_file(where) == record.sha256
+
+
+# ---- laying files down ----------------------------------------------------------------------
+
+
+def _write_text(where: str, text: str, mode: int) -> None:
+    tmp = f"{where}.mbrescue-tmp"
+    with open(tmp, "w", encoding="utf-8") as stream:
+        stream.write(text)
+        stream.flush()
+        os.fsync(stream.fileno())
+    os.chmod(tmp, mode)
+    os.replace(tmp, where)
+
+
+def _make_dirs(root: str, path: str, created: list[str]) -> None:
+    """Create path's missing parents (0755, the capture directory 0700), noting each."""
+    missing = []
+    at = os.path.dirname(path)
+    while at != "/" and not os.path.isdir(_under(root, at)):
+        missing.append(at)
+        at = os.path.dirname(at)
+    for directory in reversed(missing):
+        os.mkdir(_under(root, directory), 0o755)
+        created.append(directory)
+
+
+def _lay(root: str, item: Item) -> Record:
+    where = _under(root, item.path)
+    if item.link is not None:
+        if os.path.lexists(where):
+            os.unlink(where)
+        os.symlink(item.link, where)
+        return Record(item.path, "symlink", None, item.link)
+    if item.copy_from is not None:
+        tmp = f"{where}.mbrescue-tmp"
+        shutil.copyfile(item.copy_from, tmp)
+        os.chmod(tmp, item.mode)
+        os.replace(tmp, where)
+    else:
+        assert item.text is not None
+        _write_text(where, item.text, item.mode)
+    return Record(item.path, "file", _sha256_file(where), None)
+
+
+def _systemd_running(root: str) -> bool:
+    return os.path.realpath(root) == "/" and os.path.isdir("/run/systemd/system")
+
+
+def _systemctl(*args: str) -> None:
+    done = subprocess.run(["systemctl", *args], stdin=subprocess.DEVNULL, capture_output=True,
+                          text=True, check=False)
+    if done.returncode != 0:
+        said = (done.stderr.strip().splitlines() or ["(no message)"])[-1]
+        print(f"mbrescue: warning: systemctl {' '.join(args)}: {said}", file=sys.stderr)
+
+
+def install(root: str = "/") -> list[str]:
+    """Lay the host side down under root; the lines to print."""
+    if not os.path.isdir(root):
+        raise MbrescueError(f"--root {root} is not a directory")
+    bundle = _bundle_file()
+    previous = read_manifest(root)
+    recorded = {r.path: r for r in previous.files} if previous is not None else {}
+    config_exists = os.path.lexists(_under(root, CONFIG))
+    items = _items(config_exists, bundle)
+    lines = []
+    # Check everything before the first write: a foreign or edited file stops the install.
+    for item in items:
+        where = _under(root, item.path)
+        if not os.path.lexists(where):
+            continue
+        record = recorded.get(item.path)
+        if record is None:
+            raise MbrescueError(f"{where} exists and was not laid down by mbrescue: not "
+                                "replacing it", hint="move it away, then install again")
+        if _matches(root, record) is False:
+            raise MbrescueError(f"{where} changed since mbrescue installed it: not replacing it",
+                                hint="move it away, then install again")
+    config = refresh.read_config(_under(root, CONFIG)) if config_exists else (
+        refresh.parse_config(refresh.DEFAULT_CONFIG))
+    if config_exists:
+        lines.append(f"kept {_under(root, CONFIG)} as it is")
+
+    created = list(previous.directories) if previous is not None else []
+    records: list[Record] = []
+    if CONFIG in recorded:  # an earlier install's host.conf: still ours to remove if unedited
+        records.append(recorded[CONFIG])
+    _make_dirs(root, MANIFEST, created)
+    for item in items:
+        _make_dirs(root, item.path, created)
+        records.append(_lay(root, item))
+        lines.append(f"installed {_under(root, item.path)}")
+    capture_dir = _under(root, config.capture_dir)
+    if not os.path.isdir(capture_dir):
+        _make_dirs(root, os.path.join(config.capture_dir, "x"), created)
+        os.chmod(capture_dir, 0o700)  # captures hold /boot, which can hold secrets
+        lines.append(f"created {capture_dir} (mode 0700)")
+    _write_manifest(root, records, created)
+    lines.append(f"recorded what was laid down in {_under(root, MANIFEST)}")
+    if _systemd_running(root):
+        _systemctl("daemon-reload")
+        _systemctl("start", DAILY_TIMER)
+        lines.append(f"started {DAILY_TIMER}; the kernel hooks ask for a capture after each "
+                     "kernel update")
+    else:
+        lines.append(f"systemd is not running here: {DAILY_TIMER} starts at the next boot")
+    return lines
+
+
+def uninstall(root: str = "/") -> list[str]:
+    """Remove what install laid down, keeping what changed since; the lines to print."""
+    installed = read_manifest(root)
+    if installed is None:
+        raise MbrescueError(f"{_under(root, MANIFEST)} does not exist: nothing was installed "
+                            "here (or it was removed by hand)")
+    lines = []
+    if _systemd_running(root):
+        _systemctl("stop", DAILY_TIMER, SOON_TIMER)
+    for record in installed.files:
+        where = _under(root, record.path)
+        if record.path not in KNOWN_FILES or record.path == MANIFEST:
+            lines.append(f"note: left {where}: not a file mbrescue lays down")
+            continue
+        state = _matches(root, record)
+        if state is None:
+            lines.append(f"note: {where} was already gone")
+        elif state is False:
+            why = ("edited since install (remove it by hand if unwanted)"
+                   if record.path == CONFIG else "its content changed since install")
+            lines.append(f"note: kept {where}: {why}")
+        else:
+            os.unlink(where)
+            lines.append(f"removed {where}")
+    os.unlink(_under(root, MANIFEST))
+    kept: list[str] = []
+    for directory in reversed(installed.directories):
+        where = _under(root, directory)
+        try:
+            os.rmdir(where)
+        except FileNotFoundError:
+            continue
+        except OSError:
+            if not any(inner.startswith(directory + "/") for inner in kept):
+                left = len(os.listdir(where)) if os.path.isdir(where) else 0
+                lines.append(f"note: kept {where}: it is not empty ({left} entries)")
+            kept.append(directory)
+    if _systemd_running(root):
+        _systemctl("daemon-reload")
+    return lines
+
+
+# ---- the commands (host.py) ------------------------------------------------------------------
+
+INSTALL_HELP = ("install the host side: this bundle, host.conf, kernel hooks and a systemd "
+                "timer that capture again after every change of /boot")
+UNINSTALL_HELP = "remove exactly what install laid down (files changed since are kept)"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--root", default="/",
+                        help="install into this directory as the root file system [/]")
+
+
+def run_install(args: argparse.Namespace) -> int:
+    for line in install(args.root):
+        print(f"mbrescue: {line}")
+    return 0
+
+
+def run_uninstall(args: argparse.Namespace) -> int:
+    for line in uninstall(args.root):
+        print(f"mbrescue: {line}")
+    return 0

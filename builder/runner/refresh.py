@@ -1,0 +1,340 @@
+"""`mbrescue-host refresh`: what mbrescue-refresh.service runs — capture again when /boot drifted.
+
+Standard library only: it runs inside the host bundle. One run reads
+`/etc/mbrescue/host.conf`, holds the newest capture of the capture directory against the
+live boot disk with `check`, and captures only when something drifted (or there is no
+readable capture yet). Captures are named `HOST-YYYYmmddTHHMMSSZ.mbrescue` (UTC) and are
+written by `capture` itself (temporary name, then rename), so a half-written capture never
+carries a generation's name. The new capture is read back and verified before anything
+older is pruned; the last `keep` generations stay, and the newest capture that verifies is
+never removed, even when newer ones are damaged. Then the optional `after_capture` command
+runs with the new capture's path (an argument list, never a shell string).
+
+Each run prints one line (the journal keeps it). Exit status: 0 the newest capture still
+matches, or a new one was written (and `after_capture` succeeded); 1 nothing new could be
+captured or checked (one `mbrescue: error:` line; older captures are kept); 3 a new capture
+was written but `after_capture` failed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime
+import io
+import json
+import os
+import re
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from . import capfile, check
+from .errors import MbrescueError
+from .outputs import check_hostname
+
+CONFIG_PATH = "/etc/mbrescue/host.conf"
+EXIT_OK, EXIT_FAILED, EXIT_AFTER_CAPTURE_FAILED = 0, 1, 3
+# An after_capture command (a copy to the build server) that hangs must not hold the
+# service for ever: the capture is kept, the run fails with status 3.
+AFTER_CAPTURE_TIMEOUT_S = 600
+STAMP_FORMAT = "%Y%m%dT%H%M%SZ"
+STAMP_RE = r"\d{8}T\d{6}Z"
+CAPTURE_SUFFIX = ".mbrescue"
+PLACEHOLDER = "{capture}"
+
+DEFAULT_CONFIG = """\
+# mbrescue host side: the settings of `mbrescue-host refresh`, which
+# mbrescue-refresh.service runs daily and after each kernel install or removal.
+# Lines are KEY = VALUE; lines starting with '#' are comments.
+
+# Where captures go. Never under /boot: /boot is frozen while it is read.
+capture_dir = /var/lib/mbrescue
+
+# How many captures (generations) to keep. The newest capture that verifies is
+# never removed.
+keep = 3
+
+# The boot disk: auto (the disk holding the mounted /boot) or a device, e.g. /dev/sda.
+source = auto
+
+# The partition holding /boot: auto (guessed, as `capture` does) or its number.
+boot_partition = auto
+
+# The host name recorded in the capture and used in its file name: auto (this
+# host's name) or a name.
+hostname = auto
+
+# A command run after each new capture, e.g. to copy it to the build server: a JSON
+# array of arguments, run without a shell. An element "{capture}" is replaced by the
+# new capture's path; without one the path is appended as the last argument.
+# Example: after_capture = ["scp", "-q", "{capture}", "backup@build:/srv/mbrescue/"]
+after_capture =
+"""
+
+
+@dataclass(frozen=True)
+class HostConfig:
+    capture_dir: str
+    keep: int
+    source: str | None  # None: the disk holding /boot
+    boot_partition: int | None
+    hostname: str | None
+    after_capture: tuple[str, ...] | None
+
+
+def _under_boot(path: str) -> bool:
+    for candidate in {os.path.normpath(path), os.path.realpath(path)}:
+        if candidate == "/boot" or candidate.startswith("/boot/"):
+            return True
+    return False
+
+
+def parse_config(text: str, where: str = CONFIG_PATH) -> HostConfig:
+    """host.conf's text as a checked HostConfig; a bad line fails naming the line."""
+    values: dict[str, str] = {}
+    known = ("capture_dir", "keep", "source", "boot_partition", "hostname", "after_capture")
+    for number, raw in enumerate(text.splitlines(), 1):
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        key, equals, value = line.partition("=")
+        key = key.strip()
+        if not equals or key not in known:
+            raise MbrescueError(f"{where}:{number}: not a setting of host.conf: {line[:60]!r}",
+                                hint="settings: " + ", ".join(known))
+        if key in values:
+            raise MbrescueError(f"{where}:{number}: {key} is set twice")
+        values[key] = value.strip()
+
+    capture_dir = values.get("capture_dir") or "/var/lib/mbrescue"
+    if not os.path.isabs(capture_dir):
+        raise MbrescueError(f"{where}: capture_dir must be an absolute path, not {capture_dir!r}")
+    if _under_boot(capture_dir):
+        raise MbrescueError(f"{where}: capture_dir {capture_dir} is under /boot, which is frozen "
+                            "while it is captured: choose a directory outside /boot")
+    keep_text = values.get("keep") or "3"
+    if not keep_text.isdigit() or not 1 <= int(keep_text) <= 1000:
+        raise MbrescueError(f"{where}: keep must be a whole number from 1 to 1000, "
+                            f"not {keep_text!r}")
+    source = values.get("source") or "auto"
+    if source != "auto" and not os.path.isabs(source):
+        raise MbrescueError(f"{where}: source must be auto or an absolute path, not {source!r}")
+    partition_text = values.get("boot_partition") or "auto"
+    if partition_text != "auto" and not (partition_text.isdigit() and int(partition_text) >= 1):
+        raise MbrescueError(f"{where}: boot_partition must be auto or a partition number, "
+                            f"not {partition_text!r}")
+    hostname = values.get("hostname") or "auto"
+    if hostname != "auto":
+        try:
+            check_hostname(hostname)
+        except MbrescueError as exc:
+            raise MbrescueError(f"{where}: hostname: {exc}") from None
+    return HostConfig(
+        capture_dir=os.path.normpath(capture_dir),
+        keep=int(keep_text),
+        source=None if source == "auto" else source,
+        boot_partition=None if partition_text == "auto" else int(partition_text),
+        hostname=None if hostname == "auto" else hostname,
+        after_capture=_parse_command(values.get("after_capture") or "", where),
+    )
+
+
+def _parse_command(text: str, where: str) -> tuple[str, ...] | None:
+    if not text:
+        return None
+    try:
+        argv = json.loads(text)
+    except ValueError:
+        argv = None
+    if not isinstance(argv, list) or not argv or not all(
+            isinstance(item, str) and item for item in argv):
+        raise MbrescueError(f"{where}: after_capture must be a JSON array of non-empty strings, "
+                            'e.g. ["scp", "{capture}", "build:/srv/mbrescue/"] (no shell)')
+    return tuple(argv)
+
+
+def read_config(path: str = CONFIG_PATH) -> HostConfig:
+    try:
+        with open(path, encoding="utf-8") as stream:
+            text = stream.read()
+    except FileNotFoundError:
+        raise MbrescueError(f"{path}: no such file",
+                            hint="install the host side with `mbrescue-host install`") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise MbrescueError(f"cannot read {path}: {exc}") from None
+    return parse_config(text, path)
+
+
+# ---- generations ----------------------------------------------------------------------------
+
+
+def generations(capture_dir: str, hostname: str) -> list[str]:
+    """This host's captures in capture_dir, oldest first (the stamp in the name orders them)."""
+    pattern = re.compile(re.escape(hostname) + "-(" + STAMP_RE + ")" + re.escape(CAPTURE_SUFFIX))
+    try:
+        names = os.listdir(capture_dir)
+    except FileNotFoundError:
+        return []
+    found = sorted((match.group(1), name) for name in names
+                   if (match := pattern.fullmatch(name)) is not None)
+    return [os.path.join(capture_dir, name) for _, name in found]
+
+
+def is_good(path: str) -> bool:
+    """The capture opens and every checksum it records holds."""
+    try:
+        with capfile.Capture.open(path) as capture:
+            capture.verify()
+            capture.verify_members()
+        return True
+    except (MbrescueError, OSError):
+        return False
+
+
+def prune(capture_dir: str, hostname: str, keep: int, newest_good: str | None = None) -> list[str]:
+    """Remove all but the last `keep` generations, never the newest one that verifies."""
+    kept = generations(capture_dir, hostname)
+    old = kept[:-keep]
+    if not old:
+        return []
+    if newest_good is None:
+        newest_good = next((path for path in reversed(kept) if is_good(path)), None)
+    removed = []
+    for path in old:
+        if path == newest_good:
+            continue
+        os.unlink(path)
+        removed.append(path)
+    return removed
+
+
+def _new_name(capture_dir: str, hostname: str) -> str:
+    """A generation name that no file has yet (the stamp has one-second steps)."""
+    for _ in range(5):
+        stamp = datetime.datetime.now(datetime.UTC).strftime(STAMP_FORMAT)
+        path = os.path.join(capture_dir, f"{hostname}-{stamp}{CAPTURE_SUFFIX}")
+        if not os.path.lexists(path):
+            return path
+        time.sleep(1.05 - time.time() % 1)
+    raise MbrescueError(f"{path} exists already and the clock does not move on")
+
+
+# ---- one run -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RefreshResult:
+    status: int
+    line: str
+    capture: str | None  # the capture written by this run
+
+
+def _capture(config: HostConfig, hostname: str, output: str) -> list[str]:
+    """Capture into output; the capture's own messages, returned (only warnings are shown)."""
+    from ..capture import CaptureOptions, capture
+
+    source = config.source or check.default_source()
+    said = io.StringIO()
+    with contextlib.redirect_stderr(said):
+        capture(CaptureOptions(source=Path(source), output=Path(output),
+                               boot_partition=config.boot_partition, hostname=hostname,
+                               progress=False))
+    return [line for line in said.getvalue().splitlines() if "warning" in line]
+
+
+def _why(report: check.CheckReport) -> str:
+    first = "; ".join(d.line for d in report.differences[:3])
+    more = f"; and {len(report.differences) - 3} more" if len(report.differences) > 3 else ""
+    return f"drifted ({len(report.differences)} difference(s): {first}{more})"
+
+
+def _after_capture(argv: tuple[str, ...], path: str) -> str | None:
+    """Run the after_capture command; None when it succeeded, else why not."""
+    command = [path if item == PLACEHOLDER else item for item in argv]
+    if PLACEHOLDER not in argv:
+        command.append(path)
+    try:
+        done = subprocess.run(command, stdin=subprocess.DEVNULL, capture_output=True, text=True,
+                              errors="replace", timeout=AFTER_CAPTURE_TIMEOUT_S, check=False)
+    except FileNotFoundError:
+        return f"after_capture: {command[0]}: no such program"
+    except subprocess.TimeoutExpired:
+        return f"after_capture: {command[0]} still running after {AFTER_CAPTURE_TIMEOUT_S} s"
+    except OSError as exc:
+        return f"after_capture: {command[0]}: {exc.strerror}"
+    if done.returncode != 0:
+        said = (done.stderr.strip().splitlines() or ["(no message)"])[-1][:200]
+        return f"after_capture: {command[0]} exited with status {done.returncode}: {said}"
+    return None
+
+
+def refresh(config: HostConfig) -> RefreshResult:
+    hostname = check_hostname(config.hostname or socket.gethostname())
+    if not os.path.isdir(config.capture_dir):
+        raise MbrescueError(f"capture directory {config.capture_dir} does not exist",
+                            hint="create it, or set capture_dir in host.conf")
+    kept = generations(config.capture_dir, hostname)
+    if not kept:
+        reason = "no capture yet"
+    else:
+        newest = kept[-1]
+        try:
+            report = check.check(newest, config.source)
+        except MbrescueError as exc:
+            try:
+                check.load_manifest(newest)
+            except MbrescueError:
+                reason = f"the newest capture {os.path.basename(newest)} is unreadable ({exc})"
+            else:
+                raise MbrescueError(f"could not check {newest}: {exc}") from None
+        else:
+            if report.matches:
+                removed = prune(config.capture_dir, hostname, config.keep)
+                pruned = f", removed {len(removed)} old" if removed else ""
+                return RefreshResult(EXIT_OK, f"{os.path.basename(newest)} still matches "
+                                     f"{report.source}; nothing captured{pruned}", None)
+            reason = _why(report)
+
+    output = _new_name(config.capture_dir, hostname)
+    try:
+        warnings = _capture(config, hostname, output)
+    except MbrescueError as exc:
+        raise MbrescueError(f"{reason}, but the capture failed: {exc}", hint=exc.hint) from None
+    for warning in warnings:
+        print(warning, file=sys.stderr)
+    if not is_good(output):  # read back what was written before anything older goes
+        os.unlink(output)
+        raise MbrescueError(f"{reason}, but the new capture {output} did not verify when read "
+                            "back: removed it, kept the older ones")
+    removed = prune(config.capture_dir, hostname, config.keep, newest_good=output)
+    pruned = f", removed {len(removed)} old" if removed else ""
+    line = f"captured {output} ({reason}){pruned}"
+    if config.after_capture is not None:
+        failed = _after_capture(config.after_capture, output)
+        if failed is not None:
+            return RefreshResult(EXIT_AFTER_CAPTURE_FAILED, f"{line}; {failed}", output)
+        line += f"; ran {config.after_capture[0]}"
+    return RefreshResult(EXIT_OK, line, output)
+
+
+# ---- the command (host.py) -------------------------------------------------------------------
+
+HELP = ("capture again when /boot drifted from the newest capture (what mbrescue-refresh.service "
+        "runs): exit 0 current or captured, 1 could not capture, 3 after_capture failed")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", default=CONFIG_PATH, help=f"settings file [{CONFIG_PATH}]")
+
+
+def run(args: argparse.Namespace) -> int:
+    result = refresh(read_config(args.config))
+    if result.status == EXIT_OK:
+        print(f"mbrescue: refresh: {result.line}", flush=True)
+    else:
+        print(f"mbrescue: error: refresh: {result.line}", file=sys.stderr, flush=True)
+    return result.status

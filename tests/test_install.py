@@ -1,0 +1,304 @@
+"""`mbrescue-host install/uninstall/refresh`: captures that follow every change of /boot.
+
+Install runs the real host entry (`python -m builder.host`, the module the bundle runs)
+into a temporary root holding a copy of this machine's systemd units, so that
+`systemd-analyze verify --root` judges the installed units as on a real host. Refresh
+runs against a loop-mounted ext4 /boot that gets new "kernels".
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import stat
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from builder.runner import refresh
+
+from .conftest import ROOT, one_error_line, sh
+
+MiB = 1 << 20
+BOOT_START = 2048
+BOOT_BYTES = 16 * MiB
+KERNEL = "6.1.0-54-amd64"
+INSTALLED = [
+    "usr/local/sbin/mbrescue-host",
+    "etc/mbrescue/host.conf",
+    "etc/mbrescue/installed.json",
+    "etc/kernel/postinst.d/zz-mbrescue",
+    "etc/kernel/postrm.d/zz-mbrescue",
+    "etc/kernel/install.d/95-mbrescue.install",
+    "etc/initramfs/post-update.d/zz-mbrescue",
+    "etc/systemd/system/mbrescue-refresh.service",
+    "etc/systemd/system/mbrescue-refresh.timer",
+    "etc/systemd/system/mbrescue-refresh-soon.timer",
+]
+UNITS = ["mbrescue-refresh.service", "mbrescue-refresh.timer", "mbrescue-refresh-soon.timer"]
+
+
+def host(*args: str | os.PathLike[str], bundle: Path | None = None,
+         timeout: float = 180) -> subprocess.CompletedProcess[str]:
+    env = {key: value for key, value in os.environ.items() if not key.startswith("MBRESCUE_")}
+    if bundle is not None:
+        env["MBRESCUE_BUNDLE_FILE"] = os.fspath(bundle)
+    return subprocess.run([sys.executable, "-m", "builder.host", *map(os.fspath, args)],
+                          cwd=ROOT, env=env, text=True, capture_output=True, timeout=timeout,
+                          stdin=subprocess.DEVNULL)
+
+
+def listing(root: Path) -> dict[str, tuple[int, str]]:
+    """Every entry under root: mode and content (file hash or link target)."""
+    seen = {}
+    for path in sorted(root.rglob("*")):
+        st = path.lstat()
+        if stat.S_ISLNK(st.st_mode):
+            what = "-> " + os.readlink(path)
+        elif stat.S_ISREG(st.st_mode):
+            what = hashlib.sha256(path.read_bytes()).hexdigest()
+        else:
+            what = "dir"
+        seen[os.fspath(path.relative_to(root))] = (st.st_mode, what)
+    return seen
+
+
+@pytest.fixture
+def target(tmp_path) -> tuple[Path, Path]:
+    """A root that looks like a Debian host's, and a file standing in for the bundle."""
+    root = tmp_path / "root"
+    (root / "usr/lib/systemd").mkdir(parents=True)
+    shutil.copytree("/usr/lib/systemd/system", root / "usr/lib/systemd/system", symlinks=True)
+    (root / "etc/kernel/postinst.d").mkdir(parents=True)
+    (root / "etc/kernel/postinst.d/zz-update-grub").write_text("#!/bin/sh\nexit 0\n")
+    (root / "var/lib").mkdir(parents=True)
+    bundle = tmp_path / "mbrescue-host.bundle"
+    bundle.write_bytes(b"\x7fELF" + os.urandom(64 * 1024))
+    return root, bundle
+
+
+def test_install_verify_uninstall_leaves_the_tree_as_it_was(target):
+    root, bundle = target
+    before = listing(root)
+    done = host("install", "--root", root, bundle=bundle)
+    assert done.returncode == 0, done.stderr
+    for name in INSTALLED:
+        assert (root / name).is_file(), name
+    assert (root / "usr/local/sbin/mbrescue-host").read_bytes() == bundle.read_bytes()
+    assert os.access(root / "usr/local/sbin/mbrescue-host", os.X_OK)
+    assert stat.S_IMODE((root / "var/lib/mbrescue").stat().st_mode) == 0o700
+    assert os.readlink(root / "etc/systemd/system/timers.target.wants/mbrescue-refresh.timer") \
+        == "/etc/systemd/system/mbrescue-refresh.timer"
+    config = refresh.read_config(os.fspath(root / "etc/mbrescue/host.conf"))
+    assert (config.capture_dir, config.keep, config.source, config.after_capture) == (
+        "/var/lib/mbrescue", 3, None, None)
+    recorded = json.loads((root / "etc/mbrescue/installed.json").read_text())
+    assert {item["path"] for item in recorded["files"]} == {
+        "/" + name for name in INSTALLED if not name.endswith("installed.json")} | {
+        "/etc/systemd/system/timers.target.wants/mbrescue-refresh.timer"}
+
+    daily = (root / "etc/systemd/system/mbrescue-refresh.timer").read_text()
+    assert "OnCalendar=daily" in daily and "Persistent=true" in daily
+    assert "RandomizedDelaySec=" in daily
+    assert "OnActiveSec=120s" in (root / "etc/systemd/system/mbrescue-refresh-soon.timer"
+                                  ).read_text()
+    # systemd judges the units inside the root (ExecStart's program must exist there too).
+    unit_paths = [f"/etc/systemd/system/{unit}" for unit in UNITS]
+    verify = subprocess.run(["systemd-analyze", "verify", "--man=no", f"--root={root}",
+                             *unit_paths], capture_output=True, text=True)
+    assert verify.returncode == 0 and verify.stderr == "", verify.stderr
+    # ... and it does judge: a unit whose program is missing fails the same verify.
+    broken = root / "etc/systemd/system/mbrescue-broken.service"
+    broken.write_text((root / "etc/systemd/system/mbrescue-refresh.service").read_text()
+                      .replace("/usr/local/sbin/mbrescue-host", "/usr/local/sbin/nowhere"))
+    failed = subprocess.run(["systemd-analyze", "verify", "--man=no", f"--root={root}",
+                             "/etc/systemd/system/mbrescue-broken.service"],
+                            capture_output=True, text=True)
+    assert failed.returncode != 0 and "nowhere" in failed.stderr
+    broken.unlink()
+
+    # The hooks run as run-parts and kernel-install run them: with arguments, without systemd.
+    for hook in ("etc/kernel/postinst.d/zz-mbrescue", "etc/kernel/install.d/95-mbrescue.install"):
+        ran = subprocess.run([root / hook, "add", "6.1.0-99-amd64", "/boot/vmlinuz-6.1.0-99-amd64"],
+                             capture_output=True, text=True, env={"PATH": "/usr/bin:/bin"})
+        assert ran.returncode == 0 and "systemd is not running" in ran.stderr, ran.stderr
+
+    again = host("install", "--root", root, bundle=bundle)  # an upgrade in place
+    assert again.returncode == 0, again.stderr
+    assert "kept" in again.stdout and "host.conf" in again.stdout
+
+    gone = host("uninstall", "--root", root)
+    assert gone.returncode == 0, gone.stderr
+    assert "note:" not in gone.stdout, gone.stdout
+    assert listing(root) == before
+
+
+def test_edited_files_survive_uninstall_with_a_note(target):
+    root, bundle = target
+    assert host("install", "--root", root, bundle=bundle).returncode == 0
+    conf = root / "etc/mbrescue/host.conf"
+    conf.write_text(conf.read_text().replace("keep = 3", "keep = 7"))
+    service = root / "etc/systemd/system/mbrescue-refresh.service"
+    service.write_text(service.read_text() + "Environment=EDITED=1\n")
+    (root / "var/lib/mbrescue/host-20260101T000000Z.mbrescue").write_bytes(b"a capture")
+    edited = conf.read_bytes()
+
+    gone = host("uninstall", "--root", root)
+    assert gone.returncode == 0, gone.stderr
+    notes = [line for line in gone.stdout.splitlines() if "note:" in line]
+    assert any(f"kept {conf}: edited since install" in line for line in notes), notes
+    assert any(f"kept {service}: its content changed" in line for line in notes), notes
+    assert any("var/lib/mbrescue: it is not empty" in line for line in notes), notes
+    assert conf.read_bytes() == edited and service.exists()
+    for name in INSTALLED:
+        if name not in ("etc/mbrescue/host.conf", "etc/systemd/system/mbrescue-refresh.service"):
+            assert not (root / name).exists(), name
+
+    again = host("uninstall", "--root", root)
+    assert "nothing was installed here" in one_error_line(again)
+
+
+def test_install_refuses_a_foreign_file_and_needs_the_bundle(target):
+    root, bundle = target
+    (root / "etc/kernel/postrm.d").mkdir(parents=True)
+    (root / "etc/kernel/postrm.d/zz-mbrescue").write_text("#!/bin/sh\n# someone else's\n")
+    before = listing(root)
+    refused = host("install", "--root", root, bundle=bundle)
+    assert "was not laid down by mbrescue" in one_error_line(refused)
+    assert listing(root) == before  # checked before the first write
+    assert "not one" in one_error_line(host("install", "--root", root))
+
+
+# ---- refresh on a loop-mounted /boot -------------------------------------------------------
+
+
+@pytest.fixture
+def boot(tmp_path):
+    """An msdos disk image whose ext4 /boot (sector 2048) is loop-mounted at tmp/boot."""
+    tree = tmp_path / "tree"
+    (tree / "grub").mkdir(parents=True)
+    (tree / f"vmlinuz-{KERNEL}").write_bytes(os.urandom(200_000))
+    (tree / f"initrd.img-{KERNEL}").write_bytes(os.urandom(300_000))
+    (tree / "grub" / "grub.cfg").write_text("set timeout=5\n")
+    image = tmp_path / "host.img"
+    with open(image, "wb") as stream:
+        stream.truncate(24 * MiB)
+    sh("sfdisk", "-q", image, input_bytes=b"label: dos\n2048,16MiB,83,*\n,,82\n")
+    sh("mke2fs", "-q", "-F", "-t", "ext4", "-L", "boot", "-d", tree, "-E",
+       f"offset={BOOT_START * 512}", image, f"{BOOT_BYTES // 1024}k")
+    loop = sh("losetup", "-f", "--show", "-o", str(BOOT_START * 512), "--sizelimit",
+              str(BOOT_BYTES), image).strip()
+    mountpoint = tmp_path / "boot"
+    mountpoint.mkdir()
+    try:
+        sh("mount", loop, mountpoint)
+        try:
+            yield image, mountpoint
+        finally:
+            subprocess.run(["fsfreeze", "--unfreeze", mountpoint], capture_output=True)
+            sh("umount", mountpoint)
+    finally:
+        sh("losetup", "-d", loop)
+
+
+def write_config(path: Path, **settings: str) -> Path:
+    path.write_text("".join(f"{key} = {value}\n" for key, value in settings.items()))
+    return path
+
+
+def one_line(result: subprocess.CompletedProcess[str]) -> str:
+    assert result.returncode == 0, (result.stdout, result.stderr)
+    assert "Traceback" not in result.stderr and "error" not in result.stderr, result.stderr
+    lines = result.stdout.splitlines()
+    assert len(lines) == 1, lines
+    return lines[0]
+
+
+def test_refresh_captures_on_drift_and_prunes(boot, tmp_path):
+    image, mountpoint = boot
+    captures = tmp_path / "captures"
+    captures.mkdir()
+    copied = tmp_path / "copied.mbrescue"
+    conf = write_config(tmp_path / "host.conf", capture_dir=os.fspath(captures), keep="2",
+                        source=os.fspath(image), hostname="testhost",
+                        after_capture=json.dumps(["cp", "{capture}", os.fspath(copied)]))
+
+    first = one_line(host("refresh", "--config", conf))
+    made = refresh.generations(os.fspath(captures), "testhost")
+    assert len(made) == 1 and "(no capture yet)" in first and made[0] in first
+    assert copied.read_bytes() == Path(made[0]).read_bytes()  # after_capture got the path
+    assert host("check", made[0], image).returncode == 0
+
+    quiet = one_line(host("refresh", "--config", conf))
+    assert "still matches" in quiet and "nothing captured" in quiet
+    assert refresh.generations(os.fspath(captures), "testhost") == made
+
+    seen = list(made)
+    for number in (58, 59, 60):  # a kernel update each time
+        (mountpoint / f"vmlinuz-6.1.0-{number}-amd64").write_bytes(os.urandom(50_000))
+        drifted = host("check", seen[-1], image)
+        assert drifted.returncode == 1
+        assert drifted.stdout.splitlines() == [f"{mountpoint}/vmlinuz-6.1.0-{number}-amd64 added"]
+        line = one_line(host("refresh", "--config", conf))
+        now = refresh.generations(os.fspath(captures), "testhost")
+        assert "drifted (1 difference(s)" in line and f"vmlinuz-6.1.0-{number}-amd64 added" in line
+        assert now[-1] not in seen and now[-1] in line
+        seen.append(now[-1])
+        assert host("check", now[-1], image).returncode == 0
+    # keep = 2: the two newest generations, nothing else of this host's in the directory.
+    assert refresh.generations(os.fspath(captures), "testhost") == seen[-2:]
+    assert sorted(os.listdir(captures)) == sorted(os.path.basename(p) for p in seen[-2:])
+    assert all(stat.S_IMODE(os.stat(p).st_mode) == 0o600 for p in seen[-2:])
+
+
+def test_refresh_failures_are_one_line_and_keep_what_is_there(boot, tmp_path):
+    image, _ = boot
+    captures = tmp_path / "captures"
+    captures.mkdir()
+    bad_source = write_config(tmp_path / "a.conf", capture_dir=os.fspath(captures),
+                              source=os.fspath(tmp_path / "no-such.img"), hostname="testhost")
+    failed = host("refresh", "--config", bad_source)
+    assert failed.returncode == 1
+    assert "no capture yet, but the capture failed" in one_error_line(failed)
+    assert os.listdir(captures) == []
+
+    under_boot = write_config(tmp_path / "b.conf", capture_dir="/boot/mbrescue")
+    assert "under /boot" in one_error_line(host("refresh", "--config", under_boot))
+    shell_string = write_config(tmp_path / "c.conf", after_capture="scp $CAPTURE build:")
+    assert "JSON array" in one_error_line(host("refresh", "--config", shell_string))
+
+    copy_fails = write_config(tmp_path / "d.conf", capture_dir=os.fspath(captures),
+                              source=os.fspath(image), hostname="testhost",
+                              after_capture='["false"]')
+    done = host("refresh", "--config", copy_fails)
+    assert done.returncode == 3
+    assert "after_capture: false exited with status 1" in one_error_line(done)
+    kept = refresh.generations(os.fspath(captures), "testhost")
+    assert len(kept) == 1 and refresh.is_good(kept[0])
+
+
+def test_prune_never_removes_the_newest_good_capture(boot, tmp_path):
+    image, _ = boot
+    captures = tmp_path / "captures"
+    captures.mkdir()
+    good = captures / "testhost-20260101T000000Z.mbrescue"
+    made = host("capture", image, "-o", good, "--hostname", "testhost")
+    assert made.returncode == 0, made.stderr
+    older = captures / "testhost-20250101T000000Z.mbrescue"
+    shutil.copyfile(good, older)
+    damaged = []
+    for stamp in ("20260201T000000Z", "20260301T000000Z"):
+        path = captures / f"testhost-{stamp}.mbrescue"
+        path.write_bytes(good.read_bytes()[: 40_000])  # cut short, as by a full disk
+        damaged.append(path)
+    other_host = captures / "otherhost-20200101T000000Z.mbrescue"
+    other_host.write_bytes(b"not ours")
+
+    removed = refresh.prune(os.fspath(captures), "testhost", keep=1)
+    assert removed == [os.fspath(older), os.fspath(damaged[0])]
+    assert sorted(os.listdir(captures)) == sorted(
+        [good.name, damaged[1].name, other_host.name])
