@@ -20,8 +20,9 @@ from pathlib import Path
 import pytest
 
 from builder.runner import refresh
+from builder.runner.capfile import REGION_MEMBER, Capture
 
-from .conftest import ROOT, one_error_line, sh
+from .conftest import ROOT, mbrescue, one_error_line, sh
 
 MiB = 1 << 20
 BOOT_START = 2048
@@ -281,6 +282,28 @@ def test_refresh_failures_are_one_line_and_keep_what_is_there(boot, tmp_path):
     assert len(kept) == 1 and refresh.is_good(kept[0])
 
 
+def test_a_newest_capture_that_matches_but_does_not_verify_is_replaced(boot, tmp_path):
+    image, _ = boot
+    captures = tmp_path / "captures"
+    captures.mkdir()
+    conf = write_config(tmp_path / "host.conf", capture_dir=os.fspath(captures),
+                        source=os.fspath(image), hostname="testhost")
+    one_line(host("refresh", "--config", conf))
+    (first,) = refresh.generations(os.fspath(captures), "testhost")
+    with Capture.open(first) as capture:
+        region = capture.members[REGION_MEMBER]
+    with open(first, "r+b") as stream:  # one flipped byte inside the region's data
+        stream.seek(region.offset + region.size // 2)
+        byte = stream.read(1)
+        stream.seek(-1, os.SEEK_CUR)
+        stream.write(bytes([byte[0] ^ 0xFF]))
+    assert host("check", first, image).returncode == 0  # the manifest alone still matches
+    line = one_line(host("refresh", "--config", conf))
+    assert f"{os.path.basename(first)} does not verify" in line
+    kept = refresh.generations(os.fspath(captures), "testhost")
+    assert len(kept) == 2 and kept[0] == first and refresh.is_good(kept[1])
+
+
 def test_prune_never_removes_the_newest_good_capture(boot, tmp_path):
     image, _ = boot
     captures = tmp_path / "captures"
@@ -302,3 +325,39 @@ def test_prune_never_removes_the_newest_good_capture(boot, tmp_path):
     assert removed == [os.fspath(older), os.fspath(damaged[0])]
     assert sorted(os.listdir(captures)) == sorted(
         [good.name, damaged[1].name, other_host.name])
+
+
+def test_the_real_bundle_installs_itself_refreshes_and_uninstalls(boot, tmp_path):
+    """The bundle copies its own file (MBRESCUE_BUNDLE_FILE from its launcher); the copy runs
+    the service's job on the loop-mounted /boot."""
+    image, mountpoint = boot
+    bundle = tmp_path / "mbrescue-host"
+    built = mbrescue("bundle", "-o", bundle)
+    assert built.returncode == 0, built.stderr
+    root = tmp_path / "root"
+    root.mkdir()
+    env = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin"}
+    done = subprocess.run([bundle, "install", "--root", root], capture_output=True, text=True,
+                          env=env, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    installed = root / "usr/local/sbin/mbrescue-host"
+    assert installed.read_bytes() == bundle.read_bytes()
+
+    captures = tmp_path / "captures"
+    captures.mkdir()
+    conf = write_config(tmp_path / "host.conf", capture_dir=os.fspath(captures),
+                        source=os.fspath(image), hostname="testhost")
+    for expected in ("(no capture yet)", "still matches"):
+        ran = subprocess.run([installed, "refresh", "--config", conf], capture_output=True,
+                             text=True, env=env, cwd=tmp_path)
+        assert expected in one_line(ran)
+    (mountpoint / "vmlinuz-6.1.0-58-amd64").write_bytes(b"a new kernel")
+    ran = subprocess.run([installed, "refresh", "--config", conf], capture_output=True,
+                         text=True, env=env, cwd=tmp_path)
+    assert "vmlinuz-6.1.0-58-amd64 added" in one_line(ran)
+    assert len(refresh.generations(os.fspath(captures), "testhost")) == 2
+
+    gone = subprocess.run([installed, "uninstall", "--root", root], capture_output=True,
+                          text=True, env=env, cwd=tmp_path)
+    assert gone.returncode == 0, gone.stderr
+    assert list(root.iterdir()) == []

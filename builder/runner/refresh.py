@@ -2,13 +2,15 @@
 
 Standard library only: it runs inside the host bundle. One run reads
 `/etc/mbrescue/host.conf`, holds the newest capture of the capture directory against the
-live boot disk with `check`, and captures only when something drifted (or there is no
-readable capture yet). Captures are named `HOST-YYYYmmddTHHMMSSZ.mbrescue` (UTC) and are
-written by `capture` itself (temporary name, then rename), so a half-written capture never
-carries a generation's name. The new capture is read back and verified before anything
-older is pruned; the last `keep` generations stay, and the newest capture that verifies is
-never removed, even when newer ones are damaged. Then the optional `after_capture` command
-runs with the new capture's path (an argument list, never a shell string).
+live boot disk with `check`, and captures only when something drifted, when there is no
+readable capture yet, or when the newest one no longer verifies (`check` reads the
+manifest only; the daily run also hashes the whole capture, which costs a read of it).
+Captures are named `HOST-YYYYmmddTHHMMSSZ.mbrescue` (UTC) and are written by `capture`
+itself (temporary name, then rename), so a half-written capture never carries a
+generation's name. The new capture is read back and verified before anything older is
+pruned; the last `keep` generations stay, and the newest capture that verifies is never
+removed, even when newer ones are damaged. Then the optional `after_capture` command runs
+with the new capture's path (an argument list, never a shell string).
 
 Each run prints one line (the journal keeps it). Exit status: 0 the newest capture still
 matches, or a new one was written (and `after_capture` succeeded); 1 nothing new could be
@@ -292,12 +294,15 @@ def refresh(config: HostConfig) -> RefreshResult:
             else:
                 raise MbrescueError(f"could not check {newest}: {exc}") from None
         else:
-            if report.matches:
-                removed = prune(config.capture_dir, hostname, config.keep)
+            if report.matches and is_good(newest):
+                removed = prune(config.capture_dir, hostname, config.keep, newest_good=newest)
                 pruned = f", removed {len(removed)} old" if removed else ""
                 return RefreshResult(EXIT_OK, f"{os.path.basename(newest)} still matches "
                                      f"{report.source}; nothing captured{pruned}", None)
-            reason = _why(report)
+            # check reads the manifest only: a capture whose region or files no longer
+            # verify (a bad sector, a truncated copy) matches, but would not restore.
+            reason = _why(report) if not report.matches else (
+                f"the newest capture {os.path.basename(newest)} does not verify")
 
     output = _new_name(config.capture_dir, hostname)
     try:
