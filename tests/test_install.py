@@ -8,6 +8,7 @@ runs against a loop-mounted ext4 /boot that gets new "kernels".
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
@@ -206,6 +207,12 @@ def boot(tmp_path):
         sh("losetup", "-d", loop)
 
 
+def _dead_pid() -> int:
+    child = subprocess.Popen(["true"])
+    child.wait()
+    return child.pid
+
+
 def write_config(path: Path, **settings: str) -> Path:
     path.write_text("".join(f"{key} = {value}\n" for key, value in settings.items()))
     return path
@@ -266,6 +273,13 @@ def test_refresh_failures_are_one_line_and_keep_what_is_there(boot, tmp_path):
     assert failed.returncode == 1
     assert "no capture yet, but the capture failed" in one_error_line(failed)
     assert os.listdir(captures) == []
+    fd = os.open(captures, os.O_RDONLY | os.O_DIRECTORY)
+    try:  # what a running refresh holds
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        busy = host("refresh", "--config", bad_source)
+        assert busy.returncode == 1 and "another refresh is running" in one_error_line(busy)
+    finally:
+        os.close(fd)
 
     under_boot = write_config(tmp_path / "b.conf", capture_dir="/boot/mbrescue")
     assert "under /boot" in one_error_line(host("refresh", "--config", under_boot))
@@ -275,9 +289,14 @@ def test_refresh_failures_are_one_line_and_keep_what_is_there(boot, tmp_path):
     copy_fails = write_config(tmp_path / "d.conf", capture_dir=os.fspath(captures),
                               source=os.fspath(image), hostname="testhost",
                               after_capture='["false"]')
+    gone_pid = _dead_pid()  # a pid that no longer runs, as a SIGKILLed capture's
+    stale = captures / f".testhost-20260101T000000Z.mbrescue.tmp-{gone_pid}"
+    stale.write_bytes(b"half a capture")
     done = host("refresh", "--config", copy_fails)
     assert done.returncode == 3
-    assert "after_capture: false exited with status 1" in one_error_line(done)
+    line = one_error_line(done)
+    assert "after_capture: false exited with status 1" in line
+    assert "removed 1 stale temporary file" in line and not stale.exists()
     kept = refresh.generations(os.fspath(captures), "testhost")
     assert len(kept) == 1 and refresh.is_good(kept[0])
 

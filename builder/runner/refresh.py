@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime
+import fcntl
 import io
 import json
 import os
@@ -31,6 +32,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -274,11 +276,61 @@ def _after_capture(argv: tuple[str, ...], path: str) -> str | None:
     return None
 
 
+@contextlib.contextmanager
+def _locked(capture_dir: str) -> Iterator[None]:
+    """One refresh at a time per capture directory (a lock on the directory itself, so
+    nothing is left behind; the kernel drops it when the process dies)."""
+    try:
+        fd = os.open(capture_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        raise MbrescueError(f"capture directory {capture_dir} does not exist",
+                            hint="create it, or set capture_dir in host.conf") from None
+    except OSError as exc:
+        raise MbrescueError(f"cannot open the capture directory {capture_dir}: "
+                            f"{exc.strerror}") from None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise MbrescueError(f"another refresh is running on {capture_dir}") from None
+        yield
+    finally:
+        os.close(fd)
+
+
+def _remove_stale_temporaries(capture_dir: str, hostname: str) -> int:
+    """A capture killed with SIGKILL (or a power cut) leaves its temporary file behind."""
+    pattern = re.compile(r"\." + re.escape(hostname) + "-" + STAMP_RE + re.escape(CAPTURE_SUFFIX)
+                         + r"\.tmp-(\d+)")
+    removed = 0
+    for name in os.listdir(capture_dir):
+        match = pattern.fullmatch(name)
+        if match is None:
+            continue
+        try:
+            os.kill(int(match.group(1)), 0)
+            continue  # its writer still runs
+        except ProcessLookupError:
+            pass
+        except (PermissionError, OverflowError):
+            continue
+        os.unlink(os.path.join(capture_dir, name))
+        removed += 1
+    return removed
+
+
 def refresh(config: HostConfig) -> RefreshResult:
     hostname = check_hostname(config.hostname or socket.gethostname())
-    if not os.path.isdir(config.capture_dir):
-        raise MbrescueError(f"capture directory {config.capture_dir} does not exist",
-                            hint="create it, or set capture_dir in host.conf")
+    with _locked(config.capture_dir):
+        stale = _remove_stale_temporaries(config.capture_dir, hostname)
+        result = _refresh(config, hostname)
+    if stale:
+        return RefreshResult(result.status, f"{result.line}; removed {stale} stale temporary "
+                             "file(s) of an interrupted capture", result.capture)
+    return result
+
+
+def _refresh(config: HostConfig, hostname: str) -> RefreshResult:
     kept = generations(config.capture_dir, hostname)
     if not kept:
         reason = "no capture yet"
