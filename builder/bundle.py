@@ -361,4 +361,4 @@ def bundle(options: BundleOptions) -> BundleReport:
 def summary(report: BundleReport) -> str:
     return (f"wrote {report.path}: {log.human_bytes(report.size_bytes)}, "
             f"{report.stdlib_modules} stdlib modules, started in {report.start_seconds:.2f} s "
-            f"(run it on any x86-64 Linux host: {report.path.name} capture|restore|--version)")
+            f"(run it on any x86-64 Linux host: {report.path.name} capture|check|restore|install|uninstall|refresh|--version)")
