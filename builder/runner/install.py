@@ -47,8 +47,7 @@ import subprocess
 import sys
 from dataclasses import dataclass
 
-from .. import __version__
-from . import refresh
+from . import __version__, refresh
 from .errors import MbrescueError
 
 BUNDLE_FILE_ENV = "MBRESCUE_BUNDLE_FILE"
