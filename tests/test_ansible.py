@@ -19,6 +19,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 from .conftest import ROOT, mbrescue, sh
 
@@ -241,12 +242,31 @@ def test_check_error_fails_the_host_with_its_line(fleet, tmp_path):
     assert not (tmp_path / "out" / "iso" / "hostbad-rescue.iso").exists()
 
 
+def test_boot_disk_found_by_the_shell(fixtures, tmp_path):
+    # The role's own script, in a private mount namespace where fixture A's /boot partition
+    # (a loop device over an image copy) is mounted at /boot: it names the image file.
+    tasks = yaml.safe_load((ANSIBLE_DIR / "roles/mbrescue/tasks/host.yml").read_text())
+    script = next(t for t in tasks if t["name"] == "Find the disk holding /boot")
+    image = tmp_path / "disk.img"
+    sh("cp", "--sparse=always", fixtures["A"].path, image)
+    offset, size = _boot_partition(image, fixtures["A"].boot_partition)
+    loop = sh("losetup", "--find", "--show", "-o", str(offset), "--sizelimit", str(size),
+              image).strip()
+    try:
+        found = sh("unshare", "--mount", "--propagation", "private", "sh", "-c",
+                   'mount "$1" /boot && sh -c "$2"', "sh", loop,
+                   script["ansible.builtin.raw"])
+    finally:
+        sh("losetup", "-d", loop)
+    assert found.strip() == os.fspath(image)
+
+
 def test_install_hooks_is_refused(tmp_path):
     inventory = tmp_path / "inventory.ini"
     inventory.write_text("lonely ansible_connection=local\n")
     result = playbook(tmp_path, inventory, "-e", "mbrescue_install_hooks=true")
     assert result.returncode != 0
-    assert "`install` command (hooks and timer) does not exist yet" in result.stdout
+    assert "this role does not drive the host side's `install`" in result.stdout
 
 
 def test_generations_rotate(tmp_path):
