@@ -242,6 +242,8 @@ def test_restore_under_secure_boot(
             vm.expect(RESTORE_DEFAULT, timeout=60)
             menu_s = vm.elapsed()
             vm.expect(re.escape(KERNEL_SECURE_BOOT), timeout=240)
+            # The rescue system says so itself, on every console.
+            vm.expect(r"mbrescue: UEFI Secure Boot is enforced", timeout=120)
             vm.expect(PROMPT, timeout=300)
             prompt_s = vm.elapsed()
             vm.send("yes\r")

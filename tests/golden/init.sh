@@ -111,6 +111,19 @@ load hv_storvsc kernel/drivers/scsi/hv_storvsc.ko hv_vmbus
 failed="${failed# }"
 say "kernel 6.1.0-99-amd64: $loaded disk drivers loaded${failed:+ (not for this machine: ${failed% })}"
 
+# Secure Boot as the kernel enforces it: Debian's kernel enters lockdown (integrity) when
+# the firmware booted it with Secure Boot on. (efivarfs is a module, so the SecureBoot
+# variable is not at hand yet; securityfs is.) Lockdown blocks nothing the restore needs:
+# signed modules load, block devices and efivarfs stay writable.
+mkdir -p /sys/kernel/security
+mount -t securityfs -o nosuid,nodev,noexec securityfs /sys/kernel/security 2>/dev/null
+case "$(cat /sys/kernel/security/lockdown 2>/dev/null)" in
+    *"[integrity]"*|*"[confidentiality]"*)
+        announce "UEFI Secure Boot is enforced (kernel lockdown: on)" ;;
+    *) if [ -d /sys/firmware/efi ]; then announce "UEFI Secure Boot is off"
+       else announce "booted by BIOS (no Secure Boot)"; fi ;;
+esac
+
 # Kernel chatter (a USB stick plugged in) would tear the runner's plan and prompt apart
 # on the console; errors and warnings still show. An explicit quiet/loglevel= wins.
 [ "$loglevel_chosen" = 1 ] || dmesg -n 5
