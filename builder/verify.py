@@ -343,10 +343,33 @@ def _tree_checks(path: Path, work: Path, capture_sha256: str | None) -> list[Che
             return ", ".join(sizes)
 
         checks.append(_check("kernel, initrds, grub.cfg", files))
+        checks.append(_check("Secure Boot chain signed", lambda: _signed_chain(iso, work)))
         checks.append(_check("payload checksum", lambda: _payload(iso, work, capture_sha256)))
     finally:
         iso.close()
     return checks
+
+
+# shim (signed for the firmware's Microsoft keys), Debian's signed GRUB (checked by shim)
+# and the signed kernel (checked by shim through GRUB): each must carry an Authenticode
+# signature, or a Secure Boot machine refuses the ISO.
+SIGNED_FILES = ("/EFI/BOOT/BOOTX64.EFI", "/EFI/BOOT/grubx64.efi", "/mbrescue/vmlinuz")
+
+
+def _signed_chain(iso: pycdlib.PyCdlib, work: Path) -> str:
+    from .kit import authenticode_bytes
+
+    found = []
+    for rr_path in SIGNED_FILES:
+        local = work / rr_path.rsplit("/", 1)[1]
+        try:
+            iso.get_file_from_iso(str(local), rr_path=rr_path)
+        except pycdlib.pycdlibexception.PyCdlibException as exc:
+            raise MbrescueError(f"{rr_path} is missing ({exc})") from None
+        size = authenticode_bytes(local)
+        _require(size > 0, f"{rr_path} carries no signature")
+        found.append(f"{rr_path.rsplit('/', 1)[1]} ({size} signature bytes)")
+    return ", ".join(found)
 
 
 def _payload(iso: pycdlib.PyCdlib, work: Path, capture_sha256: str | None = None) -> str:

@@ -464,3 +464,22 @@ def test_two_builds_identical(built: iso.IsoReport, capture_file: Path, tmp_path
     time.sleep(max(0.0, 2.5 - (time.monotonic() - _built_at[0])))
     again = build_iso(tmp_path, tmp_path / "again.iso", capture_file, **TEST_TIMEOUTS)
     assert again.path.read_bytes() == built.path.read_bytes()
+
+
+def test_verify_refuses_an_unsigned_loader(built: iso.IsoReport, tmp_path: Path) -> None:
+    """The ISO tree's grubx64.efi with its Authenticode table removed (the certificate
+    directory entry zeroed in place): a Secure Boot machine would refuse it, so must verify."""
+    stripped = tmp_path / "stripped.iso"
+    shutil.copyfile(built.path, stripped)
+    reopened = pycdlib.PyCdlib()
+    reopened.open(str(built.path))
+    at = reopened.get_record(rr_path="/EFI/BOOT/grubx64.efi").extent_location() * 2048
+    reopened.close()
+    with open(stripped, "r+b") as stream:
+        stream.seek(at + 0x3C)
+        pe_at = struct.unpack("<I", stream.read(4))[0]
+        stream.seek(at + pe_at + 24 + 112 + 8 * 4)  # data directory 4: the certificate table
+        stream.write(bytes(8))
+    failed = {check.name: check.detail for check in verify.verify_iso(stripped) if not check.ok}
+    assert list(failed) == ["Secure Boot chain signed"], failed
+    assert "grubx64.efi carries no signature" in failed["Secure Boot chain signed"]
