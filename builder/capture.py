@@ -45,7 +45,7 @@ from .freeze import (
     stacked_device,
     stacked_mounts,
 )
-from .runner import bootfiles, capfile, mbr
+from .runner import bootfiles, capfile, filecopy, mbr
 from .runner.layout import Layout, Partition, read_layout
 from .runner.outputs import check_hostname, check_output_file
 
@@ -553,6 +553,8 @@ def _capture(options: CaptureOptions) -> CaptureResult:
                 watched = ([boot_mount] if boot_mount is not None else []) + others
                 region = _read_unfrozen(source, region_bytes, tar, mtime, options, watched)
             gpt_tail = _gpt_tail(source, layout, tar, mtime)
+            file_copies = _file_copies(source, layout, chain, tar, mtime,
+                                       region_spool if frozen_ok else None)
             if boot_mount is not None and to_freeze is not None:
                 if files_count is None:  # not freezable (vfat): the live files, as they are
                     files_spool = stack.enter_context(_spool(output.parent, region_bytes))
@@ -622,6 +624,7 @@ def _capture(options: CaptureOptions) -> CaptureResult:
                 "gpt_tail": gpt_tail,
                 "swap": _swap_records(layout),
                 "boot_files": boot_files,
+                "file_copies": file_copies,
                 "fingerprint": fingerprint,
             }
             capfile.write_manifest(tar, manifest, mtime)
@@ -805,3 +808,14 @@ def _fingerprint(source: Path, layout: Layout, chain: list[Partition], region_sp
                 f"{kernel['version']} on this system: restored, it would boot without its modules"
             )
     return record
+
+
+def _file_copies(source: Path, layout: Layout, chain: list[Partition], tar: capfile.TarWriter,
+                 mtime: int, spool: int | None) -> list[dict]:
+    """The file-level copy of each boot-chain file system (runner/filecopy.py), read from the
+    frozen region's spool when there is one (what was frozen), else from the source."""
+    sector = layout.disk.logical_sector_bytes
+    wanted = [(p.number, p.start_lba * sector, p.fs.type) for p in chain if p.fs is not None]
+    if spool is not None:
+        return filecopy.add_file_copies(tar, f"/proc/self/fd/{spool}", wanted, mtime, (spool,))
+    return filecopy.add_file_copies(tar, os.fspath(source), wanted, mtime)

@@ -126,6 +126,11 @@ def restore_command(
         int | None,
         typer.Option("--sector-size", help="Logical sector size of an image TARGET [512]."),
     ] = None,
+    files: Annotated[
+        bool,
+        typer.Option("--files", help="Take the file-level path (new table, file systems made "
+                     "again) even where the region path would do."),
+    ] = False,
 ) -> None:
     """Write a capture's boot region onto TARGET, after showing the plan and a typed yes."""
     from .runner.console import Console
@@ -134,7 +139,8 @@ def restore_command(
     console = Console.stdio()
     try:
         status = restore(
-            str(capture), str(target), console=console, assume_yes=yes, sector_bytes=sector_bytes
+            str(capture), str(target), console=console, assume_yes=yes, sector_bytes=sector_bytes,
+            files=files,
         )
     finally:
         console.close()

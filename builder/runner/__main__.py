@@ -36,6 +36,8 @@ def parser() -> argparse.ArgumentParser:
     direct.add_argument("--yes", action="store_true", help="do not ask (for scripts)")
     direct.add_argument("--sector-bytes", type=int, default=None,
                         help="logical sector size of an image file TARGET (default 512)")
+    direct.add_argument("--files", action="store_true",
+                        help="take the file-level path even where the region path would do")
     return top
 
 
@@ -65,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
                            options_path=args.options,
                            rerun=runner_rerun(args.capture, None, False))
         return restore(args.capture, args.target, console=console, assume_yes=args.yes,
-                       sector_bytes=args.sector_bytes,
+                       sector_bytes=args.sector_bytes, files=args.files,
                        rerun=runner_rerun(args.capture, args.sector_bytes, args.yes))
     except Interrupted as exc:
         console.error(str(exc))

@@ -263,6 +263,34 @@ class FingerprintRecord:
 
 
 @dataclass(frozen=True)
+class FileSystemParams:
+    """What it takes to make a boot-chain file system again (runner/filecopy.py)."""
+
+    type: str  # ext2 | ext3 | ext4 | vfat
+    uuid: str | None  # ext
+    label: str | None
+    block_bytes: int | None  # ext
+    inode_bytes: int | None  # ext
+    inode_count: int | None  # ext
+    features: tuple[str, ...]  # ext feature flags as dumpe2fs names them
+    fat_bits: int | None  # vfat: 12, 16 or 32
+    sector_bytes: int | None  # vfat
+    volume_id: str | None  # vfat, 8 hex digits
+    used_bytes: int  # what the files take (4 KiB blocks), for the size check
+
+
+@dataclass(frozen=True)
+class FileCopyRecord:
+    """A file-level copy of one boot-chain file system: a tar member and its parameters."""
+
+    partition: int
+    member: str
+    sha256: str
+    file_count: int
+    fs: FileSystemParams
+
+
+@dataclass(frozen=True)
 class Manifest:
     hostname: str
     created: str
@@ -284,6 +312,8 @@ class Manifest:
     # Optional (captures made before `check` existed have neither): what `check` compares.
     mbr_boot_code_sha256: str | None = None  # layout.mbr.boot_code_sha256: bytes 0..439
     fingerprint: FingerprintRecord | None = None
+    # Optional (captures before the file-level path have none): runner/filecopy.py.
+    file_copies: tuple[FileCopyRecord, ...] = ()
 
     def partition(self, number: int) -> PartitionRecord:
         for part in self.partitions:
@@ -370,6 +400,7 @@ def parse_manifest(data: Any) -> Manifest:
         raw=data,
         mbr_boot_code_sha256=_boot_code_sha256(layout),
         fingerprint=_fingerprint(top.opt_obj("fingerprint"), source, by_number),
+        file_copies=_file_copies(top, boot_chain),
     )
 
 
@@ -511,6 +542,53 @@ def _boot_files(fields: _Fields) -> BootFilesRecord:
         mountpoint=fields.opt_str("mountpoint"),
         reason=fields.opt_str("reason"),
     )
+
+
+FS_TYPES = ("ext2", "ext3", "ext4", "vfat")
+EXT_FEATURE_RE = re.compile(r"\^?[a-z0-9_]{1,40}")
+MEMBER_RE = re.compile(r"files-p[0-9]{1,5}\.tar\.gz")
+VOLUME_ID_RE = re.compile(r"[0-9A-F]{8}")
+
+
+def _file_copies(top: _Fields, boot_chain: tuple[int, ...]) -> tuple[FileCopyRecord, ...]:
+    records = []
+    for index, item in enumerate(top.items("file_copies", optional=True)):
+        fields = _Fields(item, f"file_copies[{index}]")
+        partition = fields.integer("partition", 1, 1 << 16)
+        if partition not in boot_chain:
+            raise _bad(fields._name("partition"), f"{partition} is not in the boot chain")
+        fs = fields.obj("fs")
+        kind = fs.text("type", choices=FS_TYPES)
+        features = tuple(str(f) for f in fs.items("features", optional=True))
+        for feature in features:
+            if not EXT_FEATURE_RE.fullmatch(feature):
+                raise _bad(fs._name("features"), f"{feature[:40]!r} is not well-formed")
+        ext = kind != "vfat"
+        params = FileSystemParams(
+            type=kind,
+            uuid=fs.text("uuid", UUID_RE) if ext else None,
+            label=fs.opt_str("label"),
+            block_bytes=fs.integer("block_bytes", 1024, 65536) if ext else None,
+            inode_bytes=fs.integer("inode_bytes", 128, 4096) if ext else None,
+            inode_count=fs.integer("inode_count", 16, 1 << 32) if ext else None,
+            features=features,
+            fat_bits=fs.integer("fat_bits", 12, 32) if not ext else None,
+            sector_bytes=fs.integer("sector_bytes", 512, 4096) if not ext else None,
+            volume_id=fs.text("volume_id", VOLUME_ID_RE) if not ext else None,
+            used_bytes=fs.integer("used_bytes"),
+        )
+        if params.label is not None and len(params.label) > 16:
+            raise _bad(fs._name("label"), "longer than 16 characters")
+        records.append(FileCopyRecord(
+            partition=partition,
+            member=fields.text("member", MEMBER_RE),
+            sha256=fields.text("sha256", SHA256_RE),
+            file_count=fields.integer("file_count", 0, 1 << 32),
+            fs=params,
+        ))
+    if len({r.partition for r in records}) != len(records):
+        raise _bad("file_copies", "a partition appears twice")
+    return tuple(records)
 
 
 FILE_TYPES = ("file", "symlink", "dir", "special")

@@ -29,6 +29,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
+from . import files_restore
 from .capfile import Capture
 from .cmdline import (
     OPTIONS_PATH,
@@ -177,6 +178,7 @@ def restore(
     options_path: str = OPTIONS_PATH,
     rerun: Callable[[str], list[str]] | None = None,
     disks: list[str] | None = None,
+    files: bool = False,
 ) -> int:
     """Restore the capture onto `target` (CLI) or onto a disk chosen in the rescue system.
 
@@ -194,7 +196,7 @@ def restore(
             return _restore(capture_path, target, console=console, assume_yes=assume_yes,
                             rescue=rescue, medium=medium, sector_bytes=sector_bytes,
                             switches=switches, options_path=options_path, disks=disks,
-                            writing=writing)
+                            writing=writing, files=files)
     except KeyboardInterrupt:
         if not writing:
             raise Interrupted("interrupted, nothing written") from None
@@ -217,6 +219,7 @@ def _restore(
     options_path: str,
     disks: list[str] | None,
     writing: list[str],
+    files: bool = False,
 ) -> int:
     if rescue and switches is None:
         switches = read_switches()
@@ -243,6 +246,9 @@ def _restore(
         refusal = base_refusal(disk, medium)
         if refusal:
             raise MbrescueError(f"refusing {disk.path}: {refusal}")
+        why = files_restore.why_files(capture.manifest, disk, files)
+        if why is not None:
+            return files_restore.run(capture, disk, why, console, assume_yes, writing)
         plan = plan_restore(capture, head, disk)
         identity_known = True
     else:

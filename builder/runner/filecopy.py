@@ -1,0 +1,181 @@
+"""The file-level copy of each boot-chain file system, read without changing it.
+
+The region path writes captured bytes back and so needs a disk of the same sector size
+that holds the region. The file-level path (runner/files_restore.py) needs instead what
+this module captures: every file of the `/boot` file system and of the ESP as a tar
+(owners, modes, times, symlinks), plus what it takes to make each file system again
+(type, UUID, label, block and inode size, ext feature flags; FAT type, sector size,
+volume id). The file systems are read with their own tools from the bytes at the
+partition's offset, never mounted: `debugfs -c` (catastrophic mode: opens read-only,
+never replays a journal) for ext2/3/4, `mcopy` for vfat, which this machine's kernel
+cannot mount. Both take an image file or block device plus a byte offset, so a mounted
+source, an unmounted disk and the capture's own spool of the frozen region all work.
+
+Known gaps of this first version: debugfs's `rdump` writes hard links as separate files
+and drops extended attributes (SELinux labels), so neither is in the tar yet.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import subprocess
+import tarfile
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from .errors import MbrescueError
+
+EXT_TYPES = ("ext2", "ext3", "ext4")
+COPY_TYPES = (*EXT_TYPES, "vfat")
+FAT_LABEL_NONE = "NO NAME"
+
+
+def member_name(partition: int) -> str:
+    return f"files-p{partition}.tar.gz"
+
+
+def _run(argv: Sequence[str], pass_fds: Sequence[int] = ()) -> str:
+    env = {"LANG": "C.UTF-8", "PATH": os.environ.get("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")}
+    try:
+        done = subprocess.run(list(argv), stdin=subprocess.DEVNULL, capture_output=True,
+                              text=True, env=env, pass_fds=tuple(pass_fds), check=False)
+    except FileNotFoundError as exc:
+        raise MbrescueError(f"{argv[0]} not found (Debian: e2fsprogs, mtools, dosfstools)"
+                            ) from exc
+    if done.returncode != 0:
+        detail = (done.stderr.strip() or done.stdout.strip()).splitlines()
+        raise MbrescueError(f"{argv[0]} failed: {detail[-1] if detail else done.returncode}")
+    return done.stdout
+
+
+# --- the parameters to make each file system again ------------------------------------
+
+
+def ext_params(image: str, offset_bytes: int, pass_fds: Sequence[int] = ()) -> dict[str, Any]:
+    """From `dumpe2fs -h` (e2fsprogs opens `FILE?offset=N` at that byte offset)."""
+    out = _run(["dumpe2fs", "-h", f"{image}?offset={offset_bytes}"], pass_fds)
+    fields: dict[str, str] = {}
+    for line in out.splitlines():
+        key, sep, value = line.partition(":")
+        if sep:
+            fields.setdefault(key.strip(), value.strip())
+    label = fields.get("Filesystem volume name", "")
+    features = fields.get("Filesystem features", "").split()
+    return {
+        "type": "ext4" if {"extent", "flex_bg", "64bit"} & set(features) else
+                ("ext3" if "has_journal" in features else "ext2"),
+        "uuid": fields["Filesystem UUID"],
+        "label": None if label in ("", "<none>") else label,
+        "block_bytes": int(fields["Block size"]),
+        "inode_bytes": int(fields.get("Inode size", "128")),
+        "inode_count": int(fields["Inode count"]),
+        "features": [f for f in features if f != "needs_recovery"],
+    }
+
+
+def fat_params(boot_sector: bytes) -> dict[str, Any]:
+    """From the FAT boot sector (BPB): sector size, FAT type, volume id, label."""
+    sector_bytes = int.from_bytes(boot_sector[11:13], "little")
+    fat16_sectors = int.from_bytes(boot_sector[22:24], "little")
+    fat32 = fat16_sectors == 0
+    ebpb = 0x40 if fat32 else 0x24
+    label = boot_sector[ebpb + 7 : ebpb + 18].decode("ascii", "replace").rstrip()
+    kind = boot_sector[ebpb + 18 : ebpb + 26].decode("ascii", "replace").strip()
+    bits = 32 if fat32 else (12 if kind == "FAT12" else 16)
+    volume_id = int.from_bytes(boot_sector[ebpb + 3 : ebpb + 7], "little")
+    return {
+        "type": "vfat",
+        "fat_bits": bits,
+        "sector_bytes": sector_bytes,
+        "volume_id": f"{volume_id:08X}",
+        "label": None if label in ("", FAT_LABEL_NONE) else label,
+    }
+
+
+# --- the files --------------------------------------------------------------------------
+
+
+def dump_tree(image: str, offset_bytes: int, fs_type: str, into: Path,
+              pass_fds: Sequence[int] = ()) -> None:
+    """Every file of the file system at offset_bytes into the (empty) directory `into`."""
+    if fs_type in EXT_TYPES:
+        # rdump, run as root, keeps modes, owners and times (debugfs's fix_perms).
+        _run(["debugfs", "-c", "-R", f"rdump / {os.fspath(into)}",
+              f"{image}?offset={offset_bytes}"], pass_fds)
+        shutil.rmtree(into / "lost+found", ignore_errors=True)
+    elif fs_type == "vfat":
+        _run(["mcopy", "-s", "-p", "-m", "-n", "-i", f"{image}@@{offset_bytes}", "::/",
+              os.fspath(into) + "/"], pass_fds)
+    else:
+        raise MbrescueError(f"no file-level copy for a {fs_type} file system yet")
+
+
+def _tree_bytes(root: Path) -> int:
+    total = 0
+    for folder, dirs, files in os.walk(root):
+        total += 4096 * (1 + len(dirs))
+        for name in files:
+            path = Path(folder) / name
+            if not path.is_symlink():
+                total += -(-path.stat().st_size // 4096) * 4096
+    return total
+
+
+def pack_tree(root: Path, out_path: Path) -> int:
+    """The tree as a gzip'd PAX tar (owners, modes, times, symlinks); returns the file count."""
+    count = 0
+    with tarfile.open(out_path, "w:gz", format=tarfile.PAX_FORMAT, compresslevel=6) as tar:
+        for folder, dirs, files in os.walk(root):
+            dirs.sort()
+            for name in sorted(dirs) + sorted(files):
+                path = Path(folder) / name
+                tar.add(path, arcname=os.fspath(path.relative_to(root)), recursive=False)
+                count += 1
+    return count
+
+
+def read_copy(image: str, partition: int, offset_bytes: int, fs_type: str, scratch: Path,
+              pass_fds: Sequence[int] = ()) -> tuple[dict[str, Any], Path]:
+    """The record (without sha256) and the tar file of one file system's file-level copy."""
+    if fs_type in EXT_TYPES:
+        params = ext_params(image, offset_bytes, pass_fds)
+    else:
+        with open(image, "rb") as stream:
+            stream.seek(offset_bytes)
+            params = fat_params(stream.read(512))
+    tree = scratch / f"tree-p{partition}"
+    tree.mkdir()
+    dump_tree(image, offset_bytes, fs_type, tree, pass_fds)
+    out = scratch / member_name(partition)
+    count = pack_tree(tree, out)
+    params["used_bytes"] = _tree_bytes(tree)
+    shutil.rmtree(tree)
+    record = {"partition": partition, "member": member_name(partition), "file_count": count,
+              "fs": params}
+    return record, out
+
+
+def add_file_copies(tar: Any, image: str, chain: Sequence[tuple[int, int, str]], mtime: int,
+                    pass_fds: Sequence[int] = ()) -> list[dict[str, Any]]:
+    """Each (partition, offset_bytes, fs type) of the chain with a copyable file system as a
+    member of the capture (`tar` is a capfile.TarWriter); the manifest's `file_copies`."""
+    records = []
+    with tempfile.TemporaryDirectory(prefix="mbrescue-files-") as scratch:
+        for partition, offset_bytes, fs_type in chain:
+            if fs_type not in COPY_TYPES:
+                continue
+            record, path = read_copy(image, partition, offset_bytes, fs_type, Path(scratch),
+                                     pass_fds)
+            digest = hashlib.sha256()
+            with open(path, "rb") as source, tar.member(record["member"], mtime) as stream:
+                while block := source.read(1 << 20):
+                    digest.update(block)
+                    stream.write(block)
+            record["sha256"] = digest.hexdigest()
+            records.append(record)
+            path.unlink()
+    return records

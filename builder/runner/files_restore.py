@@ -1,0 +1,556 @@
+"""The file-level restore path: a new table in the target's geometry, file systems made
+again with their captured UUIDs and labels, the captured files unpacked into them.
+
+The region path (plan.py, writer.py) writes the captured bytes back and so needs a disk
+with the captured logical sector size that holds the whole region. This path is for
+every other disk (a 4Kn replacement, a smaller one) and for `--files`. What it keeps:
+the table's kind, partition numbers, types, GPT disk and partition GUIDs and names,
+the msdos disk id and active flag (so `PARTUUID=` and NVRAM entries keep working);
+each partition's byte offset where it fits; each file system's UUID, label and
+features; swap's label and UUID. A boot-chain partition shrinks only when the target
+is too small, never below what its files need plus headroom; swap takes what remains.
+
+A BIOS boot loader is kept only when it can stay where it was: the MBR boot code, the
+post-MBR gap (GRUB 2's core) and a BIOS boot partition are written back at the same
+sectors when the sector size is the captured one and every boot-chain partition keeps
+its start (the core finds /boot by partition number and reads the file system, so a
+file system made again still works). Elsewhere a BIOS-only capture is refused; a UEFI
+capture boots from its ESP's files.
+
+Order of work (DESIGN.md's safety rules): checksums of the region and of every file copy
+verified, each file system built and checked (`e2fsck -fn`, `fsck.fat -n`, UUID and
+label read back) in a scratch directory — all before the plan is shown; after `yes`, what
+would make the disk look bootable is zeroed first, the rest written, read back past the
+page cache and compared, and only then sector 0, the primary GPT header and the file
+systems' first 64 KiB (their superblocks) are written and read back.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import struct
+import subprocess
+import tarfile
+import tempfile
+import zlib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from . import gpt, mbr, swap
+from .capfile import Capture
+from .console import Console, human_bytes
+from .disk import DiskInfo
+from .errors import MbrescueError
+from .filecopy import EXT_TYPES
+from .manifest import FileCopyRecord, Manifest, PartitionRecord, SwapRecord
+from .plan import SUPERBLOCK_SPAN_BYTES, describe_contents, disk_title
+from .writer import ReadBack
+
+MiB = 1 << 20
+ESP_GUID = "c12a7328-f81f-11d2-ba4b-00a0c93ec93b"
+BIOS_BOOT_GUID = "21686148-6449-6e6f-744e-656564454649"
+GPT_ENTRIES = 128
+GPT_ENTRY_BYTES = 128
+GPT_REVISION = 0x00010000
+# Headroom over what the files take: the file system's own metadata (inode tables,
+# the journal) is counted separately from the inode count.
+HEADROOM_BYTES = 8 * MiB
+MIN_SWAP_BYTES = 1 * MiB
+# FAT32 needs at least 65525 clusters; smaller volumes are FAT16 (or FAT12).
+FAT32_MIN_CLUSTERS = 65525
+FAT16_MAX_CLUSTERS = 65524
+COPY_BLOCK_BYTES = 4 * MiB
+
+
+@dataclass
+class NewPartition:
+    source: PartitionRecord
+    start_lba: int  # in the target's sectors
+    size_sectors: int
+    copy: FileCopyRecord | None = None
+    swap: SwapRecord | None = None
+    raw: bool = False  # a boot-chain partition without a file system (BIOS boot): copied
+
+
+@dataclass
+class FilesPlan:
+    target: DiskInfo
+    sector_bytes: int
+    table: str
+    why: str
+    partitions: list[NewPartition]
+    keep_boot_code: bool
+    adjusted: list[str] = field(default_factory=list)
+    recreated: list[str] = field(default_factory=list)
+    # Built in scratch: (byte offset on the target, image file) of each file system.
+    images: list[tuple[int, Path]] = field(default_factory=list)
+
+
+def why_files(manifest: Manifest, target: DiskInfo, forced: bool) -> str | None:
+    """Why the file-level path is taken for this target, or None for the region path."""
+    if target.logical_sector_bytes != manifest.source.logical_sector_bytes:
+        return (f"the target has {target.logical_sector_bytes}-byte logical sectors, the captured "
+                f"disk {manifest.source.logical_sector_bytes}-byte ones")
+    if target.size_bytes < manifest.region.length_bytes:
+        return (f"the target ({human_bytes(target.size_bytes)}) is smaller than the region "
+                f"({human_bytes(manifest.region.length_bytes)})")
+    if forced:
+        return "asked for (--files)"
+    return None
+
+
+def _need_bytes(copy: FileCopyRecord) -> int:
+    fs = copy.fs
+    inode_bytes = (fs.inode_count or 0) * (fs.inode_bytes or 0)
+    journal = 4 * MiB if "has_journal" in fs.features else 0
+    return fs.used_bytes * 5 // 4 + inode_bytes + journal + HEADROOM_BYTES
+
+
+def _align_up(value: int, unit: int) -> int:
+    return -(-value // unit) * unit
+
+
+def plan_files(capture: Capture, target: DiskInfo, why: str) -> FilesPlan:
+    """The new layout and every refusal, before anything is built or written."""
+    manifest = capture.manifest
+    old_sector = manifest.source.logical_sector_bytes
+    sector = target.logical_sector_bytes
+    chain = set(manifest.boot_chain)
+    has_esp = any(manifest.partition(n).type.lower() == ESP_GUID for n in chain)
+    if sector != 512 and not has_esp:
+        raise MbrescueError(f"refusing {target.path}: it has {sector}-byte logical sectors and "
+                            "this capture boots by BIOS only (no ESP), and BIOS cannot boot a "
+                            "4Kn disk; nothing written")
+    if any(p.is_extended or p.is_logical for p in manifest.partitions):
+        raise MbrescueError(f"refusing {target.path}: logical partitions are not yet supported "
+                            "on the file-level path; nothing written")
+    copies = {c.partition: c for c in manifest.file_copies}
+    swaps = {s.partition: s for s in manifest.swap}
+    for number in manifest.boot_chain:
+        part = manifest.partition(number)
+        if part.fs is not None and number not in copies:
+            raise MbrescueError(f"refusing {target.path}: the capture has no file-level copy of "
+                                f"partition {number} (made by an older mbrescue); take a new "
+                                "capture; nothing written")
+    total = target.size_sectors
+    entries_sectors = _align_up(GPT_ENTRIES * GPT_ENTRY_BYTES, sector) // sector
+    first_usable = 2 + entries_sectors if manifest.table == "gpt" else 1
+    last_usable = total - 2 - entries_sectors if manifest.table == "gpt" else total - 1
+    plan = FilesPlan(target, sector, manifest.table, why, [], keep_boot_code=False)
+    ordered = sorted(manifest.partitions, key=lambda p: p.start_lba)
+    chain_parts = [p for p in ordered if p.number in chain]
+    others = [p for p in ordered if p.number not in chain]
+    swap_reserve = sum(min(p.size_sectors * old_sector, max(MIN_SWAP_BYTES, target.size_bytes
+                                                            // 4)) for p in others)
+    cursor = first_usable
+    kept_starts = True
+    for index, part in enumerate(chain_parts):
+        start_bytes = part.start_lba * old_sector
+        start = max(_align_up(start_bytes, sector) // sector, cursor)
+        if start * sector != start_bytes:
+            kept_starts = False
+        size = part.size_sectors * old_sector // sector
+        rest_chain = [p for p in chain_parts[index + 1:]]
+        later_need = sum(_need_bytes(copies[p.number]) if p.number in copies
+                         else p.size_sectors * old_sector for p in rest_chain)
+        room = (last_usable + 1) * sector - swap_reserve - later_need - start * sector
+        if size * sector > room:
+            need = _need_bytes(copies[part.number]) if part.number in copies else size * sector
+            if room < need:
+                used = copies[part.number].fs.used_bytes if part.number in copies else need
+                raise MbrescueError(
+                    f"refusing {target.path}: partition {part.number}'s files "
+                    f"({human_bytes(used)}, {human_bytes(need)} with headroom) do not fit in "
+                    f"the {human_bytes(max(room, 0))} this disk leaves for it; nothing written")
+            new_size = room // MiB * MiB // sector
+            plan.adjusted.append(f"partition {part.number} shrunk from "
+                                 f"{human_bytes(size * sector)} to "
+                                 f"{human_bytes(new_size * sector)}")
+            size = new_size
+        plan.partitions.append(NewPartition(part, start, size, copy=copies.get(part.number),
+                                            raw=part.fs is None))
+        cursor = start + size
+    for part in others:
+        start_bytes = part.start_lba * old_sector
+        start = max(_align_up(start_bytes, sector) // sector, cursor)
+        if start > last_usable:
+            start = _align_up(cursor * sector, MiB) // sector
+        size = min(part.size_sectors * old_sector // sector, last_usable + 1 - start)
+        record = swaps.get(part.number)
+        if record is None:
+            raise MbrescueError(f"refusing {target.path}: partition {part.number} is neither in "
+                                "the boot chain nor swap, and the file-level path cannot "
+                                "restore it yet; nothing written")
+        if size * sector < max(MIN_SWAP_BYTES, swap.MIN_PAGES * record.page_bytes):
+            raise MbrescueError(f"refusing {target.path}: no room left for swap partition "
+                                f"{part.number}; nothing written")
+        if size != part.size_sectors * old_sector // sector or start * sector != start_bytes:
+            plan.adjusted.append(f"swap partition {part.number} at {human_bytes(start * sector)}"
+                                 f", {human_bytes(size * sector)} (captured: "
+                                 f"{human_bytes(start_bytes)}, "
+                                 f"{human_bytes(part.size_sectors * old_sector)})")
+        plan.partitions.append(NewPartition(part, start, size, swap=record))
+        cursor = start + size
+    plan.keep_boot_code = kept_starts and sector == old_sector
+    if not plan.keep_boot_code and not has_esp:
+        raise MbrescueError(f"refusing {target.path}: the boot chain's partitions cannot keep "
+                            "their sectors here, and re-making a BIOS boot loader elsewhere is "
+                            "not supported yet; nothing written")
+    if any(p.raw for p in plan.partitions) and not plan.keep_boot_code:
+        plan.adjusted.append("BIOS boot partition left empty (its core cannot move); the "
+                             "disk boots by UEFI only")
+    return plan
+
+
+# --- building the file systems in scratch ----------------------------------------------
+
+
+def _run(argv: list[str], ok: tuple[int, ...] = (0,)) -> str:
+    env = {"LANG": "C.UTF-8", "PATH": os.environ.get("PATH", "/usr/sbin:/usr/bin:/sbin:/bin"),
+           "MTOOLS_SKIP_CHECK": "1"}
+    try:
+        done = subprocess.run(argv, stdin=subprocess.DEVNULL, capture_output=True, text=True,
+                              env=env, check=False)
+    except FileNotFoundError as exc:
+        raise MbrescueError(f"{argv[0]} not found (Debian: e2fsprogs, dosfstools, mtools)"
+                            ) from exc
+    if done.returncode not in ok:
+        lines = (done.stderr.strip() or done.stdout.strip()).splitlines()
+        raise MbrescueError(f"{argv[0]} failed: {lines[-1] if lines else done.returncode}")
+    return done.stdout
+
+
+def _unpack(capture: Capture, copy: FileCopyRecord, into: Path) -> None:
+    member = capture.members.get(copy.member)
+    if member is None:
+        raise MbrescueError(f"{capture.path}: the capture has no {copy.member}")
+    packed = into.parent / copy.member
+    digest = hashlib.sha256()
+    with open(packed, "wb") as out:
+        for at in range(0, member.size, MiB):
+            block = capture.pread(min(MiB, member.size - at), member.offset + at)
+            digest.update(block)
+            out.write(block)
+    if digest.hexdigest() != copy.sha256:
+        raise MbrescueError(f"{capture.path}: checksum mismatch in {copy.member}; nothing written")
+    into.mkdir()
+    with tarfile.open(packed, "r:gz") as archive:
+        for info in archive:
+            name = Path(info.name)
+            if name.is_absolute() or ".." in name.parts:
+                raise MbrescueError(f"{copy.member}: unsafe path {info.name!r}")
+        # Checked above and sealed by its checksum: owners and modes are kept as captured.
+        archive.extractall(into, numeric_owner=True, filter="fully_trusted")
+    packed.unlink()
+
+
+def _blkid(image: Path) -> dict[str, str]:
+    out = _run(["blkid", "-p", "-o", "export", os.fspath(image)], ok=(0, 2))
+    return dict(line.split("=", 1) for line in out.splitlines() if "=" in line)
+
+
+def _make_ext(plan: FilesPlan, part: NewPartition, tree: Path, image: Path) -> None:
+    assert part.copy is not None
+    fs = part.copy.fs
+    block = fs.block_bytes or 4096
+    if block < plan.sector_bytes:
+        plan.adjusted.append(f"partition {part.source.number}: {fs.type} block size {block} -> "
+                             f"{plan.sector_bytes} (a block may not be smaller than a sector)")
+        block = plan.sector_bytes
+    size_bytes = part.size_sectors * plan.sector_bytes
+    features = ",".join(["none", *fs.features])
+    argv = ["mke2fs", "-F", "-q", "-t", fs.type, "-U", str(fs.uuid), "-b", str(block),
+            "-I", str(fs.inode_bytes), "-O", features, "-E", "lazy_itable_init=0,"
+            "lazy_journal_init=0", "-d", os.fspath(tree)]
+    if fs.inode_count:
+        argv += ["-N", str(fs.inode_count)]
+    if fs.label:
+        argv += ["-L", fs.label]
+    argv += [os.fspath(image), str(size_bytes // block)]
+    _run(argv)
+    _run(["e2fsck", "-fn", os.fspath(image)])
+
+
+def _make_vfat(plan: FilesPlan, part: NewPartition, tree: Path, image: Path) -> None:
+    assert part.copy is not None
+    fs = part.copy.fs
+    size_bytes = part.size_sectors * plan.sector_bytes
+    bits = fs.fat_bits or 32
+    if bits == 32 and size_bytes // plan.sector_bytes < FAT32_MIN_CLUSTERS + 64:
+        plan.adjusted.append(f"partition {part.source.number}: FAT32 -> FAT16 ("
+                             f"{plan.sector_bytes}-byte sectors leave too few clusters for FAT32)")
+        bits = 16
+    with open(image, "wb") as out:
+        out.truncate(size_bytes)
+    argv = ["mkfs.vfat", "-F", str(bits), "-S", str(plan.sector_bytes), "-i", str(fs.volume_id)]
+    if bits == 16:
+        # mkfs.fat's default cluster for large sectors leaves too few clusters for FAT16:
+        # the smallest cluster that keeps the count under FAT16's limit.
+        sectors = size_bytes // plan.sector_bytes
+        per_cluster = 1
+        while sectors // per_cluster > FAT16_MAX_CLUSTERS:
+            per_cluster *= 2
+        argv += ["-s", str(per_cluster)]
+    if fs.label:
+        argv += ["-n", fs.label]
+    _run([*argv, os.fspath(image)])
+    entries = sorted(os.fspath(path) for path in tree.iterdir())
+    if entries:
+        _run(["mcopy", "-s", "-p", "-m", "-Q", "-i", os.fspath(image), *entries, "::/"])
+    _run(["fsck.fat", "-n", os.fspath(image)])
+
+
+def build_images(capture: Capture, plan: FilesPlan, scratch: Path) -> None:
+    """Each boot-chain file system made in scratch, checked, its UUID and label read back."""
+    for part in plan.partitions:
+        if part.copy is None:
+            continue
+        fs = part.copy.fs
+        tree = scratch / f"tree-p{part.source.number}"
+        _unpack(capture, part.copy, tree)
+        image = scratch / f"fs-p{part.source.number}.img"
+        if fs.type in EXT_TYPES:
+            _make_ext(plan, part, tree, image)
+            want = {"UUID": str(fs.uuid), "LABEL": fs.label or ""}
+        else:
+            _make_vfat(plan, part, tree, image)
+            vid = str(fs.volume_id)
+            want = {"UUID": f"{vid[:4]}-{vid[4:]}", "LABEL": fs.label or ""}
+        shutil.rmtree(tree)
+        found = _blkid(image)
+        for key, value in want.items():
+            if found.get(key, "") != value:
+                raise MbrescueError(f"partition {part.source.number}: made with {key} "
+                                    f"{found.get(key)!r}, not {value!r}; nothing written")
+        plan.recreated.append(f"partition {part.source.number}: {fs.type} UUID "
+                              f"{want['UUID']}" + (f" label {fs.label!r}" if fs.label else "")
+                              + f", {part.copy.file_count} files")
+        plan.images.append((part.start_lba * plan.sector_bytes, image))
+    for part in plan.partitions:
+        if part.swap is not None:
+            plan.recreated.append(f"swap on partition {part.source.number}: UUID "
+                                  f"{part.swap.uuid}" + (f" label {part.swap.label!r}"
+                                                         if part.swap.label else ""))
+
+
+# --- the partition table ------------------------------------------------------------------
+
+
+def _mbr_sector(capture: Capture, plan: FilesPlan, entries: list[bytes]) -> bytes:
+    sector = bytearray(512)
+    if plan.keep_boot_code:
+        sector[:440] = capture.read_region(0, 440)
+    if plan.table == "msdos":
+        sector[440:444] = struct.pack("<I", int(capture.manifest.disk_id, 16))
+    for index, entry in enumerate(entries[:4]):
+        sector[446 + 16 * index : 462 + 16 * index] = entry
+    sector[510:512] = b"\x55\xaa"
+    return bytes(sector) + bytes(plan.sector_bytes - 512)
+
+
+def table_writes(capture: Capture, plan: FilesPlan) -> tuple[list[tuple[int, bytes]],
+                                                              list[tuple[int, bytes]]]:
+    """(offset, bytes) of the table: written with the rest, and written last."""
+    sector = plan.sector_bytes
+    total = plan.target.size_sectors
+    if plan.table == "msdos":
+        entries = [bytes(16)] * 4
+        for part in plan.partitions:
+            number = part.source.number
+            entries[number - 1] = mbr.encode_entry(0x80 if part.source.bootable else 0,
+                                                   int(part.source.type, 16), part.start_lba,
+                                                   part.size_sectors)
+        return [], [(0, _mbr_sector(capture, plan, entries))]
+    array = bytearray(GPT_ENTRIES * GPT_ENTRY_BYTES)
+    for part in plan.partitions:
+        name = (part.source.name or "").encode("utf-16-le")[:72]
+        entry = (gpt.parse_guid(part.source.type) + gpt.parse_guid(part.source.guid or "")
+                 + struct.pack("<QQQ", part.start_lba, part.start_lba + part.size_sectors - 1,
+                               4 if part.source.bootable else 0) + name.ljust(72, b"\0"))
+        at = (part.source.number - 1) * GPT_ENTRY_BYTES
+        array[at : at + GPT_ENTRY_BYTES] = entry
+    entries_sectors = _align_up(len(array), sector) // sector
+    padded = bytes(array).ljust(entries_sectors * sector, b"\0")
+    entries_crc = zlib.crc32(bytes(array)) & 0xFFFFFFFF
+    last = total - 1
+
+    def header(my_lba: int, alternate: int, entries_lba: int) -> bytes:
+        raw = bytearray(sector)
+        struct.pack_into("<8sIIIIQQQQ16sQIII", raw, 0, b"EFI PART", GPT_REVISION, 92, 0, 0,
+                         my_lba, alternate, 2 + entries_sectors, last - 1 - entries_sectors,
+                         gpt.parse_guid(capture.manifest.disk_id), entries_lba, GPT_ENTRIES,
+                         GPT_ENTRY_BYTES, entries_crc)
+        struct.pack_into("<I", raw, 16, gpt.header_crc(bytes(raw), 92))
+        return bytes(raw)
+
+    protective = mbr.encode_entry(0, 0xEE, 1, min(total - 1, 0xFFFFFFFF))
+    early = [((last - entries_sectors) * sector, padded), (last * sector, header(last, 1,
+                                                               last - entries_sectors)),
+             (2 * sector, padded)]
+    final = [(0, _mbr_sector(capture, plan, [protective]) + header(1, last, 2))]
+    return early, final
+
+
+# --- showing, writing, verifying -----------------------------------------------------------
+
+
+def show_files_plan(console: Console, plan: FilesPlan) -> None:
+    console.say(f"Target {disk_title(plan.target)}")
+    console.say("  It holds now:")
+    for line in describe_contents(plan.target):
+        console.say("    " + line)
+    console.say(f"  Restore path: file-level path, because {plan.why}")
+    console.say(f"  New {plan.table} table, {plan.sector_bytes}-byte sectors (captured numbers, "
+                "types, GUIDs and disk id):")
+    for part in plan.partitions:
+        what = (part.copy.fs.type if part.copy else "swap" if part.swap else "raw copy"
+                if plan.keep_boot_code else "left empty")
+        console.say(f"    partition {part.source.number}: sectors {part.start_lba}.."
+                    f"{part.start_lba + part.size_sectors - 1} "
+                    f"({human_bytes(part.size_sectors * plan.sector_bytes)}), {what}")
+    for line in plan.adjusted:
+        console.say("  Will adjust: " + line)
+    for line in plan.recreated:
+        console.say("  Will recreate: " + line)
+    if plan.keep_boot_code:
+        console.say("  Will write back: the MBR boot code and the boot loader's sectors as "
+                    "captured")
+    console.say("  Written last, once the rest reads back right (until then the disk does not "
+                "look bootable): sector 0" + (" and the primary GPT header" if plan.table ==
+                                              "gpt" else "") + ", the file systems' superblocks")
+
+
+def _boot_loader_writes(capture: Capture, plan: FilesPlan) -> list[tuple[int, bytes]]:
+    """The post-MBR gap (msdos) and BIOS boot partitions, as captured, when they stay put."""
+    if not plan.keep_boot_code:
+        return []
+    writes = []
+    sector = plan.sector_bytes
+    if plan.table == "msdos":
+        first = min(p.start_lba for p in plan.partitions)
+        if first > 1:
+            writes.append((sector, capture.read_region(sector, (first - 1) * sector)))
+    for part in plan.partitions:
+        if part.raw:
+            length = part.source.size_sectors * sector
+            writes.append((part.start_lba * sector, capture.read_region(
+                part.source.start_lba * sector, length)))
+    return writes
+
+
+def _pwrite_all(fd: int, data: bytes, offset: int, path: str) -> None:
+    view = memoryview(data)
+    try:
+        while view:
+            written = os.pwrite(fd, view, offset)
+            view, offset = view[written:], offset + written
+    except OSError as exc:
+        raise MbrescueError(f"write error on {path} at byte {offset}: {exc.strerror}") from exc
+
+
+def _image_pieces(offset: int, image: Path, skip_head: bool) -> list[tuple[int, bytes]]:
+    pieces = []
+    size = image.stat().st_size
+    head = SUPERBLOCK_SPAN_BYTES
+    with open(image, "rb") as stream:
+        start = head if skip_head else 0
+        end = size if skip_head else head
+        for at in range(start, end, COPY_BLOCK_BYTES):
+            stream.seek(at)
+            pieces.append((offset + at, stream.read(min(COPY_BLOCK_BYTES, end - at))))
+    return pieces
+
+
+def _write_and_verify(fd: int, plan: FilesPlan, writes: list[tuple[int, bytes]],
+                      what: str) -> None:
+    for offset, data in writes:
+        _pwrite_all(fd, data, offset, plan.target.path)
+    os.fsync(fd)
+    reader = ReadBack(plan.target.path, plan.target.kind)
+    try:
+        for offset, data in writes:
+            if reader.read(offset, len(data)) != data:
+                raise MbrescueError(f"{plan.target.path}: {what} at byte {offset} did not read "
+                                    "back as written; the restore is incomplete")
+    finally:
+        reader.close()
+
+
+def execute(capture: Capture, plan: FilesPlan, console: Console) -> None:
+    sector = plan.sector_bytes
+    flags = os.O_RDWR | os.O_CLOEXEC | (os.O_EXCL if plan.target.kind == "block" else 0)
+    try:
+        fd = os.open(plan.target.path, flags)
+    except OSError as exc:
+        raise MbrescueError(f"cannot open {plan.target.path} for writing: {exc.strerror}"
+                            ) from exc
+    try:
+        early_table, final_table = table_writes(capture, plan)
+        # What makes the disk look bootable goes first as zeros, last as data (rule 6).
+        heads = [(offset, bytes(SUPERBLOCK_SPAN_BYTES)) for offset, _ in plan.images]
+        _write_and_verify(fd, plan, [(0, bytes(sector * (2 if plan.table == "gpt" else 1))),
+                                     *heads], "the cleared start")
+        rest: list[tuple[int, bytes]] = []
+        for offset, image in plan.images:
+            rest += _image_pieces(offset, image, skip_head=True)
+        for part in plan.partitions:
+            if part.swap is not None:
+                page = swap.make_swap_header(part.size_sectors * sector, part.swap.page_bytes,
+                                             part.swap.uuid, part.swap.label)
+                rest.append((part.start_lba * sector, page))
+        rest += _boot_loader_writes(capture, plan) + early_table
+        console.say(f"mbrescue: writing {sum(len(d) for _, d in rest)} bytes ...")
+        _write_and_verify(fd, plan, rest, "the data")
+        last: list[tuple[int, bytes]] = []
+        for offset, image in plan.images:
+            last += _image_pieces(offset, image, skip_head=False)
+        _write_and_verify(fd, plan, last + final_table, "the superblocks and table")
+    finally:
+        os.close(fd)
+    check_target(plan)
+
+
+def check_target(plan: FilesPlan) -> None:
+    """The written file systems judged on the target itself: e2fsck -fn, UUIDs and labels."""
+    for part in plan.partitions:
+        if part.copy is None:
+            continue
+        offset = part.start_lba * plan.sector_bytes
+        if part.copy.fs.type in EXT_TYPES:
+            _run(["e2fsck", "-fn", f"{plan.target.path}?offset={offset}"])
+        found = _run(["blkid", "-p", "-o", "export", "-O", str(offset), plan.target.path],
+                     ok=(0, 2))
+        vid = str(part.copy.fs.volume_id)
+        want = part.copy.fs.uuid or f"{vid[:4]}-{vid[4:]}"
+        if f"UUID={want}" not in found.splitlines():
+            raise MbrescueError(f"{plan.target.path}: partition {part.source.number} does not "
+                                f"read back with UUID {want}")
+
+
+
+def run(capture: Capture, target: DiskInfo, why: str, console: Console, assume_yes: bool,
+        writing: list[str]) -> int:
+    """The whole file-level restore onto target, after the capture's checksums were verified
+    (restore.py): plan, build in scratch, show, ask, write, verify."""
+    plan = plan_files(capture, target, why)
+    with tempfile.TemporaryDirectory(prefix="mbrescue-restore-") as scratch:
+        console.say("mbrescue: file-level path: making the file systems in a scratch "
+                    "directory ...")
+        build_images(capture, plan, Path(scratch))
+        show_files_plan(console, plan)
+        if not assume_yes:
+            answer = console.ask(f"Type yes to write {target.path} (a new partition table and "
+                                 "file systems; everything on it is lost): ")
+            if answer != "yes":
+                raise MbrescueError("aborted, nothing written")
+        writing.append(target.path)
+        execute(capture, plan, console)
+    for line in plan.adjusted:
+        console.say("mbrescue: adjusted: " + line)
+    for line in plan.recreated:
+        console.say("mbrescue: recreated: " + line)
+    console.say(f"mbrescue: restore complete: {target.path} holds the boot chain of "
+                f"{capture.manifest.hostname} (file-level path)")
+    return 0

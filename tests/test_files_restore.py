@@ -1,0 +1,158 @@
+"""The file-level restore path on image files: fixture A onto a disk smaller than its region
+(SeaBIOS boots it), fixture D onto a blank 4Kn disk (OVMF boots it from a 4Kn virtio disk),
+judged by sfdisk, sgdisk, blkid and e2fsck; refusals leave the target untouched."""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from builder.fixtures import boot_to_marker
+from builder.runner import files_restore
+from builder.runner import restore as runner
+from builder.runner.capfile import Capture
+from builder.runner.console import Console, Terminal
+from builder.runner.disk import disk_info
+from builder.runner.errors import MbrescueError
+from builder.runner.manifest import parse_manifest
+
+from .conftest import ROOT, sh, sha256_of
+
+MiB = 1 << 20
+
+
+def quiet_console() -> tuple[Console, io.StringIO]:
+    out = io.StringIO()
+    return Console([Terminal("test", -1, None, False, out_stream=out)],
+                   error_stream=io.StringIO()), out
+
+
+def make_target(path: Path, size_bytes: int, fill: str = "zero") -> Path:
+    with open(path, "wb") as stream:
+        if fill == "random":
+            stream.write(os.urandom(size_bytes))
+        else:
+            stream.truncate(size_bytes)
+    return path
+
+
+def restore_files(capture: Path, target: Path, **kwargs) -> str:
+    console, out = quiet_console()
+    assert runner.restore(str(capture), str(target), console=console, assume_yes=True,
+                          **kwargs) == 0
+    text = out.getvalue()
+    assert "mbrescue: restore complete" in text.splitlines()[-1], text
+    return text
+
+
+def runner_cli(*args: object) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "builder.runner", *map(str, args)], cwd=ROOT,
+                          capture_output=True, text=True, stdin=subprocess.DEVNULL, check=False)
+
+
+def blkid_at(image: Path, offset: int) -> dict[str, str]:
+    out = sh("blkid", "-p", "-o", "export", "-O", str(offset), image)
+    return dict(line.split("=", 1) for line in out.splitlines() if "=" in line)
+
+
+def test_capture_holds_a_file_copy_of_each_boot_chain_file_system(captures):
+    manifest = Capture.open(str(captures["D"])).manifest
+    by_partition = {c.partition: c for c in manifest.file_copies}
+    assert set(by_partition) == {1, 2}
+    esp, boot = by_partition[1].fs, by_partition[2].fs
+    assert (esp.type, esp.volume_id, esp.label, esp.fat_bits) == ("vfat", "5CA1AB1D", "ESP", 32)
+    assert (boot.type, boot.uuid, boot.label) == ("ext4", "0d0d0d0d-b007-4d00-8000-00000000000d",
+                                                  "boot")
+    assert "metadata_csum" in boot.features and boot.inode_bytes == 256
+    assert by_partition[2].file_count > 100
+
+
+def test_old_manifest_without_file_copies_still_parses(captures):
+    raw = json.loads(json.dumps(Capture.open(str(captures["A"])).manifest.raw))
+    del raw["file_copies"]
+    assert parse_manifest(raw).file_copies == ()
+
+
+def test_a_onto_a_disk_smaller_than_its_region_boots(fixtures, captures, tmp_path):
+    fx = fixtures["A"]
+    target = make_target(tmp_path / "small.img", 56 * MiB, "random")
+    assert target.stat().st_size < fx.region_end_sectors * 512
+    text = restore_files(captures["A"], target)
+    assert "Restore path: file-level path, because the target (56.0 MiB) is smaller than the " \
+           "region" in text
+    dump = sh("sfdisk", "--dump", target)
+    assert "label-id: 0x5ca1ab1a" in dump
+    assert "start=          63" in dump and "bootable" in dump
+    boot = blkid_at(target, 63 * 512)
+    assert (boot["UUID"], boot["LABEL"], boot["TYPE"]) == (fx.boot_fs_uuid, "/boot", "ext3")
+    sh("e2fsck", "-fn", f"{target}?offset={63 * 512}")
+    swap_start = int(dump.split("img2 : start=")[1].split(",")[0])
+    swap = blkid_at(target, swap_start * 512)
+    assert (swap["UUID"], swap["LABEL"], swap["TYPE"]) == (fx.swap_uuid, fx.swap_label, "swap")
+    # The MBR boot code and GRUB's core in the gap, as captured.
+    assert sha256_of(target, 440) == sha256_of(fx.path, 440)
+    assert sha256_of(target, 62 * 512, 512) == sha256_of(fx.path, 62 * 512, 512)
+    boot_to_marker(target, fx)
+
+
+def test_d_onto_a_blank_4kn_disk_boots_under_ovmf(fixtures, captures, tmp_path):
+    fx = fixtures["D"]
+    target = make_target(tmp_path / "4kn.img", fx.path.stat().st_size)
+    text = restore_files(captures["D"], target, sector_bytes=4096)
+    assert "file-level path, because the target has 4096-byte logical sectors" in text
+    assert "FAT32 -> FAT16" in text
+    loop = sh("losetup", "-f", "--show", "-b", "4096", target).strip()
+    try:
+        verify = sh("sgdisk", "-v", loop)
+        dump = sh("sfdisk", "--dump", loop)
+    finally:
+        sh("losetup", "-d", loop)
+    assert "No problems found" in verify, verify
+    assert "label-id: 0D0D0D0D-0000-4D00-8000-00000000000D" in dump
+    assert "sector-size: 4096" in dump
+    starts = {int(line.split(" : ")[0][-1]): int(line.split("start=")[1].split(",")[0])
+              for line in dump.splitlines() if " : start=" in line}
+    assert "uuid=0D000002-0000-4D00-8000-00000000000D" in dump
+    # Byte offsets kept: 1 MiB and 41 MiB as on the 512-byte source.
+    assert starts[1] * 4096 == 2048 * 512 and starts[2] * 4096 == 83968 * 512
+    esp = blkid_at(target, starts[1] * 4096)
+    assert (esp["UUID"], esp["TYPE"]) == ("5CA1-AB1D", "vfat")
+    boot = blkid_at(target, starts[2] * 4096)
+    assert boot["UUID"] == fx.boot_fs_uuid
+    swap = blkid_at(target, starts[3] * 4096)
+    assert (swap["UUID"], swap["LABEL"]) == (fx.swap_uuid, fx.swap_label)
+    boot_to_marker(target, fx, logical_block_bytes=4096)
+
+
+def test_refuses_when_the_files_do_not_fit(captures, tmp_path):
+    target = make_target(tmp_path / "tiny.img", 24 * MiB, "random")
+    before = sha256_of(target)
+    result = runner_cli("restore", "--yes", captures["A"], target)
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert result.stderr.startswith("mbrescue: error: refusing"), result.stderr
+    assert "do not fit" in result.stderr and "nothing written" in result.stderr
+    assert sha256_of(target) == before
+
+
+def test_refuses_a_bios_only_capture_onto_4kn(captures, tmp_path):
+    target = make_target(tmp_path / "4kn.img", 100 * MiB, "random")
+    before = sha256_of(target)
+    result = runner_cli("restore", "--yes", "--sector-bytes", "4096", captures["A"], target)
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert "BIOS cannot boot a 4Kn disk" in result.stderr, result.stderr
+    assert sha256_of(target) == before
+
+
+def test_refuses_a_capture_without_a_file_level_copy(captures, tmp_path):
+    target = make_target(tmp_path / "small.img", 56 * MiB, "random")
+    capture = Capture.open(str(captures["A"]))
+    capture.manifest = dataclasses.replace(capture.manifest, file_copies=())
+    with pytest.raises(MbrescueError, match="no file-level copy of partition 1"):
+        files_restore.plan_files(capture, disk_info(str(target)), "test")
