@@ -156,3 +156,25 @@ def test_refuses_a_capture_without_a_file_level_copy(captures, tmp_path):
     capture.manifest = dataclasses.replace(capture.manifest, file_copies=())
     with pytest.raises(MbrescueError, match="no file-level copy of partition 1"):
         files_restore.plan_files(capture, disk_info(str(target)), "test")
+
+
+@pytest.mark.parametrize("name", ["A", "D"])
+def test_forced_files_onto_a_same_size_disk_boots(fixtures, captures, tmp_path, name):
+    fx = fixtures[name]
+    target = make_target(tmp_path / "same.img", fx.path.stat().st_size, "random")
+    text = restore_files(captures[name], target, files=True)
+    assert "file-level path, because asked for (--files)" in text
+    assert "Will adjust" not in text  # same disk size and sectors: nothing moves
+    if fx.table == "gpt":
+        assert "No problems found" in sh("sgdisk", "-v", target)
+    boot_to_marker(target, fx)
+
+
+def test_cli_files_switch_reaches_the_file_level_path(captures, tmp_path):
+    target = make_target(tmp_path / "same.img", 100 * MiB)
+    result = subprocess.run([sys.executable, "-m", "builder.cli", "restore", "--files",
+                             str(captures["A"]), str(target)], cwd=ROOT, capture_output=True,
+                            text=True, input="no\n", check=False)
+    assert "Restore path: file-level path, because asked for (--files)" in result.stdout, result
+    assert "mbrescue: error: aborted, nothing written" in result.stderr
+    assert sha256_of(target) == sha256_of(make_target(tmp_path / "blank.img", 100 * MiB))
