@@ -10,6 +10,7 @@ import json
 import os
 import subprocess
 import sys
+import tarfile
 from pathlib import Path
 
 import pytest
@@ -178,3 +179,40 @@ def test_cli_files_switch_reaches_the_file_level_path(captures, tmp_path):
     assert "Restore path: file-level path, because asked for (--files)" in result.stdout, result
     assert "mbrescue: error: aborted, nothing written" in result.stderr
     assert sha256_of(target) == sha256_of(make_target(tmp_path / "blank.img", 100 * MiB))
+
+
+def test_file_copy_keeps_hard_links_and_extended_attributes(tmp_path):
+    """An ext4 image holding a hard link and a security.selinux label, read by the ro,noload
+    loop mount: the tar keeps both, and mke2fs -d from the unpacked tree keeps the label."""
+    from builder.runner import filecopy
+
+    tree = tmp_path / "tree"
+    (tree / "grub").mkdir(parents=True)
+    (tree / "vmlinuz").write_bytes(b"kernel" * 1000)
+    os.link(tree / "vmlinuz", tree / "vmlinuz.old")
+    (tree / "grub" / "grub.cfg").write_text("menuentry x {}\n")
+    os.setxattr(tree / "vmlinuz", "security.selinux", b"system_u:object_r:boot_t:s0\0")
+    os.symlink("vmlinuz", tree / "vmlinuz.link")
+    image = tmp_path / "fs.img"
+    sh("mke2fs", "-q", "-F", "-t", "ext4", "-d", tree, image, "8M")
+    before = sha256_of(image)
+    record, packed = filecopy.read_copy(os.fspath(image), 1, 0, "ext4", tmp_path)
+    assert sha256_of(image) == before  # read without changing it
+    assert record["fs"]["read_with"] == "ro,noload loop mount"
+    with tarfile.open(packed) as archive:
+        members = {m.name: m for m in archive.getmembers()}
+        assert members["vmlinuz.old"].islnk() and members["vmlinuz.old"].linkname == "vmlinuz"
+        assert members["vmlinuz.link"].issym()
+        assert filecopy.xattrs_of(members["vmlinuz"]) == {
+            "security.selinux": b"system_u:object_r:boot_t:s0\0"}
+        assert "lost+found" not in members
+        unpacked = tmp_path / "unpacked"
+        archive.extractall(unpacked, numeric_owner=True, filter="fully_trusted")
+        for info in archive.getmembers():
+            for key, value in filecopy.xattrs_of(info).items():
+                os.setxattr(unpacked / info.name, key, value, follow_symlinks=False)
+    again = tmp_path / "again.img"
+    sh("mke2fs", "-q", "-F", "-t", "ext4", "-d", unpacked, again, "8M")
+    listed = sh("debugfs", "-R", "ea_list /vmlinuz", again)
+    assert "selinux" in listed and "boot_t" in listed
+    assert "Links: 2" in sh("debugfs", "-R", "stat /vmlinuz", again)

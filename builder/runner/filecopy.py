@@ -11,19 +11,24 @@ never replays a journal) for ext2/3/4, `mcopy` for vfat, which this machine's ke
 cannot mount. Both take an image file or block device plus a byte offset, so a mounted
 source, an unmounted disk and the capture's own spool of the frozen region all work.
 
-Known gaps of this first version: debugfs's `rdump` writes hard links as separate files
-and drops extended attributes (SELinux labels), so neither is in the tar yet.
+For ext2/3/4 the first choice is a read-only loop device at the partition's offset,
+mounted `ro,noload` (no journal replay: nothing is written to the source): the tar then
+keeps hard links and extended attributes (PAX `SCHILY.xattr.*` records, as GNU tar and
+bsdtar write them; `security.selinux` labels matter on RHEL-family /boot). Where that
+cannot run (no loop devices), `debugfs -c -R rdump`, which keeps modes, owners and
+times but writes hard links as separate files and drops extended attributes.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import shutil
 import subprocess
 import tarfile
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +37,7 @@ from .errors import MbrescueError
 EXT_TYPES = ("ext2", "ext3", "ext4")
 COPY_TYPES = (*EXT_TYPES, "vfat")
 FAT_LABEL_NONE = "NO NAME"
+XATTR_PREFIX = "SCHILY.xattr."
 
 
 def member_name(partition: int) -> str:
@@ -114,6 +120,30 @@ def dump_tree(image: str, offset_bytes: int, fs_type: str, into: Path,
         raise MbrescueError(f"no file-level copy for a {fs_type} file system yet")
 
 
+@contextlib.contextmanager
+def mounted_ro(image: str, offset_bytes: int, fs_type: str,
+               pass_fds: Sequence[int] = ()) -> Iterator[Path | None]:
+    """The ext file system at offset_bytes mounted read-only without journal replay, on a
+    read-only loop device; None when this machine cannot (then debugfs does the work)."""
+    with contextlib.ExitStack() as stack:
+        try:
+            loop = _run(["losetup", "--find", "--show", "--read-only", "--offset",
+                         str(offset_bytes), image], pass_fds).strip()
+        except MbrescueError:
+            yield None
+            return
+        stack.callback(_run, ["losetup", "--detach", loop])
+        where = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="mbrescue-ro-")))
+        try:
+            _run(["mount", "-t", "ext4" if fs_type != "ext2" else "ext2", "-o",
+                  "ro,noload,nodev,nosuid,noexec", loop, os.fspath(where)])
+        except MbrescueError:
+            yield None
+            return
+        stack.callback(_run, ["umount", os.fspath(where)])
+        yield where
+
+
 def _tree_bytes(root: Path) -> int:
     total = 0
     for folder, dirs, files in os.walk(root):
@@ -133,9 +163,27 @@ def pack_tree(root: Path, out_path: Path) -> int:
             dirs.sort()
             for name in sorted(dirs) + sorted(files):
                 path = Path(folder) / name
-                tar.add(path, arcname=os.fspath(path.relative_to(root)), recursive=False)
+                if path.name == "lost+found" and path.parent == root:
+                    continue  # mke2fs makes its own
+                info = tar.gettarinfo(path, arcname=os.fspath(path.relative_to(root)))
+                info.pax_headers = {
+                    XATTR_PREFIX + key: os.getxattr(path, key, follow_symlinks=False).decode(
+                        "utf-8", "surrogateescape")
+                    for key in os.listxattr(path, follow_symlinks=False)
+                }
+                if info.isreg():
+                    with open(path, "rb") as stream:
+                        tar.addfile(info, stream)
+                else:
+                    tar.addfile(info)
                 count += 1
     return count
+
+
+def xattrs_of(info: tarfile.TarInfo) -> dict[str, bytes]:
+    """The extended attributes a member carries (written by pack_tree)."""
+    return {key[len(XATTR_PREFIX):]: value.encode("utf-8", "surrogateescape")
+            for key, value in info.pax_headers.items() if key.startswith(XATTR_PREFIX)}
 
 
 def read_copy(image: str, partition: int, offset_bytes: int, fs_type: str, scratch: Path,
@@ -147,13 +195,19 @@ def read_copy(image: str, partition: int, offset_bytes: int, fs_type: str, scrat
         with open(image, "rb") as stream:
             stream.seek(offset_bytes)
             params = fat_params(stream.read(512))
-    tree = scratch / f"tree-p{partition}"
-    tree.mkdir()
-    dump_tree(image, offset_bytes, fs_type, tree, pass_fds)
     out = scratch / member_name(partition)
-    count = pack_tree(tree, out)
-    params["used_bytes"] = _tree_bytes(tree)
-    shutil.rmtree(tree)
+    with contextlib.ExitStack() as stack:
+        tree = (stack.enter_context(mounted_ro(image, offset_bytes, fs_type, pass_fds))
+                if fs_type in EXT_TYPES else None)
+        params["read_with"] = "ro,noload loop mount" if tree is not None else (
+            "debugfs rdump" if fs_type in EXT_TYPES else "mtools")
+        if tree is None:
+            tree = scratch / f"tree-p{partition}"
+            tree.mkdir()
+            stack.callback(shutil.rmtree, tree)
+            dump_tree(image, offset_bytes, fs_type, tree, pass_fds)
+        count = pack_tree(tree, out)
+        params["used_bytes"] = _tree_bytes(tree)
     record = {"partition": partition, "member": member_name(partition), "file_count": count,
               "fs": params}
     return record, out

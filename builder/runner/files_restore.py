@@ -43,7 +43,7 @@ from .capfile import Capture
 from .console import Console, human_bytes
 from .disk import DiskInfo
 from .errors import MbrescueError
-from .filecopy import EXT_TYPES
+from .filecopy import EXT_TYPES, xattrs_of
 from .manifest import FileCopyRecord, Manifest, PartitionRecord, SwapRecord
 from .plan import SUPERBLOCK_SPAN_BYTES, describe_contents, disk_title
 from .writer import ReadBack
@@ -243,6 +243,10 @@ def _unpack(capture: Capture, copy: FileCopyRecord, into: Path) -> None:
                 raise MbrescueError(f"{copy.member}: unsafe path {info.name!r}")
         # Checked above and sealed by its checksum: owners and modes are kept as captured.
         archive.extractall(into, numeric_owner=True, filter="fully_trusted")
+        # mke2fs -d copies a tree's extended attributes: put the captured ones there.
+        for info in archive.getmembers():
+            for key, value in xattrs_of(info).items():
+                os.setxattr(into / info.name, key, value, follow_symlinks=False)
     packed.unlink()
 
 
