@@ -8,6 +8,7 @@ import dataclasses
 import io
 import json
 import os
+import re
 import subprocess
 import sys
 import tarfile
@@ -216,3 +217,26 @@ def test_file_copy_keeps_hard_links_and_extended_attributes(tmp_path):
     listed = sh("debugfs", "-R", "ea_list /vmlinuz", again)
     assert "selinux" in listed and "boot_t" in listed
     assert "Links: 2" in sh("debugfs", "-R", "stat /vmlinuz", again)
+
+
+def test_read_back_comparison_finds_a_changed_file(captures, tmp_path):
+    """verify_files compares the target's files with the capture: a mode changed on the
+    restored /boot afterwards is named."""
+    target = make_target(tmp_path / "small.img", 56 * MiB)
+    text = restore_files(captures["A"], target)
+    assert re.search(r"mbrescue: verified: \d+ files read back", text), text
+    capture = Capture.open(str(captures["A"]))
+    plan = files_restore.plan_files(capture, disk_info(str(target)), "test")
+    loop = sh("losetup", "-f", "--show", "-o", str(63 * 512), target).strip()
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    try:
+        sh("mount", loop, mnt)
+        try:
+            os.chmod(mnt / "grub" / "grub.cfg", 0o666)
+        finally:
+            sh("umount", mnt)
+    finally:
+        sh("losetup", "-d", loop)
+    with pytest.raises(MbrescueError, match=re.escape("grub/grub.cfg: mode, owner or time differs")):
+        files_restore.verify_files(capture, plan)

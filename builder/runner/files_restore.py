@@ -30,6 +30,7 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
+import stat
 import struct
 import subprocess
 import tarfile
@@ -43,7 +44,7 @@ from .capfile import Capture
 from .console import Console, human_bytes
 from .disk import DiskInfo
 from .errors import MbrescueError
-from .filecopy import EXT_TYPES, xattrs_of
+from .filecopy import EXT_TYPES, mounted_ro, xattrs_of
 from .manifest import FileCopyRecord, Manifest, PartitionRecord, SwapRecord
 from .plan import SUPERBLOCK_SPAN_BYTES, describe_contents, disk_title
 from .writer import ReadBack
@@ -516,6 +517,83 @@ def execute(capture: Capture, plan: FilesPlan, console: Console) -> None:
     check_target(plan)
 
 
+def _member_digest(archive: tarfile.TarFile, info: tarfile.TarInfo) -> str:
+    stream = archive.extractfile(info)
+    assert stream is not None
+    digest = hashlib.sha256()
+    while block := stream.read(MiB):
+        digest.update(block)
+    return digest.hexdigest()
+
+
+def _file_digest(path: Path) -> str:
+    with open(path, "rb") as stream:
+        return hashlib.file_digest(stream, "sha256").hexdigest()
+
+
+def compare_tree(capture: Capture, copy: FileCopyRecord, root: Path, owners: bool) -> int:
+    """Every captured file against the tree at root: type, content, link target, and (ext)
+    mode, owner, mtime, extended attributes, hard links; returns the number compared."""
+    member = capture.members[copy.member]
+    compared = 0
+    with tempfile.TemporaryFile() as packed:
+        for at in range(0, member.size, MiB):
+            packed.write(capture.pread(min(MiB, member.size - at), member.offset + at))
+        packed.seek(0)
+        with tarfile.open(fileobj=packed, mode="r:gz") as archive:
+            for info in archive:
+                path = root / info.name
+                problem = None
+                try:
+                    st = os.lstat(path)
+                except OSError:
+                    st = None
+                    problem = "missing"
+                if st is not None and info.isreg() and (
+                        not stat.S_ISREG(st.st_mode) or st.st_size != info.size
+                        or _file_digest(path) != _member_digest(archive, info)):
+                    problem = "content differs"
+                elif st is not None and info.issym() and os.readlink(path) != info.linkname:
+                    problem = "link target differs"
+                elif st is not None and info.islnk() and not os.path.samefile(
+                        path, root / info.linkname):
+                    problem = "hard link lost"
+                elif st is not None and owners and not info.islnk() and (
+                        stat.S_IMODE(st.st_mode) != info.mode or st.st_uid != info.uid
+                        or st.st_gid != info.gid
+                        or (not info.isdir() and int(st.st_mtime) != int(info.mtime))):
+                    problem = "mode, owner or time differs"
+                elif st is not None and owners:
+                    for key, value in xattrs_of(info).items():
+                        if os.getxattr(path, key, follow_symlinks=False) != value:
+                            problem = f"extended attribute {key} differs"
+                if problem:
+                    raise MbrescueError(f"partition {copy.partition}: /{info.name}: {problem} "
+                                        "after the restore")
+                compared += 1
+    return compared
+
+
+def verify_files(capture: Capture, plan: FilesPlan) -> int:
+    """The restored files read back from the target and compared with the capture."""
+    compared = 0
+    for part in plan.partitions:
+        if part.copy is None:
+            continue
+        offset = part.start_lba * plan.sector_bytes
+        if part.copy.fs.type in EXT_TYPES:
+            with mounted_ro(plan.target.path, offset, part.copy.fs.type) as root:
+                if root is None:
+                    continue  # no loop devices here: e2fsck and the read-back stand
+                compared += compare_tree(capture, part.copy, root, owners=True)
+        else:
+            with tempfile.TemporaryDirectory(prefix="mbrescue-check-") as where:
+                _run(["mcopy", "-s", "-n", "-i", f"{plan.target.path}@@{offset}", "::/",
+                      where + "/"])
+                compared += compare_tree(capture, part.copy, Path(where), owners=False)
+    return compared
+
+
 def check_target(plan: FilesPlan) -> None:
     """The written file systems judged on the target itself: e2fsck -fn, UUIDs and labels."""
     for part in plan.partitions:
@@ -551,6 +629,9 @@ def run(capture: Capture, target: DiskInfo, why: str, console: Console, assume_y
                 raise MbrescueError("aborted, nothing written")
         writing.append(target.path)
         execute(capture, plan, console)
+    compared = verify_files(capture, plan)
+    console.say(f"mbrescue: verified: {compared} files read back from {target.path} as captured "
+                "(content; owners, modes, times, links and extended attributes on ext)")
     for line in plan.adjusted:
         console.say("mbrescue: adjusted: " + line)
     for line in plan.recreated:
