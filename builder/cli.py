@@ -165,10 +165,39 @@ def build_command(
             "when the target is unambiguous. DANGEROUS: for fleets only.",
         ),
     ] = False,
+    netboot: Annotated[
+        Path | None,
+        typer.Option("--netboot", help="Write (or update) a network-boot tree in this "
+                     "directory (PXE and UEFI) instead of ISOs."),
+    ] = None,
+    mac: Annotated[
+        list[str] | None,
+        typer.Option("--mac", help="With --netboot: HOST=MAC, the MAC address of a host's "
+                     "machine (repeatable); its menu is chosen by it."),
+    ] = None,
+    as_json: Annotated[
+        bool, typer.Option("--json", help="Print what was built as JSON on stdout.")
+    ] = False,
 ) -> None:
     """Build a BIOS/UEFI, CD/USB bootable rescue ISO for each capture."""
     from .build import BuildOptions, build, summary
 
+    if netboot is not None:
+        from . import netboot as net
+
+        if output is not None:
+            raise MbrescueError("--netboot and -o/--output exclude each other")
+        tree = net.build_netboot(net.NetbootOptions(
+            captures=tuple(captures), tree=netboot,
+            macs=tuple(net.parse_mac_option(text) for text in mac or ()),
+            unattended_allowed=allow_unattended,
+        ))  # fmt: skip
+        log.info(net.summary(tree))
+        if as_json:
+            print(json.dumps(tree.as_json(), indent=2))
+        return
+    if mac:
+        raise MbrescueError("--mac needs --netboot")
     reports = build(
         BuildOptions(
             captures=tuple(captures), output=output, jobs=jobs, unattended_allowed=allow_unattended
@@ -176,6 +205,8 @@ def build_command(
     )
     for report in reports:
         log.info(summary(report))
+    if as_json:
+        print(json.dumps({"isos": [str(report.path) for report in reports]}, indent=2))
 
 
 @app.command("verify")

@@ -374,14 +374,19 @@ def render_grub_cfg(
     medium_id: str,
     local_timeout_s: int = 10,
     restore_timeout_s: int = 5,
+    payload_path: str | None = None,
 ) -> str:
-    """grub.cfg for the ISO from templates/grub.cfg.j2; every value is computed here."""
+    """grub.cfg for the ISO from templates/grub.cfg.j2; every value is computed here.
+
+    `payload_path` (a network-boot tree's per-host payload) replaces /mbrescue/payload.img.
+    """
     for name, value, pattern in (
         ("host", host, _SAFE_ID),
         ("boot_fs_uuid", boot_fs_uuid, _SAFE_ID),
         ("medium_id", medium_id, _SAFE_ID),
         ("captured_at", captured_at, _SAFE_TEXT),
         ("region_size", region_size, _SAFE_TEXT),
+        *((("payload_path", payload_path, _SAFE_TEXT),) if payload_path is not None else ()),
     ):
         if not pattern.fullmatch(value):
             raise MbrescueError(f"{name} {value!r} cannot go into grub.cfg")
@@ -402,4 +407,62 @@ def render_grub_cfg(
         args_screen=kernel_args(medium_id, serial_console=False),
         args_serial=kernel_args(medium_id, serial_console=True),
         args_shell=kernel_args(medium_id, serial_console=False, shell=True),
+        **({"payload_path": payload_path} if payload_path is not None else {}),
     )
+
+
+# --- network boot ------------------------------------------------------------------------
+
+NET_BIOS_BOOT_FILE = "boot/grub/i386-pc/core.0"
+# shim loads grubx64.efi from the TFTP directory it was itself loaded from.
+NET_UEFI_DIR = "efi"
+NET_UEFI_BOOT_FILE = f"{NET_UEFI_DIR}/bootx64.efi"
+# Debian's signed network GRUB has the prefix /grub built in (device: the TFTP server it came
+# from) and reads $prefix/x86_64-efi/grub.cfg, else $prefix/grub.cfg.
+NET_UEFI_GRUB_CFG = "grub/grub.cfg"
+
+
+@dataclass(frozen=True)
+class NetImages:
+    bios_boot_file: str  # relative to the tree: what DHCP names for a BIOS (PXE) client
+    uefi_boot_file: str  # relative to the tree: shim, for a UEFI client (Secure Boot or not)
+    efi_packages: dict[str, str]
+
+
+def signed_net_grub(loaders: EfiLoaders) -> Path:
+    """Debian's signed network GRUB (grubnetx64), in the same package as grubx64."""
+    image = loaders.grub_disk.parent / "grubnetx64.efi.signed"
+    if not image.is_file():
+        raise MbrescueError(f"{image} is missing from Debian's signed GRUB package")
+    return image
+
+
+def make_net_images(tree: Path, *, dispatcher: str) -> NetImages:
+    """GRUB's network images in `tree`: BIOS PXE (grub-mknetdir) and UEFI shim + signed GRUB.
+
+    `dispatcher` is the one grub.cfg both read first, at `tree`/boot/grub/grub.cfg.
+    """
+    require_tools("grub-mknetdir")
+    check_grub_installed()
+    loaders = ensure_efi_loaders()
+    net_grub = signed_net_grub(loaders)
+    # grub-mknetdir writes boot/grub/i386-pc/core.0 with its modules beside it (a PXE GRUB
+    # loads them over TFTP), and boot/grub/i386-pc/grub.cfg that sources boot/grub/grub.cfg.
+    run(["grub-mknetdir", f"--net-directory={os.fspath(tree)}", "--subdir=boot/grub",
+         "-d", BIOS_DIR])  # fmt: skip
+    efi_dir = tree / NET_UEFI_DIR
+    efi_dir.mkdir(parents=True, exist_ok=True)
+    _replace_file(efi_dir / "bootx64.efi", loaders.shim.read_bytes())
+    _replace_file(efi_dir / "grubx64.efi", net_grub.read_bytes())
+    _replace_file(tree / NET_UEFI_GRUB_CFG, b"source ($root)/boot/grub/grub.cfg\n")
+    _replace_file(tree / "boot/grub/grub.cfg", dispatcher.encode())
+    return NetImages(NET_BIOS_BOOT_FILE, NET_UEFI_BOOT_FILE, dict(loaders.packages))
+
+
+def _replace_file(path: Path, data: bytes, mode: int = 0o644) -> None:
+    # A client booting while the tree is updated reads the old file or the new, never half.
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_bytes(data)
+    os.chmod(tmp, mode)
+    os.replace(tmp, path)

@@ -1,0 +1,276 @@
+"""`mbrescue build --netboot DIR`: one network-boot tree (PXE and UEFI) for many hosts.
+
+The tree holds GRUB's network images once (BIOS: grub-mknetdir's core.0; UEFI: Debian's
+shim and signed network GRUB, so Secure Boot works), the kernel and the base initrd once,
+and per host its payload (the same payload initramfs the ISO carries) and its menu (the
+ISO's grub.cfg, with the host's payload path). Both GRUBs read boot/grub/grub.cfg first:
+it picks the host menu by the booting machine's MAC address (`$net_default_mac`,
+boot/grub/mac/<mac>.cfg); any other machine gets a list of the hosts with nothing
+booting by default. The host menu keeps the ISO's safety: its default is decided at boot by
+the /boot UUID probe (the local disk when the host's /boot is found) and the restore still
+asks for `yes`.
+
+Building into an existing tree updates it: the hosts built before stay (recorded in
+mbrescue/hosts.json), a host built again replaces its payload and menu, and a MAC address
+given again moves to its new host.
+
+    DIR/boot/grub/i386-pc/core.0      BIOS boot file (and GRUB's modules beside it)
+    DIR/efi/bootx64.efi, grubx64.efi  UEFI boot file (shim) and the signed GRUB it starts
+    DIR/grub/grub.cfg                 where the signed GRUB looks: sources the one below
+    DIR/boot/grub/grub.cfg            the MAC dispatcher and the list of hosts
+    DIR/boot/grub/hosts/HOST.cfg      HOST's menu; boot/grub/mac/MAC.cfg points to it
+    DIR/mbrescue/vmlinuz, base.img    shared
+    DIR/mbrescue/hosts/HOST/payload.img
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import jinja2
+
+from . import log
+from .build import SharedParts, check_capture, prepare_shared
+from .debs import sha256_file
+from .errors import MbrescueError
+from .grub import TEMPLATES, NetImages, make_net_images, render_grub_cfg
+from .initramfs import make_payload_initramfs
+from .iso import new_medium_id
+from .runner.capfile import Capture
+
+INDEX = "mbrescue/hosts.json"
+INDEX_VERSION = 1
+_MAC = re.compile(r"[0-9a-f]{2}(:[0-9a-f]{2}){5}")
+_HOST = re.compile(r"[A-Za-z0-9._-]+")
+
+
+@dataclass(frozen=True)
+class NetbootOptions:
+    captures: tuple[Path, ...]
+    tree: Path
+    macs: tuple[tuple[str, str], ...] = ()  # (host name, MAC address), from --mac HOST=MAC
+    unattended_allowed: bool = False
+
+
+@dataclass(frozen=True)
+class NetHost:
+    name: str
+    macs: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class NetbootReport:
+    tree: Path
+    bios_boot_file: str
+    uefi_boot_file: str
+    hosts: tuple[NetHost, ...]  # every host in the tree, built now or before
+    built: tuple[str, ...]  # the hosts built by this run
+    size_bytes: int
+    seconds: float
+
+    def as_json(self) -> dict[str, object]:
+        return {
+            "netboot": os.fspath(self.tree),
+            "bios_boot_file": self.bios_boot_file,
+            "uefi_boot_file": self.uefi_boot_file,
+            "hosts": [{"host": host.name, "macs": list(host.macs)} for host in self.hosts],
+            "built": list(self.built),
+            "size_bytes": self.size_bytes,
+        }
+
+
+def normal_mac(text: str) -> str:
+    """A MAC address as GRUB's $net_default_mac spells it: lower case, colons."""
+    mac = text.strip().lower().replace("-", ":")
+    if not _MAC.fullmatch(mac):
+        raise MbrescueError(f"{text!r} is not a MAC address (like 52:54:00:12:34:56)")
+    if int(mac[:2], 16) & 1:
+        raise MbrescueError(f"{text!r} is a multicast address, not a machine's MAC address")
+    return mac
+
+
+def parse_mac_option(text: str) -> tuple[str, str]:
+    """`--mac HOST=MAC` -> (host, mac)."""
+    host, sep, mac = text.partition("=")
+    if not sep or not host:
+        raise MbrescueError(f"--mac {text!r}: expected HOST=MAC")
+    return host, normal_mac(mac)
+
+
+def read_index(tree: Path) -> dict[str, tuple[str, ...]]:
+    """The hosts an earlier build put into the tree: host name -> MAC addresses."""
+    path = tree / INDEX
+    if not path.exists():
+        return {}
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise MbrescueError(f"{path}: not a network-boot index ({exc})") from exc
+    if not isinstance(data, dict) or data.get("version") != INDEX_VERSION:
+        raise MbrescueError(f"{path}: not a version {INDEX_VERSION} network-boot index")
+    hosts = data.get("hosts")
+    if not isinstance(hosts, dict):
+        raise MbrescueError(f"{path}: hosts: expected an object")
+    index = {}
+    for name, macs in hosts.items():
+        if not _HOST.fullmatch(name) or not isinstance(macs, list):
+            raise MbrescueError(f"{path}: host {name!r}: bad entry")
+        index[name] = tuple(normal_mac(str(mac)) for mac in macs)
+    return index
+
+
+def _write(path: Path, data: bytes, mode: int = 0o644) -> None:
+    # A machine booting during an update reads the old file or the new one, never half.
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_bytes(data)
+    os.chmod(tmp, mode)
+    os.replace(tmp, path)
+
+
+def render_dispatcher(hosts: tuple[NetHost, ...]) -> str:
+    env = jinja2.Environment(
+        loader=jinja2.FileSystemLoader(TEMPLATES),
+        undefined=jinja2.StrictUndefined,
+        keep_trailing_newline=True,
+        autoescape=False,
+    )
+    return env.get_template("netboot.cfg.j2").render(
+        hosts=[{"name": host.name, "macs": host.macs} for host in hosts]
+    )
+
+
+def _add_host(tree: Path, path: Path, capture: Capture, options: NetbootOptions,
+              shared: SharedParts) -> None:  # fmt: skip
+    manifest = capture.manifest
+    host = manifest.hostname
+    boot_fs_uuid = manifest.boot_fs.uuid if manifest.boot_fs else None
+    if not boot_fs_uuid:
+        raise MbrescueError(f"{path}: the captured /boot has no file system UUID to look for")
+    # No medium to skip on a network boot: the id only has to match no disk.
+    medium_id = new_medium_id(manifest.region.sha256, manifest.created, shared.base_initrd.name)
+    payload_dir = tree / "mbrescue" / "hosts" / host
+    payload_dir.mkdir(parents=True, exist_ok=True)
+    options_json = json.dumps({"unattended_allowed": options.unattended_allowed,
+                               "capture_sha256": sha256_file(path)}).encode()  # fmt: skip
+    tmp = payload_dir / ".payload.img.tmp"
+    make_payload_initramfs(path, tmp, extra={"options.json": options_json})
+    # The capture can hold secrets from /boot: only the TFTP server's user may read it.
+    os.chmod(tmp, 0o600)
+    os.replace(tmp, payload_dir / "payload.img")
+    menu = render_grub_cfg(
+        host=host,
+        captured_at=manifest.created,
+        region_size=log.human_bytes(manifest.region.length_bytes),
+        boot_fs_uuid=boot_fs_uuid,
+        medium_id=medium_id,
+        payload_path=f"/mbrescue/hosts/{host}/payload.img",
+    )
+    _write(tree / "boot" / "grub" / "hosts" / f"{host}.cfg", menu.encode())
+
+
+def _tree_bytes(tree: Path) -> int:
+    return sum(p.stat().st_size for p in tree.rglob("*") if p.is_file())
+
+
+def build_netboot(options: NetbootOptions) -> NetbootReport:
+    started = time.monotonic()
+    if not options.captures:
+        raise MbrescueError("no capture given")
+    tree = options.tree
+    if tree.exists() and not tree.is_dir():
+        raise MbrescueError(f"--netboot {tree}: not a directory")
+    if not tree.parent.is_dir():
+        raise MbrescueError(f"--netboot {tree}: {tree.parent} is not a directory")
+    # Every capture is checked, and every --mac matched to one, before anything is written.
+    captures = [(path, check_capture(path)) for path in options.captures]
+    names = [capture.manifest.hostname for _, capture in captures]
+    if len(set(names)) != len(names):
+        raise MbrescueError("two captures are for the same host name")
+    for name in names:
+        if not _HOST.fullmatch(name):
+            raise MbrescueError(f"host name {name!r} cannot name files in the tree")
+    given: dict[str, list[str]] = {}
+    owner: dict[str, str] = {}
+    for host, mac in options.macs:
+        if host not in names:
+            raise MbrescueError(f"--mac {host}={mac}: no capture given for host {host}")
+        if owner.get(mac, host) != host:
+            raise MbrescueError(f"--mac: {mac} given for both {owner[mac]} and {host}")
+        owner[mac] = host
+        if mac not in given.setdefault(host, []):
+            given[host].append(mac)
+    tree.mkdir(exist_ok=True)
+    index = dict(read_index(tree))
+    shared = prepare_shared()
+    for path, capture in captures:
+        _add_host(tree, path, capture, options, shared)
+        log.info(f"netboot: host {capture.manifest.hostname} added to {tree}")
+    # A host built again keeps its MACs unless new ones are given; a MAC given again moves.
+    for name in names:
+        index[name] = tuple(given.get(name, index.get(name, ())))
+    for name in list(index):
+        if name not in names:
+            index[name] = tuple(mac for mac in index[name] if mac not in owner)
+    hosts = tuple(NetHost(name, index[name]) for name in sorted(index))
+    _write_shared(tree, shared)
+    images = make_net_images(tree, dispatcher=render_dispatcher(hosts))
+    _write_mac_menus(tree, hosts)
+    _write(tree / INDEX, (json.dumps(
+        {"version": INDEX_VERSION, "hosts": {h.name: list(h.macs) for h in hosts}},
+        indent=2) + "\n").encode())  # fmt: skip
+    return _report(tree, images, hosts, tuple(names), started)
+
+
+def _write_shared(tree: Path, shared: SharedParts) -> None:
+    folder = tree / "mbrescue"
+    folder.mkdir(exist_ok=True)
+    for source, name in ((shared.kit.kernel, "vmlinuz"), (shared.base_initrd, "base.img")):
+        tmp = folder / f".{name}.tmp"
+        shutil.copyfile(source, tmp)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, folder / name)
+
+
+def _write_mac_menus(tree: Path, hosts: tuple[NetHost, ...]) -> None:
+    folder = tree / "boot" / "grub" / "mac"
+    folder.mkdir(parents=True, exist_ok=True)
+    wanted = {}
+    for host in hosts:
+        for mac in host.macs:
+            wanted[f"{mac}.cfg"] = f'configfile "($root)/boot/grub/hosts/{host.name}.cfg"\n'
+    for stale in folder.glob("*.cfg"):
+        if stale.name not in wanted:
+            stale.unlink()
+    for name, text in wanted.items():
+        _write(folder / name, text.encode())
+
+
+def _report(tree: Path, images: NetImages, hosts: tuple[NetHost, ...], built: tuple[str, ...],
+            started: float) -> NetbootReport:  # fmt: skip
+    return NetbootReport(
+        tree=tree,
+        bios_boot_file=images.bios_boot_file,
+        uefi_boot_file=images.uefi_boot_file,
+        hosts=hosts,
+        built=built,
+        size_bytes=_tree_bytes(tree),
+        seconds=time.monotonic() - started,
+    )
+
+
+def summary(report: NetbootReport) -> str:
+    macs = "; ".join(f"{h.name}: {', '.join(h.macs) or 'no MAC (list menu only)'}"
+                     for h in report.hosts)  # fmt: skip
+    return (
+        f"{report.tree}: network-boot tree, {log.human_bytes(report.size_bytes)}, "
+        f"{len(report.built)} host(s) built in {report.seconds:.1f} s; DHCP boot files: "
+        f"BIOS {report.bios_boot_file}, UEFI {report.uefi_boot_file}; hosts: {macs}"
+    )
+
