@@ -240,3 +240,18 @@ def test_read_back_comparison_finds_a_changed_file(captures, tmp_path):
         sh("losetup", "-d", loop)
     with pytest.raises(MbrescueError, match=re.escape("grub/grub.cfg: mode, owner or time differs")):
         files_restore.verify_files(capture, plan)
+
+
+def test_d_onto_a_smaller_4kn_disk_shrinks_and_boots(fixtures, captures, tmp_path):
+    """96 MiB of 4096-byte sectors against D's 105 MiB region: ESP and /boot shrink (never
+    below their files plus headroom), /boot moves up, swap takes the rest; OVMF boots it."""
+    fx = fixtures["D"]
+    target = make_target(tmp_path / "small-4kn.img", 96 * MiB, "random")
+    text = restore_files(captures["D"], target, sector_bytes=4096)
+    assert "partition 2 shrunk from 64.0 MiB" in text and "partition 2 moved" in text
+    loop = sh("losetup", "-f", "--show", "-b", "4096", target).strip()
+    try:
+        assert "No problems found" in sh("sgdisk", "-v", loop)
+    finally:
+        sh("losetup", "-d", loop)
+    boot_to_marker(target, fx, logical_block_bytes=4096)

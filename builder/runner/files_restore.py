@@ -147,16 +147,24 @@ def plan_files(capture: Capture, target: DiskInfo, why: str) -> FilesPlan:
                                                             // 4)) for p in others)
     cursor = first_usable
     kept_starts = True
+    end_bytes = (last_usable + 1) * sector
     for index, part in enumerate(chain_parts):
         start_bytes = part.start_lba * old_sector
-        start = max(_align_up(start_bytes, sector) // sector, cursor)
+        kept = max(_align_up(start_bytes, sector) // sector, cursor)
+        # Where the partition would start if it moved up to the one before (1 MiB aligned).
+        packed = min(kept, _align_up(cursor * sector, MiB) // sector)
+        size = part.size_sectors * old_sector // sector
+        later_need = sum(_need_bytes(copies[p.number]) if p.number in copies
+                         else p.size_sectors * old_sector for p in chain_parts[index + 1:])
+        limit = end_bytes - swap_reserve - later_need
+        start = kept
+        if (kept + size) * sector > limit and part.fs is not None:
+            start = packed  # a BIOS boot partition never moves: its core is found by sector
         if start * sector != start_bytes:
             kept_starts = False
-        size = part.size_sectors * old_sector // sector
-        rest_chain = [p for p in chain_parts[index + 1:]]
-        later_need = sum(_need_bytes(copies[p.number]) if p.number in copies
-                         else p.size_sectors * old_sector for p in rest_chain)
-        room = (last_usable + 1) * sector - swap_reserve - later_need - start * sector
+            plan.adjusted.append(f"partition {part.number} moved from byte {start_bytes} to "
+                                 f"{start * sector}")
+        room = limit - start * sector
         if size * sector > room:
             need = _need_bytes(copies[part.number]) if part.number in copies else size * sector
             if room < need:
