@@ -255,3 +255,15 @@ def test_d_onto_a_smaller_4kn_disk_shrinks_and_boots(fixtures, captures, tmp_pat
     finally:
         sh("losetup", "-d", loop)
     boot_to_marker(target, fx, logical_block_bytes=4096)
+
+
+def test_c_onto_a_disk_smaller_than_its_region_boots(fixtures, captures, tmp_path):
+    """GPT + BIOS boot partition: the core stays at its sectors (copied as captured), /boot
+    is made again smaller; SeaBIOS boots it."""
+    fx = fixtures["C"]
+    target = make_target(tmp_path / "small.img", 64 * MiB, "random")
+    text = restore_files(captures["C"], target)
+    assert "Will write back: the MBR boot code" in text
+    assert "No problems found" in sh("sgdisk", "-v", target)
+    assert sha256_of(target, MiB, MiB) == sha256_of(fx.path, MiB, MiB)  # BIOS boot partition
+    boot_to_marker(target, fx)
