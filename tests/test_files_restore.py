@@ -267,3 +267,36 @@ def test_c_onto_a_disk_smaller_than_its_region_boots(fixtures, captures, tmp_pat
     assert "No problems found" in sh("sgdisk", "-v", target)
     assert sha256_of(target, MiB, MiB) == sha256_of(fx.path, MiB, MiB)  # BIOS boot partition
     boot_to_marker(target, fx)
+
+
+def test_mounted_boot_file_copy_is_read_from_the_frozen_region(tmp_path):
+    """A mounted /boot: the file copy comes from the spool of the frozen region, so a file
+    written but not synced before the capture is in it, and the live /boot is not read."""
+    from builder.capture import CaptureOptions, capture
+
+    from .test_capture import small_msdos_image
+
+    image = small_msdos_image(tmp_path / "host.img")
+    loop = sh("losetup", "-f", "--show", "-o", str(2048 * 512), "--sizelimit", str(16 * MiB),
+              image).strip()
+    mnt = tmp_path / "boot"
+    mnt.mkdir()
+    try:
+        sh("mount", loop, mnt)
+        try:
+            payload = os.urandom(300_000)
+            (mnt / "initrd.img-new").write_bytes(payload)
+            out = capture(CaptureOptions(source=image, output=tmp_path / "host.mbrescue",
+                                         progress=False))
+        finally:
+            sh("umount", mnt)
+    finally:
+        sh("losetup", "-d", loop)
+    assert out.manifest["frozen"] is True
+    (record,) = out.manifest["file_copies"]
+    assert record["fs"]["read_with"] == "ro,noload loop mount"
+    with Capture.open(str(out.path)) as opened:
+        packed = opened.read_member(record["member"])
+    with tarfile.open(fileobj=io.BytesIO(packed)) as archive:
+        stream = archive.extractfile("initrd.img-new")
+        assert stream is not None and stream.read() == payload
