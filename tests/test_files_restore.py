@@ -300,3 +300,15 @@ def test_mounted_boot_file_copy_is_read_from_the_frozen_region(tmp_path):
     with tarfile.open(fileobj=io.BytesIO(packed)) as archive:
         stream = archive.extractfile("initrd.img-new")
         assert stream is not None and stream.read() == payload
+
+
+def test_d_onto_a_4kn_loop_device(captures, tmp_path):
+    """A real block device with 4096-byte logical sectors (no --sector-bytes needed)."""
+    backing = make_target(tmp_path / "4kn.img", 144 * MiB, "random")
+    loop = sh("losetup", "-f", "--show", "-b", "4096", backing).strip()
+    try:
+        text = restore_files(captures["D"], Path(loop))
+        assert "because the target has 4096-byte logical sectors" in text
+        assert "No problems found" in sh("sgdisk", "-v", loop)
+    finally:
+        sh("losetup", "-d", loop)
