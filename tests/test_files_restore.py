@@ -312,3 +312,23 @@ def test_d_onto_a_4kn_loop_device(captures, tmp_path):
         assert "No problems found" in sh("sgdisk", "-v", loop)
     finally:
         sh("losetup", "-d", loop)
+
+
+def test_b_files_onto_a_disk_smaller_than_its_layout_boots(fixtures, captures, tmp_path):
+    """Logical partitions: the EBR chain is made again behind the shrunk /boot, swap (logical
+    6) recreated with its label and UUID; SeaBIOS boots it."""
+    fx = fixtures["B"]
+    # Larger than the region but not than B's layout: the region path refuses (its data
+    # logical 5 would run past the end), --files lays it out anew.
+    target = make_target(tmp_path / "small.img", 72 * MiB, "random")
+    text = restore_files(captures["B"], target, files=True)
+    assert "partition 1 shrunk from 64.0 MiB" in text
+    assert "partition 5: entry only" in text
+    assert "Will write back: the MBR boot code" in text
+    sh("sfdisk", "--verify", target)
+    dump = sh("sfdisk", "--dump", target)
+    assert "label-id: 0x5ca1ab1b" in dump and "img5 : start=" in dump and "img6 : start=" in dump
+    swap_start = int(dump.split("img6 : start=")[1].split(",")[0])
+    swap = blkid_at(target, swap_start * 512)
+    assert (swap["UUID"], swap["LABEL"]) == (fx.swap_uuid, fx.swap_label)
+    boot_to_marker(target, fx)

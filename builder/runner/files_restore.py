@@ -74,6 +74,7 @@ class NewPartition:
     copy: FileCopyRecord | None = None
     swap: SwapRecord | None = None
     raw: bool = False  # a boot-chain partition without a file system (BIOS boot): copied
+    ebr_lba: int | None = None  # a logical partition's EBR
 
 
 @dataclass
@@ -125,9 +126,6 @@ def plan_files(capture: Capture, target: DiskInfo, why: str) -> FilesPlan:
         raise MbrescueError(f"refusing {target.path}: it has {sector}-byte logical sectors and "
                             "this capture boots by BIOS only (no ESP), and BIOS cannot boot a "
                             "4Kn disk; nothing written")
-    if any(p.is_extended or p.is_logical for p in manifest.partitions):
-        raise MbrescueError(f"refusing {target.path}: logical partitions are not yet supported "
-                            "on the file-level path; nothing written")
     copies = {c.partition: c for c in manifest.file_copies}
     swaps = {s.partition: s for s in manifest.swap}
     for number in manifest.boot_chain:
@@ -144,10 +142,15 @@ def plan_files(capture: Capture, target: DiskInfo, why: str) -> FilesPlan:
     ordered = sorted(manifest.partitions, key=lambda p: p.start_lba)
     chain_parts = [p for p in ordered if p.number in chain]
     others = [p for p in ordered if p.number not in chain]
+    # Room kept after the boot chain: a data partition's full size, swap up to a quarter.
     swap_reserve = sum(min(p.size_sectors * old_sector, max(MIN_SWAP_BYTES, target.size_bytes
-                                                            // 4)) for p in others)
+                                                            // 4)) if p.number in swaps
+                       else p.size_sectors * old_sector + MiB
+                       for p in others if not p.is_extended)
     cursor = first_usable
     kept_starts = True
+    shrunk = False
+    extended_start = -1
     end_bytes = (last_usable + 1) * sector
     for index, part in enumerate(chain_parts):
         start_bytes = part.start_lba * old_sector
@@ -179,29 +182,60 @@ def plan_files(capture: Capture, target: DiskInfo, why: str) -> FilesPlan:
                                  f"{human_bytes(size * sector)} to "
                                  f"{human_bytes(new_size * sector)}")
             size = new_size
+            shrunk = True
         plan.partitions.append(NewPartition(part, start, size, copy=copies.get(part.number),
                                             raw=part.fs is None))
         cursor = start + size
     for part in others:
         start_bytes = part.start_lba * old_sector
-        start = max(_align_up(start_bytes, sector) // sector, cursor)
-        if start > last_usable:
-            start = _align_up(cursor * sector, MiB) // sector
-        size = min(part.size_sectors * old_sector // sector, last_usable + 1 - start)
+        orig_size = part.size_sectors * old_sector // sector
+        ebr = None
+        # Once the boot chain shrank, what follows moves up behind it (1 MiB aligned).
+        packed = _align_up(cursor * sector, MiB) // sector
+        kept = max(_align_up(start_bytes, sector) // sector, cursor)
+        if part.is_extended:
+            # The container runs to the disk's end: its logical partitions follow inside.
+            start = packed if shrunk else kept
+            extended_start = start
+            plan.partitions.append(NewPartition(part, start, total - start))
+            if start * sector != start_bytes:
+                plan.adjusted.append(f"extended partition {part.number} moved to "
+                                     f"{human_bytes(start * sector)}")
+            cursor = start
+            continue
+        if part.is_logical:
+            # Its EBR sits before it, as captured (the same distance), or 1 MiB before.
+            lead = (start_bytes - (part.table_lba or 0) * old_sector) // sector
+            lead = lead if lead > 0 else MiB // sector
+            if cursor == extended_start:
+                ebr = extended_start  # the first EBR is the container's first sector
+            else:
+                ebr = packed if shrunk else max(
+                    _align_up((part.table_lba or 0) * old_sector, sector) // sector, cursor)
+            start = ebr + lead
+        else:
+            start = packed if shrunk or kept > last_usable else kept
+        size = min(orig_size, last_usable + 1 - start)
         record = swaps.get(part.number)
         if record is None:
-            raise MbrescueError(f"refusing {target.path}: partition {part.number} is neither in "
-                                "the boot chain nor swap, and the file-level path cannot "
-                                "restore it yet; nothing written")
+            # Not captured (a data partition): its entry is kept, its contents are not ours.
+            if size != orig_size:
+                raise MbrescueError(f"refusing {target.path}: partition {part.number} (not in "
+                                    "the boot chain, not swap) does not fit; nothing written")
+            plan.partitions.append(NewPartition(part, start, size, ebr_lba=ebr))
+            plan.adjusted.append(f"partition {part.number}: entry only (its contents are not "
+                                 "in the capture)")
+            cursor = start + size
+            continue
         if size * sector < max(MIN_SWAP_BYTES, swap.MIN_PAGES * record.page_bytes):
             raise MbrescueError(f"refusing {target.path}: no room left for swap partition "
                                 f"{part.number}; nothing written")
-        if size != part.size_sectors * old_sector // sector or start * sector != start_bytes:
+        if size != orig_size or start * sector != start_bytes:
             plan.adjusted.append(f"swap partition {part.number} at {human_bytes(start * sector)}"
                                  f", {human_bytes(size * sector)} (captured: "
                                  f"{human_bytes(start_bytes)}, "
                                  f"{human_bytes(part.size_sectors * old_sector)})")
-        plan.partitions.append(NewPartition(part, start, size, swap=record))
+        plan.partitions.append(NewPartition(part, start, size, swap=record, ebr_lba=ebr))
         cursor = start + size
     plan.keep_boot_code = kept_starts and sector == old_sector
     if not plan.keep_boot_code and not has_esp:
@@ -364,6 +398,34 @@ def _mbr_sector(capture: Capture, plan: FilesPlan, entries: list[bytes]) -> byte
     return bytes(sector) + bytes(plan.sector_bytes - 512)
 
 
+def _ebr_writes(plan: FilesPlan) -> list[tuple[int, bytes]]:
+    """The EBR chain: each EBR names its logical partition (relative to the EBR) and the
+    next EBR (relative to the extended partition's start)."""
+    extended = next((p for p in plan.partitions if p.source.is_extended), None)
+    logicals = sorted((p for p in plan.partitions if p.source.is_logical),
+                      key=lambda p: p.start_lba)
+    if extended is None:
+        return []
+    writes = []
+    for index, part in enumerate(logicals):
+        assert part.ebr_lba is not None
+        sector = bytearray(plan.sector_bytes)
+        sector[446:462] = mbr.encode_entry(0, int(part.source.type, 16),
+                                           part.start_lba - part.ebr_lba, part.size_sectors)
+        if index + 1 < len(logicals):
+            after = logicals[index + 1]
+            assert after.ebr_lba is not None
+            sector[462:478] = mbr.encode_entry(0, int(extended.source.type, 16),
+                                               after.ebr_lba - extended.start_lba,
+                                               after.start_lba + after.size_sectors
+                                               - after.ebr_lba)
+        sector[510:512] = b"\x55\xaa"
+        writes.append((part.ebr_lba * plan.sector_bytes, bytes(sector)))
+    if not logicals:
+        writes.append((extended.start_lba * plan.sector_bytes, bytes(510) + b"\x55\xaa"))
+    return writes
+
+
 def table_writes(capture: Capture, plan: FilesPlan) -> tuple[list[tuple[int, bytes]],
                                                               list[tuple[int, bytes]]]:
     """(offset, bytes) of the table: written with the rest, and written last."""
@@ -373,10 +435,12 @@ def table_writes(capture: Capture, plan: FilesPlan) -> tuple[list[tuple[int, byt
         entries = [bytes(16)] * 4
         for part in plan.partitions:
             number = part.source.number
+            if part.source.is_logical:
+                continue
             entries[number - 1] = mbr.encode_entry(0x80 if part.source.bootable else 0,
                                                    int(part.source.type, 16), part.start_lba,
                                                    part.size_sectors)
-        return [], [(0, _mbr_sector(capture, plan, entries))]
+        return _ebr_writes(plan), [(0, _mbr_sector(capture, plan, entries))]
     array = bytearray(GPT_ENTRIES * GPT_ENTRY_BYTES)
     for part in plan.partitions:
         name = (part.source.name or "").encode("utf-16-le")[:72]
@@ -419,7 +483,8 @@ def show_files_plan(console: Console, plan: FilesPlan) -> None:
     console.say(f"  New {plan.table} table, {plan.sector_bytes}-byte sectors (captured numbers, "
                 "types, GUIDs and disk id):")
     for part in plan.partitions:
-        what = (part.copy.fs.type if part.copy else "swap" if part.swap else "raw copy"
+        what = (part.copy.fs.type if part.copy else "swap" if part.swap else "extended"
+                if part.source.is_extended else "entry only" if not part.raw else "raw copy"
                 if plan.keep_boot_code else "left empty")
         console.say(f"    partition {part.source.number}: sectors {part.start_lba}.."
                     f"{part.start_lba + part.size_sectors - 1} "
