@@ -5,6 +5,7 @@ judged by sfdisk, sgdisk, blkid and e2fsck; refusals leave the target untouched.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import io
 import json
 import os
@@ -332,3 +333,38 @@ def test_b_files_onto_a_disk_smaller_than_its_layout_boots(fixtures, captures, t
     swap = blkid_at(target, swap_start * 512)
     assert (swap["UUID"], swap["LABEL"]) == (fx.swap_uuid, fx.swap_label)
     boot_to_marker(target, fx)
+
+
+def test_unpack_refuses_a_member_written_through_a_symlink(captures, tmp_path):
+    """A capture whose file copy holds a symlink pointing outside and a later member written
+    through it (the classic tar escape) is refused: nothing lands outside, target unchanged."""
+    from builder.runner import capfile
+
+    evil = io.BytesIO()
+    with tarfile.open(fileobj=evil, mode="w:gz", format=tarfile.PAX_FORMAT) as archive:
+        link = tarfile.TarInfo("grub")
+        link.type, link.linkname = tarfile.SYMTYPE, str(tmp_path / "outside")
+        archive.addfile(link)
+        member = tarfile.TarInfo("grub/grub.cfg")
+        member.size = 3
+        archive.addfile(member, io.BytesIO(b"bad"))
+    source = Capture.open(str(captures["A"]))
+    manifest = json.loads(json.dumps(source.manifest.raw))
+    manifest["file_copies"][0]["sha256"] = hashlib.sha256(evil.getvalue()).hexdigest()
+    forged = tmp_path / "forged.mbrescue"
+    with open(forged, "wb") as out:
+        tar = capfile.TarWriter(out)
+        for name in ("region.img.gz", "files-p1.tar.gz"):
+            data = evil.getvalue() if name == "files-p1.tar.gz" else source.pread(
+                source.members[name].size, source.members[name].offset)
+            tar.add_bytes(name, data, 0)
+        capfile.write_manifest(tar, manifest, 0)
+        tar.close()
+    (tmp_path / "outside").mkdir()
+    target = make_target(tmp_path / "small.img", 56 * MiB, "random")
+    before = sha256_of(target)
+    result = runner_cli("restore", "--yes", forged, target)
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert "unsafe member 'grub/grub.cfg'" in result.stderr, result.stderr
+    assert not (tmp_path / "outside" / "grub.cfg").exists()
+    assert sha256_of(target) == before

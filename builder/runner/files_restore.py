@@ -281,10 +281,20 @@ def _unpack(capture: Capture, copy: FileCopyRecord, into: Path) -> None:
         raise MbrescueError(f"{capture.path}: checksum mismatch in {copy.member}; nothing written")
     into.mkdir()
     with tarfile.open(packed, "r:gz") as archive:
+        # The unpack must stay inside `into`: no absolute or `..` names, no name that runs
+        # through a symlink of the archive, no hard link to a name outside it.
+        symlinks: set[str] = set()
         for info in archive:
             name = Path(info.name)
-            if name.is_absolute() or ".." in name.parts:
-                raise MbrescueError(f"{copy.member}: unsafe path {info.name!r}")
+            through = [str(Path(*name.parts[:i])) for i in range(1, len(name.parts))]
+            if (name.is_absolute() or ".." in name.parts or any(p in symlinks for p in through)
+                    or (info.islnk() and (Path(info.linkname).is_absolute()
+                                          or ".." in Path(info.linkname).parts))
+                    or not (info.isreg() or info.isdir() or info.issym() or info.islnk())):
+                raise MbrescueError(f"{copy.member}: unsafe member {info.name!r}; nothing "
+                                    "written")
+            if info.issym():
+                symlinks.add(str(name))
         # Checked above and sealed by its checksum: owners and modes are kept as captured.
         archive.extractall(into, numeric_owner=True, filter="fully_trusted")
         # mke2fs -d copies a tree's extended attributes: put the captured ones there.
