@@ -190,6 +190,11 @@ def restore(
     paths (default: every disk the kernel lists). Ctrl-C or SIGTERM raises Interrupted.
     """
     rerun = rerun or cli_rerun(capture_path, sector_bytes, assume_yes)
+    if files:  # the finishing command must take the same path
+        plain_rerun = rerun
+
+        def rerun(target: str) -> list[str]:
+            return [*plain_rerun(target), "--files"]
     writing: list[str] = []  # the target, once the first write may have happened
     try:
         with _sigterm_interrupts():
