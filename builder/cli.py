@@ -238,7 +238,7 @@ def verify_command(
                 else ""
             )
             print(
-                f"{verdict}  boot {result.firmware.upper():<4} {result.seconds:5.0f} s{prompt}: {result.detail}"
+                f"{verdict}  boot {result.firmware.upper():<7} {result.seconds:5.0f} s{prompt}: {result.detail}"
             )
             if not result.ok:
                 failed.append(f"boot {result.firmware}")

@@ -317,8 +317,8 @@ def test_verify_boot_passes(isos: Isos) -> None:
     result = mbrescue("verify", isos.iso("A"), "--boot", timeout=2400)
     print(result.stdout)
     assert result.returncode == 0, f"{result.stdout}\n{result.stderr}"
-    for firmware in ("BIOS", "UEFI"):
-        line = re.search(rf"PASS\s+boot {firmware}[^\n]*", result.stdout)
+    for firmware in ("BIOS", "UEFI", "UEFI-SB"):
+        line = re.search(rf"PASS\s+boot {firmware}\s[^\n]*", result.stdout)
         assert line, result.stdout
         # The proof is the restored disk's kernel, not its boot loader's words.
         assert "started its kernel" in line.group(0), line.group(0)
