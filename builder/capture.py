@@ -938,5 +938,6 @@ def _file_copies(source: Path, layout: Layout, chain: list[Partition], tar: capf
     sector = layout.disk.logical_sector_bytes
     wanted = [(p.number, p.start_lba * sector, p.fs.type) for p in chain if p.fs is not None]
     if spool is not None:
-        return filecopy.add_file_copies(tar, f"/proc/self/fd/{spool}", wanted, mtime, (spool,))
-    return filecopy.add_file_copies(tar, os.fspath(source), wanted, mtime)
+        return filecopy.add_file_copies(tar, f"/proc/self/fd/{spool}", wanted, mtime, (spool,),
+                                        warn=log.info)
+    return filecopy.add_file_copies(tar, os.fspath(source), wanted, mtime, warn=log.info)

@@ -28,7 +28,7 @@ import shutil
 import subprocess
 import tarfile
 import tempfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -44,14 +44,18 @@ def member_name(partition: int) -> str:
     return f"files-p{partition}.tar.gz"
 
 
+class ToolMissing(MbrescueError):
+    """A file system tool this host lacks: the copy is skipped, the capture goes on."""
+
+
 def _run(argv: Sequence[str], pass_fds: Sequence[int] = ()) -> str:
     env = {"LANG": "C.UTF-8", "PATH": os.environ.get("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")}
     try:
         done = subprocess.run(list(argv), stdin=subprocess.DEVNULL, capture_output=True,
                               text=True, env=env, pass_fds=tuple(pass_fds), check=False)
     except FileNotFoundError as exc:
-        raise MbrescueError(f"{argv[0]} not found (Debian: e2fsprogs, mtools, dosfstools)"
-                            ) from exc
+        raise ToolMissing(f"{argv[0]} not found (Debian: e2fsprogs, mtools, dosfstools)"
+                          ) from exc
     if done.returncode != 0:
         detail = (done.stderr.strip() or done.stdout.strip()).splitlines()
         raise MbrescueError(f"{argv[0]} failed: {detail[-1] if detail else done.returncode}")
@@ -214,16 +218,26 @@ def read_copy(image: str, partition: int, offset_bytes: int, fs_type: str, scrat
 
 
 def add_file_copies(tar: Any, image: str, chain: Sequence[tuple[int, int, str]], mtime: int,
-                    pass_fds: Sequence[int] = ()) -> list[dict[str, Any]]:
+                    pass_fds: Sequence[int] = (),
+                    warn: Callable[[str], None] = lambda line: None) -> list[dict[str, Any]]:
     """Each (partition, offset_bytes, fs type) of the chain with a copyable file system as a
-    member of the capture (`tar` is a capfile.TarWriter); the manifest's `file_copies`."""
+    member of the capture (`tar` is a capfile.TarWriter); the manifest's `file_copies`.
+
+    A host without the tools a copy needs (mtools is rare on servers) still gets its
+    capture: the region path does not need the copy. `warn` is told which copy is missing.
+    """
     records = []
     with tempfile.TemporaryDirectory(prefix="mbrescue-files-") as scratch:
         for partition, offset_bytes, fs_type in chain:
             if fs_type not in COPY_TYPES:
                 continue
-            record, path = read_copy(image, partition, offset_bytes, fs_type, Path(scratch),
-                                     pass_fds)
+            try:
+                record, path = read_copy(image, partition, offset_bytes, fs_type,
+                                         Path(scratch), pass_fds)
+            except ToolMissing as exc:
+                warn(f"warning: no file-level copy of partition {partition} ({fs_type}): {exc}; "
+                     "the region path does not need it, the file-level path will")
+                continue
             digest = hashlib.sha256()
             with open(path, "rb") as source, tar.member(record["member"], mtime) as stream:
                 while block := source.read(1 << 20):
