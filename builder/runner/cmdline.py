@@ -77,26 +77,24 @@ def read_switches(path: str = PROC_CMDLINE) -> Switches:
         return Switches()
 
 
-def expected_capture_sha256(path: str = OPTIONS_PATH) -> str | None:
-    """The SHA-256 of the capture file the build verified and packed, if it says."""
+def build_options(path: str = OPTIONS_PATH) -> dict:
+    """The build's options file in the payload ({} when there is none)."""
     if not os.path.exists(path):
-        return None
+        return {}
     try:
         with open(path, encoding="utf-8") as handle:
             options = json.load(handle)
     except (OSError, ValueError) as exc:
         raise MbrescueError(f"{path} is unreadable ({exc})") from exc
-    value = options.get("capture_sha256") if isinstance(options, dict) else None
+    return options if isinstance(options, dict) else {}
+
+
+def expected_capture_sha256(path: str = OPTIONS_PATH) -> str | None:
+    """The SHA-256 of the capture file the build verified and packed, if it says."""
+    value = build_options(path).get("capture_sha256")
     return value if isinstance(value, str) else None
 
 
 def unattended_allowed(path: str = OPTIONS_PATH) -> bool:
-    """The build's explicit opt-in to unattended restores; absent or unreadable means no."""
-    if not os.path.exists(path):
-        return False
-    try:
-        with open(path, encoding="utf-8") as handle:
-            options = json.load(handle)
-    except (OSError, ValueError) as exc:
-        raise MbrescueError(f"{path} is unreadable ({exc})") from exc
-    return isinstance(options, dict) and options.get("unattended_allowed") is True
+    """The build's explicit opt-in to unattended restores; absent means no."""
+    return build_options(path).get("unattended_allowed") is True

@@ -27,7 +27,6 @@ systems' first 64 KiB (their superblocks) are written and read back.
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import os
 import shutil
@@ -48,7 +47,7 @@ from .errors import MbrescueError
 from .filecopy import EXT_TYPES, mounted_ro, xattrs_of
 from .manifest import FileCopyRecord, Manifest, PartitionRecord, SwapRecord
 from .plan import SUPERBLOCK_SPAN_BYTES, describe_contents, disk_title
-from .writer import BLKRRPART, ReadBack
+from .writer import ReadBack, reread_partitions
 
 MiB = 1 << 20
 ESP_GUID = "c12a7328-f81f-11d2-ba4b-00a0c93ec93b"
@@ -599,20 +598,7 @@ def execute(capture: Capture, plan: FilesPlan, console: Console) -> None:
     finally:
         os.close(fd)
     check_target(plan)
-    _reread_partitions(plan, console)
-
-
-def _reread_partitions(plan: FilesPlan, console: Console) -> None:
-    if plan.target.kind != "block":
-        return
-    fd = os.open(plan.target.path, os.O_RDONLY | os.O_CLOEXEC)
-    try:
-        fcntl.ioctl(fd, BLKRRPART, 0)
-    except OSError as exc:
-        console.say(f"mbrescue: warning: the kernel did not re-read the partition table of "
-                    f"{plan.target.path} ({exc.strerror}); it will at the next boot")
-    finally:
-        os.close(fd)
+    reread_partitions(plan.target, console)
 
 
 def _member_digest(archive: tarfile.TarFile, info: tarfile.TarInfo) -> str:

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from . import gpt
 from .capfile import REGION_MEMBER, Capture
 from .console import Console
+from .disk import DiskInfo
 from .errors import MbrescueError
 from .layout import read_layout
 from .plan import Plan, Write, is_deferred
@@ -542,16 +543,17 @@ def _check_tables(capture: Capture, plan: Plan, reader: ReadBack) -> None:
             )
 
 
-def reread_partitions(plan: Plan, console: Console) -> None:
-    if plan.target.kind != "block":
+def reread_partitions(target: DiskInfo, console: Console) -> None:
+    """Ask the kernel to read the new table (BLKRRPART); a refusal is only a warning."""
+    if target.kind != "block":
         return
-    fd = os.open(plan.target.path, os.O_RDONLY | os.O_CLOEXEC)
+    fd = os.open(target.path, os.O_RDONLY | os.O_CLOEXEC)
     try:
         fcntl.ioctl(fd, BLKRRPART, 0)
     except OSError as exc:
         console.say(
             f"mbrescue: warning: the kernel did not re-read the partition table of "
-            f"{plan.target.path} ({exc.strerror}); it will at the next boot"
+            f"{target.path} ({exc.strerror}); it will at the next boot"
         )
     finally:
         os.close(fd)
@@ -577,5 +579,5 @@ def execute(capture: Capture, plan: Plan, console: Console) -> Stats:
         os.close(fd)
     verify_held(capture, plan, held)
     verify_seconds += time.monotonic() - started
-    reread_partitions(plan, console)
+    reread_partitions(plan.target, console)
     return Stats(write_seconds, verify_seconds, plan.region_bytes, method)
