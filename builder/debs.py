@@ -66,13 +66,25 @@ def _load_index() -> dict[str, dict[str, str]]:
         return {}
 
 
-def _save_index(index: dict[str, dict[str, str]]) -> None:
-    path = _index_path()
+def write_atomically(path: Path, text: str) -> None:
+    """`text` into `path` through a temporary file of its own, renamed when complete.
+
+    mkstemp, not a name from the PID: `build --jobs` writes from several threads of one
+    process, and a shared temporary name let one thread rename away another's file.
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
-    # A name of its own per writer: several builds may update the index at once.
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(index, indent=1, sort_keys=True))
-    tmp.replace(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as stream:
+            stream.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _save_index(index: dict[str, dict[str, str]]) -> None:
+    write_atomically(_index_path(), json.dumps(index, indent=1, sort_keys=True))
 
 
 # Candidate records already read in this process (`prefetch` reads many in one go).

@@ -442,10 +442,7 @@ def ensure_kit() -> Kit:
     if remembered is not None:
         return remembered
     kit = _resolve_kit()
-    memo.parent.mkdir(parents=True, exist_ok=True)
-    tmp = memo.with_name(f".{memo.name}.{os.getpid()}")
-    tmp.write_text(json.dumps(_kit_to_json(kit), indent=1))
-    os.replace(tmp, memo)
+    debs.write_atomically(memo, json.dumps(_kit_to_json(kit), indent=1))
     return kit
 
 

@@ -91,3 +91,33 @@ def test_select_modules_unknown_name_fails(kit: Kit) -> None:
     full_tree = kit.kernel.parent.parent / "lib" / "modules" / kit.kernel_version
     with pytest.raises(kit_module.MbrescueError, match="no_such_driver"):
         select_modules(full_tree, ["no_such_driver"])
+
+
+def test_index_written_by_many_threads_at_once(tmp_path, monkeypatch):
+    """`build --jobs 2` resolves the kit on two threads of one process: a temporary name
+    made from the PID alone was shared, and one thread's rename took the other's file
+    (seen: `.index.json.PID.tmp: No such file or directory`)."""
+    import threading
+
+    from builder import debs
+
+    monkeypatch.setenv("MBRESCUE_CACHE", str(tmp_path))
+    errors: list[BaseException] = []
+    start = threading.Barrier(8)
+
+    def write(n: int) -> None:
+        start.wait()
+        try:
+            for _ in range(50):
+                debs._save_index({"p": {"version": str(n)}})
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=write, args=(n,)) for n in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert errors == []
+    assert debs._load_index()["p"]["version"] in {str(n) for n in range(8)}
+    assert not [p for p in (tmp_path / "debs").iterdir() if p.name != "index.json"]
