@@ -222,7 +222,6 @@ def test_base_cache_key_follows_the_runner(kit: Kit, standin_runner: Path,
     assert initramfs.input_hash(kit, changed, OVERLAYS) != before
 
 
-@pytest.mark.skipif(not (REAL_RUNNER / "__main__.py").exists(), reason="runner not landed yet")
 def test_real_runner_imports_in_kit_python(kit: Kit) -> None:
     files = {str(path) for path in initramfs.discover_stdlib(kit, REAL_RUNNER)}
     assert "os.py" in files and "encodings/__init__.py" in files
@@ -344,7 +343,6 @@ def test_runner_failure_drops_to_a_shell(kit: Kit, standin_base: Path, tmp_path:
 
 
 @pytest.mark.qemu
-@pytest.mark.skipif(not (REAL_RUNNER / "__main__.py").exists(), reason="runner not landed yet")
 def test_real_runner_starts_and_refuses_garbage(kit: Kit, tmp_path: Path) -> None:
     base = make_base_initramfs(kit, REAL_RUNNER, OVERLAYS)
     with boot(kit, base, b"not a capture at all", "mbrescue.wait=2", tmp_path) as vm:
