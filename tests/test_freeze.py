@@ -323,7 +323,9 @@ def test_boot_partition_mounted_as_root_is_read_twice_not_frozen(tmp_path):
         # The chroot sees the host's programs, Python, this project and tmp_path at the same
         # paths through bind mounts, inside a private mount namespace gone with the command.
         script = ["set -e"]
-        for path in ("/usr", "/etc", "/proc", "/sys", "/dev", "/root", "/work", "/tmp"):
+        # The checkout and the temporary directory may live anywhere (CI clones elsewhere than
+        # a developer does): bind them by their own paths, not by a guessed parent.
+        for path in ("/usr", "/etc", "/proc", "/sys", "/dev", "/root", str(ROOT), str(tmp_path)):
             script.append(f"mkdir -p {root}{path} && mount --bind {path} {root}{path}")
         for path in ("/bin", "/sbin", "/lib", "/lib64"):
             if os.path.islink(path):
