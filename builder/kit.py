@@ -77,6 +77,8 @@ STORAGE_MODULES = (
     "usb_storage", "uas", "usbhid", "hid_generic",
     # server HBAs and RAID controllers
     "megaraid_sas", "mpt3sas", "mptspi", "mptsas", "hpsa", "smartpqi", "aacraid",
+    # the rescue medium's own file system: the capture is read from it, not from RAM
+    "isofs",
 )
 
 LIB_DIRS = ("lib/x86_64-linux-gnu", "usr/lib/x86_64-linux-gnu")
