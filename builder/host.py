@@ -129,7 +129,7 @@ COMMANDS: tuple[HostCommand, ...] = (
     HostCommand("restore", "write a capture's boot region onto TARGET, after the plan and a "
                 "typed yes", _restore_arguments, _restore),
     HostCommand("check", drift_check.HELP, drift_check.add_arguments, drift_check.run),
-    HostCommand("install", host_install.INSTALL_HELP, host_install.add_arguments,
+    HostCommand("install", host_install.INSTALL_HELP, host_install.add_install_arguments,
                 host_install.run_install),
     HostCommand("uninstall", host_install.UNINSTALL_HELP, host_install.add_arguments,
                 host_install.run_uninstall),

@@ -175,6 +175,144 @@ def test_install_refuses_a_foreign_file_and_needs_the_bundle(target):
     assert "not one" in one_error_line(host("install", "--root", root))
 
 
+# ---- idempotency: what the Ansible role's changed_when reads ----------------------------
+
+
+def snapshot(root: Path) -> dict[str, tuple[int, int, str]]:
+    """Every entry under root: mode, mtime (ns) and content; a rewrite shows in the mtime."""
+    seen = {}
+    for path in [root, *sorted(root.rglob("*"))]:
+        st = path.lstat()
+        mode, what = listing_entry(path, st)
+        seen[os.fspath(path.relative_to(root))] = (mode, st.st_mtime_ns, what)
+    return seen
+
+
+def listing_entry(path: Path, st: os.stat_result) -> tuple[int, str]:
+    if stat.S_ISLNK(st.st_mode):
+        return st.st_mode, "-> " + os.readlink(path)
+    if stat.S_ISREG(st.st_mode):
+        return st.st_mode, hashlib.sha256(path.read_bytes()).hexdigest()
+    return st.st_mode, "dir"
+
+
+def status_line(result: subprocess.CompletedProcess[str]) -> str:
+    """install's last stdout line: `mbrescue: install: changed` or `... unchanged`."""
+    assert result.returncode == 0, (result.stdout, result.stderr)
+    return result.stdout.splitlines()[-1]
+
+
+def changed_entries(before: dict[str, tuple[int, int, str]],
+                    after: dict[str, tuple[int, int, str]]) -> set[str]:
+    return {name for name in before.keys() | after.keys() if before.get(name) != after.get(name)}
+
+
+def test_a_second_install_changes_nothing_and_says_so(target):
+    root, bundle = target
+    first = host("install", "--root", root, bundle=bundle)
+    assert status_line(first) == "mbrescue: install: changed"
+    before = snapshot(root)
+    again = host("install", "--root", root, bundle=bundle)
+    assert status_line(again) == "mbrescue: install: unchanged", again.stdout
+    assert snapshot(root) == before  # no file rewritten: same content, modes and mtimes
+    assert "kept" in again.stdout and "host.conf" in again.stdout
+
+
+def test_a_changed_argument_updates_only_what_differs(target):
+    root, bundle = target
+    pristine = listing(root)
+    assert status_line(host("install", "--root", root, bundle=bundle)) == \
+        "mbrescue: install: changed"
+    before = snapshot(root)
+    moved = host("install", "--root", root, "--capture-dir", "/srv/captures", "--keep", "5",
+                 "--hostname", "web1", "--source", "/dev/sdb", bundle=bundle)
+    assert status_line(moved) == "mbrescue: install: changed", moved.stdout
+    after = snapshot(root)
+    # host.conf (rewritten), the record of the install, the new capture directory and the
+    # directories whose entries those changed; nothing else.
+    assert changed_entries(before, after) == {
+        ".", "etc/mbrescue", "etc/mbrescue/host.conf", "etc/mbrescue/installed.json", "srv",
+        "srv/captures"}
+    config = refresh.read_config(os.fspath(root / "etc/mbrescue/host.conf"))
+    assert (config.capture_dir, config.keep, config.hostname, config.source) == (
+        "/srv/captures", 5, "web1", "/dev/sdb")
+    assert stat.S_IMODE((root / "srv/captures").stat().st_mode) == 0o700
+    # The comments of host.conf stay; each setting is set once.
+    text = (root / "etc/mbrescue/host.conf").read_text()
+    assert text.count("capture_dir =") == 1 and "# Where captures go." in text
+    assert status_line(host("install", "--root", root, "--capture-dir", "/srv/captures",
+                            "--keep", "5", "--hostname", "web1", "--source", "/dev/sdb",
+                            bundle=bundle)) == "mbrescue: install: unchanged"
+    # Without the options, host.conf keeps what the last install (or its editor) set.
+    assert status_line(host("install", "--root", root, bundle=bundle)) == \
+        "mbrescue: install: unchanged"
+    assert snapshot(root) == after
+
+    # A new bundle (an upgrade): the program and the record change, nothing else.
+    bundle.write_bytes(b"\x7fELF" + os.urandom(64 * 1024))
+    upgraded = host("install", "--root", root, bundle=bundle)
+    assert status_line(upgraded) == "mbrescue: install: changed"
+    assert changed_entries(after, snapshot(root)) == {
+        "usr/local/sbin", "usr/local/sbin/mbrescue-host", "etc/mbrescue",
+        "etc/mbrescue/installed.json"}
+    assert (root / "usr/local/sbin/mbrescue-host").read_bytes() == bundle.read_bytes()
+
+    # A mode changed by hand is put back, without rewriting the file.
+    hook = root / "etc/kernel/postrm.d/zz-mbrescue"
+    hook.chmod(0o644)
+    mtime = hook.stat().st_mtime_ns
+    assert status_line(host("install", "--root", root, bundle=bundle)) == \
+        "mbrescue: install: changed"
+    assert stat.S_IMODE(hook.stat().st_mode) == 0o755 and hook.stat().st_mtime_ns == mtime
+
+    gone = host("uninstall", "--root", root)  # the rewritten host.conf is still install's
+    assert gone.returncode == 0 and "note:" not in gone.stdout, gone.stdout
+    assert listing(root) == pristine
+
+
+def test_bad_settings_fail_before_the_first_write(target):
+    root, bundle = target
+    before = listing(root)
+    under_boot = host("install", "--root", root, "--capture-dir", "/boot/captures",
+                      bundle=bundle)
+    assert "under /boot" in one_error_line(under_boot)
+    assert "keep must be" in one_error_line(host("install", "--root", root, "--keep", "0",
+                                                 bundle=bundle))
+    two_lines = host("install", "--root", root, "--hostname", "a\nkeep = 9", bundle=bundle)
+    assert "one line" in one_error_line(two_lines)
+    assert listing(root) == before
+
+
+def test_an_identical_program_already_in_place_is_taken_over(target):
+    """The Ansible role copies the bundle to /usr/local/sbin/mbrescue-host and runs its
+    install from there: the file install would write is already there, byte for byte."""
+    root, bundle = target
+    program = root / "usr/local/sbin/mbrescue-host"
+    program.parent.mkdir(parents=True)
+    shutil.copyfile(bundle, program)
+    program.chmod(0o755)
+    assert status_line(host("install", "--root", root, bundle=program)) == \
+        "mbrescue: install: changed"
+    recorded = json.loads((root / "etc/mbrescue/installed.json").read_text())
+    assert "/usr/local/sbin/mbrescue-host" in {item["path"] for item in recorded["files"]}
+    assert status_line(host("install", "--root", root, bundle=program)) == \
+        "mbrescue: install: unchanged"
+    # The role pushes a new bundle over it, then runs install again: taken over again.
+    program.write_bytes(b"\x7fELF" + os.urandom(64 * 1024))
+    assert status_line(host("install", "--root", root, bundle=program)) == \
+        "mbrescue: install: changed"
+    assert status_line(host("install", "--root", root, bundle=program)) == \
+        "mbrescue: install: unchanged"
+
+
+def test_install_help_names_the_status_line():
+    shown = host("install", "--help")
+    assert shown.returncode == 0
+    flat = " ".join(shown.stdout.split())
+    assert "mbrescue: install: unchanged" in flat and "mbrescue: install: changed" in flat
+    assert "--capture-dir" in flat and "--root" in flat
+
+
 # ---- refresh on a loop-mounted /boot -------------------------------------------------------
 
 

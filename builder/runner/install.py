@@ -2,10 +2,13 @@
 
 Standard library only: it runs inside the host bundle, which copies itself (the launcher
 names its own file in MBRESCUE_BUNDLE_FILE; inside the bundle `sys.executable` is empty).
-`install [--root DIR]` lays down, under DIR (default /):
+`install [--root DIR] [--capture-dir D] [--keep N] [--source DISK] [--hostname NAME]`
+lays down, under DIR (default /):
 
 - /usr/local/sbin/mbrescue-host: the bundle itself;
-- /etc/mbrescue/host.conf: the settings of `refresh` (kept as it is when it exists);
+- /etc/mbrescue/host.conf: the settings of `refresh`. The options set their settings in it
+  (on the line that holds them, comments kept); a setting not given keeps what host.conf
+  says, so a file edited by hand is kept as it is unless an option changes one of its lines;
 - the kernel hooks: /etc/kernel/postinst.d/zz-mbrescue and /etc/kernel/postrm.d/zz-mbrescue
   (Debian and Ubuntu run them with run-parts after each kernel install and removal),
   /etc/kernel/install.d/95-mbrescue.install (`kernel-install` on RHEL and Fedora), and
@@ -17,6 +20,21 @@ names its own file in MBRESCUE_BUNDLE_FILE; inside the bundle `sys.executable` i
   timers.target.wants link, and mbrescue-refresh-soon.timer;
 - the capture directory (default /var/lib/mbrescue, mode 0700);
 - /etc/mbrescue/installed.json: what was laid down, with each file's SHA-256.
+
+Install is idempotent, for configuration management (the Ansible role): a file that already
+holds what install would write is not written again (a wrong mode alone is set with chmod),
+the record is rewritten only when what it says changed, and nothing else is touched, so a
+second install with the same arguments changes no content, mode or mtime. A file that is
+already there byte for byte as install would write it is taken over (the role copies the
+bundle to /usr/local/sbin/mbrescue-host, then runs its install from there). The last line
+of stdout is the machine-readable result, exactly one of:
+
+    mbrescue: install: changed
+    mbrescue: install: unchanged
+
+(exit status 0 for both; on failure no such line, one `mbrescue: error:` line, status 1).
+On the live root with systemd running, a change is followed by `systemctl daemon-reload`
+and the daily timer's start; a timer found inactive is started and counts as a change.
 
 Why a timer for the hooks: a hook runs in the middle of a package transaction, while the
 initrd may still be rebuilt by the next hook and GRUB's menu not yet updated. So a hook
@@ -43,6 +61,7 @@ import hashlib
 import json
 import os
 import shutil
+import stat
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -162,10 +181,9 @@ def _bundle_file() -> str:
     return bundle
 
 
-def _items(config_exists: bool, bundle: str) -> list[Item]:
+def _items(bundle: str) -> list[Item]:
+    """What install lays down besides host.conf (which it edits) and its record."""
     items = [Item(PROGRAM, 0o755, copy_from=bundle)]
-    if not config_exists:
-        items.append(Item(CONFIG, 0o644, text=refresh.DEFAULT_CONFIG))
     items += [Item(hook, 0o755, text=HOOK) for hook in HOOKS]
     items += [Item(f"{UNIT_DIR}/{SERVICE}", text=SERVICE_UNIT),
               Item(f"{UNIT_DIR}/{DAILY_TIMER}", text=DAILY_TIMER_UNIT),
@@ -221,17 +239,33 @@ def read_manifest(root: str) -> Installed | None:
     return Installed(tuple(records), directories)
 
 
-def _write_manifest(root: str, records: list[Record], directories: list[str]) -> None:
-    data = {
+def _manifest_body(records: list[Record], directories: list[str]) -> dict[str, object]:
+    return {
         "format": MANIFEST_FORMAT,
         "tool_version": __version__,
-        "installed": datetime.datetime.now(datetime.UTC).replace(microsecond=0)
-        .isoformat().replace("+00:00", "Z"),
         "files": [{"path": r.path, "kind": r.kind, "sha256": r.sha256, "target": r.target}
                   for r in records],
         "directories": directories,
     }
-    _write_text(_under(root, MANIFEST), json.dumps(data, indent=1) + "\n", 0o644)
+
+
+def _write_manifest(root: str, records: list[Record], directories: list[str]) -> bool:
+    """Write the record when what it says differs from the one there; whether it did."""
+    where = _under(root, MANIFEST)
+    body = _manifest_body(records, directories)
+    try:
+        with open(where, encoding="utf-8") as stream:
+            previous = json.load(stream)
+    except (OSError, ValueError):
+        previous = None
+    if isinstance(previous, dict):
+        previous.pop("installed", None)  # when it was written is not what it says
+        if previous == body:
+            return False
+    stamp = datetime.datetime.now(datetime.UTC).replace(microsecond=0).isoformat()
+    data = {**body, "installed": stamp.replace("+00:00", "Z")}
+    _write_text(where, json.dumps(data, indent=1) + "\n", 0o644)
+    return True
 
 
 def _matches(root: str, record: Record) -> bool | None:
@@ -244,6 +278,41 @@ def _matches(root: str, record: Record) -> bool | None:
     if os.path.islink(where) or not os.path.isfile(where):
         return False
     return _sha256_file(where) == record.sha256
+
+
+# ---- host.conf ------------------------------------------------------------------------------
+
+# The settings install's options set in host.conf (the option is --capture-dir for capture_dir).
+SETTINGS = ("capture_dir", "keep", "source", "hostname")
+
+
+def set_settings(text: str, settings: dict[str, str]) -> str:
+    """host.conf's text with each given setting's value on the line that holds it (a line
+    whose value is already that is left as it is); a setting with no line is appended."""
+    left = dict(settings)
+    lines = []
+    for raw in text.splitlines(keepends=True):
+        stripped = raw.strip()
+        key, equals, value = stripped.partition("=")
+        key = key.strip()
+        if equals and not stripped.startswith("#") and key in left:
+            wanted = left.pop(key)
+            if value.strip() != wanted:
+                raw = f"{key} = {wanted}\n"
+        lines.append(raw)
+    if left:
+        if lines and not lines[-1].endswith("\n"):
+            lines[-1] += "\n"
+        lines += [f"{key} = {value}\n" for key, value in left.items()]
+    return "".join(lines)
+
+
+def _read_text(where: str) -> str:
+    try:
+        with open(where, encoding="utf-8") as stream:
+            return stream.read()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise MbrescueError(f"cannot read {where}: {exc}") from None
 
 
 # ---- laying files down ----------------------------------------------------------------------
@@ -268,25 +337,52 @@ def _make_dirs(root: str, path: str, created: list[str]) -> None:
         at = os.path.dirname(at)
     for directory in reversed(missing):
         os.mkdir(_under(root, directory), 0o755)
-        created.append(directory)
+        if directory not in created:
+            created.append(directory)
 
 
-def _lay(root: str, item: Item) -> Record:
-    where = _under(root, item.path)
-    if item.link is not None:
-        if os.path.lexists(where):
-            os.unlink(where)
-        os.symlink(item.link, where)
-        return Record(item.path, "symlink", None, item.link)
+def _wanted_sha256(item: Item) -> str | None:
     if item.copy_from is not None:
-        tmp = f"{where}.mbrescue-tmp"
+        return _sha256_file(item.copy_from)
+    if item.text is not None:
+        return hashlib.sha256(item.text.encode("utf-8")).hexdigest()
+    return None
+
+
+def _state(root: str, item: Item, sha256: str | None) -> str:
+    """missing; same (nothing to do); mode (content right, mode wrong); differs."""
+    where = _under(root, item.path)
+    if not os.path.lexists(where):
+        return "missing"
+    if item.link is not None:
+        return "same" if os.path.islink(where) and os.readlink(where) == item.link else "differs"
+    if os.path.islink(where) or not os.path.isfile(where) or _sha256_file(where) != sha256:
+        return "differs"
+    return "same" if stat.S_IMODE(os.stat(where).st_mode) == item.mode else "mode"
+
+
+def _lay(root: str, item: Item) -> None:
+    """Write item in place atomically (a temporary name, then rename)."""
+    where = _under(root, item.path)
+    tmp = f"{where}.mbrescue-tmp"
+    if item.link is not None:
+        if os.path.lexists(tmp):
+            os.unlink(tmp)
+        os.symlink(item.link, tmp)
+        os.replace(tmp, where)
+    elif item.copy_from is not None:
         shutil.copyfile(item.copy_from, tmp)
         os.chmod(tmp, item.mode)
         os.replace(tmp, where)
     else:
         assert item.text is not None
         _write_text(where, item.text, item.mode)
-    return Record(item.path, "file", _sha256_file(where), None)
+
+
+def _record(item: Item, sha256: str | None) -> Record:
+    if item.link is not None:
+        return Record(item.path, "symlink", None, item.link)
+    return Record(item.path, "file", sha256, None)
 
 
 def _systemd_running(root: str) -> bool:
@@ -301,20 +397,42 @@ def _systemctl(*args: str) -> None:
         print(f"mbrescue: warning: systemctl {' '.join(args)}: {said}", file=sys.stderr)
 
 
-def install(root: str = "/") -> list[str]:
-    """Lay the host side down under root; the lines to print."""
+def _timer_active() -> bool:
+    return subprocess.run(["systemctl", "is-active", "--quiet", DAILY_TIMER],
+                          stdin=subprocess.DEVNULL, capture_output=True, check=False
+                          ).returncode == 0
+
+
+@dataclass(frozen=True)
+class InstallResult:
+    lines: tuple[str, ...]  # what was done, one line each
+    changed: bool  # whether anything under root was written, created or chmod-ed
+
+
+def install(root: str = "/", settings: dict[str, str] | None = None) -> InstallResult:
+    """Lay the host side down under root, writing only what differs from what is there.
+
+    settings: host.conf settings to set (keys from SETTINGS); the others stay as they are."""
     if not os.path.isdir(root):
         raise MbrescueError(f"--root {root} is not a directory")
+    settings = dict(settings or {})
+    for key, value in settings.items():
+        if key not in SETTINGS:
+            raise MbrescueError(f"install cannot set {key} (it sets: {', '.join(SETTINGS)})")
+        if "\n" in value or "\r" in value:
+            raise MbrescueError(f"--{key.replace('_', '-')} must be one line")
     bundle = _bundle_file()
     previous = read_manifest(root)
     recorded = {r.path: r for r in previous.files} if previous is not None else {}
-    config_exists = os.path.lexists(_under(root, CONFIG))
-    items = _items(config_exists, bundle)
+    items = _items(bundle)
+    wanted = {item.path: _wanted_sha256(item) for item in items}
+    states = {item.path: _state(root, item, wanted[item.path]) for item in items}
     lines = []
     # Check everything before the first write: a foreign or edited file stops the install.
+    # A file that already holds what install would write is install's, whoever put it there.
     for item in items:
         where = _under(root, item.path)
-        if not os.path.lexists(where):
+        if states[item.path] != "differs":
             continue
         record = recorded.get(item.path)
         if record is None:
@@ -323,35 +441,66 @@ def install(root: str = "/") -> list[str]:
         if _matches(root, record) is False:
             raise MbrescueError(f"{where} changed since mbrescue installed it: not replacing it",
                                 hint="move it away, then install again")
-    config = refresh.read_config(_under(root, CONFIG)) if config_exists else (
-        refresh.parse_config(refresh.DEFAULT_CONFIG))
-    if config_exists:
-        lines.append(f"kept {_under(root, CONFIG)} as it is")
+    config_where = _under(root, CONFIG)
+    config_exists = os.path.lexists(config_where)
+    old_config = _read_text(config_where) if config_exists else None
+    new_config = set_settings(refresh.DEFAULT_CONFIG if old_config is None else old_config,
+                              settings)
+    config = refresh.parse_config(new_config, config_where)  # a bad setting fails here
+    config_record = recorded.get(CONFIG)
+    # host.conf stays install's to remove only while it holds what install last wrote.
+    config_ours = not config_exists or (
+        config_record is not None and _matches(root, config_record) is True)
 
+    changed = False
     created = list(previous.directories) if previous is not None else []
-    records: list[Record] = []
-    if CONFIG in recorded:  # an earlier install's host.conf: still ours to remove if unedited
-        records.append(recorded[CONFIG])
     _make_dirs(root, MANIFEST, created)
+    if new_config == old_config:
+        lines.append(f"kept {config_where} as it is")
+    else:
+        mode = 0o644 if not config_exists else stat.S_IMODE(os.stat(config_where).st_mode)
+        _write_text(config_where, new_config, mode)
+        changed = True
+        if config_exists:
+            lines.append(f"set {', '.join(settings)} in {config_where}")
+        else:
+            lines.append(f"installed {config_where}")
+        if config_ours:
+            config_record = Record(CONFIG, "file", _sha256_file(config_where), None)
+    records: list[Record] = [config_record] if config_record is not None else []
     for item in items:
-        _make_dirs(root, item.path, created)
-        records.append(_lay(root, item))
-        lines.append(f"installed {_under(root, item.path)}")
+        where = _under(root, item.path)
+        state = states[item.path]
+        if state in ("missing", "differs"):
+            _make_dirs(root, item.path, created)
+            _lay(root, item)
+            lines.append(f"{'installed' if state == 'missing' else 'updated'} {where}")
+            changed = True
+        elif state == "mode":
+            os.chmod(where, item.mode)
+            lines.append(f"set mode {item.mode:04o} on {where}")
+            changed = True
+        records.append(_record(item, wanted[item.path]))
     capture_dir = _under(root, config.capture_dir)
     if not os.path.isdir(capture_dir):
         _make_dirs(root, os.path.join(config.capture_dir, "x"), created)
         os.chmod(capture_dir, 0o700)  # captures hold /boot, which can hold secrets
         lines.append(f"created {capture_dir} (mode 0700)")
-    _write_manifest(root, records, created)
-    lines.append(f"recorded what was laid down in {_under(root, MANIFEST)}")
+        changed = True
+    if _write_manifest(root, records, created):
+        lines.append(f"recorded what was laid down in {_under(root, MANIFEST)}")
+        changed = True
     if _systemd_running(root):
-        _systemctl("daemon-reload")
-        _systemctl("start", DAILY_TIMER)
-        lines.append(f"started {DAILY_TIMER}; the kernel hooks ask for a capture after each "
-                     "kernel update")
-    else:
+        if changed:
+            _systemctl("daemon-reload")
+        if changed or not _timer_active():
+            _systemctl("start", DAILY_TIMER)
+            changed = True
+            lines.append(f"started {DAILY_TIMER}; the kernel hooks ask for a capture after "
+                         "each kernel update")
+    elif changed:
         lines.append(f"systemd is not running here: {DAILY_TIMER} starts at the next boot")
-    return lines
+    return InstallResult(tuple(lines), changed)
 
 
 def uninstall(root: str = "/") -> list[str]:
@@ -401,16 +550,37 @@ def uninstall(root: str = "/") -> list[str]:
 INSTALL_HELP = ("install the host side: this bundle, host.conf, kernel hooks and a systemd "
                 "timer that capture again after every change of /boot")
 UNINSTALL_HELP = "remove exactly what install laid down (files changed since are kept)"
+CHANGED_LINE = "mbrescue: install: changed"
+UNCHANGED_LINE = "mbrescue: install: unchanged"
+INSTALL_EPILOG = (f"Idempotent: only what differs is written. The last line of stdout is "
+                  f"'{CHANGED_LINE}' or '{UNCHANGED_LINE}' (exit status 0 for both). "
+                  "Settings not given keep what host.conf says.")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--root", default="/",
+    parser.add_argument("--root", default="/", metavar="DIR",
                         help="install into this directory as the root file system [/]")
 
 
+def add_install_arguments(parser: argparse.ArgumentParser) -> None:
+    add_arguments(parser)
+    parser.epilog = INSTALL_EPILOG
+    parser.add_argument("--capture-dir", dest="capture_dir", default=None, metavar="DIR",
+                        help="set host.conf's capture_dir: where captures go, outside /boot")
+    parser.add_argument("--keep", default=None, metavar="N",
+                        help="set host.conf's keep: how many captures to keep")
+    parser.add_argument("--source", default=None, metavar="DISK",
+                        help="set host.conf's source: the boot disk, or auto")
+    parser.add_argument("--hostname", default=None, metavar="NAME",
+                        help="set host.conf's hostname: the name recorded, or auto")
+
+
 def run_install(args: argparse.Namespace) -> int:
-    for line in install(args.root):
+    settings = {key: getattr(args, key) for key in SETTINGS if getattr(args, key) is not None}
+    result = install(args.root, settings)
+    for line in result.lines:
         print(f"mbrescue: {line}")
+    print(CHANGED_LINE if result.changed else UNCHANGED_LINE)
     return 0
 
 
