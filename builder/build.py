@@ -24,7 +24,7 @@ from . import log
 from .debs import sha256_file
 from .errors import MbrescueError
 from .grub import check_grub_installed, make_grub_images, render_grub_cfg
-from .initramfs import make_base_initramfs, make_payload_initramfs
+from .initramfs import make_base_initramfs
 from .iso import IsoReport, iso_volume_label, new_medium_id, write_iso
 from .kit import Kit, ensure_kit
 from .run import require_tools
@@ -148,13 +148,10 @@ def build_one(
         # temporary folder only): they are made while the check runs.
         grub = make_grub_images(work, medium_id=medium_id)
         # The capture's SHA-256 travels beside it: the rescue system checks the capture it
-        # unpacked is, byte for byte, the one this build verified.
+        # reads is, byte for byte, the one this build verified.
         capture_sha256 = checked()
         options_json = json.dumps({"unattended_allowed": options.unattended_allowed,
                                    "capture_sha256": capture_sha256}).encode()
-        payload = make_payload_initramfs(
-            capture_path, work / "payload.img", extra={"options.json": options_json}
-        )
         grub_cfg = render_grub_cfg(
             host=manifest.hostname,
             captured_at=manifest.created,
@@ -167,7 +164,9 @@ def build_one(
             grub=grub,
             kernel=shared.kit.kernel,
             base_initrd=shared.base_initrd,
-            payload=payload,
+            capture=capture_path,
+            capture_sha256=capture_sha256,
+            options_json=options_json,
             grub_cfg=grub_cfg,
             # Joliet stores the label in UTF-16: 16 characters at most.
             volume_label=iso_volume_label(manifest.hostname)[:16],

@@ -378,7 +378,9 @@ def render_grub_cfg(
 ) -> str:
     """grub.cfg for the ISO from templates/grub.cfg.j2; every value is computed here.
 
-    `payload_path` (a network-boot tree's per-host payload) replaces /mbrescue/payload.img.
+    The ISO's rescue system reads the capture from its medium, and one more entry has GRUB
+    load it into memory instead; `payload_path` (a network-boot tree's per-host payload, there
+    being no medium) makes every entry load that payload after the base.
     """
     for name, value, pattern in (
         ("host", host, _SAFE_ID),
@@ -407,7 +409,8 @@ def render_grub_cfg(
         args_screen=kernel_args(medium_id, serial_console=False),
         args_serial=kernel_args(medium_id, serial_console=True),
         args_shell=kernel_args(medium_id, serial_console=False, shell=True),
-        **({"payload_path": payload_path} if payload_path is not None else {}),
+        initrds=" ".join(["/mbrescue/base.img", *([payload_path] if payload_path else [])]),
+        memory_entry=payload_path is None,
     )
 
 

@@ -3,9 +3,9 @@
 Every check reads the file itself: the El Torito catalog and boot info table from the raw
 blocks, the file tree through a fresh `pycdlib.PyCdlib()`, the EFI image's `BOOTX64.EFI`
 with mtools, the hybrid MBR against GRUB's installed `boot_hybrid.img`, the partition table
-with `sfdisk --json` and `sgdisk -v`, and the payload against the checksums written beside it.
-When `builder.capture` offers `check_capture(path)`, the capture inside the payload is handed
-to it (it raises MbrescueError on a bad capture). The result is a list of named checks; the
+with `sfdisk --json` and `sgdisk -v`, and the capture and the options file against the
+`SHA256SUMS` written beside them. When `builder.capture` offers `check_capture(path)`, the
+capture on the medium is handed to it (it raises MbrescueError on a bad capture). The result is a list of named checks; the
 CLI prints them as a table and exits non-zero when one failed.
 """
 
@@ -24,7 +24,6 @@ from typing import BinaryIO
 import pycdlib
 import pycdlib.pycdlibexception
 
-from .cpio import iter_newc
 from .errors import MbrescueError
 from .run import output, require_tools, run
 
@@ -33,16 +32,18 @@ SECTOR = 512
 BOOT_HYBRID = Path("/usr/lib/grub/i386-pc/boot_hybrid.img")
 EFI_PLATFORM = 0xEF
 ESP_TYPE = "C12A7328-F81F-11D2-BA4B-00A0C93EC93B"
-CAPTURE_MEMBER = "mbrescue/capture.mbrescue"
-PAYLOAD_PATH = "/mbrescue/payload.img"
-SUMS_PATH = "/mbrescue/payload.sha256"
-# Two sha256sum lines; anything near this size is not ours.
+# On the ISO the capture is a plain file the rescue system reads from the medium.
+CAPTURE_PATH = "/mbrescue/capture.mbrescue"
+OPTIONS_PATH = "/mbrescue/options.json"
+SUMS_PATH = "/mbrescue/SHA256SUMS"
+# Two sha256sum lines, a small JSON object; anything near this size is not ours.
 MAX_SUMS_BYTES = 64 * 1024
 REQUIRED_FILES = (
     "/boot/grub/grub.cfg",
     "/mbrescue/vmlinuz",
     "/mbrescue/base.img",
-    PAYLOAD_PATH,
+    CAPTURE_PATH,
+    OPTIONS_PATH,
     SUMS_PATH,
 )
 
@@ -372,70 +373,72 @@ def _signed_chain(iso: pycdlib.PyCdlib, work: Path) -> str:
     return ", ".join(found)
 
 
+def _small_file(iso: pycdlib.PyCdlib, rr_path: str) -> bytes:
+    with iso.open_file_from_iso(rr_path=rr_path) as small:
+        data = small.read(MAX_SUMS_BYTES + 1)
+    _require(len(data) <= MAX_SUMS_BYTES, f"{rr_path} is larger than it can be")
+    return data
+
+
 def _payload(iso: pycdlib.PyCdlib, work: Path, capture_sha256: str | None = None) -> str:
-    with iso.open_file_from_iso(rr_path=SUMS_PATH) as sums_file:
-        sums_text = sums_file.read(MAX_SUMS_BYTES + 1)
-    _require(len(sums_text) <= MAX_SUMS_BYTES, "payload.sha256 is larger than a sums file")
-    with iso.open_file_from_iso(rr_path=PAYLOAD_PATH) as payload:
-        return check_payload(
-            payload, sums_text.decode(errors="replace"), work, capture_sha256=capture_sha256
-        )
+    sums_text = _small_file(iso, SUMS_PATH).decode(errors="replace")
+    options_json = _small_file(iso, OPTIONS_PATH)
+    with iso.open_file_from_iso(rr_path=CAPTURE_PATH) as capture:
+        return check_payload(capture, sums_text, options_json, work, capture_sha256=capture_sha256)
 
 
 def check_payload(
-    payload: BinaryIO, sums_text: str, work: Path, capture_sha256: str | None = None
+    capture: BinaryIO,
+    sums_text: str,
+    options_json: bytes,
+    work: Path,
+    capture_sha256: str | None = None,
 ) -> str:
-    """The payload cpio against its sums: sound to the trailer, holding one matching capture.
+    """The medium's capture and options file against SHA256SUMS, and against each other.
 
-    The capture is then opened and checked whole by `builder.capture`; or, given
+    The rescue system refuses a capture whose SHA-256 is not the options file's, so the two
+    must agree. The capture is then opened and checked whole by `builder.capture`; or, given
     `capture_sha256` (a capture the caller checked itself), it must have that SHA-256.
     """
     deep = capture_sha256 is None
     sums = parse_sums(sums_text)
-    _require("payload.img" in sums, "payload.sha256 names no payload.img")
+    _require("capture.mbrescue" in sums, "SHA256SUMS names no capture.mbrescue: no capture")
+    _require("options.json" in sums, "SHA256SUMS names no options.json")
     _require(
-        "capture.mbrescue" in sums, "payload.sha256 names no capture.mbrescue: no capture inside"
+        hashlib.sha256(options_json).hexdigest() == sums["options.json"],
+        "options.json does not match its SHA-256",
     )
-    payload.seek(0)
-    _require(
-        sha256_stream(payload) == sums["payload.img"], "payload.img does not match its SHA-256"
-    )
-    payload.seek(0)
-    # The cpio's structure: every header sound up to the trailer.
-    members = 0
-    captures = 0
-    capture_path = work / "capture.mbrescue"
     try:
-        for name, _mode, size in iter_newc(payload):
-            members += 1
-            if name != CAPTURE_MEMBER:
-                continue
-            captures += 1
-            _require(captures == 1, f"the payload holds {CAPTURE_MEMBER} twice")
-            if deep:
-                with open(capture_path, "wb") as copy:
-                    digest = sha256_stream(payload, size, copy_to=copy)
-            else:
-                digest = sha256_stream(payload, size)
-            _require(
-                digest == sums["capture.mbrescue"],
-                "the capture in the payload does not match its SHA-256",
-            )
-            _require(
-                deep or digest == capture_sha256,
-                "the capture in the payload is not the one the build checked",
-            )
-        _require(captures == 1, f"the payload holds no capture ({CAPTURE_MEMBER})")
-        detail = f"payload.img matches, cpio of {members} member(s)"
+        options = json.loads(options_json)
+    except (ValueError, UnicodeDecodeError):
+        options = None
+    _require(isinstance(options, dict), "options.json is not a JSON object")
+    _require(
+        options.get("capture_sha256") == sums["capture.mbrescue"],
+        "options.json names another capture than SHA256SUMS: the rescue system would refuse it",
+    )
+    copy_path = work / "capture.mbrescue"
+    try:
+        if deep:
+            with open(copy_path, "wb") as copy:
+                digest = sha256_stream(capture, copy_to=copy)
+        else:
+            digest = sha256_stream(capture)
+        _require(digest == sums["capture.mbrescue"], "the capture does not match its SHA-256")
+        _require(deep or digest == capture_sha256, "the capture is not the one the build checked")
+        detail = "capture.mbrescue and options.json match SHA256SUMS"
         if not deep:
             return detail + ", the checked capture (SHA-256 matches)"
         hook = _capture_hook()
         _require(hook is not None, "builder.capture.check_capture is missing")
         assert hook is not None
-        result = hook(capture_path)
+        try:
+            result = hook(copy_path)
+        except MbrescueError as error:  # name the medium's file, not the temporary copy
+            raise MbrescueError(str(error).replace(str(copy_path), CAPTURE_PATH)) from None
         return detail + ", capture checked" + (f": {result}" if isinstance(result, str) else "")
     finally:
-        capture_path.unlink(missing_ok=True)
+        copy_path.unlink(missing_ok=True)
 
 
 def format_checks(checks: list[Check]) -> str:

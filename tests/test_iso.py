@@ -1,8 +1,8 @@
 """The rescue ISO: structure (pycdlib, xorriso, sgdisk), reproducibility, and QEMU boots.
 
 The ISO is built once per module from Debian's kernel, a tiny busybox initramfs whose
-/init prints a marker, the kernel command line and the payload's marker, then powers off,
-and a real payload (the project's payload builder around a real capture of a small disk).
+/init prints a marker, the kernel command line and the base initrd's own marker, then powers
+off, and a real capture of a small disk as the medium's /mbrescue/capture.mbrescue.
 QEMU boots it four ways (BIOS/UEFI x CD/USB), once more from USB with the El Torito EFI
 entry wiped (so only the GPT's ESP can boot UEFI), and with "healthy" local disks holding
 the captured /boot UUID, where the default entry must boot the local disk: its MBR code
@@ -25,7 +25,7 @@ from pathlib import Path
 import pycdlib
 import pytest
 
-from builder import build, capture, cpio, debs, grub, initramfs, iso, verify
+from builder import build, capture, cpio, debs, grub, iso, verify
 from builder.debs import cache_dir
 from builder.errors import MbrescueError
 from builder.run import output, run
@@ -36,7 +36,7 @@ EPOCH = "1700000000"
 BOOT_FS_UUID = "5b0c4c8e-3f0a-4e57-9c1e-2a4d5e6f7a8b"
 MEDIUM_ID = "0123456789abcdef"
 INIT_MARKER = "MBRESCUE-TEST-INIT"
-PAYLOAD_MARKER = "MBRESCUE-TEST-PAYLOAD"
+BASE_MARKER = "MBRESCUE-TEST-BASE"
 LOCAL_MBR_MARKER = "MBRESCUE-TEST-LOCAL-MBR"
 LOCAL_ESP_MARKER = "MBRESCUE-TEST-LOCAL-ESP"
 LOCAL_CFG_MARKER = "MBRESCUE-TEST-LOCAL-GRUB-CFG"
@@ -47,7 +47,7 @@ INIT_SCRIPT = f"""#!/bin/sh
 /bin/busybox mount -t devtmpfs devtmpfs /dev
 for tty in /dev/ttyS0 /dev/console; do
   echo "{INIT_MARKER} cmdline: $(/bin/busybox cat /proc/cmdline)" > $tty
-  echo "{INIT_MARKER} payload: $(/bin/busybox cat /mbrescue/marker)" > $tty
+  echo "{INIT_MARKER} base: $(/bin/busybox cat /base-marker)" > $tty
 done
 /bin/busybox poweroff -f
 """
@@ -89,14 +89,12 @@ def build_iso(
     base.file_from("bin/busybox", busybox_root / "bin" / "busybox", 0o755)
     base.symlink("bin/sh", "busybox")
     base.file("init", INIT_SCRIPT.encode(), 0o755)
-    if capture_file is None:  # a payload with no capture in it (what verify must refuse)
-        tree = cpio.Tree()
-        tree.file("mbrescue/marker", f"{PAYLOAD_MARKER}\n".encode())
-        payload = _cpio(tree, work / "payload.img")
-    else:
-        payload = initramfs.make_payload_initramfs(
-            capture_file, work / "payload.img", extra={"marker": f"{PAYLOAD_MARKER}\n".encode()}
-        )
+    base.file("base-marker", f"{BASE_MARKER}\n".encode())
+    if capture_file is None:  # a file that is no capture (what verify must refuse)
+        capture_file = work / "not-a-capture"
+        capture_file.write_bytes(b"these bytes are not a capture\n" * 100)
+    capture_sha256 = debs.sha256_file(capture_file)
+    options_json = json.dumps({"capture_sha256": capture_sha256}).encode()
     images = grub.make_grub_images(work / "grub", medium_id=MEDIUM_ID)
     cfg = grub.render_grub_cfg(
         host="testhost",
@@ -112,7 +110,9 @@ def build_iso(
         grub=images,
         kernel=kernel,
         base_initrd=_cpio(base, work / "base.img"),
-        payload=payload,
+        capture=capture_file,
+        capture_sha256=capture_sha256,
+        options_json=options_json,
         grub_cfg=cfg,
         volume_label="testhost",
         medium_id=MEDIUM_ID,
@@ -184,9 +184,12 @@ def test_pycdlib_reopens(built: iso.IsoReport) -> None:
         assert reopened.pvd.volume_identifier.decode().strip() == "TESTHOST"
         assert MEDIUM_ID in reopened.pvd.volume_set_identifier.decode()
         assert MEDIUM_ID in reopened.pvd.application_identifier.text.decode()
-        with reopened.open_file_from_iso(joliet_path="/mbrescue/payload.sha256") as sums:
+        with reopened.open_file_from_iso(joliet_path="/mbrescue/SHA256SUMS") as sums:
             names = verify.parse_sums(sums.read().decode())
-        assert set(names) == {"payload.img", "capture.mbrescue"}
+        assert set(names) == {"options.json", "capture.mbrescue"}
+        # The capture can hold secrets from /boot: only root reads it on a mounted medium.
+        record = reopened.get_record(rr_path="/mbrescue/capture.mbrescue")
+        assert record.rock_ridge.get_file_mode() & 0o777 == 0o400
         with reopened.open_file_from_iso(rr_path="/boot/grub/grub.cfg") as cfg:
             assert f"mbrescue.medium={MEDIUM_ID}" in cfg.read().decode()
         reopened.get_record(rr_path=grub.medium_marker(MEDIUM_ID))
@@ -227,7 +230,7 @@ def test_verify_finds_damage(built: iso.IsoReport, tmp_path: Path) -> None:
     shutil.copyfile(built.path, damaged)
     reopened = pycdlib.PyCdlib()
     reopened.open(str(built.path))
-    payload_block = reopened.get_record(rr_path="/mbrescue/payload.img").extent_location()
+    payload_block = reopened.get_record(rr_path="/mbrescue/capture.mbrescue").extent_location()
     reopened.close()
     with open(damaged, "r+b") as stream:
         stream.seek(0)
@@ -238,12 +241,12 @@ def test_verify_finds_damage(built: iso.IsoReport, tmp_path: Path) -> None:
     assert failed == {"hybrid MBR (GRUB)", "payload checksum"}
 
 
-def test_verify_refuses_payload_without_capture(epoch: None, tmp_path: Path) -> None:
-    # A real ISO from the project's own functions, whose payload holds no capture.
+def test_verify_refuses_a_medium_whose_capture_is_no_capture(epoch: None, tmp_path: Path) -> None:
+    # A real ISO from the project's own functions, whose capture file is no capture.
     report = build_iso(tmp_path, tmp_path / "out" / "empty.iso", None, **TEST_TIMEOUTS)
     checks = {check.name: check for check in verify.verify_iso(report.path)}
     assert not checks["payload checksum"].ok, checks["payload checksum"]
-    assert "no capture" in checks["payload checksum"].detail
+    assert "/mbrescue/capture.mbrescue is not a capture" in checks["payload checksum"].detail
     assert [name for name, check in checks.items() if not check.ok] == ["payload checksum"]
     result = subprocess.run(
         [sys.executable, "-m", "builder.cli", "verify", os.fspath(report.path)],
@@ -251,7 +254,7 @@ def test_verify_refuses_payload_without_capture(epoch: None, tmp_path: Path) -> 
         stdin=subprocess.DEVNULL, timeout=600,
     )  # fmt: skip
     assert "payload checksum" in one_error_line(result)
-    assert "no capture" in result.stdout
+    assert "is not a capture" in result.stdout
 
 
 def test_build_summary_comes_from_a_check_of_the_written_file(
@@ -296,7 +299,9 @@ def test_missing_input_is_refused(built: iso.IsoReport, tmp_path: Path) -> None:
             grub=images,
             kernel=tmp_path / "nope",
             base_initrd=tmp_path / "nope",
-            payload=tmp_path / "nope",
+            capture=tmp_path / "nope",
+            capture_sha256="0" * 64,
+            options_json=b"{}",
             grub_cfg="",
             volume_label="x",
             medium_id=MEDIUM_ID,
@@ -325,7 +330,7 @@ def _boot_to_marker(
     with Vm(VmConfig(firmware=firmware, disks=disks), log_path) as vm:
         vm.expect(r"default is the restore", timeout=120)
         cmdline = vm.expect(rf"{INIT_MARKER} cmdline: ([^\r\n]*)\r?\n", timeout=180).group(1)
-        vm.expect(rf"{INIT_MARKER} payload: {PAYLOAD_MARKER}", timeout=30)
+        vm.expect(rf"{INIT_MARKER} base: {BASE_MARKER}", timeout=30)
         return cmdline, vm.elapsed()
 
 
