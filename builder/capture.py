@@ -49,6 +49,7 @@ from .freeze import (
 )
 from .runner import bootfiles, capfile, filecopy, mbr
 from .runner.layout import Layout, Partition, read_layout
+from .runner.manifest import MAC_RE
 from .runner.outputs import check_hostname, check_output_file
 
 BIOS_BOOT_GUID = "21686148-6449-6e6f-744e-656564454649"
@@ -69,6 +70,7 @@ class CaptureOptions:
     sector_bytes: int | None = None
     compress_level: int = 6
     progress: bool | None = None
+    macs: tuple[str, ...] | None = None  # --mac: the host's MACs (None: read this machine's)
 
 
 @dataclass(frozen=True)
@@ -593,6 +595,7 @@ def _capture(options: CaptureOptions) -> CaptureResult:
         raise MbrescueError(f"partition {boot.number} runs past the end of {source}")
 
     hostname = check_hostname(options.hostname or _default_hostname(source))
+    macs = _host_macs(source, options.macs)
     output = options.output or Path.cwd() / f"{hostname}.mbrescue"
     if output.is_dir():
         output = output / f"{hostname}.mbrescue"
@@ -743,6 +746,7 @@ def _capture(options: CaptureOptions) -> CaptureResult:
                 "boot_files": boot_files,
                 "file_copies": file_copies,
                 "fingerprint": fingerprint,
+                "macs": list(macs),
             }
             capfile.write_manifest(tar, manifest, mtime)
             tar.close()
@@ -941,3 +945,59 @@ def _file_copies(source: Path, layout: Layout, chain: list[Partition], tar: capf
         return filecopy.add_file_copies(tar, f"/proc/self/fd/{spool}", wanted, mtime, (spool,),
                                         warn=log.info)
     return filecopy.add_file_copies(tar, os.fspath(source), wanted, mtime, warn=log.info)
+
+# --- the host's MAC addresses (they pick its network-boot menu: builder/netboot.py) ----------
+
+SYS_NET = "/sys/class/net"
+
+
+def normal_mac(text: str) -> str:
+    """A MAC address as the manifest and GRUB's $net_default_mac spell it: lower case, colons."""
+    mac = text.strip().lower().replace("-", ":")
+    if not MAC_RE.fullmatch(mac) or mac == "00:00:00:00:00:00":
+        raise MbrescueError(f"{text!r} is not a MAC address (like 52:54:00:12:34:56)")
+    if int(mac[:2], 16) & 1:
+        raise MbrescueError(f"{text!r} is a multicast address, not a machine's MAC address")
+    return mac
+
+
+def nic_macs(sys_net: str = SYS_NET) -> tuple[str, ...]:
+    """This machine's physical NICs' MAC addresses: interfaces with a device behind them (so
+    not lo, bridges, bonds, VLANs, tunnels, ifb), each once, sorted."""
+    found = set()
+    for name in sorted(os.listdir(sys_net)) if os.path.isdir(sys_net) else ():
+        base = os.path.join(sys_net, name)
+        if not os.path.exists(os.path.join(base, "device")):
+            continue
+        # A bonded NIC shows the bond's address; the firmware boots with its own.
+        for leaf in ("bonding_slave/perm_hwaddr", "address"):
+            try:
+                with open(os.path.join(base, leaf)) as stream:
+                    text = stream.read().strip()
+                break
+            except OSError:
+                continue
+        else:
+            continue
+        with contextlib.suppress(MbrescueError):  # all zero, or not Ethernet (InfiniBand)
+            found.add(normal_mac(text))
+    return tuple(sorted(found))
+
+
+def _host_macs(source: Path, given: tuple[str, ...] | None) -> tuple[str, ...]:
+    if given is not None:
+        macs: list[str] = []
+        for text in given:
+            try:
+                mac = normal_mac(text)
+            except MbrescueError as exc:
+                raise MbrescueError(f"--mac: {exc}") from None
+            if mac not in macs:
+                macs.append(mac)
+        return tuple(macs)
+    if not _is_block(source):
+        return ()  # an image file: whose machine it came from is not known here
+    macs = list(nic_macs())
+    log.info(f"MAC addresses of this machine's NICs (they pick its network-boot menu): "
+             f"{', '.join(macs) or 'none found'}")
+    return tuple(macs)

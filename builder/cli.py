@@ -53,6 +53,12 @@ def capture_command(
         int | None,
         typer.Option("--sector-size", help="Logical sector size of an image file [512]."),
     ] = None,
+    mac: Annotated[
+        list[str] | None,
+        typer.Option("--mac", help="A MAC address of the host's NICs to record (repeatable; "
+                     "picks its network-boot menu) [a block device: this machine's NICs; "
+                     "an image file: none]."),
+    ] = None,
 ) -> None:
     """Capture SOURCE's MBR, post-MBR gap, /boot and layout into one file."""
     from .capture import CaptureOptions, capture
@@ -64,6 +70,7 @@ def capture_command(
             boot_partition=boot_partition,
             hostname=hostname,
             sector_bytes=sector_bytes,
+            macs=tuple(mac) if mac else None,
         )
     )
     region = result.manifest["region"]

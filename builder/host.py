@@ -77,6 +77,9 @@ def _capture_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--hostname", default=None, help="host name to record")
     parser.add_argument("--sector-size", dest="sector_bytes", type=int, default=None,
                         help="logical sector size of an image file [512]")
+    parser.add_argument("--mac", action="append", default=None,
+                        help="a MAC address of the host's NICs to record (repeatable; picks "
+                        "its network-boot menu) [a block device: this machine's NICs]")
 
 
 def _capture(args: argparse.Namespace) -> int:
@@ -89,6 +92,7 @@ def _capture(args: argparse.Namespace) -> int:
         boot_partition=args.boot_partition,
         hostname=args.hostname,
         sector_bytes=args.sector_bytes,
+        macs=tuple(args.mac) if args.mac else None,
     ))
     region = result.manifest["region"]
     log.info(

@@ -30,6 +30,11 @@ def describe(capture: Capture) -> str:
     )
     if identity:
         lines.append(f"identity  {identity}")
+    lines.append(
+        f"MACs      {', '.join(m.macs)} (they pick its network-boot menu)"
+        if m.macs
+        else "MACs      none recorded (network boot: in the list menu only, unless build --mac)"
+    )
     lines.append(f"table     {m.table}  id {m.disk_id}")
     lines.append("")
     lines.append(

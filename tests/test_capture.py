@@ -215,6 +215,36 @@ def test_boot_partition_override(tmp_path):
     assert Capture.open(str(out)).manifest.raw["region"]["end_lba"] == 2048 + 16 * 2048
 
 
+def test_capture_records_the_hosts_mac_addresses(tmp_path):
+    """A block device is a disk of this machine: the MACs of its NICs with a device behind them
+    (as `ip -d link` sees them) pick its network-boot menu. An image file records none;
+    --mac sets them (normalised); a bad one is one error line."""
+    links = json.loads(sh("ip", "-j", "-d", "link", "show"))
+    nics = sorted({link["address"] for link in links if link.get("link_type") == "ether"
+                   and link.get("parentbus") and link["address"] != "00:00:00:00:00:00"})
+    assert nics, "this machine has no physical NIC to record"
+    image = small_msdos_image(tmp_path / "host.img")
+    loop = sh("losetup", "-f", "--show", "-r", image).strip()
+    try:
+        result = mbrescue("capture", loop, "-o", tmp_path / "block.mbrescue", "--hostname", "h")
+    finally:
+        sh("losetup", "-d", loop)
+    assert result.returncode == 0, result.stderr
+    assert Capture.open(str(tmp_path / "block.mbrescue")).manifest.macs == tuple(nics)
+    assert mbrescue("capture", image, "-o", tmp_path / "file.mbrescue").returncode == 0
+    assert Capture.open(str(tmp_path / "file.mbrescue")).manifest.macs == ()
+    given = tmp_path / "given.mbrescue"
+    result = mbrescue("capture", image, "-o", given, "--mac", "52-54-00-AB-CD-EF",
+                      "--mac", "52:54:00:00:00:02")
+    assert result.returncode == 0, result.stderr
+    assert Capture.open(str(given)).manifest.macs == ("52:54:00:ab:cd:ef", "52:54:00:00:00:02")
+    assert "MACs      52:54:00:ab:cd:ef, 52:54:00:00:00:02" in mbrescue("inspect", given).stdout
+    for bad in ("52:54:00:ab:cd", "01:00:5e:00:00:01", "00:00:00:00:00:00"):
+        assert "--mac" in one_error_line(mbrescue("capture", image, "-o", tmp_path / "bad",
+                                                  "--mac", bad))
+        assert not (tmp_path / "bad").exists()
+
+
 # -- bad input: one line, non-zero, nothing left behind -----------------------------------------
 
 

@@ -34,6 +34,9 @@ CHUNK_OVERHEAD_BYTES = 4096
 SHA256_RE = re.compile(r"[0-9a-f]{64}")
 UUID_RE = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
 HEX_RE = re.compile(r"(?:[0-9a-f]{2})*")
+# A machine's MAC address as capture writes it (and GRUB's $net_default_mac spells it).
+MAC_RE = re.compile(r"[0-9a-f]{2}(?::[0-9a-f]{2}){5}")
+MAX_MACS = 64
 
 
 class _Fields:
@@ -314,6 +317,8 @@ class Manifest:
     fingerprint: FingerprintRecord | None = None
     # Optional (captures before the file-level path have none): runner/filecopy.py.
     file_copies: tuple[FileCopyRecord, ...] = ()
+    # Optional: the host's NICs (picks its network-boot menu); none for an image-file source.
+    macs: tuple[str, ...] = ()
 
     def partition(self, number: int) -> PartitionRecord:
         for part in self.partitions:
@@ -401,7 +406,25 @@ def parse_manifest(data: Any) -> Manifest:
         mbr_boot_code_sha256=_boot_code_sha256(layout),
         fingerprint=_fingerprint(top.opt_obj("fingerprint"), source, by_number),
         file_copies=_file_copies(top, boot_chain),
+        macs=_macs(top),
     )
+
+
+def _macs(top: _Fields) -> tuple[str, ...]:
+    items = top.items("macs", optional=True)
+    if len(items) > MAX_MACS:
+        raise _bad("macs", f"{len(items)} addresses")
+    for index, mac in enumerate(items):
+        if not isinstance(mac, str) or not MAC_RE.fullmatch(mac):
+            shown = repr(mac[:40]) if isinstance(mac, str) else _kind(mac)
+            raise _bad(f"macs[{index}]", f"{shown} is not a MAC address like 52:54:00:12:34:56")
+        # A multicast or all-zero address is no machine's: no firmware boots with it.
+        if int(mac[:2], 16) & 1 or mac == "00:00:00:00:00:00":
+            raise _bad(f"macs[{index}]", f"{mac} is not a machine's MAC address")
+    macs = tuple(items)
+    if len(set(macs)) != len(macs):
+        raise _bad("macs", "an address appears twice")
+    return macs
 
 
 def _hostname(fields: _Fields) -> str:
