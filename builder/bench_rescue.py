@@ -12,26 +12,59 @@ runner's own "wrote ... verified ..." line splits its write and verify phases.
 Then the time from QEMU's start to the runner's confirmation prompt, booting the kit's
 kernel directly (`-kernel`/`-initrd`, TCG, one blank disk) with the capture as the
 payload, so its checksums are verified inside the VM as on a real host.
+
+`bench_files`: the file-level restore (`restore --files`: new table, file systems made
+again, files unpacked and read back) beside the region path, of the same capture into new
+blank image files.
+
+`bench_prompt`: QEMU start to the restore prompt from the ISO as a user boots it (BIOS CD,
+UEFI CD, one blank virtio disk, GRUB's menu and its timeout included), beside the floor: the
+same kernel with the same command line reaching user space from a trivial initramfs (a
+static busybox printing a line), packed by grub-mkrescue and booted as a CD on the same VM.
+Then the prompt time for captures of three sizes, and the RAM the rescue system needs: the
+smallest `-m` (of a fixed ladder) that still reaches the prompt, found by bisection, and
+whether the large capture reaches it with the goal's 256 MiB.
 """
 
 from __future__ import annotations
 
 import re
+import shutil
 import subprocess
 import time
+from collections.abc import Callable
 from pathlib import Path
 
-from .bench import BOOT_MIB, MBRESCUE, MiB, make_bench_disk, manifest_of
+from .bench import (
+    BOOT_MIB,
+    MBRESCUE,
+    MiB,
+    goal,
+    make_bench_disk,
+    manifest_of,
+    mbrescue_run,
+    ratio_row,
+)
 from .build import OVERLAYS_DIR, RUNNER_DIR
 from .initramfs import base_record, make_base_initramfs, make_payload_initramfs
 from .kit import ensure_kit
-from .vm import Disk, Vm, VmConfig
+from .vm import Disk, Vm, VmConfig, VmTimeout
 
 PROMPT = r"Type yes to write"
 PROMPT_TIMEOUT_S = 600.0
 # The initrd holds the whole capture, and /init unpacks it into RAM once more.
 VM_MEMORY_MIB = 1536
 RUNS = 5  # a restore is a few seconds: more runs, less noise
+RESTORE_GOAL = 1.2  # wall time vs the same work by standard tools
+PROMPT_GOAL = 1.5  # vs the same kernel reaching user space with a trivial initramfs
+GROWTH_GOAL = 1.1  # "flat": the largest capture's prompt time within 10% of the smallest's
+RAM_GOAL_MIB = 256  # whatever the capture's size
+PROMPT_RUNS = 2
+PROMPT_MEMORY_MIB = 1024  # every timed boot, rescue and floor alike
+MEMORY_LADDER_MIB = (128, 192, 256, 320, 384, 512, 768, 1024)
+FLOOR_MARKER = "MBRESCUE-FLOOR-USERSPACE"
+# Where a boot that cannot reach the prompt ends (no reboot: -no-reboot, panic=0).
+BOOT_FAILED = r"mbrescue: error:|Kernel panic|Out of memory"
 # "mbrescue: wrote N bytes in X s (R MB/s), verified in Y s (V MB/s, how)"
 RESTORE_LINE = re.compile(
     r"wrote (\d+) bytes in ([\d.]+) s \(([\d.]+) MB/s\), verified in ([\d.]+) s \(([\d.]+) MB/s"
@@ -186,6 +219,7 @@ def _restore_rows(image: Path, capture: Path, folder: Path, runs: int) -> list[s
     rows += [
         f"  best mbrescue restore wall {best_wall:6.2f} s   standard tools {best_tools:6.2f} s",
         f"  mbrescue restore / standard tools: wall time {best_wall / best_tools:4.2f}x",
+        "  " + ratio_row("restore wall / standard tools:", best_wall, best_tools, RESTORE_GOAL),
         f"  write phase {best_write:.2f} s ({mib / best_write:.0f} MiB/s) vs dd conv=fsync "
         f"{best_dd:.2f} s ({mib / best_dd:.0f} MiB/s): {best_dd / best_write:4.2f}x dd's speed",
     ]
@@ -201,6 +235,295 @@ def bench_rescue(work: Path, image: Path, runs: int = RUNS, boot: bool = True) -
     if boot:
         kernel, base, size_rows = _size_rows()
         rows = size_rows + rows + _prompt_rows(kernel, base, capture, folder)
+    return rows
+
+
+
+def _restore_wall(capture: Path, target: Path, size: int, *extra: str) -> float:
+    """Wall seconds of one `mbrescue restore CAPTURE TARGET --yes [extra]` into a new blank file."""
+    _blank(target, size)
+    started = time.perf_counter()
+    result = mbrescue_run("restore", capture, target, "--yes", *extra)
+    seconds = time.perf_counter() - started
+    if "restore complete" not in result.stdout + result.stderr:
+        raise RuntimeError(f"mbrescue restore {' '.join(extra)} did not complete")
+    return seconds
+
+
+def bench_files(work: Path, image: Path, runs: int = 3) -> list[str]:
+    """The file-level restore's wall time beside the region path's, for the bench capture."""
+    folder = work / "files-bench"
+    folder.mkdir(parents=True, exist_ok=True)
+    capture = _capture(image, folder)
+    manifest = manifest_of(capture)
+    if not manifest.file_copies:
+        raise RuntimeError("the bench capture holds no file-level copy: --files cannot run")
+    size = manifest.source.size_bytes
+    region: list[float] = []
+    files: list[float] = []
+    for _ in range(runs):
+        # Alternating, so both see the same machine load and page-cache state.
+        region.append(_restore_wall(capture, folder / "region-target.img", size))
+        files.append(_restore_wall(capture, folder / "files-target.img", size, "--files"))
+    rows = [
+        f"restore of the bench capture ({manifest.region.length_bytes / MiB:.0f} MiB region, "
+        f"{manifest.boot_files.file_count} files in /boot) into a new blank image file, "
+        f"{runs} runs alternating, region path vs file-level path (restore --files):"
+    ]
+    rows += [
+        f"  run {index + 1}  region path {r:6.2f} s   file-level path {f:6.2f} s"
+        for index, (r, f) in enumerate(zip(region, files, strict=True))
+    ]
+    rows += [
+        f"  best region path {min(region):6.2f} s   file-level path {min(files):6.2f} s",
+        f"  file-level / region path: wall time {min(files) / min(region):4.2f}x "
+        "(no goal: the file-level path's figure beside the region path's)",
+    ]
+    return rows
+
+
+def floor_iso(folder: Path, kernel: Path, out: Path) -> Path:
+    """The floor: the kit's kernel, the rescue ISO's default command line, and an initramfs
+    whose /init only says it runs, packed by grub-mkrescue with no menu timeout."""
+    from . import cpio
+    from .grub import kernel_args
+    from .kit import ensure_kit
+
+    tree = cpio.Tree()
+    tree.file_from("bin/busybox", ensure_kit().busybox, 0o755)
+    tree.directory("dev")
+    tree.char_device("dev/console", 5, 1)
+    # console=tty0 comes last (the default entry's), so /dev/console is the screen: the line
+    # goes to the serial port itself, where the bench reads it.
+    tree.file("init", (
+        "#!/bin/busybox sh\n"
+        "/bin/busybox mount -t devtmpfs dev /dev\n"
+        f"echo {FLOOR_MARKER} > /dev/ttyS0\n"
+        "exec /bin/busybox poweroff -f\n"
+    ).encode(), 0o755)
+    iso_tree = folder / "floor-tree"
+    (iso_tree / "boot" / "grub").mkdir(parents=True, exist_ok=True)
+    with open(iso_tree / "floor.img", "wb") as stream:
+        cpio.write_tree(tree, stream)
+    shutil.copyfile(kernel, iso_tree / "vmlinuz")
+    args = " ".join(arg for arg in kernel_args("floor", serial_console=False).split()
+                    if not arg.startswith("mbrescue."))
+    (iso_tree / "boot" / "grub" / "grub.cfg").write_text(
+        "serial --unit=0 --speed=115200\nterminal_input serial console\n"
+        "terminal_output serial console\nset timeout=0\n"
+        f"menuentry floor {{\n linux /vmlinuz {args}\n initrd /floor.img\n}}\n"
+    )
+    subprocess.run(["grub-mkrescue", "-o", out, iso_tree], check=True, capture_output=True)
+    return out
+
+
+def _boot(iso: Path, firmware: str, scratch: Path, log: Path, memory_mib: int,
+          until: str) -> tuple[float | None, float | None, str]:
+    """Boot iso as a CD with one blank disk: (seconds from QEMU's start to `until`, or None;
+    seconds to the kernel's first line, or None; how it ended)."""
+    config = VmConfig(
+        firmware=firmware,
+        memory_mib=memory_mib,
+        disks=[
+            Disk(iso, interface="cdrom", readonly=True, bootindex=0),
+            Disk(scratch, interface="virtio"),
+        ],
+    )
+    kernel_s = None
+    with Vm(config, log) as vm:
+        try:
+            for pattern in (r"Linux version \d", until):
+                found = vm.expect(f"(?P<done>{pattern})|{BOOT_FAILED}", PROMPT_TIMEOUT_S)
+                if found.group("done") is None:
+                    return None, kernel_s, found.group(0)
+                if kernel_s is None:
+                    kernel_s = vm.elapsed()
+        except VmTimeout as exc:
+            return None, kernel_s, str(exc).splitlines()[0]
+        return vm.elapsed(), kernel_s, "reached"
+
+
+def _build_iso(capture: Path, out: Path) -> Path:
+    out.unlink(missing_ok=True)
+    mbrescue_run("build", capture, "-o", out)
+    return out
+
+
+def _fixture_capture(folder: Path) -> Path:
+    from .fixtures import ensure_fixture
+
+    small = ensure_fixture("A")
+    out = folder / "small.mbrescue"
+    out.unlink(missing_ok=True)
+    mbrescue_run("capture", small.path, "-o", out, "--boot-partition",
+                 str(small.boot_partition), "--hostname", "bench-small")
+    return out
+
+
+def _at(seconds: float | None) -> str:
+    return f"{seconds:5.1f} s" if seconds is not None else "  -  "
+
+
+def bench_prompt(work: Path, image: Path, runs: int = PROMPT_RUNS, *,
+                 large_image: Path | None = None, large_boot_mib: int = 1024,
+                 memory_probe: bool = True) -> list[str]:
+    """QEMU start to the restore prompt from the ISO beside the floor, the growth with the
+    capture's size, and the RAM the rescue system needs."""
+    folder = work / "prompt-bench"
+    folder.mkdir(parents=True, exist_ok=True)
+    kernel = ensure_kit().kernel
+    bench_capture = _capture(image, folder)
+    iso = _build_iso(bench_capture, folder / "bench.iso")
+    floor = floor_iso(folder, kernel, folder / "floor.iso")
+    scratch = _blank(folder / "scratch.img", manifest_of(bench_capture).source.size_bytes)
+    rows = [
+        f"QEMU (TCG, -m {PROMPT_MEMORY_MIB}, CD + one blank virtio disk) start to the restore "
+        f"prompt from the ISO ({bench_capture.stat().st_size / MiB:.0f} MiB bench capture; "
+        "GRUB's menu timeout included), beside the floor: the same kernel and command line "
+        "reaching user space with a trivial initramfs, grub-mkrescue CD, the same VM; "
+        f"{runs} runs alternating (kernel = its first line on serial):"
+    ]
+    best: dict[str, float] = {}
+    for firmware in ("bios", "uefi"):
+        mine: list[float] = []
+        theirs: list[float] = []
+        name = f"{firmware.upper()} CD"
+        for index in range(runs):
+            seconds, kernel_s, how = _boot(iso, firmware, scratch,
+                                           folder / f"{firmware}-{index}.log",
+                                           PROMPT_MEMORY_MIB, PROMPT)
+            floor_s, floor_kernel_s, floor_how = _boot(
+                floor, firmware, scratch, folder / f"floor-{firmware}-{index}.log",
+                PROMPT_MEMORY_MIB, FLOOR_MARKER)
+            rows.append(
+                f"  run {index + 1}  {name}: restore prompt {_at(seconds)} (kernel "
+                f"{_at(kernel_s)})   floor user space {_at(floor_s)} (kernel "
+                f"{_at(floor_kernel_s)})"
+                + ("" if seconds is not None else f"  rescue: {how}")
+                + ("" if floor_s is not None else f"  floor: {floor_how}")
+            )
+            if seconds is not None and floor_s is not None:
+                mine.append(seconds)
+                theirs.append(floor_s)
+        if mine:
+            best[firmware] = min(mine)
+            rows.append(f"  best {name}: restore prompt {min(mine):5.1f} s   floor "
+                        f"{min(theirs):5.1f} s")
+            rows.append("  " + ratio_row(f"prompt time / floor, {name}:", min(mine),
+                                         min(theirs), PROMPT_GOAL))
+        else:
+            rows.append(f"  prompt time / floor, {name}: no run reached both "
+                        f"(goal <= {PROMPT_GOAL:.2f}x: MISSED)")
+    growth, large = _growth_rows(folder, scratch, best.get("bios"), bench_capture,
+                                 large_image, large_boot_mib)
+    rows += growth
+    if memory_probe:
+        rows += _memory_rows(folder, iso, scratch, bench_capture, large)
+    return rows
+
+
+def _growth_rows(
+    folder: Path, scratch: Path, bench_s: float | None, bench_capture: Path,
+    large_image: Path | None, large_boot_mib: int,
+) -> tuple[list[str], tuple[Path, Path, Path] | None]:
+    """The BIOS CD prompt time for a small, the bench and (when given) a large capture;
+    also the large one's (capture, ISO, blank disk) for the RAM rows."""
+    sizes: list[tuple[str, Path, float | None]] = []
+    small = _fixture_capture(folder)
+    small_iso = _build_iso(small, folder / "small.iso")
+    small_scratch = _blank(folder / "small-scratch.img", manifest_of(small).source.size_bytes)
+    seconds, _, _ = _boot(small_iso, "bios", small_scratch, folder / "small.log",
+                          PROMPT_MEMORY_MIB, PROMPT)
+    sizes.append(("fixture A", small, seconds))
+    sizes.append(("bench", bench_capture, bench_s))
+    large = None
+    if large_image is not None:
+        large_folder = folder / "large"
+        large_folder.mkdir(exist_ok=True)
+        large_capture = _capture(large_image, large_folder)
+        large_iso = _build_iso(large_capture, large_folder / "large.iso")
+        large_scratch = _blank(large_folder / "scratch.img",
+                               manifest_of(large_capture).source.size_bytes)
+        seconds, _, _ = _boot(large_iso, "bios", large_scratch, large_folder / "large.log",
+                              PROMPT_MEMORY_MIB, PROMPT)
+        sizes.append((f"{large_boot_mib} MiB /boot", large_capture, seconds))
+        large = (large_capture, large_iso, large_scratch)
+    rows = ["how the prompt time grows with the capture (BIOS CD, -m "
+            f"{PROMPT_MEMORY_MIB}, one run each; the bench capture's is its best above):"]
+    for label, capture, seconds in sizes:
+        manifest = manifest_of(capture)
+        shown = f"{seconds:6.1f} s" if seconds is not None else "did not reach the prompt"
+        rows.append(f"  {label:<16} capture {capture.stat().st_size / MiB:6.0f} MiB "
+                    f"(region {manifest.region.length_bytes / MiB:5.0f} MiB): {shown}")
+    rows.append(growth_row([(label, seconds) for label, _, seconds in sizes]))
+    return rows, large
+
+
+def growth_row(times: list[tuple[str, float | None]]) -> str:
+    """The prompt time's growth from the smallest capture (first) to the largest (last)."""
+    (small, smallest), (large, largest) = times[0], times[-1]
+    if smallest is None or largest is None:
+        return f"  growth {small} -> {large}: a capture did not reach the prompt (goal flat: MISSED)"
+    return (f"  growth {small} -> {large}: {largest - smallest:+.1f} s, "
+            f"{largest / smallest:4.2f}x  (goal flat, judged as "
+            f"{goal(largest / smallest, GROWTH_GOAL)})")
+
+
+def smallest_reaching(
+    ladder: list[int], reaches: Callable[[int], tuple[bool, str]]
+) -> tuple[int, list[str]]:
+    """Bisection for the smallest ladder step that reaches the prompt; the top step is
+    known to (the timed boots ran with it). Returns the step and one row per boot tried."""
+    rows = []
+    low, high = -1, len(ladder) - 1
+    while high - low > 1:
+        middle = (low + high) // 2
+        reached, how = reaches(ladder[middle])
+        rows.append(f"  -m {ladder[middle]:4d}: {how}")
+        if reached:
+            high = middle
+        else:
+            low = middle
+    return ladder[high], rows
+
+
+def ram_row(what: str, needed: int, ladder: list[int]) -> str:
+    below = (" (the smallest tried)" if needed == ladder[0]
+             else f" ({ladder[ladder.index(needed) - 1]} MiB did not)")
+    verdict = "met" if needed <= RAM_GOAL_MIB else "MISSED"
+    return (f"  {what}: smallest -m that reaches the prompt {needed} MiB{below}  "
+            f"(goal <= {RAM_GOAL_MIB} MiB: {verdict})")
+
+
+def _memory_rows(folder: Path, iso: Path, scratch: Path, capture: Path,
+                 large: tuple[Path, Path, Path] | None) -> list[str]:
+    """The smallest -m of MEMORY_LADDER_MIB that reaches the prompt (bisection below the
+    timed boots' -m, which reached it), BIOS CD; the large capture tried at the goal."""
+    ladder = [mib for mib in MEMORY_LADDER_MIB if mib <= PROMPT_MEMORY_MIB]
+    rows = [f"RAM the rescue system needs, measured as the smallest QEMU -m of "
+            f"{'/'.join(map(str, ladder))} MiB that reaches the prompt, BIOS CD, by bisection "
+            "(assumes more RAM never hurts):"]
+
+    def reaches(memory_mib: int) -> tuple[bool, str]:
+        seconds, _, how = _boot(iso, "bios", scratch, folder / f"memory-{memory_mib}.log",
+                                memory_mib, PROMPT)
+        if seconds is None:
+            return False, f"no prompt ({how})"
+        return True, f"prompt at {seconds:5.1f} s"
+
+    needed, tried = smallest_reaching(ladder, reaches)
+    rows += tried
+    rows.append(ram_row(f"bench capture ({capture.stat().st_size / MiB:.0f} MiB)", needed,
+                        ladder))
+    if large is not None:
+        large_capture, large_iso, large_scratch = large
+        seconds, _, how = _boot(large_iso, "bios", large_scratch,
+                                folder / f"memory-large-{RAM_GOAL_MIB}.log", RAM_GOAL_MIB, PROMPT)
+        reached = f"prompt at {seconds:.1f} s" if seconds is not None else f"no prompt ({how})"
+        verdict = "met" if seconds is not None else "MISSED"
+        rows.append(f"  large capture ({large_capture.stat().st_size / MiB:.0f} MiB) with -m "
+                    f"{RAM_GOAL_MIB}: {reached}  (goal <= {RAM_GOAL_MIB} MiB whatever the "
+                    f"capture's size: {verdict})")
     return rows
 
 
