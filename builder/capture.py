@@ -47,7 +47,7 @@ from .freeze import (
     stacked_device,
     stacked_mounts,
 )
-from .runner import bootfiles, capfile, filecopy, mbr
+from .runner import bootfiles, bootloader, capfile, filecopy, mbr
 from .runner.layout import Layout, Partition, read_layout
 from .runner.manifest import MAC_RE
 from .runner.outputs import check_hostname, check_output_file
@@ -727,6 +727,9 @@ def _capture(options: CaptureOptions) -> CaptureResult:
                 "boot_partition": boot.number,
                 "boot_chain": [p.number for p in chain],
                 "boot_fs": _fs_json(boot),
+                "boot_loader": _boot_loader(source, layout, chain, boot.number, region_bytes,
+                                            region_spool if frozen_ok else None, out,
+                                            file_copies, fingerprint),
                 "frozen": bool(frozen_ok),
                 "region": {
                     "member": capfile.REGION_MEMBER,
@@ -945,6 +948,40 @@ def _file_copies(source: Path, layout: Layout, chain: list[Partition], tar: capf
         return filecopy.add_file_copies(tar, f"/proc/self/fd/{spool}", wanted, mtime, (spool,),
                                         warn=log.info)
     return filecopy.add_file_copies(tar, os.fspath(source), wanted, mtime, warn=log.info)
+
+
+def _boot_loader(source: Path, layout: Layout, chain: list[Partition], boot_number: int,
+                 region_bytes: int, spool: int | None, out: BinaryIO, file_copies: list[dict],
+                 fingerprint: dict) -> list[dict]:
+    """How the boot loader was installed (runner/bootloader.py), from the region's bytes as
+    captured (the frozen spool, else the source) and the file copies' listings."""
+    out.flush()
+    files: dict[int, list[str]] = {}
+    # The output is open write-only: read it through a second, read-only open of the same file.
+    written = os.open(f"/proc/self/fd/{out.fileno()}", os.O_RDONLY)
+    try:
+        for record in file_copies:
+            names = bootloader.member_names(written, record["member"])
+            if names is not None:
+                files[record["partition"]] = names
+    finally:
+        os.close(written)
+    if boot_number not in files and fingerprint.get("files"):
+        files[boot_number] = [entry["path"] for entry in fingerprint["files"]]
+    views = [bootloader.PartitionView(p.number, p.start_lba, p.size_sectors, p.type or "",
+                                      p.fs.type if p.fs else None, p.bootable)
+             for p in layout.partitions if not p.is_extended]
+    fd = spool if spool is not None else os.open(source, os.O_RDONLY)
+    try:
+        def read(offset: int, length: int) -> bytes:
+            return os.pread(fd, max(0, min(length, region_bytes - offset)), offset)
+
+        return bootloader.detect(read, layout.disk.logical_sector_bytes, layout.table, views,
+                                 [p.number for p in chain], files)
+    finally:
+        if spool is None:
+            os.close(fd)
+
 
 # --- the host's MAC addresses (they pick its network-boot menu: builder/netboot.py) ----------
 

@@ -39,14 +39,14 @@ import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import gpt, mbr, swap
+from . import bootloader, gpt, mbr, swap
 from .capfile import Capture
 from .console import Console, human_bytes
 from .disk import DiskInfo
 from .errors import MbrescueError
 from .filecopy import EXT_TYPES, mounted_ro, xattrs_of
 from .manifest import FileCopyRecord, Manifest, PartitionRecord, SwapRecord
-from .plan import SUPERBLOCK_SPAN_BYTES, describe_contents, disk_title
+from .plan import SUPERBLOCK_SPAN_BYTES, boot_loader_text, describe_contents, disk_title
 from .writer import ReadBack, reread_partitions
 
 MiB = 1 << 20
@@ -88,6 +88,7 @@ class FilesPlan:
     recreated: list[str] = field(default_factory=list)
     # Built in scratch: (byte offset on the target, image file) of each file system.
     images: list[tuple[int, Path]] = field(default_factory=list)
+    boot_loader: str = ""  # the install method and what this path does with it
 
 
 def why_files(manifest: Manifest, target: DiskInfo, forced: bool) -> str | None:
@@ -237,6 +238,18 @@ def plan_files(capture: Capture, target: DiskInfo, why: str) -> FilesPlan:
         plan.partitions.append(NewPartition(part, start, size, swap=record, ebr_lba=ebr))
         cursor = start + size
     plan.keep_boot_code = kept_starts and sector == old_sector
+    # How the boot loader was installed decides whether this path can give it back.
+    cannot = bootloader.cannot_remake(manifest.boot_loader or (), plan.keep_boot_code)
+    if cannot is not None:
+        raise MbrescueError(f"refusing {target.path}: the file-level path cannot re-make this "
+                            f"boot loader: {cannot}; nothing written (the region path, onto a "
+                            "disk with the captured sector size that holds the region, can)")
+    bios_code = not any(r.partition is None and r.method == bootloader.NONE
+                        for r in manifest.boot_loader or ())
+    plan.boot_loader = boot_loader_text(manifest) + (
+        "; the BIOS boot code written back at the same sectors"
+        if plan.keep_boot_code and bios_code else "") + (
+        "; the ESP's files restored as they were" if has_esp else "")
     if not plan.keep_boot_code and not has_esp:
         raise MbrescueError(f"refusing {target.path}: the boot chain's partitions cannot keep "
                             "their sectors here, and re-making a BIOS boot loader elsewhere is "
@@ -498,6 +511,7 @@ def show_files_plan(console: Console, plan: FilesPlan) -> None:
         console.say(f"    partition {part.source.number}: sectors {part.start_lba}.."
                     f"{part.start_lba + part.size_sectors - 1} "
                     f"({human_bytes(part.size_sectors * plan.sector_bytes)}), {what}")
+    console.say(f"  Boot loader: {plan.boot_loader}")
     for line in plan.adjusted:
         console.say("  Will adjust: " + line)
     for line in plan.recreated:

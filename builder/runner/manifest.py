@@ -19,7 +19,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from . import gpt, mbr
+from . import bootloader, gpt, mbr
 from .errors import MbrescueError
 from .outputs import check_hostname
 
@@ -294,6 +294,20 @@ class FileCopyRecord:
 
 
 @dataclass(frozen=True)
+class BootLoaderRecord:
+    """How the boot loader was installed, for the disk (partition None: sector 0 and what it
+    loads) or one boot-chain partition; found from the bytes (runner/bootloader.py)."""
+
+    partition: int | None
+    method: str  # one of bootloader.METHODS
+    evidence: tuple[str, ...]
+    loader_paths: tuple[str, ...]  # uefi: EFI/<dir>/<name>.efi on the ESP
+    core_lba: int | None  # the first sector of GRUB's core image, stage1.5 or stage2
+    core_sectors: int | None
+    core_partition: int | None  # the partition holding those sectors (None: the gap)
+
+
+@dataclass(frozen=True)
 class Manifest:
     hostname: str
     created: str
@@ -317,6 +331,8 @@ class Manifest:
     fingerprint: FingerprintRecord | None = None
     # Optional (captures before the file-level path have none): runner/filecopy.py.
     file_copies: tuple[FileCopyRecord, ...] = ()
+    # Optional (captures before it have none: None): how the boot loader was installed.
+    boot_loader: tuple[BootLoaderRecord, ...] | None = None
     # Optional: the host's NICs (picks its network-boot menu); none for an image-file source.
     macs: tuple[str, ...] = ()
 
@@ -406,6 +422,7 @@ def parse_manifest(data: Any) -> Manifest:
         mbr_boot_code_sha256=_boot_code_sha256(layout),
         fingerprint=_fingerprint(top.opt_obj("fingerprint"), source, by_number),
         file_copies=_file_copies(top, boot_chain),
+        boot_loader=_boot_loader(top, source, boot_chain, by_number),
         macs=_macs(top),
     )
 
@@ -611,6 +628,58 @@ def _file_copies(top: _Fields, boot_chain: tuple[int, ...]) -> tuple[FileCopyRec
         ))
     if len({r.partition for r in records}) != len(records):
         raise _bad("file_copies", "a partition appears twice")
+    return tuple(records)
+
+
+MAX_EVIDENCE = 16
+MAX_EVIDENCE_CHARS = 1000
+MAX_LOADER_PATH_CHARS = 255
+
+
+def _boot_loader(top: _Fields, source: SourceDisk, boot_chain: tuple[int, ...],
+                 partitions: dict[int, PartitionRecord]) -> tuple[BootLoaderRecord, ...] | None:
+    if top.data.get("boot_loader") is None:
+        return None
+    records = []
+    listed = top.items("boot_loader")
+    if len(listed) > 1 + len(boot_chain):
+        raise _bad("boot_loader", f"{len(listed)} records for a boot chain of {len(boot_chain)}")
+    for index, item in enumerate(listed):
+        fields = _Fields(item, f"boot_loader[{index}]")
+        partition = fields.opt_int("partition", 1, 1 << 16)
+        if partition is not None and partition not in boot_chain:
+            raise _bad(fields._name("partition"), f"{partition} is not in the boot chain")
+        method = fields.text("method", choices=bootloader.METHODS)
+        evidence = fields.items("evidence", optional=True)
+        if len(evidence) > MAX_EVIDENCE or not all(
+                isinstance(line, str) and len(line) <= MAX_EVIDENCE_CHARS for line in evidence):
+            raise _bad(fields._name("evidence"), f"not a list of at most {MAX_EVIDENCE} lines")
+        paths = fields.items("loader_paths", optional=True)
+        if len(paths) > bootloader.MAX_LOADER_PATHS:
+            raise _bad(fields._name("loader_paths"), f"{len(paths)} paths")
+        for path in paths:
+            parts = path.split("/") if isinstance(path, str) else [""]
+            if (not isinstance(path, str) or len(path) > MAX_LOADER_PATH_CHARS or "\0" in path or ".." in parts
+                    or "" in parts):
+                raise _bad(fields._name("loader_paths"),
+                           f"{str(path)[:40]!r} is not a relative path on the ESP")
+        if paths and method != bootloader.UEFI:
+            raise _bad(fields._name("loader_paths"), f"loader paths for method {method}")
+        core_partition = fields.opt_int("core_partition", 1, 1 << 16)
+        if core_partition is not None and core_partition not in partitions:
+            raise _bad(fields._name("core_partition"),
+                       f"partition {core_partition} is not in the layout")
+        records.append(BootLoaderRecord(
+            partition=partition,
+            method=method,
+            evidence=tuple(evidence),
+            loader_paths=tuple(paths),
+            core_lba=fields.opt_int("core_lba", 1, source.size_sectors - 1),
+            core_sectors=fields.opt_int("core_sectors", 1, 1 << 24),
+            core_partition=core_partition,
+        ))
+    if len({r.partition for r in records}) != len(records):
+        raise _bad("boot_loader", "the disk or a partition appears twice")
     return tuple(records)
 
 

@@ -16,7 +16,7 @@ import time
 import zlib
 from dataclasses import dataclass, field
 
-from . import gpt, mbr, swap
+from . import bootloader, gpt, mbr, swap
 from .capfile import Capture
 from .console import Console, human_bytes
 from .disk import DiskInfo, read_at
@@ -59,6 +59,7 @@ class Plan:
     # captured /boot, so an interrupted restore never looks healthy (safety rule 6).
     deferred: list[tuple[int, int]] = field(default_factory=list)
     deferred_what: list[str] = field(default_factory=list)
+    boot_loader: str = ""  # how it was installed (runner/bootloader.py), for the plan's text
 
     @property
     def region_sectors(self) -> int:
@@ -104,7 +105,8 @@ def plan_restore(capture: Capture, head: RegionHead, target: DiskInfo) -> Plan:
             f"{target.path} is smaller than the region ({human_bytes(target.size_bytes)} < "
             f"{human_bytes(region_bytes)}, {region_bytes} bytes)"
         )
-    plan = Plan(target, sector, region_bytes, table)
+    plan = Plan(target, sector, region_bytes, table,
+                boot_loader=boot_loader_text(manifest))
     if table == "gpt":
         _plan_gpt(plan, manifest, head)
     else:
@@ -478,12 +480,20 @@ def show_plan(console: Console, plan: Plan) -> None:
         f"  Will write: the boot region, {plan.region_bytes} bytes "
         f"({human_bytes(plan.region_bytes)}), sectors 0..{plan.region_sectors - 1}"
     )
+    console.say(f"  Boot loader: {plan.boot_loader}; written back as captured, with the region")
     for line in plan.adjusted:
         console.say("  Will adjust: " + line)
     for line in plan.recreated:
         console.say("  Will recreate: " + line)
     console.say("  Written last, once the rest reads back right (until then the disk does "
                 "not look bootable): " + ", ".join(plan.deferred_what))
+
+
+def boot_loader_text(manifest: Manifest) -> str:
+    """The install method as the plan names it (runner/bootloader.py)."""
+    if manifest.boot_loader is None:
+        return "how it was installed is not recorded (a capture from an older mbrescue)"
+    return bootloader.summary(manifest.boot_loader)
 
 
 def show_capture(console: Console, capture: Capture) -> None:
