@@ -5,6 +5,8 @@ copy of its fixture image as `mbrescue_source`, its /boot partition loop-mounted
 `check` compares /boot's files, as on a live host), and its own bundle and capture paths.
 Their `ansible_python_interpreter` does not exist: any task that needed Python on a host
 would fail. The ISOs are really built and verified (3 on the first run, 1 after a change).
+With mbrescue_install_hooks each host's `install` goes into its own temporary root
+(mbrescue_install_root), never into this machine's /etc or systemd.
 """
 
 from __future__ import annotations
@@ -98,6 +100,9 @@ class Fleet:
     def capture(self, host: str) -> Path:
         return self.output / "captures" / f"{host}.mbrescue"
 
+    def install_root(self, host: str) -> Path:
+        return self.root / host / "root"
+
     def mtimes(self) -> dict[str, int]:
         files = [self.iso(h) for h in HOSTS] + [self.capture(h) for h in HOSTS]
         return {os.fspath(f): f.stat().st_mtime_ns for f in files}
@@ -136,7 +141,10 @@ def fleet(fixtures, tmp_path_factory):
                 "mbrescue_source": os.fspath(image),
                 "mbrescue_host_bundle_path": os.fspath(home / "bin" / "mbrescue-host"),
                 "mbrescue_host_capture_path": os.fspath(state.host_captures[host]),
+                # Install (mbrescue_install_hooks) goes here, never into this machine's /.
+                "mbrescue_install_root": os.fspath(state.install_root(host)),
             }
+            state.install_root(host).mkdir()
         inventory = {"all": {"hosts": hosts, "vars": {
             "mbrescue_command": os.fspath(VENV_BIN / "mbrescue"),
             "mbrescue_output_dir": os.fspath(state.output),
@@ -224,6 +232,69 @@ def test_publish_copies_every_iso_once(fleet):
         assert (copy.stat().st_mode & 0o777) == 0o640
 
 
+INSTALL = "Install the host side's kernel hooks and refresh timer"
+HOOK_FILES = ["usr/local/sbin/mbrescue-host", "etc/mbrescue/host.conf",
+              "etc/mbrescue/installed.json", "etc/kernel/postinst.d/zz-mbrescue",
+              "etc/kernel/postrm.d/zz-mbrescue", "etc/kernel/install.d/95-mbrescue.install",
+              "etc/initramfs/post-update.d/zz-mbrescue",
+              "etc/systemd/system/mbrescue-refresh.service",
+              "etc/systemd/system/mbrescue-refresh.timer",
+              "etc/systemd/system/mbrescue-refresh-soon.timer"]
+
+
+def tree(root: Path) -> dict[str, tuple[int, int, str]]:
+    """Every entry under root with its mode, mtime and content: a rewrite shows."""
+    seen = {}
+    for path in [root, *sorted(root.rglob("*"))]:
+        st = path.lstat()
+        content = (os.readlink(path) if path.is_symlink() else
+                   sh("sha256sum", path).split()[0] if path.is_file() else "dir")
+        seen[os.fspath(path.relative_to(root))] = (st.st_mode, st.st_mtime_ns, content)
+    return seen
+
+
+def test_install_hooks_installs_once_then_changes_nothing(fleet):
+    before = fleet.mtimes()
+    installed = {}
+    for run in (1, 2):
+        result = playbook(fleet.root, fleet.inventory, "-e", "mbrescue_install_hooks=true")
+        counts = _assert_ok(result)
+        # The first run's only change is the install; the second changes nothing at all.
+        assert all(counts[h]["changed"] == (1 if run == 1 else 0) for h in HOSTS), counts
+        word = "changed" if run == 1 else "ok"
+        assert sorted(task_lines(result, INSTALL)) == [f"{word}: [{h}]" for h in HOSTS]
+        trees = {host: tree(fleet.install_root(host)) for host in HOSTS}
+        if run == 1:
+            installed = trees
+    assert trees == installed  # the second install rewrote nothing (contents, modes, mtimes)
+    assert fleet.mtimes() == before  # and nothing was captured or built
+    for host in HOSTS:
+        root = fleet.install_root(host)
+        for name in HOOK_FILES:
+            assert (root / name).is_file(), (host, name)
+        assert os.access(root / "etc/kernel/postinst.d/zz-mbrescue", os.X_OK)
+        assert (root / "usr/local/sbin/mbrescue-host").read_bytes() == \
+            (fleet.output / "bundle" / "mbrescue-host").read_bytes()
+        config = (root / "etc/mbrescue/host.conf").read_text()
+        assert f"capture_dir = {fleet.host_captures[host].parent}\n" in config
+        assert f"hostname = {host}\n" in config
+        assert f"source = {fleet.sources[host]}\n" in config
+        capture_dir = root / os.fspath(fleet.host_captures[host].parent).lstrip("/")
+        assert (capture_dir.stat().st_mode & 0o777) == 0o700
+        # What the role installed is what the bundle's own uninstall can remove (dry: the
+        # hooks stay for the next run; the record names every file).
+        recorded = json.loads((root / "etc/mbrescue/installed.json").read_text())
+        assert {item["path"].lstrip("/") for item in recorded["files"]} >= \
+            set(HOOK_FILES) - {"etc/mbrescue/installed.json"}
+
+    # Back to false: the role leaves what it installed in place and reports nothing.
+    result = playbook(fleet.root, fleet.inventory)
+    counts = _assert_ok(result)
+    assert all(counts[h]["changed"] == 0 for h in HOSTS), counts
+    assert all(line.startswith("skipping") for line in task_lines(result, INSTALL))
+    assert {host: tree(fleet.install_root(host)) for host in HOSTS} == installed
+
+
 def test_check_error_fails_the_host_with_its_line(fleet, tmp_path):
     # A capture on the host that is not a capture: check exits 2, the host fails, naming it.
     bad = tmp_path / "host.mbrescue"
@@ -259,14 +330,6 @@ def test_boot_disk_found_by_the_shell(fixtures, tmp_path):
     finally:
         sh("losetup", "-d", loop)
     assert found.strip() == os.fspath(image)
-
-
-def test_install_hooks_is_refused(tmp_path):
-    inventory = tmp_path / "inventory.ini"
-    inventory.write_text("lonely ansible_connection=local\n")
-    result = playbook(tmp_path, inventory, "-e", "mbrescue_install_hooks=true")
-    assert result.returncode != 0
-    assert "this role does not drive the host side's `install`" in result.stdout
 
 
 def test_generations_rotate(tmp_path):

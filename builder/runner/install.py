@@ -26,7 +26,8 @@ holds what install would write is not written again (a wrong mode alone is set w
 the record is rewritten only when what it says changed, and nothing else is touched, so a
 second install with the same arguments changes no content, mode or mtime. A file that is
 already there byte for byte as install would write it is taken over (the role copies the
-bundle to /usr/local/sbin/mbrescue-host, then runs its install from there). The last line
+bundle to /usr/local/sbin/mbrescue-host, then runs its install from there), and uninstall
+removes it like the rest. The last line
 of stdout is the machine-readable result, exactly one of:
 
     mbrescue: install: changed
