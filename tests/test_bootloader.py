@@ -11,6 +11,7 @@ with the target unchanged.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import re
@@ -379,3 +380,20 @@ def test_any_bytes_give_a_method_never_an_exception():
 
 
 BIOS_BOOT = bootloader.BIOS_BOOT_GUID
+
+
+def test_a_capture_without_the_record_is_judged_from_its_region(captures, installed, tmp_path):
+    """Captures made before the record: the file-level path runs the same detection on the
+    verified region, so an old blocklist capture is refused too."""
+    image, capture_path, _ = installed["grub2-blocklist"]
+    target = random_target(tmp_path / "target.img", image.stat().st_size)
+    before = sha256_of(target)
+    old = Capture.open(str(capture_path))
+    old.manifest = dataclasses.replace(old.manifest, boot_loader=None)
+    with pytest.raises(MbrescueError, match="GRUB 2 was installed with a blocklist"):
+        files_restore.plan_files(old, disk_info(str(target)), "test")
+    assert sha256_of(target) == before
+    old_a = Capture.open(str(captures["A"]))
+    old_a.manifest = dataclasses.replace(old_a.manifest, boot_loader=None)
+    plan = files_restore.plan_files(old_a, disk_info(str(target)), "test")
+    assert plan.boot_loader.startswith("grub2-embedded-gap") and "found now" in plan.boot_loader

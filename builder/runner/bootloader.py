@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from .manifest import BootLoaderRecord
+    from .manifest import BootLoaderRecord, Manifest
 
 GRUB2_EMBEDDED_GAP = "grub2-embedded-gap"
 GRUB2_BIOS_BOOT_PARTITION = "grub2-bios-boot-partition"
@@ -375,6 +375,28 @@ def member_names(fd: int, member: str, limit_bytes: int = 64 << 20) -> list[str]
 
 
 # --- what the file-level path can re-make --------------------------------------------------
+
+
+def found_now(manifest: Manifest, read_region: Callable[[int, int], bytes]
+              ) -> tuple[BootLoaderRecord, ...]:
+    """For a capture whose manifest predates the record: the same detection, run on the
+    (verified) region; the ESP's loaders are not listed (its record says so: unknown)."""
+    from .manifest import BootLoaderRecord
+
+    region_bytes = manifest.region.length_bytes
+
+    def read(offset: int, length: int) -> bytes:
+        length = max(0, min(length, region_bytes - offset))
+        return read_region(offset, length) if length else b""
+
+    views = [PartitionView(p.number, p.start_lba, p.size_sectors, p.type,
+                           p.fs.type if p.fs else None, p.bootable)
+             for p in manifest.partitions if not p.is_extended]
+    found = detect(read, manifest.source.logical_sector_bytes, manifest.table, views,
+                   manifest.boot_chain, {})
+    return tuple(BootLoaderRecord(r["partition"], r["method"], tuple(r["evidence"]), (),
+                                  r["core_lba"], r["core_sectors"], r["core_partition"])
+                 for r in found)
 
 
 def cannot_remake(records: Sequence[BootLoaderRecord], offsets_kept: bool) -> str | None:

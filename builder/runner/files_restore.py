@@ -46,7 +46,7 @@ from .disk import DiskInfo
 from .errors import MbrescueError
 from .filecopy import EXT_TYPES, mounted_ro, xattrs_of
 from .manifest import FileCopyRecord, Manifest, PartitionRecord, SwapRecord
-from .plan import SUPERBLOCK_SPAN_BYTES, boot_loader_text, describe_contents, disk_title
+from .plan import SUPERBLOCK_SPAN_BYTES, describe_contents, disk_title
 from .writer import ReadBack, reread_partitions
 
 MiB = 1 << 20
@@ -239,14 +239,18 @@ def plan_files(capture: Capture, target: DiskInfo, why: str) -> FilesPlan:
         cursor = start + size
     plan.keep_boot_code = kept_starts and sector == old_sector
     # How the boot loader was installed decides whether this path can give it back.
-    cannot = bootloader.cannot_remake(manifest.boot_loader or (), plan.keep_boot_code)
+    # A capture made before the manifest recorded it: the same detection on its region.
+    loaders = (manifest.boot_loader if manifest.boot_loader is not None
+               else bootloader.found_now(manifest, capture.read_region))
+    cannot = bootloader.cannot_remake(loaders, plan.keep_boot_code)
     if cannot is not None:
         raise MbrescueError(f"refusing {target.path}: the file-level path cannot re-make this "
                             f"boot loader: {cannot}; nothing written (the region path, onto a "
                             "disk with the captured sector size that holds the region, can)")
-    bios_code = not any(r.partition is None and r.method == bootloader.NONE
-                        for r in manifest.boot_loader or ())
-    plan.boot_loader = boot_loader_text(manifest) + (
+    bios_code = not any(r.partition is None and r.method == bootloader.NONE for r in loaders)
+    plan.boot_loader = bootloader.summary(loaders) + (
+        " (found now in the region: the capture predates the record)"
+        if manifest.boot_loader is None else "") + (
         "; the BIOS boot code written back at the same sectors"
         if plan.keep_boot_code and bios_code else "") + (
         "; the ESP's files restored as they were" if has_esp else "")
