@@ -10,9 +10,14 @@ booting by default. The host menu keeps the ISO's safety: its default is decided
 the /boot UUID probe (the local disk when the host's /boot is found) and the restore still
 asks for `yes`.
 
+A host's MAC addresses come from its capture (capture records the NICs of the machine it
+ran on; `capture --mac` sets them); `--mac HOST=MAC` here replaces what HOST's capture
+recorded. A host with none is only in the list that unknown machines get.
+
 Building into an existing tree updates it: the hosts built before stay (recorded in
-mbrescue/hosts.json), a host built again replaces its payload and menu, and a MAC address
-given again moves to its new host.
+mbrescue/hosts.json), a host built again replaces its payload and menu (and keeps its
+earlier MACs when neither its capture nor --mac names any), and a MAC address that a host
+built now claims moves to it.
 
     DIR/boot/grub/i386-pc/core.0      BIOS boot file (and GRUB's modules beside it)
     DIR/efi/bootx64.efi, grubx64.efi  UEFI boot file (shim) and the signed GRUB it starts
@@ -37,6 +42,7 @@ import jinja2
 
 from . import log
 from .build import SharedParts, check_capture, prepare_shared
+from .capture import normal_mac
 from .debs import sha256_file
 from .errors import MbrescueError
 from .grub import TEMPLATES, NetImages, make_net_images, render_grub_cfg
@@ -46,7 +52,6 @@ from .runner.capfile import Capture
 
 INDEX = "mbrescue/hosts.json"
 INDEX_VERSION = 1
-_MAC = re.compile(r"[0-9a-f]{2}(:[0-9a-f]{2}){5}")
 _HOST = re.compile(r"[A-Za-z0-9._-]+")
 
 
@@ -58,10 +63,20 @@ class NetbootOptions:
     unattended_allowed: bool = False
 
 
+# Where a host's MAC addresses came from, strongest first.
+FROM_OPTION, FROM_CAPTURE, FROM_EARLIER = "--mac", "capture", "earlier build"
+
+
 @dataclass(frozen=True)
 class NetHost:
     name: str
     macs: tuple[str, ...]
+    macs_from: str | None = None  # FROM_*; None: the host has no MAC address
+
+    @property
+    def list_only(self) -> bool:
+        """No machine gets this host's menu by itself: only the list of hosts shows it."""
+        return not self.macs
 
 
 @dataclass(frozen=True)
@@ -79,20 +94,11 @@ class NetbootReport:
             "netboot": os.fspath(self.tree),
             "bios_boot_file": self.bios_boot_file,
             "uefi_boot_file": self.uefi_boot_file,
-            "hosts": [{"host": host.name, "macs": list(host.macs)} for host in self.hosts],
+            "hosts": [{"host": host.name, "macs": list(host.macs), "macs_from": host.macs_from,
+                       "list_only": host.list_only} for host in self.hosts],
             "built": list(self.built),
             "size_bytes": self.size_bytes,
         }
-
-
-def normal_mac(text: str) -> str:
-    """A MAC address as GRUB's $net_default_mac spells it: lower case, colons."""
-    mac = text.strip().lower().replace("-", ":")
-    if not _MAC.fullmatch(mac):
-        raise MbrescueError(f"{text!r} is not a MAC address (like 52:54:00:12:34:56)")
-    if int(mac[:2], 16) & 1:
-        raise MbrescueError(f"{text!r} is a multicast address, not a machine's MAC address")
-    return mac
 
 
 def parse_mac_option(text: str) -> tuple[str, str]:
@@ -123,6 +129,49 @@ def read_index(tree: Path) -> dict[str, tuple[str, ...]]:
             raise MbrescueError(f"{path}: host {name!r}: bad entry")
         index[name] = tuple(normal_mac(str(mac)) for mac in macs)
     return index
+
+
+def assign_macs(given: tuple[tuple[str, str], ...], recorded: dict[str, tuple[str, ...]],
+                index: dict[str, tuple[str, ...]]) -> tuple[NetHost, ...]:  # fmt: skip
+    """Every host's MAC addresses: `given` (--mac HOST=MAC) for the hosts it names, else what
+    the host's capture recorded (`recorded`: the hosts built now), else the tree's index (the
+    hosts built before). One MAC belongs to one host: --mac over a capture, a capture over an
+    earlier build; two captures recording one MAC are refused (made on one machine?)."""
+    owner: dict[str, str] = {}
+    chosen: dict[str, tuple[list[str], str | None]] = {}
+    for host, mac in given:
+        if owner.get(mac, host) != host:
+            raise MbrescueError(f"--mac: {mac} given for both {owner[mac]} and {host}")
+        owner[mac] = host
+        macs, _ = chosen.setdefault(host, ([], FROM_OPTION))
+        if mac not in macs:
+            macs.append(mac)
+    by_option = set(chosen)
+    for host in sorted(recorded):
+        if host in chosen or not recorded[host]:
+            continue
+        macs = []
+        for mac in recorded[host]:
+            if mac in owner and owner[mac] in by_option:
+                log.info(f"netboot: {mac}, recorded by {host}'s capture, goes to {owner[mac]} "
+                         "(--mac)")  # fmt: skip
+                continue
+            if mac in owner:
+                raise MbrescueError(
+                    f"the captures of {owner[mac]} and {host} both recorded MAC address {mac} "
+                    "(captured on one machine?)",
+                    hint=f"give --mac {owner[mac]}=MAC and --mac {host}=MAC",
+                )
+            owner[mac] = host
+            macs.append(mac)
+        chosen[host] = (macs, FROM_CAPTURE)
+    # The rest keep what the tree knew, less what a host built now claims.
+    for host in sorted(set(index) | set(recorded)):
+        if host not in chosen:
+            chosen[host] = ([mac for mac in index.get(host, ()) if mac not in owner],
+                            FROM_EARLIER)  # fmt: skip
+    return tuple(NetHost(host, tuple(macs), source if macs else None)
+                 for host, (macs, source) in sorted(chosen.items()))  # fmt: skip
 
 
 def _write(path: Path, data: bytes, mode: int = 0o644) -> None:
@@ -196,29 +245,22 @@ def build_netboot(options: NetbootOptions) -> NetbootReport:
     for name in names:
         if not _HOST.fullmatch(name):
             raise MbrescueError(f"host name {name!r} cannot name files in the tree")
-    given: dict[str, list[str]] = {}
-    owner: dict[str, str] = {}
     for host, mac in options.macs:
         if host not in names:
             raise MbrescueError(f"--mac {host}={mac}: no capture given for host {host}")
-        if owner.get(mac, host) != host:
-            raise MbrescueError(f"--mac: {mac} given for both {owner[mac]} and {host}")
-        owner[mac] = host
-        if mac not in given.setdefault(host, []):
-            given[host].append(mac)
+    index = read_index(tree) if tree.is_dir() else {}
+    hosts = assign_macs(options.macs, {c.manifest.hostname: c.manifest.macs for _, c in captures},
+                        index)  # fmt: skip
     tree.mkdir(exist_ok=True)
-    index = dict(read_index(tree))
     shared = prepare_shared()
     for path, capture in captures:
         _add_host(tree, path, capture, options, shared)
         log.info(f"netboot: host {capture.manifest.hostname} added to {tree}")
-    # A host built again keeps its MACs unless new ones are given; a MAC given again moves.
-    for name in names:
-        index[name] = tuple(given.get(name, index.get(name, ())))
-    for name in list(index):
-        if name not in names:
-            index[name] = tuple(mac for mac in index[name] if mac not in owner)
-    hosts = tuple(NetHost(name, index[name]) for name in sorted(index))
+    for net_host in hosts:
+        if net_host.list_only and net_host.name in names:
+            log.info(f"warning: host {net_host.name} has no MAC address: no machine gets its "
+                     "menu by itself, it is only in the list that unknown machines get (capture "
+                     f"on the host, capture --mac, or build --mac {net_host.name}=MAC)")  # fmt: skip
     _write_shared(tree, shared)
     images = make_net_images(tree, dispatcher=render_dispatcher(hosts))
     _write_mac_menus(tree, hosts)
@@ -266,7 +308,8 @@ def _report(tree: Path, images: NetImages, hosts: tuple[NetHost, ...], built: tu
 
 
 def summary(report: NetbootReport) -> str:
-    macs = "; ".join(f"{h.name}: {', '.join(h.macs) or 'no MAC (list menu only)'}"
+    macs = "; ".join(f"{h.name}: {', '.join(h.macs)} (from {h.macs_from})" if h.macs
+                     else f"{h.name}: no MAC address (in the list menu only)"
                      for h in report.hosts)  # fmt: skip
     return (
         f"{report.tree}: network-boot tree, {log.human_bytes(report.size_bytes)}, "
