@@ -961,13 +961,15 @@ def _boot_loader(source: Path, layout: Layout, chain: list[Partition], boot_numb
     written = os.open(f"/proc/self/fd/{out.fileno()}", os.O_RDONLY)
     try:
         for record in file_copies:
+            if record["partition"] == boot_number and fingerprint.get("files"):
+                # /boot's listing is at hand: no need to inflate its (large) copy again.
+                files[boot_number] = [entry["path"] for entry in fingerprint["files"]]
+                continue
             names = bootloader.member_names(written, record["member"])
             if names is not None:
                 files[record["partition"]] = names
     finally:
         os.close(written)
-    if boot_number not in files and fingerprint.get("files"):
-        files[boot_number] = [entry["path"] for entry in fingerprint["files"]]
     views = [bootloader.PartitionView(p.number, p.start_lba, p.size_sectors, p.type or "",
                                       p.fs.type if p.fs else None, p.bootable)
              for p in layout.partitions if not p.is_extended]
