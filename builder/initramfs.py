@@ -1,9 +1,10 @@
 """The rescue system's initramfs: a host-independent base and a per-host payload.
 
 The base holds busybox, the kit's Python with only the standard-library modules
-the restore runner imports, the runner itself, the disk drivers, the overlays and
-`/init` (rendered from templates/init.j2). It is zstd-compressed and cached by the
-hash of all its inputs, so a per-host build only writes the payload: an
+the restore runner imports, the runner itself, the file-level restore path's
+programs (in /usr/sbin, with their libraries), the disk and file-system drivers,
+the overlays and `/init` (rendered from templates/init.j2). It is zstd-compressed
+and cached by the hash of all its inputs, so a per-host build only writes the payload: an
 uncompressed cpio holding the capture. The kernel unpacks both when they are
 concatenated (base first, padded to 4 bytes), and GRUB can load them as two
 initrd files.
@@ -51,6 +52,9 @@ CAPTURE_PATH = "/mbrescue/capture.mbrescue"
 PYTHON_PATH = "/usr/bin/python3.11"
 STDLIB_PATH = "/usr/lib/python3.11"
 LIBRARY_PATH = "/lib/x86_64-linux-gnu"
+# The file-level restore path's programs (kit.RESTORE_TOOLS): first in /init's PATH, so
+# they, not busybox applets of the same name, are what the runner starts.
+TOOLS_PATH = "/usr/sbin"
 
 # Waiting for disks: poll every 0.25 s until the set is unchanged for 2 s, at most
 # 15 s (AHCI link bring-up and usb-storage's 1 s settle delay fit well inside).
@@ -326,6 +330,9 @@ def input_hash(kit: Kit, runner_dir: Path, overlays_dir: Path) -> str:
     add("packages", json.dumps(kit.package_sha256, sort_keys=True).encode())
     add("modules", json.dumps(kit.module_load_order).encode())
     add("libraries", json.dumps([p.name for p in kit.libraries]).encode())
+    add("tools", json.dumps({name: path.name for name, path in sorted(kit.tools.items())}
+                            ).encode())
+    add("gconv", (json.dumps([p.name for p in kit.gconv_modules]) + kit.gconv_config).encode())
     for relative in runner_sources(runner_dir):
         add(f"runner/{relative}", (runner_dir / relative).read_bytes())
     for relative in _overlay_files(overlays_dir):
@@ -365,15 +372,28 @@ def _tree(kit: Kit, runner_dir: Path, overlays_dir: Path, staging: Path,
 
     tree.file_from("bin/busybox", kit.busybox, 0o755)
     for applet in _busybox_applets(kit):
-        if applet != "bin/busybox":
+        # A busybox applet named like a kit tool (losetup, mke2fs) is left out: one program
+        # per name in the rescue shell, the one the runner uses.
+        if applet != "bin/busybox" and PurePosixPath(applet).name not in kit.tools:
             tree.symlink(applet, "/bin/busybox")
+    tools_inside = TOOLS_PATH.lstrip("/")
+    for name, source in sorted(kit.tools.items()):
+        if name == source.name:
+            tree.file_from(f"{tools_inside}/{name}", source, 0o755)
+        else:
+            tree.symlink(f"{tools_inside}/{name}", source.name)
 
     tree.file_from(PYTHON_PATH, kit.python, 0o755)
     tree.symlink("usr/bin/python3", "python3.11")
     extensions = [_find_stdlib_file(kit, p) for p in stdlib_files if p.suffix == ".so"]
     libraries = {path.name: path for path in kit.libraries}
-    for path in kit.library_closure(extensions):
+    for path in kit.library_closure([*extensions, *sorted(set(kit.tools.values())),
+                                     *kit.gconv_modules]):
         libraries.setdefault(path.name, path)
+    for module in kit.gconv_modules:
+        tree.file_from(f"{kit_module.GCONV_DIR}/{module.name}", module, 0o644)
+    if kit.gconv_modules:
+        tree.file(f"{kit_module.GCONV_DIR}/gconv-modules", kit.gconv_config.encode(), 0o644)
     for name, path in sorted(libraries.items()):
         tree.file_from(f"{LIBRARY_PATH}/{name}", path, 0o755)
     loader = PurePosixPath(kit.elf_interpreter)

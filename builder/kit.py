@@ -2,8 +2,9 @@
 
 Today every part is a Debian 12 package fetched into the download cache: the
 kernel and its modules, a static busybox, the Python 3.11 interpreter with its
-standard library, and the shared libraries the interpreter and its extension
-modules link against. How these parts become an initramfs is not this module's
+standard library, the programs the file-level restore path runs (e2fsprogs,
+dosfstools, mtools, util-linux's blkid and losetup), and the shared libraries the
+interpreter, its extension modules and those programs link against. How these parts become an initramfs is not this module's
 business (see `initramfs.py`), so a later kit source (the running host's own
 kernel and Python, as ReaR does) only has to fill the same `Kit`.
 
@@ -57,6 +58,12 @@ SONAME_PACKAGES: dict[str, str] = {
     "libbz2.so.1.0": "libbz2-1.0",
     "libuuid.so.1": "libuuid1",
     "libffi.so.8": "libffi8",
+    # the file-level restore path's tools (RESTORE_TOOLS)
+    "libext2fs.so.2": "libext2fs2",
+    "libe2p.so.2": "libext2fs2",
+    "libcom_err.so.2": "libcom-err2",
+    "libblkid.so.1": "libblkid1",
+    "libsmartcols.so.1": "libsmartcols1",
 }
 LIBRARY_PACKAGES = tuple(sorted(set(SONAME_PACKAGES.values())))
 # glibc loads this one with dlopen (no DT_NEEDED names it).
@@ -79,7 +86,30 @@ STORAGE_MODULES = (
     "megaraid_sas", "mpt3sas", "mptspi", "mptsas", "hpsa", "smartpqi", "aacraid",
     # the rescue medium's own file system: the capture is read from it, not from RAM
     "isofs",
+    # the file-level restore path: its read-back mounts each ext file system read-only on
+    # a loop device (vfat is read with mtools, so it needs no module)
+    "loop", "ext4",
 )
+
+# The file-level restore path (runner/files_restore.py, filecopy.py) runs these programs;
+# busybox has none of them in the form needed (no blkid; its losetup lacks --find --show,
+# its mke2fs lacks -d). (Debian package, file in it, the names it answers to in the rescue
+# system's /usr/sbin). Only what a restore runs: dumpe2fs and debugfs serve the capture.
+RESTORE_TOOLS: tuple[tuple[str, str, tuple[str, ...]], ...] = (
+    ("e2fsprogs", "sbin/mke2fs", ("mke2fs", "mkfs.ext2", "mkfs.ext3", "mkfs.ext4")),
+    ("e2fsprogs", "sbin/e2fsck", ("e2fsck", "fsck.ext2", "fsck.ext3", "fsck.ext4")),
+    ("dosfstools", "sbin/mkfs.fat", ("mkfs.fat", "mkfs.vfat")),
+    ("dosfstools", "sbin/fsck.fat", ("fsck.fat", "fsck.vfat")),
+    ("mtools", "usr/bin/mtools", ("mtools", "mcopy", "mdir")),
+    ("util-linux", "sbin/blkid", ("blkid",)),
+    ("mount", "sbin/losetup", ("losetup",)),
+)
+TOOL_PACKAGES = tuple(sorted({package for package, _file, _names in RESTORE_TOOLS}))
+# mtools converts FAT names to its default code page 850 through iconv, which glibc loads as a
+# gconv module (without it: "Error converting to codepage 850"): that module, from libc6, and
+# the lines of glibc's gconv configuration that name it.
+GCONV_MODULES = ("IBM850",)
+GCONV_DIR = "usr/lib/x86_64-linux-gnu/gconv"
 
 LIB_DIRS = ("lib/x86_64-linux-gnu", "usr/lib/x86_64-linux-gnu")
 
@@ -99,6 +129,11 @@ class Kit:
     elf_interpreter: str  # the dynamic loader's path inside the rescue system (PT_INTERP)
     library_dirs: list[Path]  # where further sonames (of extension modules) are found
     package_sha256: dict[str, str]  # Debian package name -> .deb SHA-256, for cache keys
+    # The file-level restore path's programs: name in the rescue system's /usr/sbin -> the
+    # ELF file in its extracted package (aliases such as mkfs.vfat name the same file).
+    tools: dict[str, Path]
+    gconv_modules: list[Path]  # glibc gconv modules (.so) the tools need, see GCONV_MODULES
+    gconv_config: str  # their lines of glibc's gconv-modules configuration
 
     def library_closure(self, elf_files: Iterable[Path]) -> list[Path]:
         """The shared libraries (by soname) that the given ELF files need, transitively."""
@@ -405,7 +440,8 @@ def _memo_path() -> Path:
 
 def _kit_to_json(kit: Kit) -> dict:
     return {
-        name: (str(value) if isinstance(value, Path)
+        name: ({key: str(path) for key, path in value.items()} if name == "tools"
+               else str(value) if isinstance(value, Path)
                else [str(item) for item in value] if isinstance(value, list) and value
                and isinstance(value[0], Path) else value)
         for name, value in kit.__dict__.items()
@@ -414,18 +450,19 @@ def _kit_to_json(kit: Kit) -> dict:
 
 def _kit_from_json(data: dict) -> Kit | None:
     paths = ("kernel", "modules_root", "busybox", "python")
-    path_lists = ("python_stdlib", "libraries", "library_dirs")
+    path_lists = ("python_stdlib", "libraries", "library_dirs", "gconv_modules")
     try:
         values = dict(data)
         for name in paths:
             values[name] = Path(values[name])
         for name in path_lists:
             values[name] = [Path(item) for item in values[name]]
+        values["tools"] = {name: Path(item) for name, item in values["tools"].items()}
         kit = Kit(**values)
     except (KeyError, TypeError):
         return None
     needed = [kit.kernel, kit.modules_root, kit.busybox, kit.python, *kit.python_stdlib,
-              *kit.libraries]
+              *kit.libraries, *kit.tools.values(), *kit.gconv_modules]
     return kit if all(path.exists() for path in needed) else None
 
 
@@ -448,12 +485,34 @@ def ensure_kit() -> Kit:
     return kit
 
 
+def gconv_parts(libc_root: Path, names: Iterable[str]) -> tuple[list[Path], str]:
+    """The gconv module files of `names` and every configuration line that names them."""
+    directory = libc_root / GCONV_DIR
+    modules = []
+    lines = []
+    for name in names:
+        module = directory / f"{name}.so"
+        if not module.is_file():
+            raise MbrescueError(f"glibc gconv module {name} not found in libc6 ({module})")
+        modules.append(module)
+        configs = [directory / "gconv-modules", *sorted(directory.glob("gconv-modules.d/*.conf"))]
+        for config in configs:
+            if config.is_file():
+                lines += [line for line in config.read_text().splitlines()
+                          if f"{name}//" in line.split() and not line.startswith("#")]
+        if not any(line.split()[0] == "module" for line in lines if line.split()):
+            raise MbrescueError(f"glibc's gconv configuration has no module line for {name}")
+    return modules, "".join(f"{line}\n" for line in lines)
+
+
 def _resolve_kit() -> Kit:
-    debs.prefetch(["linux-image-amd64", "busybox-static", *PYTHON_PACKAGES, *LIBRARY_PACKAGES])
+    debs.prefetch(["linux-image-amd64", "busybox-static", *PYTHON_PACKAGES, *LIBRARY_PACKAGES,
+                   *TOOL_PACKAGES])
     kernel_package = debs.kernel_package()
     debs.prefetch([kernel_package])
     fetched: dict[str, tuple[debs.Deb, Path]] = {}
-    for name in (kernel_package, "busybox-static", *PYTHON_PACKAGES, *LIBRARY_PACKAGES):
+    for name in (kernel_package, "busybox-static", *PYTHON_PACKAGES, *LIBRARY_PACKAGES,
+                 *TOOL_PACKAGES):
         fetched[name] = debs.fetch_extracted(name)
 
     kernel_deb, kernel_root = fetched[kernel_package]
@@ -482,7 +541,12 @@ def _resolve_kit() -> Kit:
     for soname in DLOPENED_LIBRARIES:
         libraries.append(find_library(soname, library_dirs))
     busybox = fetched["busybox-static"][1] / "bin" / "busybox"
-    for part in (kernel, python, busybox, *stdlib):
+    tools = {name: fetched[package][1] / inside
+             for package, inside, names in RESTORE_TOOLS for name in names}
+    gconv_modules, gconv_config = gconv_parts(fetched["libc6"][1], GCONV_MODULES)
+    # A tool's libraries must all come from the kit: a missing soname fails here, by name.
+    library_closure([*sorted(set(tools.values())), *gconv_modules], library_dirs)
+    for part in (kernel, python, busybox, *stdlib, *tools.values()):
         if not part.exists():
             raise MbrescueError(f"rescue kit part missing: {part}")
     log.debug(f"rescue kit: kernel {kernel_version}, {len(selected)} modules")
@@ -499,4 +563,7 @@ def _resolve_kit() -> Kit:
         elf_interpreter=elf_interpreter(python),
         library_dirs=library_dirs,
         package_sha256={name: deb.sha256 for name, (deb, _root) in sorted(fetched.items())},
+        tools=tools,
+        gconv_modules=gconv_modules,
+        gconv_config=gconv_config,
     )

@@ -138,7 +138,7 @@ def fake_kit(tmp_path: Path) -> Kit:
     return Kit(kernel=dummy, modules_root=modules_root, kernel_version="6.1.0-99-amd64",
                busybox=dummy, python=dummy, python_stdlib=[dummy], libraries=[], packages={},
                module_load_order=order, elf_interpreter="/lib64/ld-linux-x86-64.so.2",
-               library_dirs=[], package_sha256={})
+               library_dirs=[], package_sha256={}, tools={}, gconv_modules=[], gconv_config="")
 
 
 def test_init_matches_golden(tmp_path: Path) -> None:
@@ -179,6 +179,17 @@ def test_base_contents(kit: Kit, standin_base: Path) -> None:
                  "etc/profile"):
         assert path in entries, path
         assert entries[path].startswith("-"), entries[path]
+    # The file-level restore path's programs, first in PATH, instead of busybox applets.
+    for tool in ("usr/sbin/mke2fs", "usr/sbin/e2fsck", "usr/sbin/mkfs.fat", "usr/sbin/fsck.fat",
+                 "usr/sbin/mtools", "usr/sbin/blkid", "usr/sbin/losetup",
+                 "lib/x86_64-linux-gnu/libext2fs.so.2", "lib/x86_64-linux-gnu/libblkid.so.1",
+                 "lib/x86_64-linux-gnu/libsmartcols.so.1",
+                 "usr/lib/x86_64-linux-gnu/gconv/IBM850.so",
+                 "usr/lib/x86_64-linux-gnu/gconv/gconv-modules"):
+        assert entries[tool].startswith("-"), tool
+    assert "-> mke2fs" in entries["usr/sbin/mkfs.ext4"]
+    assert "-> mtools" in entries["usr/sbin/mcopy"]
+    assert "sbin/losetup" not in entries and "sbin/mke2fs" not in entries
     assert "-> /bin/busybox" in entries["bin/sh"]
     assert "-> /bin/busybox" in entries["sbin/insmod"]
     assert "-> python3.11" in entries["usr/bin/python3"]
@@ -191,6 +202,7 @@ def test_base_contents(kit: Kit, standin_base: Path) -> None:
     for module in ("kernel/drivers/block/virtio_blk.ko", "kernel/drivers/virtio/virtio.ko",
                    "kernel/drivers/virtio/virtio_ring.ko", "kernel/drivers/virtio/virtio_pci.ko",
                    "kernel/drivers/nvme/host/nvme.ko", "kernel/drivers/ata/ahci.ko",
+                   "kernel/fs/ext4/ext4.ko", "kernel/drivers/block/loop.ko",
                    "modules.dep", "modules.alias"):
         assert f"{modules}/{module}" in entries, module
     for line in entries.values():

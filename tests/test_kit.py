@@ -78,6 +78,53 @@ def test_modules_with_dependencies_in_load_order(kit: Kit) -> None:
         assert (kit.modules_root / relative).is_file()
 
 
+def test_file_level_restore_tools_from_the_debs(kit: Kit) -> None:
+    """The programs the file-level path runs come from their Debian packages, with every
+    library they link against found in the kit (by soname) and from the downloaded debs."""
+    for package in kit_module.TOOL_PACKAGES:
+        assert kit.packages[package] and len(kit.package_sha256[package]) == 64
+    cache = os.fspath(debs.cache_dir())
+    for name in ("mke2fs", "e2fsck", "mkfs.fat", "mkfs.vfat", "fsck.fat", "mcopy", "blkid",
+                 "losetup"):
+        path = kit.tools[name]
+        assert path.is_file() and not path.is_symlink(), name
+        assert os.fspath(path).startswith(cache), path
+    assert kit.tools["mkfs.vfat"] == kit.tools["mkfs.fat"]
+    assert kit.tools["mcopy"].name == "mtools"
+    names = {path.name for path in kit.library_closure(set(kit.tools.values()))}
+    assert {"libext2fs.so.2", "libe2p.so.2", "libcom_err.so.2", "libblkid.so.1",
+            "libsmartcols.so.1", "libuuid.so.1", "libc.so.6"} <= names
+    for path in kit.library_closure(set(kit.tools.values())):
+        assert os.fspath(path).startswith(cache), f"{path} is not from the downloaded debs"
+
+
+def test_tools_run_with_kit_libraries_only(kit: Kit) -> None:
+    loader = next(p for p in kit.libraries if p.name == "ld-linux-x86-64.so.2")
+    library_path = ":".join(map(os.fspath, kit.library_dirs))
+    for name, argv, expected in (("mke2fs", ["-V"], "mke2fs 1.47"),
+                                 ("blkid", ["-V"], "util-linux"),
+                                 ("losetup", ["--version"], "util-linux"),
+                                 ("mtools", ["--version"], "mtools")):
+        result = subprocess.run([loader, "--library-path", library_path, kit.tools[name], *argv],
+                                capture_output=True, text=True, env={}, check=False)
+        assert expected in result.stdout + result.stderr, (name, result)
+
+
+def test_gconv_module_for_mtools(kit: Kit) -> None:
+    """mtools converts names to code page 850 through glibc's gconv module IBM850."""
+    assert [path.name for path in kit.gconv_modules] == ["IBM850.so"]
+    lines = [line.split() for line in kit.gconv_config.splitlines()]
+    assert ["alias", "CP850//", "IBM850//"] in lines
+    assert ["module", "INTERNAL", "IBM850//", "IBM850", "1"] in lines
+
+
+def test_file_system_modules_for_the_read_back(kit: Kit) -> None:
+    names = module_names(kit.module_load_order)
+    for before, after in (("jbd2", "ext4"), ("mbcache", "ext4"), ("crc16", "ext4")):
+        assert names.index(before) < names.index(after), (before, after)
+    assert "loop" in names and "isofs" in names
+
+
 def test_trimmed_tree_is_depmodded(kit: Kit) -> None:
     dep = (kit.modules_root / "modules.dep").read_text()
     assert "kernel/drivers/block/virtio_blk.ko: kernel/drivers/virtio/virtio.ko" in dep

@@ -11,6 +11,12 @@
   It is not needed for safety: every mbrescue rescue medium is refused by its ISO 9660
   volume descriptor (targets.py), this switch only adds a serial or path match.
 
+- `mbrescue.files=1` takes the file-level path (a new table in the disk's own geometry, the
+  file systems made again, the captured files unpacked: files_restore.py) on every disk, even
+  one the region path could take — as `mbrescue restore --files` does. Without it the path is
+  chosen per disk: the region path where the disk has the captured logical sector size and
+  holds the region, the file-level path elsewhere (a 4Kn disk, a smaller disk).
+
 Values may be double-quoted, as the kernel allows (`mbrescue.target="WD 123"`).
 """
 
@@ -32,6 +38,7 @@ class Switches:
     target: str | None = None
     unattended: bool = False
     medium: str | None = None
+    files: bool = False
 
 
 def split_cmdline(text: str) -> list[str]:
@@ -66,6 +73,7 @@ def parse_switches(text: str) -> Switches:
         target=values.get("target") or None,
         unattended=values.get("unattended", "").lower() in TRUE_WORDS,
         medium=values.get("medium") or None,
+        files=values.get("files", "").lower() in TRUE_WORDS,
     )
 
 

@@ -312,7 +312,12 @@ def _unpack(capture: Capture, copy: FileCopyRecord, into: Path) -> None:
             if info.issym():
                 symlinks.add(str(name))
         # Checked above and sealed by its checksum: owners and modes are kept as captured.
-        archive.extractall(into, numeric_owner=True, filter="fully_trusted")
+        # The rescue kit's Python (Debian 12's 3.11.2) has no extraction filters; there,
+        # extractall does what "fully_trusted" names on later versions.
+        if hasattr(tarfile, "fully_trusted_filter"):
+            archive.extractall(into, numeric_owner=True, filter="fully_trusted")
+        else:
+            archive.extractall(into, numeric_owner=True)
         # mke2fs -d copies a tree's extended attributes: put the captured ones there.
         for info in archive.getmembers():
             for key, value in xattrs_of(info).items():

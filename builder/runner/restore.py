@@ -13,6 +13,11 @@ Every write is a pure function of the capture and the target's size, so running 
 again after an interruption simply writes the same bytes: an interrupted restore (Ctrl-C,
 SIGTERM) says whether anything was written and, if so, the exact command that finishes it.
 
+Which path: the region path when the target can take it (the captured logical sector size,
+the whole region fits), else the file-level path (files_restore.py) — in the rescue system
+exactly as `mbrescue restore` chooses, each candidate disk planned for its own path, and the
+plan says which path and why. `mbrescue.files=1` (like `--files`) forces the file-level path.
+
 Unattended mode (`mbrescue.unattended=1`, honoured only with the build's opt-in) writes
 without asking only to a disk that is *identified*: named by `mbrescue.target=` (or the
 TARGET argument), or carrying the captured disk's serial/WWN. A lone disk that is merely
@@ -39,7 +44,7 @@ from .cmdline import (
     unattended_allowed,
 )
 from .console import Console
-from .disk import disk_info, list_disks
+from .disk import DiskInfo, disk_info, list_disks
 from .errors import MbrescueError
 from .plan import Plan, RegionHead, disk_title, plan_restore, show_capture, show_plan
 from .targets import (
@@ -58,6 +63,14 @@ from .writer import execute
 WAIT_UNTIL_ENV = "MBRESCUE_WAIT_UNTIL"
 
 CONFIRM_WORD = "yes"
+# Why the file-level path was taken where the region path would do.
+FORCED_BY_CLI = "--files"
+FORCED_BY_CMDLINE = "mbrescue.files=1 on the kernel command line"
+REGION_PATH_WHY = ("region path, because the disk has the captured sector size and holds the "
+                   "whole region: the captured bytes are written back as they are")
+
+# A candidate's plan: the region path's or the file-level path's.
+AnyPlan = Plan | files_restore.FilesPlan
 
 
 class Interrupted(MbrescueError):
@@ -108,11 +121,31 @@ def _choose(console: Console, offered: list[Candidate]) -> Candidate:
         console.say(f"'{answer.strip()}' is not one of the numbers shown.")
 
 
+def files_reason(capture: Capture, disk: DiskInfo, forced_by: str | None) -> str | None:
+    """Why this disk takes the file-level path (files_restore.why_files: another sector
+    size, a disk smaller than the region), or that `forced_by` asked for it; None: region."""
+    why = files_restore.why_files(capture.manifest, disk, False)
+    if why is None and forced_by:
+        why = f"asked for ({forced_by})"
+    return why
+
+
+def plan_for(capture: Capture, head: RegionHead, disk: DiskInfo,
+             forced_by: str | None = None) -> AnyPlan:
+    """The plan of the path this disk takes; raises MbrescueError for a refusal."""
+    why = files_reason(capture, disk, forced_by)
+    if why is None:
+        return plan_restore(capture, head, disk)
+    return files_restore.plan_files(capture, disk, why)
+
+
 def rescue_candidates(capture: Capture, head: RegionHead, medium: str | None,
-                      disks: list[str] | None = None) -> list[tuple[Candidate, Plan | None]]:
-    """Every disk the kernel sees (or only `disks`), ranked, each with its plan or the
-    reason it is refused."""
-    found: list[tuple[Candidate, Plan | None]] = []
+                      disks: list[str] | None = None, forced_by: str | None = None
+                      ) -> list[tuple[Candidate, AnyPlan | None]]:
+    """Every disk the kernel sees (or only `disks`), ranked, each with its plan (the region
+    path's or the file-level path's) or the reason it is refused. `forced_by` names the
+    switch that asks for the file-level path on every disk."""
+    found: list[tuple[Candidate, AnyPlan | None]] = []
     listed_disks = list_disks() if disks is None else [disk_info(path) for path in disks]
     for listed in listed_disks:
         try:
@@ -125,30 +158,33 @@ def rescue_candidates(capture: Capture, head: RegionHead, medium: str | None,
         note = removable_note(disk)
         candidate = Candidate(disk, order, f"{why}, {note}" if note else why,
                               base_refusal(disk, medium))
-        plan = None
+        plan: AnyPlan | None = None
         if candidate.refusal is None:
             try:
-                plan = plan_restore(capture, head, disk)
+                plan = plan_for(capture, head, disk, forced_by)
             except MbrescueError as exc:
-                candidate.refusal = str(exc)
+                candidate.refusal = str(exc).removeprefix(f"refusing {disk.path}: ")
+            if isinstance(plan, files_restore.FilesPlan):
+                candidate.why += ", file-level path"
         found.append((candidate, plan))
     found.sort(key=lambda item: order_key(item[0]))
     return found
 
 
-def _usable(found: list[tuple[Candidate, Plan | None]], wanted: str | None) -> bool:
+def _usable(found: list[tuple[Candidate, AnyPlan | None]], wanted: str | None) -> bool:
     if wanted:
         return any(matches(c.disk, wanted) for c, _ in found)
     return any(p is not None and not c.refusal for c, p in found)
 
 
 def _wait_for_a_candidate(console: Console, capture: Capture, head: RegionHead,
-                          medium: str | None, disks: list[str] | None, wanted: str | None
-                          ) -> list[tuple[Candidate, Plan | None]]:
+                          medium: str | None, disks: list[str] | None, wanted: str | None,
+                          forced_by: str | None = None
+                          ) -> list[tuple[Candidate, AnyPlan | None]]:
     """The candidates, looked for again once a second while none can take the region and
     the rescue system's disk wait (`mbrescue.wait=N`, from /init) has not run out: a USB
     disk plugged in late is still found within the documented wait."""
-    found = rescue_candidates(capture, head, medium, disks)
+    found = rescue_candidates(capture, head, medium, disks, forced_by)
     try:
         until_s = float(os.environ.get(WAIT_UNTIL_ENV, ""))
     except ValueError:
@@ -161,8 +197,26 @@ def _wait_for_a_candidate(console: Console, capture: Capture, head: RegionHead,
                         f"{left_s:.0f} s (mbrescue.wait=N sets the limit)")
             announced = True
         time.sleep(1)
-        found = rescue_candidates(capture, head, medium, disks)
+        found = rescue_candidates(capture, head, medium, disks, forced_by)
     return found
+
+
+def _unattended_proceeds(console: Console, switches: Switches, unattended: bool,
+                         identity_known: bool) -> bool:
+    """Does `mbrescue.unattended=1` let this restore go on without `yes`? Says why not."""
+    if not switches.unattended:
+        return False
+    if not unattended:
+        console.say("mbrescue: mbrescue.unattended=1 ignored: this rescue system was built "
+                    "without the unattended opt-in")
+        return False
+    if not identity_known:
+        console.say("mbrescue: mbrescue.unattended=1 ignored: no disk has the captured "
+                    "serial/WWN and mbrescue.target= names none (a disk that is merely "
+                    "large enough is not proof)")
+        return False
+    console.say("mbrescue: unattended restore (mbrescue.unattended=1, allowed by the build)")
+    return True
 
 
 def restore(
@@ -188,7 +242,12 @@ def restore(
     command line that repeats the restore onto target (shown when a write is interrupted;
     default: `mbrescue restore ...`). `disks` limits the rescue mode's candidates to these
     paths (default: every disk the kernel lists). Ctrl-C or SIGTERM raises Interrupted.
+    `files=True` (`--files`, or `mbrescue.files=1` among the switches) forces the file-level
+    path.
     """
+    if rescue and switches is None:
+        switches = read_switches()
+    files = files or (switches is not None and switches.files)
     rerun = rerun or cli_rerun(capture_path, sector_bytes, assume_yes)
     if files:  # the finishing command must take the same path
         plain_rerun = rerun
@@ -226,8 +285,6 @@ def _restore(
     writing: list[str],
     files: bool = False,
 ) -> int:
-    if rescue and switches is None:
-        switches = read_switches()
     switches = switches or Switches()
     medium = medium or switches.medium
     capture = Capture.open(capture_path)
@@ -246,6 +303,7 @@ def _restore(
     # Known to be the right disk (named, or the captured serial/WWN): unattended needs it.
     identity_known = False
     unattended = switches.unattended and unattended_allowed(options_path)
+    plan: AnyPlan
     if target is not None:
         disk = disk_info(target, sector_bytes)
         refusal = base_refusal(disk, medium)
@@ -258,7 +316,9 @@ def _restore(
         identity_known = True
     else:
         wanted = switches.target
-        found = _wait_for_a_candidate(console, capture, head, medium, disks, wanted)
+        forced_by = (FORCED_BY_CMDLINE if rescue else FORCED_BY_CLI) if files else None
+        found = _wait_for_a_candidate(console, capture, head, medium, disks, wanted,
+                                      forced_by)
         if wanted:
             chosen = [item for item in found if matches(item[0].disk, wanted)]
             if not chosen:
@@ -277,28 +337,22 @@ def _restore(
             if not offered:
                 raise MbrescueError("no disk can take the region (see the reasons above)")
             if len(offered) == 1:
-                plan = offered[0][1]  # type: ignore[assignment]
+                plan = offered[0][1]  # type: ignore[assignment]  # offered: plan not None
                 identity_known = identified(offered[0][0])
             else:
                 sure = unattended_choice([c for c, _ in offered]) if unattended else None
                 pick = sure or _choose(console, [c for c, _ in offered])
                 identity_known = sure is not None
                 plan = next(p for c, p in offered if c is pick)  # type: ignore[misc]
+    if isinstance(plan, files_restore.FilesPlan):
+        # files_restore.run makes the file systems in scratch, shows its plan, asks (unless
+        # told to proceed), writes and verifies; the checksums were verified above.
+        proceed = assume_yes or _unattended_proceeds(console, switches, unattended,
+                                                     identity_known)
+        return files_restore.run(capture, plan.target, plan.why, console, proceed, writing)
     show_plan(console, plan)
-    proceed = assume_yes
-    if not proceed and switches.unattended:
-        if not unattended:
-            console.say("mbrescue: mbrescue.unattended=1 ignored: this rescue system was built "
-                        "without the unattended opt-in")
-        elif not identity_known:
-            console.say("mbrescue: mbrescue.unattended=1 ignored: no disk has the captured "
-                        "serial/WWN and mbrescue.target= names none (a disk that is merely "
-                        "large enough is not proof)")
-        else:
-            console.say(
-                "mbrescue: unattended restore (mbrescue.unattended=1, allowed by the build)"
-            )
-            proceed = True
+    console.say("  Restore path: " + REGION_PATH_WHY)
+    proceed = assume_yes or _unattended_proceeds(console, switches, unattended, identity_known)
     if not proceed:
         answer = console.ask(
             f"Type {CONFIRM_WORD} to write {plan.target.path} "
