@@ -42,7 +42,7 @@ from .errors import MbrescueError
 from .run import require_tools
 from .runner.capfile import Capture
 from .runner.manifest import Manifest
-from .verify import CAPTURE_PATH, sha256_stream
+from .verify import CAPTURE_MEMBER, PAYLOAD_PATH, iter_newc, sha256_stream
 from .vm import Disk, Vm, VmConfig, VmTimeout
 
 ESP_GUID = "c12a7328-f81f-11d2-ba4b-00a0c93ec93b"
@@ -90,24 +90,24 @@ class DiskBoot:
 
 
 def manifest_from_iso(iso: Path, work: Path) -> Manifest:
-    """The capture's manifest, read from the capture on the ISO."""
+    """The capture's manifest, read from the payload inside the ISO."""
     image = pycdlib.PyCdlib()
     try:
         image.open(str(iso))
     except pycdlib.pycdlibexception.PyCdlibException as exc:
         raise MbrescueError(f"{iso} is not a readable ISO ({exc})") from exc
     try:
-        copy = work / "capture.mbrescue"
-        try:
-            with image.open_file_from_iso(rr_path=CAPTURE_PATH) as capture, \
-                    open(copy, "wb") as out:
-                sha256_stream(capture, copy_to=out)
-        except pycdlib.pycdlibexception.PyCdlibException:
-            raise MbrescueError(f"{iso} holds no capture ({CAPTURE_PATH})") from None
-        with Capture.open(str(copy)) as opened:
-            return opened.manifest
+        with image.open_file_from_iso(rr_path=PAYLOAD_PATH) as payload:
+            for name, _mode, size in iter_newc(payload):
+                if name == CAPTURE_MEMBER:
+                    copy = work / "capture.mbrescue"
+                    with open(copy, "wb") as out:
+                        sha256_stream(payload, size, copy_to=out)
+                    with Capture.open(str(copy)) as capture:
+                        return capture.manifest
     finally:
         image.close()
+    raise MbrescueError(f"{iso} holds no capture")
 
 
 def disk_firmware(manifest: Manifest) -> str:

@@ -20,11 +20,11 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import log
+from . import buildrecord, log
 from .debs import sha256_file
 from .errors import MbrescueError
 from .grub import check_grub_installed, make_grub_images, render_grub_cfg
-from .initramfs import make_base_initramfs
+from .initramfs import make_base_initramfs, make_payload_initramfs
 from .iso import IsoReport, iso_volume_label, new_medium_id, write_iso
 from .kit import Kit, ensure_kit
 from .run import require_tools
@@ -103,6 +103,14 @@ def output_path(options: BuildOptions, capture: Capture) -> Path:
     return check_output_file(options.output)
 
 
+def kernel_package(kit: Kit) -> tuple[str, str]:
+    """(package, version) of the kit's kernel, for the build record."""
+    names = [name for name in kit.packages if name.startswith("linux-image-")]
+    if len(names) != 1:
+        raise MbrescueError(f"the kit names {len(names)} kernel packages, not one")
+    return names[0], kit.packages[names[0]]
+
+
 def prepare_shared() -> SharedParts:
     # Every tool and GRUB platform first, before minutes of kit work.
     require_tools("grub-mkimage", "mkfs.vfat", "mcopy", "zstd", "dpkg-deb")
@@ -152,6 +160,9 @@ def build_one(
         capture_sha256 = checked()
         options_json = json.dumps({"unattended_allowed": options.unattended_allowed,
                                    "capture_sha256": capture_sha256}).encode()
+        payload = make_payload_initramfs(
+            capture_path, work / "payload.img", extra={"options.json": options_json}
+        )
         grub_cfg = render_grub_cfg(
             host=manifest.hostname,
             captured_at=manifest.created,
@@ -164,9 +175,11 @@ def build_one(
             grub=grub,
             kernel=shared.kit.kernel,
             base_initrd=shared.base_initrd,
-            capture=capture_path,
-            capture_sha256=capture_sha256,
+            payload=payload,
             options_json=options_json,
+            build_record=buildrecord.make_record(
+                buildrecord.signed_files(shared.kit.kernel, *kernel_package(shared.kit), grub)
+            ),
             grub_cfg=grub_cfg,
             # Joliet stores the label in UTF-16: 16 characters at most.
             volume_label=iso_volume_label(manifest.hostname)[:16],

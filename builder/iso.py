@@ -29,6 +29,7 @@ import types
 import uuid
 import zlib
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
@@ -40,8 +41,10 @@ import pycdlib.pycdlib
 import pycdlib.utils
 
 from . import log
+from .debs import sha256_file
 from .errors import MbrescueError
 from .grub import GrubImages, medium_marker
+from .verify import CAPTURE_MEMBER, iter_newc, sha256_stream
 
 SECTOR = 512
 BLOCK = 2048  # ISO9660 logical block
@@ -73,9 +76,10 @@ ISO_FILES = {
     "/boot/grub/efi.img": "/BOOT/GRUB/EFI.IMG;1",
     "/mbrescue/vmlinuz": "/MBRESCUE/VMLINUZ.;1",
     "/mbrescue/base.img": "/MBRESCUE/BASE.IMG;1",
-    "/mbrescue/capture.mbrescue": "/MBRESCUE/CAPTURE.MBR;1",
+    "/mbrescue/payload.img": "/MBRESCUE/PAYLOAD.IMG;1",
+    "/mbrescue/payload.sha256": "/MBRESCUE/PAYLOAD.SHA;1",
     "/mbrescue/options.json": "/MBRESCUE/OPTIONS.JSN;1",
-    "/mbrescue/SHA256SUMS": "/MBRESCUE/SHA256SU.MS;1",
+    "/mbrescue/build.json": "/MBRESCUE/BUILD.JSN;1",
     "/EFI/BOOT/BOOTX64.EFI": "/EFI/BOOT/BOOTX64.EFI;1",
     "/EFI/BOOT/grubx64.efi": "/EFI/BOOT/GRUBX64.EFI;1",
     "/EFI/debian/grub.cfg": "/EFI/DEBIAN/GRUB.CFG;1",
@@ -92,7 +96,7 @@ class IsoReport:
     bios_image_block: int  # 2 KiB block of the El Torito BIOS image
     efi_image_block: int  # 2 KiB block of the FAT image
     efi_image_bytes: int
-    capture_sha256: str
+    payload_sha256: str
     seconds: float
     # Filled by `build.check_written` from a check of the written file, never assumed here.
     boots: tuple[str, ...] = ()
@@ -294,6 +298,15 @@ def write_system_area(
 # --- the ISO ----------------------------------------------------------------------------------
 
 
+def _capture_sum(payload: Path) -> str:
+    """A sha256sum line for the capture inside the payload cpio, if it holds one."""
+    with open(payload, "rb") as stream:
+        for name, _mode, size in iter_newc(stream):
+            if name == CAPTURE_MEMBER:
+                return f"{sha256_stream(stream, size)}  capture.mbrescue\n"
+    return ""
+
+
 def _add_directories(iso: pycdlib.PyCdlib) -> None:
     for rr_path, iso_path in (
         ("/boot", "/BOOT"),
@@ -307,7 +320,7 @@ def _add_directories(iso: pycdlib.PyCdlib) -> None:
 
 
 # The capture can hold secrets from /boot: on a mounted medium only root reads it.
-PRIVATE_FILES = ("/mbrescue/capture.mbrescue", "/mbrescue/options.json")
+PRIVATE_FILES = ("/mbrescue/payload.img", "/mbrescue/options.json")
 
 
 def _add(iso: pycdlib.PyCdlib, stream: BinaryIO, length: int, rr_path: str, iso_path: str) -> None:
@@ -327,38 +340,44 @@ def write_iso(
     grub: GrubImages,
     kernel: Path,
     base_initrd: Path,
-    capture: Path,
-    capture_sha256: str,
+    payload: Path,
     options_json: bytes,
+    build_record: bytes,
     grub_cfg: str,
     volume_label: str,
     medium_id: str,
 ) -> IsoReport:
     """Write the hybrid rescue ISO to `out` (via a temporary name, mode 0600).
 
-    The capture is a plain file on the medium (`/mbrescue/capture.mbrescue`): the rescue
-    system reads it from there with Linux's drivers, so GRUB loads only the kernel and the
-    base initrd and the time to the prompt does not grow with the capture. `capture_sha256`
-    is the SHA-256 the build checked; `SHA256SUMS` names it and the options file's.
+    The payload cpio holds the capture and the build's options file; the options file is
+    also a plain file beside it. The rescue system reads the capture inside the payload
+    from this medium with Linux's drivers (GRUB loads only the kernel and the base initrd),
+    or GRUB loads the whole payload into memory (the menu's "capture loaded into memory").
     """
     started = time.monotonic()
     if not MEDIUM_ID.fullmatch(medium_id):
         raise MbrescueError(f"medium id {medium_id!r} must be 4-24 characters a-z, 0-9")
     if grub.medium_id != medium_id:
         raise MbrescueError("the GRUB images were made for another medium id")
-    for path in (kernel, base_initrd, capture, grub.bios_eltorito, grub.efi_fat, grub.boot_hybrid,
+    for path in (kernel, base_initrd, payload, grub.bios_eltorito, grub.efi_fat, grub.boot_hybrid,
                  grub.efi_shim, grub.efi_grub, grub.efi_loader_cfg):  # fmt: skip
         if not path.is_file():
             raise MbrescueError(f"{path} is missing")
     label = iso_volume_label(volume_label)
-    sums = (
-        f"{capture_sha256}  capture.mbrescue\n"
-        f"{hashlib.sha256(options_json).hexdigest()}  options.json\n"
-    )
+    # Two passes over a payload of up to a few hundred MB: run them on two cores.
+    with ThreadPoolExecutor(2) as pool:
+        payload_sum = pool.submit(sha256_file, payload)
+        capture_sum = pool.submit(_capture_sum, payload)
+        payload_sha256 = payload_sum.result()
+        sums = (
+            f"{payload_sha256}  payload.img\n" + capture_sum.result()
+            + f"{hashlib.sha256(options_json).hexdigest()}  options.json\n"
+        )
     small_files = {
         "/boot/grub/grub.cfg": grub_cfg.encode(),
+        "/mbrescue/payload.sha256": sums.encode(),
         "/mbrescue/options.json": options_json,
-        "/mbrescue/SHA256SUMS": sums.encode(),
+        "/mbrescue/build.json": build_record,
     }
     marker = medium_marker(medium_id)
     marker_iso = "/MBRESCUE/ID_" + medium_id.upper()[:24] + ".;1"
@@ -367,7 +386,7 @@ def write_iso(
         "/boot/grub/efi.img": grub.efi_fat,
         "/mbrescue/vmlinuz": kernel,
         "/mbrescue/base.img": base_initrd,
-        "/mbrescue/capture.mbrescue": capture,
+        "/mbrescue/payload.img": payload,
         "/EFI/BOOT/BOOTX64.EFI": grub.efi_shim,
         "/EFI/BOOT/grubx64.efi": grub.efi_grub,
         "/EFI/debian/grub.cfg": grub.efi_loader_cfg,
@@ -457,6 +476,6 @@ def write_iso(
         bios_image_block=bios_block,
         efi_image_block=efi_block,
         efi_image_bytes=efi_bytes,
-        capture_sha256=capture_sha256,
+        payload_sha256=payload_sha256,
         seconds=seconds,
     )

@@ -3,9 +3,9 @@
 Every check reads the file itself: the El Torito catalog and boot info table from the raw
 blocks, the file tree through a fresh `pycdlib.PyCdlib()`, the EFI image's `BOOTX64.EFI`
 with mtools, the hybrid MBR against GRUB's installed `boot_hybrid.img`, the partition table
-with `sfdisk --json` and `sgdisk -v`, and the capture and the options file against the
-`SHA256SUMS` written beside them. When `builder.capture` offers `check_capture(path)`, the
-capture on the medium is handed to it (it raises MbrescueError on a bad capture). The result is a list of named checks; the
+with `sfdisk --json` and `sgdisk -v`, and the payload against the checksums written beside it.
+When `builder.capture` offers `check_capture(path)`, the capture inside the payload is handed
+to it (it raises MbrescueError on a bad capture). The result is a list of named checks; the
 CLI prints them as a table and exits non-zero when one failed.
 """
 
@@ -24,6 +24,7 @@ from typing import BinaryIO
 import pycdlib
 import pycdlib.pycdlibexception
 
+from .cpio import iter_newc
 from .errors import MbrescueError
 from .run import output, require_tools, run
 
@@ -32,19 +33,22 @@ SECTOR = 512
 BOOT_HYBRID = Path("/usr/lib/grub/i386-pc/boot_hybrid.img")
 EFI_PLATFORM = 0xEF
 ESP_TYPE = "C12A7328-F81F-11D2-BA4B-00A0C93EC93B"
-# On the ISO the capture is a plain file the rescue system reads from the medium.
-CAPTURE_PATH = "/mbrescue/capture.mbrescue"
+CAPTURE_MEMBER = "mbrescue/capture.mbrescue"
+OPTIONS_MEMBER = "mbrescue/options.json"
+PAYLOAD_PATH = "/mbrescue/payload.img"
+SUMS_PATH = "/mbrescue/payload.sha256"
+# The build's options, also inside the payload: the rescue system reads this copy when it
+# reads the capture from the medium.
 OPTIONS_PATH = "/mbrescue/options.json"
-SUMS_PATH = "/mbrescue/SHA256SUMS"
-# Two sha256sum lines, a small JSON object; anything near this size is not ours.
+# Three sha256sum lines, a small JSON object; anything near this size is not ours.
 MAX_SUMS_BYTES = 64 * 1024
 REQUIRED_FILES = (
     "/boot/grub/grub.cfg",
     "/mbrescue/vmlinuz",
     "/mbrescue/base.img",
-    CAPTURE_PATH,
-    OPTIONS_PATH,
+    PAYLOAD_PATH,
     SUMS_PATH,
+    OPTIONS_PATH,
 )
 
 
@@ -345,6 +349,7 @@ def _tree_checks(path: Path, work: Path, capture_sha256: str | None) -> list[Che
 
         checks.append(_check("kernel, initrds, grub.cfg", files))
         checks.append(_check("Secure Boot chain signed", lambda: _signed_chain(iso, work)))
+        checks.append(_check("build record (package versions)", lambda: _record(iso, work)))
         checks.append(_check("payload checksum", lambda: _payload(iso, work, capture_sha256)))
     finally:
         iso.close()
@@ -355,6 +360,12 @@ def _tree_checks(path: Path, work: Path, capture_sha256: str | None) -> list[Che
 # and the signed kernel (checked by shim through GRUB): each must carry an Authenticode
 # signature, or a Secure Boot machine refuses the ISO.
 SIGNED_FILES = ("/EFI/BOOT/BOOTX64.EFI", "/EFI/BOOT/grubx64.efi", "/mbrescue/vmlinuz")
+
+
+def _record(iso: pycdlib.PyCdlib, work: Path) -> str:
+    from .buildrecord import check_record
+
+    return check_record(iso, work)
 
 
 def _signed_chain(iso: pycdlib.PyCdlib, work: Path) -> str:
@@ -383,27 +394,15 @@ def _small_file(iso: pycdlib.PyCdlib, rr_path: str) -> bytes:
 def _payload(iso: pycdlib.PyCdlib, work: Path, capture_sha256: str | None = None) -> str:
     sums_text = _small_file(iso, SUMS_PATH).decode(errors="replace")
     options_json = _small_file(iso, OPTIONS_PATH)
-    with iso.open_file_from_iso(rr_path=CAPTURE_PATH) as capture:
-        return check_payload(capture, sums_text, options_json, work, capture_sha256=capture_sha256)
+    with iso.open_file_from_iso(rr_path=PAYLOAD_PATH) as payload:
+        return check_payload(payload, sums_text, work, capture_sha256=capture_sha256,
+                             options_json=options_json)
 
 
-def check_payload(
-    capture: BinaryIO,
-    sums_text: str,
-    options_json: bytes,
-    work: Path,
-    capture_sha256: str | None = None,
-) -> str:
-    """The medium's capture and options file against SHA256SUMS, and against each other.
-
-    The rescue system refuses a capture whose SHA-256 is not the options file's, so the two
-    must agree. The capture is then opened and checked whole by `builder.capture`; or, given
-    `capture_sha256` (a capture the caller checked itself), it must have that SHA-256.
-    """
-    deep = capture_sha256 is None
-    sums = parse_sums(sums_text)
-    _require("capture.mbrescue" in sums, "SHA256SUMS names no capture.mbrescue: no capture")
-    _require("options.json" in sums, "SHA256SUMS names no options.json")
+def check_options(options_json: bytes, sums: dict[str, str]) -> None:
+    """The medium's options file: as summed, and naming the capture the sums name (the
+    rescue system refuses a capture whose SHA-256 is not the options file's)."""
+    _require("options.json" in sums, "payload.sha256 names no options.json")
     _require(
         hashlib.sha256(options_json).hexdigest() == sums["options.json"],
         "options.json does not match its SHA-256",
@@ -415,30 +414,76 @@ def check_payload(
     _require(isinstance(options, dict), "options.json is not a JSON object")
     _require(
         options.get("capture_sha256") == sums["capture.mbrescue"],
-        "options.json names another capture than SHA256SUMS: the rescue system would refuse it",
+        "options.json names another capture than payload.sha256: the rescue system would "
+        "refuse it",
     )
-    copy_path = work / "capture.mbrescue"
+
+
+def check_payload(
+    payload: BinaryIO,
+    sums_text: str,
+    work: Path,
+    capture_sha256: str | None = None,
+    options_json: bytes | None = None,
+) -> str:
+    """The payload cpio against its sums: sound to the trailer, holding one matching capture.
+
+    The capture is then opened and checked whole by `builder.capture`; or, given
+    `capture_sha256` (a capture the caller checked itself), it must have that SHA-256.
+    Given `options_json` (the medium's plain copy), it is checked by `check_options`.
+    """
+    deep = capture_sha256 is None
+    sums = parse_sums(sums_text)
+    _require("payload.img" in sums, "payload.sha256 names no payload.img")
+    _require(
+        "capture.mbrescue" in sums, "payload.sha256 names no capture.mbrescue: no capture inside"
+    )
+    if options_json is not None:
+        check_options(options_json, sums)
+    payload.seek(0)
+    _require(
+        sha256_stream(payload) == sums["payload.img"], "payload.img does not match its SHA-256"
+    )
+    payload.seek(0)
+    # The cpio's structure: every header sound up to the trailer.
+    members = 0
+    captures = 0
+    capture_path = work / "capture.mbrescue"
     try:
-        if deep:
-            with open(copy_path, "wb") as copy:
-                digest = sha256_stream(capture, copy_to=copy)
-        else:
-            digest = sha256_stream(capture)
-        _require(digest == sums["capture.mbrescue"], "the capture does not match its SHA-256")
-        _require(deep or digest == capture_sha256, "the capture is not the one the build checked")
-        detail = "capture.mbrescue and options.json match SHA256SUMS"
+        for name, _mode, size in iter_newc(payload):
+            members += 1
+            if name == OPTIONS_MEMBER and options_json is not None:
+                _require(size <= MAX_SUMS_BYTES and payload.read(size) == options_json,
+                         "the payload's options.json differs from the medium's")
+                continue
+            if name != CAPTURE_MEMBER:
+                continue
+            captures += 1
+            _require(captures == 1, f"the payload holds {CAPTURE_MEMBER} twice")
+            if deep:
+                with open(capture_path, "wb") as copy:
+                    digest = sha256_stream(payload, size, copy_to=copy)
+            else:
+                digest = sha256_stream(payload, size)
+            _require(
+                digest == sums["capture.mbrescue"],
+                "the capture in the payload does not match its SHA-256",
+            )
+            _require(
+                deep or digest == capture_sha256,
+                "the capture in the payload is not the one the build checked",
+            )
+        _require(captures == 1, f"the payload holds no capture ({CAPTURE_MEMBER})")
+        detail = f"payload.img matches, cpio of {members} member(s)"
         if not deep:
             return detail + ", the checked capture (SHA-256 matches)"
         hook = _capture_hook()
         _require(hook is not None, "builder.capture.check_capture is missing")
         assert hook is not None
-        try:
-            result = hook(copy_path)
-        except MbrescueError as error:  # name the medium's file, not the temporary copy
-            raise MbrescueError(str(error).replace(str(copy_path), CAPTURE_PATH)) from None
+        result = hook(capture_path)
         return detail + ", capture checked" + (f": {result}" if isinstance(result, str) else "")
     finally:
-        copy_path.unlink(missing_ok=True)
+        capture_path.unlink(missing_ok=True)
 
 
 def format_checks(checks: list[Check]) -> str:

@@ -1,4 +1,4 @@
-"""Property tests of the ISO side's readers: the newc cpio reader, the medium's capture check, the
+"""Property tests of the ISO side's readers: the newc cpio reader, the payload check, the
 sums parser and the El Torito catalog reader.
 
 Any bytes (and valid archives with bytes changed, cut or dropped) give a result or
@@ -29,7 +29,6 @@ from builder.errors import MbrescueError
 EXAMPLE_SECONDS = 2.0
 SMALL_HEAP_BYTES = 16 << 20
 CAPTURE_BYTES = b"not a real capture, only its bytes matter here\n" * 20
-CAPTURE_MEMBER = "mbrescue/capture.mbrescue"  # as a network-boot payload holds it
 
 
 def _bounded(func: Callable[[], object]) -> object:
@@ -62,7 +61,7 @@ def _walk(data: bytes) -> list[tuple[str, int, int]]:
 VALID = _archive(
     [
         cpio.Entry("mbrescue", stat.S_IFDIR | 0o755),
-        cpio.Entry(CAPTURE_MEMBER, stat.S_IFREG | 0o600, CAPTURE_BYTES),
+        cpio.Entry(verify.CAPTURE_MEMBER, stat.S_IFREG | 0o600, CAPTURE_BYTES),
         cpio.Entry("mbrescue/options.json", stat.S_IFREG | 0o644, b'{"unattended_allowed": false}'),
     ]
 )
@@ -90,7 +89,7 @@ def mutated(draw: st.DrawFn, valid: bytes) -> bytes:
 def test_valid_archive_reads_back() -> None:
     assert [name for name, _, _ in _walk(VALID)] == [
         "mbrescue",
-        CAPTURE_MEMBER,
+        verify.CAPTURE_MEMBER,
         "mbrescue/options.json",
     ]
 
@@ -142,41 +141,34 @@ def test_cpio_fields_must_be_plain_hex(field: bytes) -> None:
         _walk(bytes(data))
 
 
-# --- the payload check (the ISO's capture, options file and SHA256SUMS) -----------------------
+# --- the payload check --------------------------------------------------------------------------
 
 
-def _options(capture: bytes = CAPTURE_BYTES) -> bytes:
-    return json.dumps({"capture_sha256": hashlib.sha256(capture).hexdigest()}).encode()
-
-
-def _sums(options: bytes, capture: bytes = CAPTURE_BYTES) -> str:
+def _sums(payload: bytes, capture: bytes = CAPTURE_BYTES) -> str:
     return (
+        f"{hashlib.sha256(payload).hexdigest()}  payload.img\n"
         f"{hashlib.sha256(capture).hexdigest()}  capture.mbrescue\n"
-        f"{hashlib.sha256(options).hexdigest()}  options.json\n"
     )
 
 
 CAPTURE_SHA256 = hashlib.sha256(CAPTURE_BYTES).hexdigest()
-OPTIONS = _options()
 
 
 def test_payload_check_of_a_valid_payload(tmp_path: Path) -> None:
     detail = verify.check_payload(
-        io.BytesIO(CAPTURE_BYTES), _sums(OPTIONS), OPTIONS, tmp_path,
-        capture_sha256=CAPTURE_SHA256,
+        io.BytesIO(VALID), _sums(VALID), tmp_path, capture_sha256=CAPTURE_SHA256
     )
-    assert "the checked capture" in detail
+    assert "the checked capture" in detail and "3 member(s)" in detail
     assert list(tmp_path.iterdir()) == []
 
 
 @settings(suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(st.binary(max_size=600))
-def test_payload_check_any_options_bytes(tmp_path: Path, options: bytes) -> None:
-    # The sums match the options file, so the check reaches its parsing every time.
+@given(mutated(VALID))
+def test_payload_check_mutated_payload(tmp_path: Path, data: bytes) -> None:
+    # The sums match the changed payload, so the check reaches the cpio walk every time.
     _bounded(
         lambda: verify.check_payload(
-            io.BytesIO(CAPTURE_BYTES), _sums(options), options, tmp_path,
-            capture_sha256=CAPTURE_SHA256,
+            io.BytesIO(data), _sums(data), tmp_path, capture_sha256=CAPTURE_SHA256
         )
     )
     assert list(tmp_path.iterdir()) == []  # no copy of a capture left behind
@@ -185,36 +177,65 @@ def test_payload_check_any_options_bytes(tmp_path: Path, options: bytes) -> None
 @settings(suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(st.binary(max_size=1500))
 def test_payload_check_deep_any_capture_bytes(tmp_path: Path, capture: bytes) -> None:
-    # The whole check, capture reader included, on arbitrary capture bytes.
-    options = _options(capture)
-    _bounded(
-        lambda: verify.check_payload(io.BytesIO(capture), _sums(options, capture), options,
-                                     tmp_path)
-    )
+    # The whole check, capture reader included, on a payload holding arbitrary capture bytes.
+    payload = _archive([cpio.Entry(verify.CAPTURE_MEMBER, stat.S_IFREG | 0o600, capture)])
+    _bounded(lambda: verify.check_payload(io.BytesIO(payload), _sums(payload, capture), tmp_path))
     assert list(tmp_path.iterdir()) == []
 
 
 def test_payload_without_capture_fails(tmp_path: Path) -> None:
-    sums = f"{hashlib.sha256(OPTIONS).hexdigest()}  options.json\n"
+    payload = _archive([cpio.Entry("mbrescue/marker", stat.S_IFREG | 0o644, b"x\n")])
+    sums = f"{hashlib.sha256(payload).hexdigest()}  payload.img\n"
     with pytest.raises(MbrescueError, match="no capture"):
-        verify.check_payload(io.BytesIO(CAPTURE_BYTES), sums, OPTIONS, tmp_path)
+        verify.check_payload(io.BytesIO(payload), sums, tmp_path)
+    # Sums that name a capture the cpio lacks: still no capture.
+    with pytest.raises(MbrescueError, match="no capture"):
+        verify.check_payload(io.BytesIO(payload), _sums(payload), tmp_path)
 
 
-def test_payload_whose_options_name_another_capture_fails(tmp_path: Path) -> None:
-    # The rescue system checks the capture against options.json: a mismatch would refuse it
-    # on the worst day, so verify refuses it now.
-    options = _options(b"another capture")
-    with pytest.raises(MbrescueError, match="another capture"):
+def test_payload_with_two_captures_fails(tmp_path: Path) -> None:
+    member = cpio.Entry(verify.CAPTURE_MEMBER, stat.S_IFREG | 0o600, CAPTURE_BYTES)
+    payload = _archive([member, member])
+    with pytest.raises(MbrescueError, match="twice"):
         verify.check_payload(
-            io.BytesIO(CAPTURE_BYTES), _sums(options), options, tmp_path,
-            capture_sha256=CAPTURE_SHA256,
+            io.BytesIO(payload), _sums(payload), tmp_path, capture_sha256=CAPTURE_SHA256
         )
 
 
-def test_payload_with_a_changed_capture_fails(tmp_path: Path) -> None:
-    changed = CAPTURE_BYTES[:-1] + b"?"
-    with pytest.raises(MbrescueError, match="does not match"):
-        verify.check_payload(io.BytesIO(changed), _sums(OPTIONS), OPTIONS, tmp_path)
+def _with_options(sums: str, options: bytes) -> str:
+    return sums + f"{hashlib.sha256(options).hexdigest()}  options.json\n"
+
+
+def test_payload_whose_options_name_another_capture_fails(tmp_path: Path) -> None:
+    # The rescue system reading the capture from the medium checks it against the medium's
+    # options.json: one naming another capture would refuse it on the worst day.
+    options = json.dumps({"capture_sha256": "0" * 64}).encode()
+    with pytest.raises(MbrescueError, match="another capture"):
+        verify.check_payload(io.BytesIO(VALID), _with_options(_sums(VALID), options), tmp_path,
+                             capture_sha256=CAPTURE_SHA256, options_json=options)
+
+
+def test_payload_with_matching_options_passes_and_its_copy_must_match(tmp_path: Path) -> None:
+    options = json.dumps({"capture_sha256": CAPTURE_SHA256}).encode()
+    payload = _archive([
+        cpio.Entry(verify.CAPTURE_MEMBER, stat.S_IFREG | 0o600, CAPTURE_BYTES),
+        cpio.Entry(verify.OPTIONS_MEMBER, stat.S_IFREG | 0o600, options),
+    ])
+    detail = verify.check_payload(io.BytesIO(payload), _with_options(_sums(payload), options),
+                                  tmp_path, capture_sha256=CAPTURE_SHA256, options_json=options)
+    assert "the checked capture" in detail
+    # VALID's own options.json is another file: the two copies must be the same bytes.
+    with pytest.raises(MbrescueError, match="differs from the medium's"):
+        verify.check_payload(io.BytesIO(VALID), _with_options(_sums(VALID), options), tmp_path,
+                             capture_sha256=CAPTURE_SHA256, options_json=options)
+
+
+@settings(suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.binary(max_size=600))
+def test_payload_check_any_options_bytes(tmp_path: Path, options: bytes) -> None:
+    _bounded(lambda: verify.check_payload(
+        io.BytesIO(VALID), _with_options(_sums(VALID), options), tmp_path,
+        capture_sha256=CAPTURE_SHA256, options_json=options))
     assert list(tmp_path.iterdir()) == []
 
 

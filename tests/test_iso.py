@@ -1,8 +1,8 @@
 """The rescue ISO: structure (pycdlib, xorriso, sgdisk), reproducibility, and QEMU boots.
 
 The ISO is built once per module from Debian's kernel, a tiny busybox initramfs whose
-/init prints a marker, the kernel command line and the base initrd's own marker, then powers
-off, and a real capture of a small disk as the medium's /mbrescue/capture.mbrescue.
+/init prints a marker, the kernel command line and the payload's marker, then powers off,
+and a real payload (the project's payload builder around a real capture of a small disk).
 QEMU boots it four ways (BIOS/UEFI x CD/USB), once more from USB with the El Torito EFI
 entry wiped (so only the GPT's ESP can boot UEFI), and with "healthy" local disks holding
 the captured /boot UUID, where the default entry must boot the local disk: its MBR code
@@ -25,7 +25,7 @@ from pathlib import Path
 import pycdlib
 import pytest
 
-from builder import build, capture, cpio, debs, grub, iso, verify
+from builder import build, buildrecord, capture, cpio, debs, grub, initramfs, iso, verify
 from builder.debs import cache_dir
 from builder.errors import MbrescueError
 from builder.run import output, run
@@ -36,7 +36,7 @@ EPOCH = "1700000000"
 BOOT_FS_UUID = "5b0c4c8e-3f0a-4e57-9c1e-2a4d5e6f7a8b"
 MEDIUM_ID = "0123456789abcdef"
 INIT_MARKER = "MBRESCUE-TEST-INIT"
-BASE_MARKER = "MBRESCUE-TEST-BASE"
+PAYLOAD_MARKER = "MBRESCUE-TEST-PAYLOAD"
 LOCAL_MBR_MARKER = "MBRESCUE-TEST-LOCAL-MBR"
 LOCAL_ESP_MARKER = "MBRESCUE-TEST-LOCAL-ESP"
 LOCAL_CFG_MARKER = "MBRESCUE-TEST-LOCAL-GRUB-CFG"
@@ -47,7 +47,7 @@ INIT_SCRIPT = f"""#!/bin/sh
 /bin/busybox mount -t devtmpfs devtmpfs /dev
 for tty in /dev/ttyS0 /dev/console; do
   echo "{INIT_MARKER} cmdline: $(/bin/busybox cat /proc/cmdline)" > $tty
-  echo "{INIT_MARKER} base: $(/bin/busybox cat /base-marker)" > $tty
+  echo "{INIT_MARKER} payload: $(/bin/busybox cat /mbrescue/marker)" > $tty
 done
 /bin/busybox poweroff -f
 """
@@ -82,19 +82,22 @@ def build_iso(
     local_timeout_s: int = 10,
     restore_timeout_s: int = 5,
 ) -> iso.IsoReport:
-    _, kernel_root = debs.fetch_extracted(debs.kernel_package())
+    kernel_deb, kernel_root = debs.fetch_extracted(debs.kernel_package())
     kernel = next((kernel_root / "boot").glob("vmlinuz-*"))
     _, busybox_root = debs.fetch_extracted("busybox-static")
     base = cpio.Tree()
     base.file_from("bin/busybox", busybox_root / "bin" / "busybox", 0o755)
     base.symlink("bin/sh", "busybox")
     base.file("init", INIT_SCRIPT.encode(), 0o755)
-    base.file("base-marker", f"{BASE_MARKER}\n".encode())
-    if capture_file is None:  # a file that is no capture (what verify must refuse)
-        capture_file = work / "not-a-capture"
-        capture_file.write_bytes(b"these bytes are not a capture\n" * 100)
-    capture_sha256 = debs.sha256_file(capture_file)
-    options_json = json.dumps({"capture_sha256": capture_sha256}).encode()
+    capture_sha256 = debs.sha256_file(capture_file) if capture_file else "0" * 64
+    if capture_file is None:  # a payload with no capture in it (what verify must refuse)
+        tree = cpio.Tree()
+        tree.file("mbrescue/marker", f"{PAYLOAD_MARKER}\n".encode())
+        payload = _cpio(tree, work / "payload.img")
+    else:
+        payload = initramfs.make_payload_initramfs(
+            capture_file, work / "payload.img", extra={"marker": f"{PAYLOAD_MARKER}\n".encode()}
+        )
     images = grub.make_grub_images(work / "grub", medium_id=MEDIUM_ID)
     cfg = grub.render_grub_cfg(
         host="testhost",
@@ -110,9 +113,10 @@ def build_iso(
         grub=images,
         kernel=kernel,
         base_initrd=_cpio(base, work / "base.img"),
-        capture=capture_file,
-        capture_sha256=capture_sha256,
-        options_json=options_json,
+        payload=payload,
+        options_json=json.dumps({"capture_sha256": capture_sha256}).encode(),
+        build_record=buildrecord.make_record(buildrecord.signed_files(
+            kernel, debs.kernel_package(), kernel_deb.version, images)),
         grub_cfg=cfg,
         volume_label="testhost",
         medium_id=MEDIUM_ID,
@@ -184,11 +188,11 @@ def test_pycdlib_reopens(built: iso.IsoReport) -> None:
         assert reopened.pvd.volume_identifier.decode().strip() == "TESTHOST"
         assert MEDIUM_ID in reopened.pvd.volume_set_identifier.decode()
         assert MEDIUM_ID in reopened.pvd.application_identifier.text.decode()
-        with reopened.open_file_from_iso(joliet_path="/mbrescue/SHA256SUMS") as sums:
+        with reopened.open_file_from_iso(joliet_path="/mbrescue/payload.sha256") as sums:
             names = verify.parse_sums(sums.read().decode())
-        assert set(names) == {"options.json", "capture.mbrescue"}
+        assert set(names) == {"payload.img", "capture.mbrescue", "options.json"}
         # The capture can hold secrets from /boot: only root reads it on a mounted medium.
-        record = reopened.get_record(rr_path="/mbrescue/capture.mbrescue")
+        record = reopened.get_record(rr_path="/mbrescue/payload.img")
         assert record.rock_ridge.get_file_mode() & 0o777 == 0o400
         with reopened.open_file_from_iso(rr_path="/boot/grub/grub.cfg") as cfg:
             assert f"mbrescue.medium={MEDIUM_ID}" in cfg.read().decode()
@@ -230,7 +234,7 @@ def test_verify_finds_damage(built: iso.IsoReport, tmp_path: Path) -> None:
     shutil.copyfile(built.path, damaged)
     reopened = pycdlib.PyCdlib()
     reopened.open(str(built.path))
-    payload_block = reopened.get_record(rr_path="/mbrescue/capture.mbrescue").extent_location()
+    payload_block = reopened.get_record(rr_path="/mbrescue/payload.img").extent_location()
     reopened.close()
     with open(damaged, "r+b") as stream:
         stream.seek(0)
@@ -241,12 +245,12 @@ def test_verify_finds_damage(built: iso.IsoReport, tmp_path: Path) -> None:
     assert failed == {"hybrid MBR (GRUB)", "payload checksum"}
 
 
-def test_verify_refuses_a_medium_whose_capture_is_no_capture(epoch: None, tmp_path: Path) -> None:
-    # A real ISO from the project's own functions, whose capture file is no capture.
+def test_verify_refuses_payload_without_capture(epoch: None, tmp_path: Path) -> None:
+    # A real ISO from the project's own functions, whose payload holds no capture.
     report = build_iso(tmp_path, tmp_path / "out" / "empty.iso", None, **TEST_TIMEOUTS)
     checks = {check.name: check for check in verify.verify_iso(report.path)}
     assert not checks["payload checksum"].ok, checks["payload checksum"]
-    assert "/mbrescue/capture.mbrescue is not a capture" in checks["payload checksum"].detail
+    assert "no capture" in checks["payload checksum"].detail
     assert [name for name, check in checks.items() if not check.ok] == ["payload checksum"]
     result = subprocess.run(
         [sys.executable, "-m", "builder.cli", "verify", os.fspath(report.path)],
@@ -254,7 +258,7 @@ def test_verify_refuses_a_medium_whose_capture_is_no_capture(epoch: None, tmp_pa
         stdin=subprocess.DEVNULL, timeout=600,
     )  # fmt: skip
     assert "payload checksum" in one_error_line(result)
-    assert "is not a capture" in result.stdout
+    assert "no capture" in result.stdout
 
 
 def test_build_summary_comes_from_a_check_of_the_written_file(
@@ -299,9 +303,9 @@ def test_missing_input_is_refused(built: iso.IsoReport, tmp_path: Path) -> None:
             grub=images,
             kernel=tmp_path / "nope",
             base_initrd=tmp_path / "nope",
-            capture=tmp_path / "nope",
-            capture_sha256="0" * 64,
+            payload=tmp_path / "nope",
             options_json=b"{}",
+            build_record=b"{}",
             grub_cfg="",
             volume_label="x",
             medium_id=MEDIUM_ID,
@@ -330,7 +334,7 @@ def _boot_to_marker(
     with Vm(VmConfig(firmware=firmware, disks=disks), log_path) as vm:
         vm.expect(r"default is the restore", timeout=120)
         cmdline = vm.expect(rf"{INIT_MARKER} cmdline: ([^\r\n]*)\r?\n", timeout=180).group(1)
-        vm.expect(rf"{INIT_MARKER} base: {BASE_MARKER}", timeout=30)
+        vm.expect(rf"{INIT_MARKER} payload: {PAYLOAD_MARKER}", timeout=30)
         return cmdline, vm.elapsed()
 
 
@@ -486,5 +490,46 @@ def test_verify_refuses_an_unsigned_loader(built: iso.IsoReport, tmp_path: Path)
         stream.seek(at + pe_at + 24 + 112 + 8 * 4)  # data directory 4: the certificate table
         stream.write(bytes(8))
     failed = {check.name: check.detail for check in verify.verify_iso(stripped) if not check.ok}
-    assert list(failed) == ["Secure Boot chain signed"], failed
+    assert list(failed) == ["Secure Boot chain signed", "build record (package versions)"], failed
     assert "grubx64.efi carries no signature" in failed["Secure Boot chain signed"]
+    assert "grubx64.efi is not the file the build recorded" in failed[
+        "build record (package versions)"]
+
+
+def test_verify_proves_the_recorded_package_versions(built: iso.IsoReport) -> None:
+    """Each signed file is the one the build record names, and (the packages being in this
+    machine's download cache) byte for byte the file the named Debian package ships."""
+    checks = {check.name: check for check in verify.verify_iso(built.path)}
+    record = checks["build record (package versions)"]
+    assert record.ok, record.detail
+    for name, package in (("BOOTX64.EFI", "shim-signed"), ("grubx64.efi", "grub-efi-amd64-signed"),
+                          ("vmlinuz", debs.kernel_package())):  # fmt: skip
+        assert f"{name}: {package} " in record.detail
+    assert record.detail.count("identical to the package's file") == 3, record.detail
+
+
+def test_verify_finds_a_loader_in_the_efi_image_unlike_the_record(
+    built: iso.IsoReport, tmp_path: Path
+) -> None:
+    """A CD boots UEFI from the El Torito FAT image, not the ISO 9660 tree: its shim must be
+    the recorded one too. One byte of the DOS stub changed there (no signature check sees it)."""
+    changed = tmp_path / "changed.iso"
+    shutil.copyfile(built.path, changed)
+    reopened = pycdlib.PyCdlib()
+    reopened.open(str(built.path))
+    efi_at = reopened.get_record(rr_path="/boot/grub/efi.img").extent_location() * 2048
+    shim_at = reopened.get_record(rr_path="/EFI/BOOT/BOOTX64.EFI").extent_location() * 2048
+    reopened.close()
+    with open(changed, "r+b") as stream:
+        stream.seek(shim_at)
+        head = stream.read(512)
+        stream.seek(efi_at)
+        fat = stream.read(built.efi_image_bytes)
+        inner = fat.find(head)
+        assert inner > 0, "shim not found in the FAT image"
+        stream.seek(efi_at + inner + 0x50)  # "This program cannot be run in DOS mode"
+        stream.write(b"t")
+    failed = {check.name: check.detail for check in verify.verify_iso(changed) if not check.ok}
+    assert list(failed) == ["build record (package versions)"], failed
+    assert "EFI/BOOT/BOOTX64.EFI in the EFI image differs" in failed[
+        "build record (package versions)"]

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import io
 import json
 import os
 import stat
@@ -31,7 +32,7 @@ import tarfile
 import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 from .errors import MbrescueError
 from .manifest import Manifest, RegionRecord, check_tables, parse_manifest
@@ -107,11 +108,15 @@ class Capture:
     """
 
     def __init__(self, path: str, fd: int, manifest: Manifest,
-                 members: dict[str, Member]) -> None:
+                 members: dict[str, Member], base: int = 0, size: int | None = None) -> None:
         self.path = path
         self.fd = fd
         self.manifest = manifest
-        self.members = members
+        self.members = members  # offsets are of the file that fd reads
+        # Where the capture lies in that file: all of it, or its member of a rescue medium's
+        # payload cpio (the rescue system reads it from the medium in place).
+        self.base = base
+        self.size = os.fstat(fd).st_size - base if size is None else size
 
     @classmethod
     def open(cls, path: str) -> Capture:
@@ -128,13 +133,16 @@ class Capture:
         try:
             if not stat.S_ISREG(os.fstat(fd).st_mode):
                 raise MbrescueError(f"{path} is not a regular file, so not a capture file")
-            members = _members(path, fd)
+            base, size = 0, os.fstat(fd).st_size
+            if os.pread(fd, 6, 0) in NEWC_MAGIC:
+                base, size = newc_member(fd, 0, size, PAYLOAD_CAPTURE_MEMBER)
+            members = _members(path, fd, base, size)
             manifest = _read_manifest(path, fd, members)
             _check_members(path, manifest, members)
         except BaseException:
             os.close(fd)
             raise
-        return cls(path, fd, manifest, members)
+        return cls(path, fd, manifest, members, base, size)
 
     def close(self) -> None:
         if self.fd >= 0:
@@ -176,9 +184,8 @@ class Capture:
     def file_sha256(self) -> str:
         """The whole capture file's SHA-256, read through the same descriptor."""
         digest = hashlib.sha256()
-        size = os.fstat(self.fd).st_size
-        for at in range(0, size, CHUNK_BYTES * 8):
-            digest.update(self.pread(min(CHUNK_BYTES * 8, size - at), at))
+        for at in range(0, self.size, CHUNK_BYTES * 8):
+            digest.update(self.pread(min(CHUNK_BYTES * 8, self.size - at), self.base + at))
         return digest.hexdigest()
 
     def compressed_chunks(self) -> Iterator[bytes]:
@@ -283,22 +290,86 @@ class Capture:
 HEAD_BYTES = 34 * 4096
 
 
-def _members(path: str, fd: int) -> dict[str, Member]:
+class Window(io.RawIOBase):
+    """A read-only view of `length` bytes of fd at `base` (one member inside a bigger file)."""
+
+    def __init__(self, fd: int, base: int, length: int) -> None:
+        self.fd, self.base, self.length, self.at = fd, base, length, 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def seek(self, offset: int, whence: int = os.SEEK_SET) -> int:
+        start = {os.SEEK_SET: 0, os.SEEK_CUR: self.at, os.SEEK_END: self.length}[whence]
+        self.at = max(start + offset, 0)
+        return self.at
+
+    def tell(self) -> int:
+        return self.at
+
+    def readinto(self, buffer: Any) -> int:
+        want = max(min(len(buffer), self.length - self.at), 0)
+        data = os.pread(self.fd, want, self.base + self.at) if want else b""
+        buffer[: len(data)] = data
+        self.at += len(data)
+        return len(data)
+
+
+# A rescue medium's payload: the newc cpio GRUB may load, holding the capture by this name.
+NEWC_MAGIC = (b"070701", b"070702")
+PAYLOAD_CAPTURE_MEMBER = "mbrescue/capture.mbrescue"
+NEWC_HEADER_BYTES = 110
+NEWC_MAX_NAME_BYTES = 4096
+
+
+def newc_member(fd: int, base: int, length: int, wanted: str) -> tuple[int, int]:
+    """(offset, size) of one member of a newc cpio lying at base..base+length of fd."""
+    at = 0
+    while at + NEWC_HEADER_BYTES <= length:
+        header = os.pread(fd, NEWC_HEADER_BYTES, base + at)
+        if header[:6] not in NEWC_MAGIC:
+            raise MbrescueError(f"the payload is not a cpio archive (at byte {at})")
+        try:
+            size, name_bytes = int(header[54:62], 16), int(header[94:102], 16)
+        except ValueError:
+            raise MbrescueError(f"the payload has a bad cpio header at byte {at}") from None
+        if not 1 <= name_bytes <= NEWC_MAX_NAME_BYTES:
+            raise MbrescueError(f"the payload has a bad cpio header at byte {at}")
+        name = os.pread(fd, name_bytes, base + at + NEWC_HEADER_BYTES).rstrip(b"\0")
+        data_at = at + NEWC_HEADER_BYTES + name_bytes
+        data_at += -data_at % 4
+        if name == b"TRAILER!!!":
+            break
+        if data_at + size > length:
+            raise MbrescueError(f"the payload is cut short ({name.decode(errors='replace')})")
+        if name.decode(errors="replace") == wanted:
+            return base + data_at, size
+        at = data_at + size
+        at += -at % 4
+    raise MbrescueError(f"the payload holds no capture ({wanted})")
+
+
+def _members(path: str, fd: int, base: int = 0, size: int | None = None) -> dict[str, Member]:
+    """The capture's tar members (offsets in fd's file) in fd's base..base+size."""
     members: dict[str, Member] = {}
+    size = os.fstat(fd).st_size - base if size is None else size
     try:
-        with os.fdopen(os.dup(fd), "rb") as stream, tarfile.open(fileobj=stream, mode="r:") as archive:
+        stream = io.BufferedReader(Window(fd, base, size))
+        with tarfile.open(fileobj=stream, mode="r:") as archive:
             for info in archive:
                 if info.isfile():
                     if info.name in members:
                         raise MbrescueError(f"{path}: the capture holds {info.name} twice")
-                    members[info.name] = Member(info.name, info.offset_data, info.size)
+                    members[info.name] = Member(info.name, base + info.offset_data, info.size)
     except (tarfile.TarError, OSError, EOFError, ValueError) as exc:
         raise MbrescueError(f"{path} is not a capture file ({exc})") from exc
     if MANIFEST_MEMBER not in members or REGION_MEMBER not in members:
         raise MbrescueError(f"{path} is not a capture file (no manifest or region)")
-    end = os.fstat(fd).st_size
     for member in members.values():
-        if member.offset + member.size > end:
+        if member.offset + member.size > base + size:
             raise MbrescueError(f"{path} is truncated ({member.name})")
     return members
 

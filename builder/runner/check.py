@@ -17,13 +17,11 @@ capture matches, 1 it drifted (one line per difference on stdout), 2 error (one
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import os
 import stat
 import struct
 import sys
-import tarfile
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -35,7 +33,7 @@ from .manifest import FileEntry, Manifest
 EXIT_MATCHES, EXIT_DRIFTED, EXIT_ERROR = 0, 1, 2
 ISO_SECTOR = 2048
 ISO_PAYLOAD = ("MBRESCUE", "PAYLOAD.IMG")
-CAPTURE_IN_PAYLOAD = "mbrescue/capture.mbrescue"
+CAPTURE_IN_PAYLOAD = capfile.PAYLOAD_CAPTURE_MEMBER
 
 
 @dataclass(frozen=True)
@@ -69,34 +67,6 @@ class CheckReport:
 
 
 # ---- the capture: a capture file, or the one inside a rescue ISO --------------------------
-
-
-class _Window(io.RawIOBase):
-    """A read-only view of `length` bytes of fd at `base` (one member inside a bigger file)."""
-
-    def __init__(self, fd: int, base: int, length: int) -> None:
-        self.fd, self.base, self.length, self.at = fd, base, length, 0
-
-    def readable(self) -> bool:
-        return True
-
-    def seekable(self) -> bool:
-        return True
-
-    def seek(self, offset: int, whence: int = os.SEEK_SET) -> int:
-        start = {os.SEEK_SET: 0, os.SEEK_CUR: self.at, os.SEEK_END: self.length}[whence]
-        self.at = max(start + offset, 0)
-        return self.at
-
-    def tell(self) -> int:
-        return self.at
-
-    def readinto(self, buffer: Any) -> int:
-        want = max(min(len(buffer), self.length - self.at), 0)
-        data = os.pread(self.fd, want, self.base + self.at) if want else b""
-        buffer[: len(data)] = data
-        self.at += len(data)
-        return len(data)
 
 
 def _iso_file(fd: int, path: tuple[str, ...]) -> tuple[int, int]:
@@ -147,47 +117,13 @@ def _find_in_directory(data: bytes, wanted: str, directory: bool) -> tuple[int, 
     return None
 
 
-def _newc_member(fd: int, base: int, length: int, wanted: str) -> tuple[int, int]:
-    """(offset, size) of one member of a newc cpio lying at base..base+length of fd."""
-    at = 0
-    while at + 110 <= length:
-        header = os.pread(fd, 110, base + at)
-        if header[:6] not in (b"070701", b"070702"):
-            raise MbrescueError(f"the ISO's payload is not a cpio archive (at byte {at})")
-        try:
-            size, name_bytes = int(header[54:62], 16), int(header[94:102], 16)
-        except ValueError:
-            raise MbrescueError(f"the ISO's payload has a bad cpio header at byte {at}") from None
-        name = os.pread(fd, name_bytes, base + at + 110).rstrip(b"\0").decode(errors="replace")
-        data_at = at + 110 + name_bytes
-        data_at += -data_at % 4
-        if name == "TRAILER!!!":
-            break
-        if data_at + size > length:
-            raise MbrescueError(f"the ISO's payload is cut short ({name})")
-        if name == wanted:
-            return base + data_at, size
-        at = data_at + size
-        at += -at % 4
-    raise MbrescueError(f"the ISO's payload holds no capture ({wanted})")
-
-
 def _manifest_in_iso(path: str, fd: int) -> Manifest:
     payload_at, payload_bytes = _iso_file(fd, ISO_PAYLOAD)
-    base, size = _newc_member(fd, payload_at, payload_bytes, CAPTURE_IN_PAYLOAD)
-    members: dict[str, capfile.Member] = {}
+    base, size = capfile.newc_member(fd, payload_at, payload_bytes, CAPTURE_IN_PAYLOAD)
     try:
-        with tarfile.open(fileobj=io.BufferedReader(_Window(fd, base, size)), mode="r:") as tar:
-            for info in tar:
-                if info.isfile():
-                    if info.offset_data + info.size > size or info.name in members:
-                        raise MbrescueError(f"{path}: the capture in its payload is damaged")
-                    members[info.name] = capfile.Member(info.name, base + info.offset_data,
-                                                        info.size)
-    except (tarfile.TarError, EOFError, ValueError) as exc:
-        raise MbrescueError(f"{path}: the capture in its payload is not a tar ({exc})") from None
-    if capfile.MANIFEST_MEMBER not in members:
-        raise MbrescueError(f"{path}: the capture in its payload has no manifest")
+        members = capfile._members(path, fd, base, size)
+    except MbrescueError as exc:
+        raise MbrescueError(f"{path}: the capture in its payload is damaged ({exc})") from None
     return capfile._read_manifest(path, fd, members)
 
 
