@@ -13,9 +13,11 @@ Measured, each run into a new directory:
 - `mbrescue build --jobs 2` of all hosts, cold: a cache directory whose kit is the
   machine's (downloading and unpacking Debian packages is once per machine) but with no
   base initramfs and no GRUB images yet, so everything a fleet's first build makes is made;
+- the same `mbrescue build --jobs 2` again, right after, warm: base and every host's GRUB
+  images cached (the progress lines say what each run made, so a run that was not warm
+  says so);
 - `grub-mkrescue` run once per host, back to back, with the same kernel, base initramfs
   and each host's payload (the payloads made untimed);
-- the same `mbrescue build --jobs 2` again, warm: base and every host's GRUB images cached;
 - `mbrescue build --netboot DIR` of the same hosts, and the tree's size beside the ISOs'.
 
 The private cache also keeps the bench's GRUB images (about 8 MiB a host) out of the
@@ -144,6 +146,10 @@ def bench_fleet(work: Path, hosts: int = HOSTS, jobs: int = JOBS) -> list[str]:
     if cached_grub < hosts:
         raise RuntimeError(f"the cold build made GRUB images for {cached_grub} of {hosts} hosts")
 
+    # Warm right after cold: the base initramfs's key (and with it every medium id, so every
+    # GRUB image's) follows the runner's files, which must not change in between.
+    warm_s, _, warm_made = build("warm")
+
     tree = mkrescue_tree(folder)
     payloads = folder / "payloads"
     payloads.mkdir()
@@ -162,26 +168,25 @@ def bench_fleet(work: Path, hosts: int = HOSTS, jobs: int = JOBS) -> list[str]:
         mkrescue_s += time.perf_counter() - started
         mkrescue_bytes += iso.stat().st_size
 
-    warm_s, _, warm_made = build("warm")
-
     netboot = folder / "netboot"
     started = time.perf_counter()
     mbrescue_run("build", "--netboot", netboot, *captures, env=env)
     netboot_s = time.perf_counter() - started
     netboot_bytes = _tree_bytes(netboot)
 
-    rebuilt = ("" if warm_made.startswith("base initramfs 0x") else
-               "  (the warm run made the base again: the runner's or the kit's files changed "
-               "between the runs, so its key did; rerun on a quiet tree)")
+    rebuilt = ("" if warm_made == made("") else
+               "  (NOT warm: the runner's or the kit's files changed between the runs, so the "
+               "base initramfs's key, every medium id and every GRUB image's key did; rerun "
+               "on a quiet tree)")
     return [
         f"fleet: {hosts} hosts ({capture_bytes / MiB:.0f} MiB of captures, from the fixtures, "
         f"distinct host names and creation times), each run into a new directory:",
-        f"  run 1  mbrescue build --jobs {jobs}, cold (no base initramfs, no GRUB images "
+        f"  mbrescue run 1  build --jobs {jobs}, cold (no base initramfs, no GRUB images "
         f"cached; kit warm) {cold_s:7.2f} s  {_per_minute(hosts, cold_s)}; made: {cold_made}",
-        f"  run 1  grub-mkrescue x {hosts} back to back (same kernel, base, payloads) "
-        f"{mkrescue_s:7.2f} s  {_per_minute(hosts, mkrescue_s)}",
-        f"  run 2  mbrescue build --jobs {jobs}, warm (base and each host's GRUB images cached) "
+        f"  mbrescue run 2  build --jobs {jobs}, warm (base and each host's GRUB images cached) "
         f"{warm_s:7.2f} s  {_per_minute(hosts, warm_s)}; made: {warm_made}",
+        f"  grub-mkrescue   x {hosts} back to back (same kernel, base, payloads) "
+        f"{mkrescue_s:7.2f} s  {_per_minute(hosts, mkrescue_s)}",
         "  " + ratio_row(f"{hosts} ISOs, build --jobs {jobs} cold / grub-mkrescue x {hosts}:",
                          cold_s, mkrescue_s, BUILD_GOAL),
         f"  {hosts} ISOs, build --jobs {jobs} warm / grub-mkrescue x {hosts}: "

@@ -20,7 +20,8 @@ blank image files.
 `bench_prompt`: QEMU start to the restore prompt from the ISO as a user boots it (BIOS CD,
 UEFI CD, one blank virtio disk, GRUB's menu and its timeout included), beside the floor: the
 same kernel with the same command line reaching user space from a trivial initramfs (a
-static busybox printing a line), packed by grub-mkrescue and booted as a CD on the same VM.
+static busybox printing a line) on the same VM, started by QEMU itself (`-kernel/-initrd`,
+the goal's floor: no boot loader at all) and, shown beside it, from a grub-mkrescue CD.
 Then the prompt time for captures of three sizes, and the RAM the rescue system needs: the
 smallest `-m` (of a fixed ladder) that still reaches the prompt, found by bisection, and
 whether the large capture reaches it with the goal's 256 MiB.
@@ -267,7 +268,8 @@ def bench_files(work: Path, image: Path, runs: int = 3) -> list[str]:
         files.append(_restore_wall(capture, folder / "files-target.img", size, "--files"))
     rows = [
         f"restore of the bench capture ({manifest.region.length_bytes / MiB:.0f} MiB region, "
-        f"{manifest.boot_files.file_count} files in /boot) into a new blank image file, "
+        f"{sum(copy.file_count for copy in manifest.file_copies)} files in its file-level "
+        "copy) into a new blank image file, "
         f"{runs} runs alternating, region path vs file-level path (restore --files):"
     ]
     rows += [
@@ -282,11 +284,17 @@ def bench_files(work: Path, image: Path, runs: int = 3) -> list[str]:
     return rows
 
 
-def floor_iso(folder: Path, kernel: Path, out: Path) -> Path:
-    """The floor: the kit's kernel, the rescue ISO's default command line, and an initramfs
-    whose /init only says it runs, packed by grub-mkrescue with no menu timeout."""
-    from . import cpio
+def _floor_args() -> str:
+    """The rescue ISO's default entry's command line, without mbrescue's own words."""
     from .grub import kernel_args
+
+    return " ".join(arg for arg in kernel_args("floor", serial_console=False).split()
+                    if not arg.startswith("mbrescue."))
+
+
+def floor_initramfs(out: Path) -> Path:
+    """A trivial initramfs: a static busybox whose /init only says that user space runs."""
+    from . import cpio
     from .kit import ensure_kit
 
     tree = cpio.Tree()
@@ -301,13 +309,19 @@ def floor_iso(folder: Path, kernel: Path, out: Path) -> Path:
         f"echo {FLOOR_MARKER} > /dev/ttyS0\n"
         "exec /bin/busybox poweroff -f\n"
     ).encode(), 0o755)
+    with open(out, "wb") as stream:
+        cpio.write_tree(tree, stream)
+    return out
+
+
+def floor_iso(folder: Path, kernel: Path, out: Path) -> Path:
+    """The CD floor: the kit's kernel, the rescue ISO's default command line and the
+    trivial initramfs, packed by grub-mkrescue with no menu timeout."""
     iso_tree = folder / "floor-tree"
     (iso_tree / "boot" / "grub").mkdir(parents=True, exist_ok=True)
-    with open(iso_tree / "floor.img", "wb") as stream:
-        cpio.write_tree(tree, stream)
+    floor_initramfs(iso_tree / "floor.img")
     shutil.copyfile(kernel, iso_tree / "vmlinuz")
-    args = " ".join(arg for arg in kernel_args("floor", serial_console=False).split()
-                    if not arg.startswith("mbrescue."))
+    args = _floor_args()
     (iso_tree / "boot" / "grub" / "grub.cfg").write_text(
         "serial --unit=0 --speed=115200\nterminal_input serial console\n"
         "terminal_output serial console\nset timeout=0\n"
@@ -317,18 +331,21 @@ def floor_iso(folder: Path, kernel: Path, out: Path) -> Path:
     return out
 
 
-def _boot(iso: Path, firmware: str, scratch: Path, log: Path, memory_mib: int,
-          until: str) -> tuple[float | None, float | None, str]:
-    """Boot iso as a CD with one blank disk: (seconds from QEMU's start to `until`, or None;
-    seconds to the kernel's first line, or None; how it ended)."""
-    config = VmConfig(
-        firmware=firmware,
-        memory_mib=memory_mib,
-        disks=[
-            Disk(iso, interface="cdrom", readonly=True, bootindex=0),
-            Disk(scratch, interface="virtio"),
-        ],
-    )
+def _boot(iso: Path | tuple[Path, Path], firmware: str, scratch: Path, log: Path,
+          memory_mib: int, until: str) -> tuple[float | None, float | None, str]:
+    """Boot iso as a CD (or a (kernel, initrd) pair directly) with one blank disk:
+    (seconds from QEMU's start to `until`, or None; seconds to the kernel's first line,
+    or None; how it ended)."""
+    disks = [Disk(scratch, interface="virtio")]
+    if isinstance(iso, tuple):
+        config = VmConfig(firmware=firmware, memory_mib=memory_mib, kernel=iso[0],
+                          initrd=iso[1], append=_floor_args(), disks=disks)
+    else:
+        config = VmConfig(
+            firmware=firmware,
+            memory_mib=memory_mib,
+            disks=[Disk(iso, interface="cdrom", readonly=True, bootindex=0), *disks],
+        )
     kernel_s = None
     with Vm(config, log) as vm:
         try:
@@ -367,51 +384,63 @@ def _at(seconds: float | None) -> str:
 def bench_prompt(work: Path, image: Path, runs: int = PROMPT_RUNS, *,
                  large_image: Path | None = None, large_boot_mib: int = 1024,
                  memory_probe: bool = True) -> list[str]:
-    """QEMU start to the restore prompt from the ISO beside the floor, the growth with the
+    """QEMU start to the restore prompt from the ISO beside the floors, the growth with the
     capture's size, and the RAM the rescue system needs."""
     folder = work / "prompt-bench"
     folder.mkdir(parents=True, exist_ok=True)
     kernel = ensure_kit().kernel
     bench_capture = _capture(image, folder)
     iso = _build_iso(bench_capture, folder / "bench.iso")
-    floor = floor_iso(folder, kernel, folder / "floor.iso")
+    floors: dict[str, Path | tuple[Path, Path]] = {
+        # The goal's floor: the kernel started by QEMU itself, no boot loader at all.
+        "direct": (kernel, floor_initramfs(folder / "floor.img")),
+        # The same through a CD and GRUB (grub-mkrescue's), no menu timeout.
+        "CD": floor_iso(folder, kernel, folder / "floor.iso"),
+    }
     scratch = _blank(folder / "scratch.img", manifest_of(bench_capture).source.size_bytes)
     rows = [
-        f"QEMU (TCG, -m {PROMPT_MEMORY_MIB}, CD + one blank virtio disk) start to the restore "
-        f"prompt from the ISO ({bench_capture.stat().st_size / MiB:.0f} MiB bench capture; "
+        f"QEMU (TCG, -m {PROMPT_MEMORY_MIB}, one blank virtio disk) start to the restore prompt "
+        f"from the ISO as a CD ({bench_capture.stat().st_size / MiB:.0f} MiB bench capture; "
         "GRUB's menu timeout included), beside the floor: the same kernel and command line "
-        "reaching user space with a trivial initramfs, grub-mkrescue CD, the same VM; "
-        f"{runs} runs alternating (kernel = its first line on serial):"
+        "reaching user space with a trivial initramfs on the same VM, started directly "
+        "(-kernel/-initrd: the goal's floor) and from a grub-mkrescue CD; "
+        f"{runs} runs alternating (k = the kernel's first line on serial):"
     ]
     best: dict[str, float] = {}
     for firmware in ("bios", "uefi"):
-        mine: list[float] = []
-        theirs: list[float] = []
         name = f"{firmware.upper()} CD"
+        mine: list[float] = []
+        theirs: dict[str, list[float]] = {label: [] for label in floors}
         for index in range(runs):
             seconds, kernel_s, how = _boot(iso, firmware, scratch,
                                            folder / f"{firmware}-{index}.log",
                                            PROMPT_MEMORY_MIB, PROMPT)
-            floor_s, floor_kernel_s, floor_how = _boot(
-                floor, firmware, scratch, folder / f"floor-{firmware}-{index}.log",
-                PROMPT_MEMORY_MIB, FLOOR_MARKER)
-            rows.append(
-                f"  run {index + 1}  {name}: restore prompt {_at(seconds)} (kernel "
-                f"{_at(kernel_s)})   floor user space {_at(floor_s)} (kernel "
-                f"{_at(floor_kernel_s)})"
-                + ("" if seconds is not None else f"  rescue: {how}")
-                + ("" if floor_s is not None else f"  floor: {floor_how}")
-            )
-            if seconds is not None and floor_s is not None:
+            shown = [f"  run {index + 1}  {name}: restore prompt {_at(seconds)} "
+                     f"(k {_at(kernel_s)})" + ("" if seconds is not None else f" [{how}]")]
+            if seconds is not None:
                 mine.append(seconds)
-                theirs.append(floor_s)
-        if mine:
+            for label, floor in floors.items():
+                floor_s, floor_kernel_s, floor_how = _boot(
+                    floor, firmware, scratch, folder / f"floor-{label}-{firmware}-{index}.log",
+                    PROMPT_MEMORY_MIB, FLOOR_MARKER)
+                shown.append(f"floor {label} {_at(floor_s)} (k {_at(floor_kernel_s)})"
+                             + ("" if floor_s is not None else f" [{floor_how}]"))
+                if floor_s is not None:
+                    theirs[label].append(floor_s)
+            rows.append("   ".join(shown))
+        if mine and theirs["direct"]:
             best[firmware] = min(mine)
-            rows.append(f"  best {name}: restore prompt {min(mine):5.1f} s   floor "
-                        f"{min(theirs):5.1f} s")
-            rows.append("  " + ratio_row(f"prompt time / floor, {name}:", min(mine),
-                                         min(theirs), PROMPT_GOAL))
+            floor_best = {label: min(times) for label, times in theirs.items() if times}
+            rows.append(f"  best {name}: restore prompt {min(mine):5.1f} s   floor " + ", ".join(
+                f"{label} {seconds:5.1f} s" for label, seconds in floor_best.items()))
+            rows.append("  " + ratio_row(f"prompt time / floor (direct), {name}:", min(mine),
+                                         floor_best["direct"], PROMPT_GOAL))
+            if "CD" in floor_best:
+                rows.append(f"  prompt time / floor (grub-mkrescue CD), {name}: "
+                            f"{min(mine) / floor_best['CD']:4.2f}x (beside the goal)")
         else:
+            if mine:
+                best[firmware] = min(mine)
             rows.append(f"  prompt time / floor, {name}: no run reached both "
                         f"(goal <= {PROMPT_GOAL:.2f}x: MISSED)")
     growth, large = _growth_rows(folder, scratch, best.get("bios"), bench_capture,
