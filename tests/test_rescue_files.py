@@ -46,8 +46,8 @@ MEMORY_MIB = 1024
 SCRATCH_SERIAL = "MBRESCUE-4KN"
 RESTORE_DEFAULT = r"default\s+is\s+the\s+restore"
 PROMPT = r"Type yes to write (/dev/\w+) \("
-COMPLETE = r"mbrescue: restore complete[^\r\n]*"
-FAILED = r"mbrescue: error: [^\r\n]*"
+COMPLETE = r"mbrescue: restore complete[^\r\n]*\r?\n"
+FAILED = r"mbrescue: error: [^\r\n]*\r?\n"
 
 
 def blank(path: Path, size_bytes: int) -> Path:
@@ -243,9 +243,12 @@ def test_file_level_restore_runs_in_the_rescue_userland(fixtures, captures, resc
     assert result.returncode == 0, tail(out)
     assert "Traceback" not in out, tail(out)
     assert "file-level path, because the target has 4096-byte logical sectors" in out
-    assert re.search(r"mbrescue: verified: \d+ files read back", out), tail(out)
-    assert "mbrescue: restore complete" in out.splitlines()[-1]
     manifest = Capture.open(str(captures["D"])).manifest
+    verified = re.search(r"mbrescue: verified: (\d+) files read back", out)
+    assert verified, tail(out)
+    # Every file compared, the ext4 /boot's through the rescue root's losetup and mount.
+    assert int(verified.group(1)) == sum(copy.file_count for copy in manifest.file_copies)
+    assert "mbrescue: restore complete" in out.splitlines()[-1]
     with loop_device(target, 4096) as device:
         found = sh("blkid", "-p", "-o", "export", "-O", str(2048 * 512), device)
         esp_copy = next(c for c in manifest.file_copies if c.fs.type == "vfat")
@@ -266,8 +269,10 @@ def iso_d(captures, tmp_path_factory) -> Path:
 
 
 @pytest.mark.qemu
-def test_iso_restores_d_onto_a_blank_4kn_disk_that_then_boots(fixtures, iso_d, tmp_path) -> None:
+def test_iso_restores_d_onto_a_blank_4kn_disk_that_then_boots(fixtures, captures, iso_d,
+                                                              tmp_path) -> None:
     fixture = fixtures["D"]
+    manifest = Capture.open(str(captures["D"])).manifest
     scratch = blank(tmp_path / "scratch-4kn.img", fixture.path.stat().st_size)
     serial_log = tmp_path / "serial.log"
     disks = [
@@ -290,6 +295,8 @@ def test_iso_restores_d_onto_a_blank_4kn_disk_that_then_boots(fixtures, iso_d, t
         log = serial_log.read_text(errors="replace") if serial_log.exists() else ""
         raise AssertionError(f"{str(exc).splitlines()[0]}\n{tail(log)}") from None
     print(f"D uefi-cd 4Kn: prompt {to_prompt_s:.1f} s after QEMU start")
+    plan = re.search(r"(?s)(Target /dev/.*?)Type yes to write", text)
+    print(plan.group(1).replace("\r", "") if plan else "(no plan seen)")
     assert done.group(0).startswith("mbrescue: restore complete"), tail(text)
     assert "(file-level path)" in done.group(0)
     target = re.search(r"Target (/dev/\S+): [^\r\n]*", text)
@@ -297,7 +304,12 @@ def test_iso_restores_d_onto_a_blank_4kn_disk_that_then_boots(fixtures, iso_d, t
     assert "4096-byte sectors" in target.group(0)
     assert prompt.group(1) == target.group(1)
     assert "Traceback" not in text and "not found (Debian:" not in text, tail(text)
-    assert re.search(r"mbrescue: verified: [1-9]\d* files read back", text), tail(text)
+    # Every captured file compared: the ext4 /boot too, which is read back through a loop
+    # device mounted read-only (the kit's losetup, the loop and ext4 modules).
+    verified = re.search(r"mbrescue: verified: (\d+) files read back[^\r\n]*", text)
+    assert verified, tail(text)
+    print(verified.group(0))
+    assert int(verified.group(1)) == sum(copy.file_count for copy in manifest.file_copies)
     seconds = boot_to_marker(scratch, fixture, timeout=MARKER_TIMEOUT_S,
                              logical_block_bytes=4096)
     print(f"D: the 4Kn disk restored by the ISO reached its marker in {seconds:.1f} s")
