@@ -313,3 +313,43 @@ def test_iso_restores_d_onto_a_blank_4kn_disk_that_then_boots(fixtures, captures
     seconds = boot_to_marker(scratch, fixture, timeout=MARKER_TIMEOUT_S,
                              logical_block_bytes=4096)
     print(f"D: the 4Kn disk restored by the ISO reached its marker in {seconds:.1f} s")
+
+
+@pytest.mark.qemu
+def test_files_switch_forces_the_file_level_path_in_the_rescue_system(fixtures, captures,
+                                                                      tmp_path) -> None:
+    """`mbrescue.files=1` on the kernel command line: a blank disk of the captured size and
+    sector size (the region path could take it) gets the file-level path, and boots.
+
+    The kernel is started by QEMU with the base and the payload (the capture in memory, as
+    the ISO's in-memory entry and a network boot load it), so the switch is simply appended.
+    """
+    fixture = fixtures["D"]
+    kit = ensure_kit()
+    base = initramfs.make_base_initramfs(kit, RUNNER_DIR, OVERLAYS_DIR)
+    payload = initramfs.make_payload_initramfs(captures["D"], tmp_path / "payload.img")
+    initrd = tmp_path / "initrd.img"
+    initrd.write_bytes(base.read_bytes() + payload.read_bytes())
+    payload.unlink()
+    target = blank(tmp_path / "same.img", fixture.path.stat().st_size)
+    serial_log = tmp_path / "serial.log"
+    config = VmConfig(kernel=kit.kernel, initrd=initrd, memory_mib=MEMORY_MIB,
+                      append="console=ttyS0 mbrescue.files=1",
+                      disks=[Disk(target, serial="MBRESCUE-SAME")])
+    try:
+        with Vm(config, serial_log) as vm:
+            vm.expect(r"Restore path: file-level path, because asked for \(mbrescue\.files=1 on "
+                      r"the kernel command line\)", PROMPT_TIMEOUT_S)
+            vm.expect(r"New gpt table, 512-byte sectors", PROMPT_TIMEOUT_S)
+            vm.expect(PROMPT, PROMPT_TIMEOUT_S)
+            vm.send("yes\r")
+            done = vm.expect(rf"{COMPLETE}|{FAILED}", timeout=COMPLETE_TIMEOUT_S)
+            text = vm.output
+    except VmTimeout as exc:
+        log = serial_log.read_text(errors="replace") if serial_log.exists() else ""
+        raise AssertionError(f"{str(exc).splitlines()[0]}\n{tail(log)}") from None
+    assert done.group(0).startswith("mbrescue: restore complete"), tail(text)
+    assert "(file-level path)" in done.group(0)
+    assert "Will write: the boot region" not in text
+    seconds = boot_to_marker(target, fixture, timeout=MARKER_TIMEOUT_S)
+    print(f"D with mbrescue.files=1: the restored disk reached its marker in {seconds:.1f} s")
