@@ -158,8 +158,11 @@ def build_one(
         # The capture's SHA-256 travels beside it: the rescue system checks the capture it
         # reads is, byte for byte, the one this build verified.
         capture_sha256 = checked()
+        # The manifest's SHA-256 too: it names every member's and chunk's SHA-256, so the
+        # rescue system needs no pass over the whole file before it can show the plan.
         options_json = json.dumps({"unattended_allowed": options.unattended_allowed,
-                                   "capture_sha256": capture_sha256}).encode()
+                                   "capture_sha256": capture_sha256,
+                                   "manifest_sha256": capture.manifest_sha256}).encode()
         payload = make_payload_initramfs(
             capture_path, work / "payload.img", extra={"options.json": options_json}
         )

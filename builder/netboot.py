@@ -207,7 +207,8 @@ def _add_host(tree: Path, path: Path, capture: Capture, options: NetbootOptions,
     payload_dir = tree / "mbrescue" / "hosts" / host
     payload_dir.mkdir(parents=True, exist_ok=True)
     options_json = json.dumps({"unattended_allowed": options.unattended_allowed,
-                               "capture_sha256": sha256_file(path)}).encode()  # fmt: skip
+                               "capture_sha256": sha256_file(path),
+                               "manifest_sha256": capture.manifest_sha256}).encode()
     tmp = payload_dir / ".payload.img.tmp"
     make_payload_initramfs(path, tmp, extra={"options.json": options_json})
     # The capture can hold secrets from /boot: only the TFTP server's user may read it.

@@ -349,7 +349,7 @@ def _tree_checks(path: Path, work: Path, capture_sha256: str | None) -> list[Che
 
         checks.append(_check("kernel, initrds, grub.cfg", files))
         checks.append(_check("Secure Boot chain signed", lambda: _signed_chain(iso, work)))
-        checks.append(_check("build record (package versions)", lambda: _record(iso, work)))
+        checks.append(_check("build record", lambda: _record(iso, work)))
         checks.append(_check("payload checksum", lambda: _payload(iso, work, capture_sha256)))
     finally:
         iso.close()

@@ -381,6 +381,13 @@ def test_capture_age_in_words():
     assert capture_age("yesterday", base) == "age unknown"
 
 
+def capture_member(path, name: str) -> bytes:
+    with tarfile.open(path) as archive:
+        member = archive.extractfile(name)
+        assert member is not None
+        return member.read()
+
+
 def test_rescue_refuses_a_capture_that_is_not_the_one_built(captures, tmp_path):
     """The build records the capture file's SHA-256 beside it in the payload; the rescue
     system compares before anything else. A capture swapped or damaged in the payload is
@@ -397,6 +404,17 @@ def test_rescue_refuses_a_capture_that_is_not_the_one_built(captures, tmp_path):
         runner.restore(str(captures["B"]), None, console=console, rescue=True, disks=[],
                        switches=Switches(), options_path=str(options))
     # The right one passes that check and goes on to look for disks (none given here).
+    with pytest.raises(MbrescueError, match="no disk can take the region"):
+        runner.restore(str(captures["A"]), None, console=console, rescue=True, disks=[],
+                       switches=Switches(), options_path=str(options))
+    # Today's builds record the manifest's seal: compared at once, no pass over the file.
+    with Capture.open(str(captures["A"])) as capture:
+        seal = capture.manifest_sha256
+    assert seal == hashlib.sha256(capture_member(captures["A"], "manifest.json")).hexdigest()
+    options.write_text(json.dumps({"capture_sha256": "0" * 64, "manifest_sha256": seal}))
+    with pytest.raises(MbrescueError, match="not the one the ISO was built with"):
+        runner.restore(str(captures["B"]), None, console=console, rescue=True, disks=[],
+                       switches=Switches(), options_path=str(options))
     with pytest.raises(MbrescueError, match="no disk can take the region"):
         runner.restore(str(captures["A"]), None, console=console, rescue=True, disks=[],
                        switches=Switches(), options_path=str(options))

@@ -243,6 +243,26 @@ def test_refuses_corrupt_capture(captures, random_target, tmp_path):
     assert sha256_of(random_target) == before
 
 
+def test_damage_found_while_the_plan_is_shown_refuses_before_the_first_write(
+    captures, random_target, tmp_path
+):
+    """The whole capture is checked on a second thread while the plan is on the screen: a
+    damaged last chunk (no plan reads it) lets the question come, and `yes` then gets the
+    refusal, with nothing written."""
+    broken = tmp_path / "broken.mbrescue"
+    data = bytearray(captures["A"].read_bytes())
+    with Capture.open(str(captures["A"])) as capture:
+        member = capture.members["region.img.gz"]
+        last = len(capture.region.chunks) - 1
+    data[member.offset + member.size - 5] ^= 0x01  # inside the last gzip member
+    broken.write_bytes(bytes(data))
+    before = sha256_of(random_target)
+    result = runner_cli("restore", broken, random_target, input_text="yes\n")
+    assert "Type yes" in result.stdout + result.stderr, result.stdout + result.stderr
+    assert_refused(result, f"checksum mismatch in region chunk {last}; nothing written")
+    assert sha256_of(random_target) == before
+
+
 def test_target_smaller_than_region_takes_the_file_level_path(fixtures, captures, tmp_path):
     """The region cannot fit, the files can: the plan names the file-level path and why
     (tests/test_files_restore.py boots such disks; a disk too small for the files too is

@@ -117,6 +117,7 @@ class Capture:
         # payload cpio (the rescue system reads it from the medium in place).
         self.base = base
         self.size = os.fstat(fd).st_size - base if size is None else size
+        self.manifest_sha256 = ""
 
     @classmethod
     def open(cls, path: str) -> Capture:
@@ -142,7 +143,11 @@ class Capture:
         except BaseException:
             os.close(fd)
             raise
-        return cls(path, fd, manifest, members, base, size)
+        capture = cls(path, fd, manifest, members, base, size)
+        # What the seal says: a build records it, the rescue system compares (one hash of a
+        # small member instead of a pass over the whole capture).
+        capture.manifest_sha256 = hashlib.sha256(capture.read_member(MANIFEST_MEMBER)).hexdigest()
+        return capture
 
     def close(self) -> None:
         if self.fd >= 0:
@@ -196,9 +201,15 @@ class Capture:
             offset += size
 
     def region_chunks(self) -> Iterator[bytes]:
-        """The raw region, chunk by chunk (each `chunk_bytes` long, the last shorter)."""
+        """The raw region, chunk by chunk (each `chunk_bytes` long, the last shorter), each
+        checked against its recorded SHA-256 first: a plan is made from checked bytes only."""
         for index, packed in enumerate(self.compressed_chunks()):
-            yield self.unpack(index, packed)
+            yield self.unpack(index, self._checked(index, packed))
+
+    def _checked(self, index: int, packed: bytes) -> bytes:
+        if hashlib.sha256(packed).hexdigest() != self.region.chunk_sha256[index]:
+            raise MbrescueError(f"{self.path}: checksum mismatch in region chunk {index}")
+        return packed
 
     def unpack(self, index: int, packed: bytes) -> bytes:
         """One region chunk's raw bytes from its gzip member; a damaged member names itself.
@@ -230,13 +241,9 @@ class Capture:
         leave a full-length but corrupt file. Each gzip member has its own
         SHA-256 (so a damaged capture names the chunk), and the raw region has one.
         """
-        expected = self.region.chunk_sha256
         raw_digest = hashlib.sha256()
         head = bytearray()
-        for index, packed in enumerate(self.compressed_chunks()):
-            if hashlib.sha256(packed).hexdigest() != expected[index]:
-                raise MbrescueError(f"{self.path}: checksum mismatch in region chunk {index}")
-            raw = self.unpack(index, packed)
+        for raw in self.region_chunks():
             raw_digest.update(raw)
             if len(head) < HEAD_BYTES:
                 head += raw[: HEAD_BYTES - len(head)]
@@ -244,6 +251,11 @@ class Capture:
             raise MbrescueError(f"{self.path}: checksum mismatch in the region")
         self.verify_members()
         self.check_tables(bytes(head))
+
+    def check_head(self) -> None:
+        """The manifest against the region's own tables, from checked chunks only: what a
+        plan needs, without the pass over the whole region that `verify` makes."""
+        self.check_tables(self.read_region(0, min(HEAD_BYTES, self.region.length_bytes)))
 
     def check_tables(self, head: bytes) -> None:
         """The manifest against the partition table in the region's first bytes (`head`,
@@ -263,14 +275,15 @@ class Capture:
             raise MbrescueError(f"{self.path}: {exc}") from None
 
     def read_region(self, offset: int, length: int) -> bytes:
-        """Raw region bytes at any offset (inflates the chunks that hold them)."""
+        """Raw region bytes at any offset (inflates the chunks that hold them, each checked
+        against its SHA-256)."""
         size = self.region.chunk_bytes
         first, last = offset // size, (offset + length - 1) // size
         sizes = self.region.chunks
         at = self.members[REGION_MEMBER].offset + sum(sizes[:first])
         raw = b""
         for index in range(first, last + 1):
-            raw += self.unpack(index, self.pread(sizes[index], at))
+            raw += self.unpack(index, self._checked(index, self.pread(sizes[index], at)))
             at += sizes[index]
         start = offset - first * size
         return raw[start : start + length]

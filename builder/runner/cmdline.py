@@ -103,6 +103,14 @@ def expected_capture_sha256(path: str = OPTIONS_PATH) -> str | None:
     return value if isinstance(value, str) else None
 
 
+def expected_manifest_sha256(path: str = OPTIONS_PATH) -> str | None:
+    """The SHA-256 of the capture's manifest (its seal) as the build verified it, if it says.
+    The manifest holds every member's and chunk's SHA-256, so a matching manifest whose
+    members all match it is the capture the build verified."""
+    value = build_options(path).get("manifest_sha256")
+    return value if isinstance(value, str) else None
+
+
 def unattended_allowed(path: str = OPTIONS_PATH) -> bool:
     """The build's explicit opt-in to unattended restores; absent means no."""
     return build_options(path).get("unattended_allowed") is True

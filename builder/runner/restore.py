@@ -3,7 +3,9 @@
 The same code runs in the rescue system (`python3 -m mbrescue_runner rescue CAPTURE`,
 every disk a candidate) and as `mbrescue restore CAPTURE TARGET` on any Linux. The
 order of work follows DESIGN.md's safety rules: the capture's checksums are verified
-before the first byte is written; every adjustment the target needs is decided
+before the first byte is written (the manifest's seal and every chunk a plan reads before the
+plan; the whole capture on a second thread while the plan is on the screen, and the first
+write waits for it); every adjustment the target needs is decided
 *before* writing (a partition that cannot fit refuses the restore, nothing written);
 the plan is shown and only `yes` proceeds; the region is written with its in-region
 adjustments (protective MBR, primary GPT header, shrunk MBR/EBR entries) patched into
@@ -40,6 +42,7 @@ from .cmdline import (
     OPTIONS_PATH,
     Switches,
     expected_capture_sha256,
+    expected_manifest_sha256,
     read_switches,
     unattended_allowed,
 )
@@ -201,6 +204,49 @@ def _wait_for_a_candidate(console: Console, capture: Capture, head: RegionHead,
     return found
 
 
+class CaptureCheck:
+    """The capture's whole verification, on a thread of its own while the plan is shown and
+    the question asked (a person needs those seconds anyway); `wait` before the first write.
+
+    Before it starts, the manifest is sealed (checked when the capture was opened) and the
+    plan reads only chunks it checks one by one: nothing unchecked steers a write, and a
+    mismatch found here still refuses with nothing written.
+    """
+
+    def __init__(self, capture: Capture) -> None:
+        self.capture = capture
+        self.error: MbrescueError | None = None
+        self.seconds = 0.0
+        self.done = threading.Event()
+        self.thread = threading.Thread(target=self._run, name="capture-check", daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        started = time.monotonic()
+        try:
+            self.capture.verify()
+        except MbrescueError as exc:
+            self.error = exc
+        except Exception as exc:  # an unreadable medium (OSError) and the like
+            self.error = MbrescueError(f"the capture could not be checked: {exc}")
+        finally:
+            self.seconds = time.monotonic() - started
+            self.done.set()
+
+    def wait(self, console: Console) -> None:
+        """Return once the whole capture is verified; raise (nothing written) if it is not."""
+        if not self.done.is_set():
+            console.say("mbrescue: finishing the capture's checksum check before the first "
+                        "write ...")
+        while not self.done.wait(0.2):  # short waits: Ctrl-C still reaches the main thread
+            pass
+        if self.error is not None:
+            raise MbrescueError(f"{str(self.error).removesuffix('; nothing written')}; "
+                                "nothing written")
+        console.say(f"mbrescue: capture verified in {self.seconds:.1f} s (region SHA-256 "
+                    f"{self.capture.region.sha256[:16]}...)")
+
+
 def _unattended_proceeds(console: Console, switches: Switches, unattended: bool,
                          identity_known: bool) -> bool:
     """Does `mbrescue.unattended=1` let this restore go on without `yes`? Says why not."""
@@ -289,16 +335,24 @@ def _restore(
     medium = medium or switches.medium
     capture = Capture.open(capture_path)
     show_capture(console, capture)
-    console.say("mbrescue: checking the capture's checksums ...")
     if rescue:
-        expected = expected_capture_sha256(options_path)
-        if expected is not None and capture.file_sha256() != expected:
+        # The build's record of what it verified: the manifest's seal (every member's and
+        # chunk's SHA-256 is in it), or from an older build the whole file's SHA-256.
+        expected_manifest = expected_manifest_sha256(options_path)
+        expected_file = expected_capture_sha256(options_path)
+        if expected_manifest is not None:
+            differs = capture.manifest_sha256 != expected_manifest
+        else:
+            differs = expected_file is not None and capture.file_sha256() != expected_file
+        if differs:
             raise MbrescueError(
                 "the capture in this rescue system is not the one the ISO was built with "
                 "(its SHA-256 differs from the build's): the medium is damaged; nothing written"
             )
-    capture.verify()
-    console.say(f"mbrescue: capture verified (region SHA-256 {capture.region.sha256[:16]}...)")
+    capture.check_head()
+    check = CaptureCheck(capture)
+    console.say("mbrescue: checking the capture's checksums while the plan is made; nothing "
+                "is written before that check has passed")
     head = RegionHead(capture)
     # Known to be the right disk (named, or the captured serial/WWN): unattended needs it.
     identity_known = False
@@ -311,6 +365,7 @@ def _restore(
             raise MbrescueError(f"refusing {disk.path}: {refusal}")
         why = files_restore.why_files(capture.manifest, disk, files)
         if why is not None:
+            check.wait(console)
             return files_restore.run(capture, disk, why, console, assume_yes, writing)
         plan = plan_restore(capture, head, disk)
         identity_known = True
@@ -349,6 +404,8 @@ def _restore(
         # told to proceed), writes and verifies; the checksums were verified above.
         proceed = assume_yes or _unattended_proceeds(console, switches, unattended,
                                                      identity_known)
+        # The file systems are made from the capture's file copies: checked ones only.
+        check.wait(console)
         return files_restore.run(capture, plan.target, plan.why, console, proceed, writing)
     show_plan(console, plan)
     console.say("  Restore path: " + REGION_PATH_WHY)
@@ -361,6 +418,7 @@ def _restore(
         # Exactly the word: "y", "YES" or " yes" are not an informed consent to overwrite.
         if answer != CONFIRM_WORD:
             raise MbrescueError("aborted, nothing written")
+    check.wait(console)
     writing.append(plan.target.path)
     stats = execute(capture, plan, console)
     console.say(
