@@ -419,6 +419,19 @@ def check_options(options_json: bytes, sums: dict[str, str]) -> None:
     )
 
 
+def _require_manifest_seal(capture_path: Path, options: dict) -> None:
+    """The rescue system compares the capture's manifest with the build's record of it."""
+    recorded = options.get("manifest_sha256")
+    if recorded is None:
+        return  # an older build: the rescue system compares the whole file's SHA-256
+    from .runner.capfile import Capture
+
+    with Capture.open(str(capture_path)) as capture:
+        _require(capture.manifest_sha256 == recorded,
+                 "options.json names another manifest than the capture's: the rescue system "
+                 "would refuse it")
+
+
 def check_payload(
     payload: BinaryIO,
     sums_text: str,
@@ -481,6 +494,8 @@ def check_payload(
         _require(hook is not None, "builder.capture.check_capture is missing")
         assert hook is not None
         result = hook(capture_path)
+        if options_json is not None:
+            _require_manifest_seal(capture_path, json.loads(options_json))
         return detail + ", capture checked" + (f": {result}" if isinstance(result, str) else "")
     finally:
         capture_path.unlink(missing_ok=True)
