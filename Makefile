@@ -36,7 +36,7 @@ lint: setup
 	$(BIN)/mypy
 
 test: setup lint
-	$(BIN)/pytest -v --durations=20 tests
+	$(BIN)/pytest -v -n 2 --dist loadfile --durations=20 tests
 
 bench: setup
 	@$(BIN)/python -m builder.bench $(SECTIONS)
