@@ -494,7 +494,7 @@ def growth_row(times: list[tuple[str, float | None]]) -> str:
     if smallest is None or largest is None:
         return f"  growth {small} -> {large}: a capture did not reach the prompt (goal flat: MISSED)"
     return (f"  growth {small} -> {large}: {largest - smallest:+.1f} s, "
-            f"{largest / smallest:4.2f}x  (goal flat, judged as "
+            f"{largest / smallest:4.2f}x  (goal flat: "
             f"{goal(largest / smallest, GROWTH_GOAL)})")
 
 
