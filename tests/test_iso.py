@@ -1,8 +1,9 @@
 """The rescue ISO: structure (pycdlib, xorriso, sgdisk), reproducibility, and QEMU boots.
 
 The ISO is built once per module from Debian's kernel, a tiny busybox initramfs whose
-/init prints a marker, the kernel command line and the payload's marker, then powers off,
-and a real payload (the project's payload builder around a real capture of a small disk).
+/init prints a marker, the kernel command line and the base initrd's own marker (the default
+entries load only the base: the rescue system reads the capture from the medium), then powers
+off, and a real payload (the project's payload builder around a real capture of a small disk).
 QEMU boots it four ways (BIOS/UEFI x CD/USB), once more from USB with the El Torito EFI
 entry wiped (so only the GPT's ESP can boot UEFI), and with "healthy" local disks holding
 the captured /boot UUID, where the default entry must boot the local disk: its MBR code
@@ -37,6 +38,7 @@ BOOT_FS_UUID = "5b0c4c8e-3f0a-4e57-9c1e-2a4d5e6f7a8b"
 MEDIUM_ID = "0123456789abcdef"
 INIT_MARKER = "MBRESCUE-TEST-INIT"
 PAYLOAD_MARKER = "MBRESCUE-TEST-PAYLOAD"
+BASE_MARKER = "MBRESCUE-TEST-BASE"
 LOCAL_MBR_MARKER = "MBRESCUE-TEST-LOCAL-MBR"
 LOCAL_ESP_MARKER = "MBRESCUE-TEST-LOCAL-ESP"
 LOCAL_CFG_MARKER = "MBRESCUE-TEST-LOCAL-GRUB-CFG"
@@ -47,7 +49,7 @@ INIT_SCRIPT = f"""#!/bin/sh
 /bin/busybox mount -t devtmpfs devtmpfs /dev
 for tty in /dev/ttyS0 /dev/console; do
   echo "{INIT_MARKER} cmdline: $(/bin/busybox cat /proc/cmdline)" > $tty
-  echo "{INIT_MARKER} payload: $(/bin/busybox cat /mbrescue/marker)" > $tty
+  echo "{INIT_MARKER} base: $(/bin/busybox cat /base-marker)" > $tty
 done
 /bin/busybox poweroff -f
 """
@@ -89,6 +91,7 @@ def build_iso(
     base.file_from("bin/busybox", busybox_root / "bin" / "busybox", 0o755)
     base.symlink("bin/sh", "busybox")
     base.file("init", INIT_SCRIPT.encode(), 0o755)
+    base.file("base-marker", f"{BASE_MARKER}\n".encode())
     capture_sha256 = debs.sha256_file(capture_file) if capture_file else "0" * 64
     if capture_file is None:  # a payload with no capture in it (what verify must refuse)
         tree = cpio.Tree()
@@ -334,7 +337,7 @@ def _boot_to_marker(
     with Vm(VmConfig(firmware=firmware, disks=disks), log_path) as vm:
         vm.expect(r"default is the restore", timeout=120)
         cmdline = vm.expect(rf"{INIT_MARKER} cmdline: ([^\r\n]*)\r?\n", timeout=180).group(1)
-        vm.expect(rf"{INIT_MARKER} payload: {PAYLOAD_MARKER}", timeout=30)
+        vm.expect(rf"{INIT_MARKER} base: {BASE_MARKER}", timeout=30)
         return cmdline, vm.elapsed()
 
 

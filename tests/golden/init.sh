@@ -66,6 +66,7 @@ ln -sf /proc/self/fd /dev/fd
 
 shell_requested=0
 loglevel_chosen=0
+medium_id=""
 wait_limit_s=15
 for word in $(cat /proc/cmdline); do
     case "$word" in
@@ -73,6 +74,8 @@ for word in $(cat /proc/cmdline); do
             loglevel_chosen=1 ;;
         mbrescue.shell=1|mbrescue.shell=yes|mbrescue.shell=true|mbrescue.shell=on)
             shell_requested=1 ;;
+        mbrescue.medium=*)
+            medium_id="${word#mbrescue.medium=}" ;;
         mbrescue.wait=*)
             value="${word#mbrescue.wait=}"
             case "$value" in
@@ -170,7 +173,45 @@ unpack_error="$(dmesg | grep -m 1 'Initramfs unpacking failed')"
 [ -z "$unpack_error" ] || rescue_shell "the kernel could not unpack the whole rescue system \
 (too little RAM for the capture, or a damaged medium): ${unpack_error#*] }"
 [ -x /usr/bin/python3.11 ] || rescue_shell "/usr/bin/python3.11 is missing from the rescue system"
-[ -f /mbrescue/capture.mbrescue ] || rescue_shell "no capture in this rescue system (/mbrescue/capture.mbrescue is missing)"
+
+# The capture: loaded into memory by GRUB (a network boot, or the ISO's in-memory entry), or
+# else read from this medium, found by its id file, with Linux's own drivers (the prompt then
+# comes as fast for a 1 GiB capture as for a small one, in little RAM). A USB stick or virtual
+# CD may show up late: look until the wait limit.
+find_medium() {
+    for entry in /sys/block/*; do
+        name="${entry##*/}"
+        case "$name" in loop*|ram*|zram*|dm-*|md*|nbd*) continue ;; esac
+        [ -b "/dev/$name" ] || continue
+        mount -t iso9660 -o ro,nodev,nosuid "/dev/$name" /run/mbrescue-medium 2>/dev/null || continue
+        if [ -f "/run/mbrescue-medium/mbrescue/id-$medium_id" ] && [ -f /run/mbrescue-medium/mbrescue/payload.img ]; then
+            medium_device="/dev/$name"
+            return 0
+        fi
+        umount /run/mbrescue-medium
+    done
+    return 1
+}
+if [ -f /mbrescue/capture.mbrescue ]; then
+    announce "capture: loaded into memory by the boot loader"
+elif [ -z "$medium_id" ]; then
+    rescue_shell "no capture in memory and no mbrescue.medium= to find the medium by"
+else
+    mkdir -p /run/mbrescue-medium
+    while ! find_medium; do
+        read -r uptime_s _ < /proc/uptime
+        if [ "${uptime_s%.*}" -ge "$MBRESCUE_WAIT_UNTIL" ]; then
+            rescue_shell "this rescue medium (id $medium_id) is on no disk Linux sees here (no \
+driver for its drive?): boot its menu entry 'capture loaded into memory' instead"
+        fi
+        usleep 250000
+    done
+    # The runner reads the capture inside the medium's payload cpio in place.
+    mkdir -p /mbrescue
+    ln -s /run/mbrescue-medium/mbrescue/payload.img /mbrescue/capture.mbrescue
+    ln -s /run/mbrescue-medium/mbrescue/options.json /mbrescue/options.json
+    announce "capture: read from this medium ($medium_device)"
+fi
 
 # A session of its own with the console's real tty as controlling terminal (cttyhack:
 # /dev/console itself cannot be one), so Ctrl-C there reaches the runner, not PID 1.
