@@ -204,6 +204,9 @@ def _wait_for_a_candidate(console: Console, capture: Capture, head: RegionHead,
     return found
 
 
+INTERRUPTING_SIGNALS = {signal.SIGINT, signal.SIGTERM, signal.SIGHUP}
+
+
 class CaptureCheck:
     """The capture's whole verification, on a thread of its own while the plan is shown and
     the question asked (a person needs those seconds anyway); `wait` before the first write.
@@ -222,6 +225,9 @@ class CaptureCheck:
         self.thread.start()
 
     def _run(self) -> None:
+        # Signals go to the main thread only: one delivered here would not break the main
+        # thread's blocking read at the prompt, and Ctrl-C would wait for the next key.
+        signal.pthread_sigmask(signal.SIG_BLOCK, INTERRUPTING_SIGNALS)
         started = time.monotonic()
         try:
             self.capture.verify()
