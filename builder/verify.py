@@ -15,6 +15,7 @@ import hashlib
 import json
 import shutil
 import struct
+import sys
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -504,7 +505,8 @@ def check_payload(
 def format_checks(checks: list[Check]) -> str:
     """A plain table for the terminal: status, name, detail."""
     width = max((len(check.name) for check in checks), default=0)
-    columns = shutil.get_terminal_size((100, 20)).columns
+    # Cut to the terminal's width only on a terminal: a script or a log gets every word.
+    columns = shutil.get_terminal_size((100, 20)).columns if sys.stdout.isatty() else 1 << 30
     lines = []
     for check in checks:
         line = f"{'ok  ' if check.ok else 'FAIL'}  {check.name:<{width}}  {check.detail}"

@@ -306,7 +306,8 @@ def test_late_usb_disk_is_found_within_the_wait(isos: Isos, tmp_path: Path) -> N
                 ended = "before the plug" if wait_over else f"{vm.elapsed():.1f} s"
                 print(f"drivers loaded {loaded_at:.1f} s, USB disk plugged {plugged_at:.1f} s "
                       f"after QEMU start; /init's wait ended {ended} with: {listed.group(1)!r}")
-                target = vm.expect(rf"Target (/dev/\w+): [^\r\n]*|{ERROR_LINE}",
+                # The whole line: serial output arrives in pieces.
+                target = vm.expect(rf"Target (/dev/\w+): [^\r\n]*(?=\r?\n)|{ERROR_LINE}",
                                    BOOT_TIMEOUT_S)
                 print(f"the runner at {vm.elapsed():.1f} s: {target.group(0)!r}")
                 # Found by the wait, not by luck because the runner started late: either

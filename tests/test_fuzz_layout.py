@@ -160,7 +160,9 @@ def mbr_entries(draw: st.DrawFn, disk_sectors: int, part_type: int | None = None
     status = draw(st.one_of(st.sampled_from([0x00, 0x80]), uint(8)))
     kind = draw(MBR_TYPES) if part_type is None else part_type
     start = draw(st.one_of(st.integers(0, max(0, disk_sectors - 1)), uint(32)))
-    size = draw(st.one_of(st.integers(0, max(0, disk_sectors - start)), uint(32)))
+    # An msdos entry holds 32-bit fields: a disk past 2 TiB cannot be described to its end.
+    size = draw(st.one_of(st.integers(0, min(0xFFFFFFFF, max(0, disk_sectors - start))),
+                          uint(32)))
     chs = draw(st.binary(min_size=6, max_size=6))
     return struct.pack("<B3sB3sII", status, chs[:3], kind, chs[3:], start, size)
 
