@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import os
 import select
+import signal
 import subprocess
 import sys
 import time
@@ -93,6 +94,12 @@ def fixtures():
 # per example (the parsers' own hang guards in the tests bound the time), no example database
 # in the checkout. `HYPOTHESIS_PROFILE=long` searches 20x more, randomly, for a deeper run
 # by hand (its database goes to .hypothesis/, which git ignores).
+# A test suite started in the background by a shell without job control inherits SIGINT
+# ignored, and so would every runner the Ctrl-C tests start (an ignored disposition survives
+# exec; a handler does not): those tests would fail for the launcher's sake. Take SIGINT back.
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+
 from hypothesis import settings  # noqa: E402
 
 settings.register_profile("ci", max_examples=150, deadline=None, derandomize=True, database=None)
