@@ -89,6 +89,9 @@ STORAGE_MODULES = (
     # the file-level restore path: its read-back mounts each ext file system read-only on
     # a loop device (vfat is read with mtools, so it needs no module)
     "loop", "ext4",
+    # the firmware's variables (runner/nvram.py: the boot entry for the restored ESP); /init
+    # loads it apart from the disk drivers, under UEFI only (it refuses to load without EFI)
+    "efivarfs",
 )
 
 # The file-level restore path (runner/files_restore.py, filecopy.py) runs these programs;

@@ -66,6 +66,9 @@ class VmConfig:
     extra: list[str] = field(default_factory=list)
     qmp: bool = False  # a QMP socket for registers() and screendump()
     secure_boot: bool = False  # uefi only: OVMF with Secure Boot enforced (Microsoft keys)
+    # uefi only: this variable store file, used in place and kept (two boots of one machine
+    # share its NVRAM); default: a fresh copy of OVMF's, thrown away with the VM.
+    vars_file: Path | None = None
 
 
 class VmTimeout(MbrescueError):
@@ -107,8 +110,9 @@ class Vm:
             "virtio-rng-pci",
         ]
         if c.firmware == "uefi":
-            vars_copy = self._tmp / "OVMF_VARS.fd"
-            shutil.copyfile(OVMF_VARS_MS if c.secure_boot else OVMF_VARS, vars_copy)
+            vars_copy = c.vars_file or self._tmp / "OVMF_VARS.fd"
+            if c.vars_file is None:
+                shutil.copyfile(OVMF_VARS_MS if c.secure_boot else OVMF_VARS, vars_copy)
             code = OVMF_CODE_SECBOOT if c.secure_boot else OVMF_CODE
             argv += [
                 "-machine",

@@ -39,7 +39,7 @@ import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import bootloader, gpt, mbr, swap
+from . import bootloader, gpt, mbr, nvram, swap
 from .capfile import Capture
 from .console import Console, human_bytes
 from .disk import DiskInfo
@@ -720,15 +720,21 @@ def check_target(plan: FilesPlan) -> None:
 
 
 def run(capture: Capture, target: DiskInfo, why: str, console: Console, assume_yes: bool,
-        writing: list[str]) -> int:
+        writing: list[str], firmware: bool = False) -> int:
     """The whole file-level restore onto target, after the capture's checksums were verified
-    (restore.py): plan, build in scratch, show, ask, write, verify."""
+    (restore.py): plan, build in scratch, show, ask, write, verify. `firmware`: the rescue
+    system, whose firmware gets a boot entry for the new ESP if it has none (nvram.py)."""
     plan = plan_files(capture, target, why)
+    placed = {p.source.number: (p.start_lba, p.size_sectors) for p in plan.partitions}
+    entry = (nvram.plan_for_target(nvram.esp_of(capture.manifest, placed), target.path,
+                                   target.kind) if firmware else None)
     with tempfile.TemporaryDirectory(prefix="mbrescue-restore-") as scratch:
         console.say("mbrescue: file-level path: making the file systems in a scratch "
                     "directory ...")
         build_images(capture, plan, Path(scratch))
         show_files_plan(console, plan)
+        if entry is not None:
+            console.say(entry.plan_line())
         if not assume_yes:
             answer = console.ask(f"Type yes to write {target.path} (a new partition table and "
                                  "file systems; everything on it is lost): ")
@@ -743,6 +749,7 @@ def run(capture: Capture, target: DiskInfo, why: str, console: Console, assume_y
         console.say("mbrescue: adjusted: " + line)
     for line in plan.recreated:
         console.say("mbrescue: recreated: " + line)
+    nvram.finish(console, entry)  # last, once verified (see restore.py)
     console.say(f"mbrescue: restore complete: {target.path} holds the boot chain of "
                 f"{capture.manifest.hostname} (file-level path)")
     return 0

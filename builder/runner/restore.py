@@ -36,7 +36,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
-from . import files_restore
+from . import files_restore, nvram
 from .capfile import Capture
 from .cmdline import (
     OPTIONS_PATH,
@@ -372,7 +372,8 @@ def _restore(
         why = files_restore.why_files(capture.manifest, disk, files)
         if why is not None:
             check.wait(console)
-            return files_restore.run(capture, disk, why, console, assume_yes, writing)
+            return files_restore.run(capture, disk, why, console, assume_yes, writing,
+                                     firmware=rescue)
         plan = plan_restore(capture, head, disk)
         identity_known = True
     else:
@@ -412,9 +413,15 @@ def _restore(
                                                      identity_known)
         # The file systems are made from the capture's file copies: checked ones only.
         check.wait(console)
-        return files_restore.run(capture, plan.target, plan.why, console, proceed, writing)
+        return files_restore.run(capture, plan.target, plan.why, console, proceed, writing,
+                                 firmware=rescue)
     show_plan(console, plan)
     console.say("  Restore path: " + REGION_PATH_WHY)
+    # The rescue system boots on the machine the disk is for: its firmware's boot entry.
+    entry = (nvram.plan_for_target(nvram.esp_of(capture.manifest), plan.target.path,
+                                   plan.target.kind) if rescue else None)
+    if entry is not None:
+        console.say(entry.plan_line())
     proceed = assume_yes or _unattended_proceeds(console, switches, unattended, identity_known)
     if not proceed:
         answer = console.ask(
@@ -436,6 +443,9 @@ def _restore(
         console.say("mbrescue: adjusted: " + line)
     for line in plan.recreated:
         console.say("mbrescue: recreated: " + line)
+    # Last, once the disk is written and verified; before the completion line, which
+    # scripts take as the end (a refused entry does not fail the restore: nvram.finish).
+    nvram.finish(console, entry)
     console.say(f"mbrescue: restore complete: {plan.target.path} holds the boot region of "
                 f"{capture.manifest.hostname}")
     return 0

@@ -114,10 +114,19 @@ load hv_storvsc kernel/drivers/scsi/hv_storvsc.ko hv_vmbus
 failed="${failed# }"
 say "kernel 6.1.0-99-amd64: $loaded disk drivers loaded${failed:+ (not for this machine: ${failed% })}"
 
+# The firmware's variables, under UEFI: the runner reads BootOrder and Boot#### there and
+# adds a boot entry for the restored ESP when the firmware has none (a new mainboard).
+# efivarfs is a module in Debian's kernel; without EFI it refuses to load, so only here.
+if [ -d /sys/firmware/efi ]; then
+    mkdir -p /sys/firmware/efi/efivars
+    mount -t efivarfs -o nosuid,nodev,noexec efivarfs /sys/firmware/efi/efivars 2>/dev/null \
+        || say "efivarfs could not be mounted: no firmware boot entry can be added"
+fi
+
 # Secure Boot as the kernel enforces it: Debian's kernel enters lockdown (integrity) when
-# the firmware booted it with Secure Boot on. (efivarfs is a module, so the SecureBoot
-# variable is not at hand yet; securityfs is.) Lockdown blocks nothing the restore needs:
-# signed modules load, block devices and efivarfs stay writable.
+# the firmware booted it with Secure Boot on. (The SecureBoot variable itself is read by
+# no one here; securityfs says what the kernel enforces.) Lockdown blocks nothing the
+# restore needs: signed modules load, block devices and efivarfs stay writable.
 mkdir -p /sys/kernel/security
 mount -t securityfs -o nosuid,nodev,noexec securityfs /sys/kernel/security 2>/dev/null
 case "$(cat /sys/kernel/security/lockdown 2>/dev/null)" in
