@@ -21,6 +21,8 @@ from typing import TextIO
 
 PROC_CONSOLES = "/proc/consoles"
 ERROR_PREFIX = "mbrescue: error: "
+# How long the prompt sleeps at most before it looks for a signal taken by another thread.
+SIGNAL_POLL_S = 0.2
 
 
 @dataclass
@@ -201,8 +203,11 @@ class Console:
             left = None if deadline is None else max(deadline - time.monotonic(), 0.0)
             if left == 0.0:
                 return None
+            # Short waits: a Ctrl-C the kernel handed to another thread (the capture check)
+            # is only marked for the main thread, and runs here at the next wake-up.
+            wait = SIGNAL_POLL_S if left is None else min(left, SIGNAL_POLL_S)
             try:
-                ready, _, _ = select.select(sorted(inputs), [], [], left)
+                ready, _, _ = select.select(sorted(inputs), [], [], wait)
             except InterruptedError:
                 continue
             for fd in ready:
