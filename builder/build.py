@@ -11,7 +11,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import hashlib
-import json
 import os
 import tempfile
 import time
@@ -29,6 +28,7 @@ from .iso import IsoReport, iso_volume_label, new_medium_id, write_iso
 from .kit import Kit, ensure_kit
 from .run import require_tools
 from .runner.capfile import Capture
+from .runner.cmdline import options_json
 from .runner.outputs import check_output_file
 from .verify import verify_iso
 
@@ -160,11 +160,10 @@ def build_one(
         capture_sha256 = checked()
         # The manifest's SHA-256 too: it names every member's and chunk's SHA-256, so the
         # rescue system needs no pass over the whole file before it can show the plan.
-        options_json = json.dumps({"unattended_allowed": options.unattended_allowed,
-                                   "capture_sha256": capture_sha256,
-                                   "manifest_sha256": capture.manifest_sha256}).encode()
+        options_file = options_json(options.unattended_allowed, capture_sha256,
+                                    capture.manifest_sha256)
         payload = make_payload_initramfs(
-            capture_path, work / "payload.img", extra={"options.json": options_json}
+            capture_path, work / "payload.img", extra={"options.json": options_file}
         )
         grub_cfg = render_grub_cfg(
             host=manifest.hostname,
@@ -179,7 +178,7 @@ def build_one(
             kernel=shared.kit.kernel,
             base_initrd=shared.base_initrd,
             payload=payload,
-            options_json=options_json,
+            options_json=options_file,
             build_record=buildrecord.make_record(
                 buildrecord.signed_files(shared.kit.kernel, *kernel_package(shared.kit), grub)
             ),

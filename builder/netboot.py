@@ -49,6 +49,7 @@ from .grub import TEMPLATES, NetImages, make_net_images, render_grub_cfg
 from .initramfs import make_payload_initramfs
 from .iso import new_medium_id
 from .runner.capfile import Capture
+from .runner.cmdline import options_json
 
 INDEX = "mbrescue/hosts.json"
 INDEX_VERSION = 1
@@ -206,11 +207,10 @@ def _add_host(tree: Path, path: Path, capture: Capture, options: NetbootOptions,
     medium_id = new_medium_id(manifest.region.sha256, manifest.created, shared.base_initrd.name)
     payload_dir = tree / "mbrescue" / "hosts" / host
     payload_dir.mkdir(parents=True, exist_ok=True)
-    options_json = json.dumps({"unattended_allowed": options.unattended_allowed,
-                               "capture_sha256": sha256_file(path),
-                               "manifest_sha256": capture.manifest_sha256}).encode()
+    options_file = options_json(options.unattended_allowed, sha256_file(path),
+                                capture.manifest_sha256)
     tmp = payload_dir / ".payload.img.tmp"
-    make_payload_initramfs(path, tmp, extra={"options.json": options_json})
+    make_payload_initramfs(path, tmp, extra={"options.json": options_file})
     # The capture can hold secrets from /boot: only the TFTP server's user may read it.
     os.chmod(tmp, 0o600)
     os.replace(tmp, payload_dir / "payload.img")

@@ -85,6 +85,12 @@ def read_switches(path: str = PROC_CMDLINE) -> Switches:
         return Switches()
 
 
+def options_json(unattended: bool, capture_sha256: str, manifest_sha256: str) -> bytes:
+    """The build's options file, as the readers below take it (ISO and network boot)."""
+    return json.dumps({"unattended_allowed": unattended, "capture_sha256": capture_sha256,
+                       "manifest_sha256": manifest_sha256}).encode()
+
+
 def build_options(path: str = OPTIONS_PATH) -> dict:
     """The build's options file in the payload ({} when there is none)."""
     if not os.path.exists(path):
