@@ -287,10 +287,10 @@ def ovmf_variables(store: Path) -> dict[str, bytes]:
     authenticated variable headers: StartId 0x55AA, State 0x3F for an added variable)."""
     raw = store.read_bytes()
     found: dict[str, bytes] = {}
-    header = struct.Struct("<HBBIQ16sIIII16s")
+    header = struct.Struct("<HBBIQ16sIII16s")
     at = raw.find(b"\xaa\x55\x3f")
     while 0 <= at and at + header.size <= len(raw):
-        start, state, _, _, _, _, _, name_bytes, data_bytes, _, guid = header.unpack_from(raw, at)
+        start, state, _, _, _, _, _, name_bytes, data_bytes, guid = header.unpack_from(raw, at)
         body = at + header.size
         if start == 0x55AA and state == 0x3F and name_bytes < 512 and data_bytes < 65536:
             name = raw[body:body + name_bytes].decode("utf-16-le", "replace").rstrip("\0")
@@ -321,46 +321,58 @@ def test_ovmf_boots_the_restored_disk_from_the_added_entry(fixtures, captures, t
                       disks=[Disk(target, serial="MBRESCUE-NEW")])
     try:
         with Vm(rescue, serial_log) as vm:
-            plan = vm.expect(r"  Will add: firmware boot entry [^\r\n]*", 400)
+            plan = vm.expect(r"  Will add: firmware boot entry [^\r\n]*\r?\n", 400)
             vm.expect(r"Type yes to write", 60)
             vm.send("yes\r")
-            added = vm.expect(r"mbrescue: (added firmware boot entry|warning)[^\r\n]*", 400)
+            added = vm.expect(r"mbrescue: (added firmware boot entry|warning)[^\r\n]*\r?\n",
+                              400)
             vm.expect(r"mbrescue: restore complete[^\r\n]*", 60)
             vm.expect(r"press Enter to reboot", 60)
             text = vm.output
     except VmTimeout as exc:
         raise AssertionError(str(exc)) from None
-    print(plan.group(0))
-    print(added.group(0))
+    print(plan.group(0).strip())
+    print(added.group(0).strip())
     assert "Traceback" not in text
     assert plan.group(0).startswith('  Will add: firmware boot entry "fixture-d" -> '
                                     "\\EFI\\BOOT\\BOOTX64.EFI on partition 1")
     number = re.match(r"mbrescue: added firmware boot entry Boot([0-9A-F]{4}) ", added.group(0))
     assert number, added.group(0)
     name = f"Boot{number.group(1)}"
-    # The store file holds it: the firmware wrote it to flash (and OVMF's own entries parse).
-    variables = ovmf_variables(store)
-    boots = {key: nvram.parse_load_option(value) for key, value in variables.items()
-             if re.fullmatch(r"Boot[0-9A-F]{4}", key)}
-    for key, option in sorted(boots.items()):
-        print(f"{key}: {option.description!r} hd={option.hard_drive} file={option.file_path}")
+    # The store file holds it: the firmware wrote it to flash, under the GUID of the
+    # variables OVMF itself keeps there (Lang, PlatformLang, Timeout, its own Boot0000).
+    assert {"Lang", "PlatformLang", "Timeout"} <= set(ovmf_variables(store))
+    boots = store_boot_options(store)
     assert boots[name].hard_drive == gpt_hd()
     assert boots[name].file_path == "\\EFI\\BOOT\\BOOTX64.EFI"
-    order = variables["BootOrder"]
+    order = ovmf_variables(store)["BootOrder"]
     assert struct.unpack_from("<H", order)[0] == int(number.group(1), 16)
-    assert len(boots) > 1  # OVMF's own entries (the disk, the shell...) were read too
     # The restored disk alone, the same store, no boot index (OVMF then follows BootOrder).
     boot_log = tmp_path / "boot.log"
     disk_boot = VmConfig(firmware="uefi", memory_mib=512, vars_file=store,
                          disks=[Disk(target)])
     try:
         with Vm(disk_boot, boot_log) as vm:
-            loading = vm.expect(r"BdsDxe: loading (Boot[0-9A-F]{4}) [^\r\n]*", 120)
+            loading = vm.expect(r"BdsDxe: loading (Boot[0-9A-F]{4}) [^\r\n]*\r?\n", 120)
             vm.expect(rf"{re.escape(fixture.marker)}\r*\n", 300)
     except VmTimeout as exc:
         raise AssertionError(str(exc)) from None
-    print(loading.group(0))
+    print(loading.group(0).strip())
     assert loading.group(1) == name, loading.group(0)
     assert f"HD(1,GPT,{D_ESP_GUID.upper()}," in loading.group(0)
     assert "\\EFI\\BOOT\\BOOTX64.EFI" in loading.group(0)
     assert subprocess.run(["sgdisk", "-v", target], capture_output=True).returncode == 0
+    # OVMF's own entries, written during the disk's boot, parse too (real firmware layouts:
+    # PciRoot()/Pci()/... paths, optional data).
+    boots = store_boot_options(store)
+    assert boots[name].hard_drive == gpt_hd()
+    assert any(option.hard_drive is None for option in boots.values()), boots
+
+
+def store_boot_options(store: Path) -> dict[str, nvram.LoadOption]:
+    boots = {key: nvram.parse_load_option(value) for key, value in ovmf_variables(store).items()
+             if re.fullmatch(r"Boot[0-9A-F]{4}", key)}
+    for key, option in sorted(boots.items()):
+        print(f"{key}: {option.description!r} hd={option.hard_drive and option.hard_drive.text()}"
+              f" file={option.file_path} optional={len(option.optional_data)} bytes")
+    return boots

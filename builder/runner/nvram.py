@@ -38,7 +38,7 @@ from .manifest import Manifest
 
 EFI_DIR = "/sys/firmware/efi"
 EFIVARS_DIR = "/sys/firmware/efi/efivars"
-GLOBAL_GUID = "8be4df61-93ca-11d0-aa0d-00e098032b8c"
+GLOBAL_GUID = "8be4df61-93ca-11d2-aa0d-00e098032b8c"  # EFI_GLOBAL_VARIABLE
 # EFI_VARIABLE_NON_VOLATILE | BOOTSERVICE_ACCESS | RUNTIME_ACCESS: what Boot#### and
 # BootOrder carry (a variable without NV would be gone at the next power-on).
 VARIABLE_ATTRIBUTES = 0x7
