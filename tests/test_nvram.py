@@ -103,6 +103,32 @@ def test_a_firmware_style_option_with_pci_nodes_and_split_path() -> None:
     assert hd.text() == "HD(2,MBR,0xDEADBEEF,0x3F,0x3E8)"
 
 
+# Written by OVMF (Debian's ovmf, OVMF_VARS_4M.fd) during the QEMU test below, read from its
+# variable store file: the hidden UiApp (an FvFile() path), a device it found on its own
+# (PciRoot()/Pci(), 16 bytes of optional data: its auto-created mark) and the shell.
+OVMF_UIAPP = bytes.fromhex(
+    "090100002c0055006900410070007000000004071400c9bdb87cebf8344faaea3ee4af6516a10406140021"
+    "aa2c4614760345836e8ab6f46623317fff0400")
+OVMF_MISC_DEVICE = bytes.fromhex(
+    "010000001600550045004600490020004d006900730063002000440065007600690063006500000002010c"
+    "00d041030a000000000101060000047fff04004eac0881119f594d850ee21a522c59b2")
+
+
+def test_real_ovmf_options_parse() -> None:
+    uiapp = nvram.parse_load_option(OVMF_UIAPP)
+    assert uiapp.description == "UiApp" and uiapp.attributes == 0x109  # active, hidden, app
+    assert uiapp.hard_drive is None and uiapp.file_path is None and uiapp.optional_data == b""
+    misc = nvram.parse_load_option(OVMF_MISC_DEVICE)
+    assert misc.description == "UEFI Misc Device" and misc.active
+    assert misc.hard_drive is None and len(misc.optional_data) == 16
+    assert misc.device_path.endswith(nvram.END_NODE)
+    # Our own option, built the same way, has the layout OVMF's have: attributes, length,
+    # description, path list ending in the end node.
+    ours = nvram.encode_load_option("UiApp", gpt_hd(), "\\EFI\\BOOT\\BOOTX64.EFI",
+                                    attributes=0x109)
+    assert ours[:6 + 12] == OVMF_UIAPP[:4] + ours[4:6] + OVMF_UIAPP[6:18]
+
+
 @given(st.binary(max_size=300))
 def test_any_bytes_parse_or_raise_nvram_error(data: bytes) -> None:
     try:
