@@ -37,7 +37,7 @@ from builder.runner.console import Console, Terminal
 from builder.runner.gpt import parse_guid
 from builder.vm import OVMF_VARS, Disk, Vm, VmConfig, VmTimeout
 
-from .conftest import sh
+from .conftest import mbrescue, sh
 
 MiB = 1 << 20
 GLOBAL = nvram.GLOBAL_GUID
@@ -402,3 +402,66 @@ def store_boot_options(store: Path) -> dict[str, nvram.LoadOption]:
         print(f"{key}: {option.description!r} hd={option.hard_drive and option.hard_drive.text()}"
               f" file={option.file_path} optional={len(option.optional_data)} bytes")
     return boots
+
+
+@pytest.fixture(scope="module")
+def iso_d(captures, tmp_path_factory) -> Path:
+    """Fixture D's rescue ISO, built by the CLI as a user would."""
+    out = tmp_path_factory.mktemp("iso-d") / "host-d.iso"
+    result = mbrescue("build", captures["D"], "-o", out, env={"SOURCE_DATE_EPOCH": "1700000000"})
+    assert result.returncode == 0, result.stdout + result.stderr
+    return out
+
+
+@pytest.mark.qemu
+def test_iso_file_level_4kn_entry_counts_in_the_targets_sectors(fixtures, iso_d,
+                                                               tmp_path) -> None:
+    """The rescue ISO (booted from CD, so OVMF has entries of its own) restores D onto a
+    blank 4Kn disk by the file-level path: the entry's HD() gives the new ESP's start and
+    size in 4096-byte sectors, and OVMF boots the disk from it with the same store."""
+    target = tmp_path / "blank-4kn.img"
+    with open(target, "wb") as stream:
+        stream.truncate(fixtures["D"].path.stat().st_size)
+    store = tmp_path / "OVMF_VARS.fd"
+    shutil.copyfile(OVMF_VARS, store)
+    rescue = VmConfig(firmware="uefi", memory_mib=1024, vars_file=store, disks=[
+        Disk(iso_d, interface="cdrom", readonly=True, bootindex=0),
+        Disk(target, serial="MBRESCUE-4KN", logical_block_bytes=4096, bootindex=1)])
+    try:
+        with Vm(rescue, tmp_path / "rescue.log") as vm:
+            vm.expect(r"Restore path: file-level path", 400)
+            plan = vm.expect(r"  Will add: firmware boot entry [^\r\n]*\r?\n", 120)
+            vm.expect(r"Type yes to write", 60)
+            vm.send("yes\r")
+            added = vm.expect(r"mbrescue: (added firmware boot entry|warning)[^\r\n]*\r?\n",
+                              400)
+            vm.expect(r"mbrescue: restore complete[^\r\n]*\(file-level path\)", 60)
+    except VmTimeout as exc:
+        raise AssertionError(str(exc)) from None
+    print(plan.group(0).strip())
+    print(added.group(0).strip())
+    number = re.match(r"mbrescue: added firmware boot entry (Boot[0-9A-F]{4}) ", added.group(0))
+    assert number, added.group(0)
+    # Where the file-level path put the ESP, in the disk's own 4096-byte sectors (sgdisk on
+    # a 4Kn loop device reads the table independently).
+    device = sh("losetup", "--find", "--show", "--sector-size", "4096", target).strip()
+    try:
+        info = sh("sgdisk", "-i", "1", device)
+    finally:
+        sh("losetup", "--detach", device)
+    first = int(re.search(r"First sector: (\d+)", info).group(1))  # type: ignore[union-attr]
+    size = int(re.search(r"Partition size: (\d+) sectors", info).group(1))  # type: ignore[union-attr]
+    boots = store_boot_options(store)
+    assert boots[number.group(1)].hard_drive == gpt_hd(start=first, size=size)
+    assert len(boots) > 2  # OVMF's own, from the CD boot, stay
+    with Vm(VmConfig(firmware="uefi", memory_mib=512, vars_file=store,
+                     disks=[Disk(target, logical_block_bytes=4096)]),
+            tmp_path / "boot.log") as vm:
+        try:
+            loading = vm.expect(r"BdsDxe: loading (Boot[0-9A-F]{4}) [^\r\n]*\r?\n", 120)
+            vm.expect(rf"{re.escape(fixtures['D'].marker)}\r*\n", 300)
+        except VmTimeout as exc:
+            raise AssertionError(str(exc)) from None
+    print(loading.group(0).strip())
+    assert loading.group(1) == number.group(1)
+    assert f"HD(1,GPT,{D_ESP_GUID.upper()},0x{first:X},0x{size:X})" in loading.group(0)
