@@ -120,3 +120,11 @@ def captures(fixtures, tmp_path_factory) -> dict[str, Path]:
         assert result.manifest["region"]["end_lba"] == fx.region_end_sectors
         made[name] = result.path
     return made
+
+
+@pytest.fixture(scope="session")
+def far_boot_fixture():
+    """Fixture E (msdos, BIOS, /boot at 32 MiB): its own cache entry, built once per machine."""
+    from builder.fixtures.farboot import ensure_far_boot_fixture
+
+    return ensure_far_boot_fixture()
