@@ -399,11 +399,46 @@ def found_now(manifest: Manifest, read_region: Callable[[int, int], bytes]
                  for r in found)
 
 
+def embedded_core(records: Sequence[BootLoaderRecord]) -> BootLoaderRecord | None:
+    """The disk's GRUB 2 core when it lies outside every file system (the post-MBR gap or a
+    BIOS boot partition) with its sectors known; None for every other install.
+
+    Such a core does not depend on where the file systems are: boot.img in sector 0 names
+    the core's first sector, diskboot.img's blocklist the core's own other sectors, and the
+    core finds /boot by partition number (grub-install hardcodes `(,msdos1)` or `(,gpt2)`
+    in its prefix when /boot is on the disk it boots from) or by file-system UUID (its
+    load.cfg's `search.fs_uuid`), both kept by the file-level path. So it can stay at its
+    sectors while /boot moves, as long as those sectors stay free.
+    """
+    for record in records:
+        if (record.partition is None and record.method in (GRUB2_EMBEDDED_GAP,
+                                                            GRUB2_BIOS_BOOT_PARTITION)
+                and record.core_lba is not None and record.core_sectors):
+            return record
+    return None
+
+
+def core_clash(core: BootLoaderRecord, spans: Iterable[tuple[str, int, int]]) -> str | None:
+    """What of a new layout covers the core's sectors, or None: spans are (what, first
+    sector, last sector) of every partition and EBR except the BIOS boot partition that
+    holds the core, in the captured sector size."""
+    assert core.core_lba is not None and core.core_sectors is not None
+    first, last = core.core_lba, core.core_lba + core.core_sectors - 1
+    where = ("the post-MBR gap" if core.core_partition is None
+             else f"BIOS boot partition {core.core_partition}")
+    for what, start, end in spans:
+        if start <= last and end >= first:
+            return (f"{what} would take sectors {start}..{end}, over GRUB 2's core in {where} "
+                    f"(sectors {first}..{last}), which must stay where boot.img finds it")
+    return None
+
+
 def cannot_remake(records: Sequence[BootLoaderRecord], offsets_kept: bool) -> str | None:
     """Why the file-level path cannot give back this boot loader, or None when it can.
 
-    offsets_kept: every boot-chain partition keeps its byte offset and the sector size is
-    the captured one, so the gap and a BIOS boot partition go back where they were.
+    offsets_kept: the sector size is the captured one and the boot code goes back where it
+    was: every boot-chain partition keeps its byte offset, or (GRUB 2's core in the gap or
+    a BIOS boot partition, `embedded_core`) the core's sectors stay untouched.
     """
     for record in records:
         where = (f"partition {record.core_partition}" if record.core_partition is not None

@@ -10,12 +10,16 @@ each partition's byte offset where it fits; each file system's UUID, label and
 features; swap's label and UUID. A boot-chain partition shrinks only when the target
 is too small, never below what its files need plus headroom; swap takes what remains.
 
-A BIOS boot loader is kept only when it can stay where it was: the MBR boot code, the
-post-MBR gap (GRUB 2's core) and a BIOS boot partition are written back at the same
-sectors when the sector size is the captured one and every boot-chain partition keeps
-its start (the core finds /boot by partition number and reads the file system, so a
-file system made again still works). Elsewhere a BIOS-only capture is refused; a UEFI
-capture boots from its ESP's files.
+A BIOS boot loader is kept only when it can stay where it was, with the captured sector
+size: the MBR boot code and what it loads are written back at the same sectors. GRUB 2's
+core in the post-MBR gap (msdos) or in a BIOS boot partition (which never moves here)
+stays even when /boot moves: boot.img names the core's first sector, the core's blocklist
+its own sectors, and the core finds /boot by partition number or file-system UUID, both
+kept (bootloader.embedded_core); only exactly the core's captured sectors are written to
+the gap, and a layout whose partition would cover them is refused. Any other BIOS boot
+code (GRUB legacy's stage1.5, an unknown one) is kept only when every boot-chain partition
+keeps its start; otherwise a BIOS-only capture is refused. A UEFI capture boots from its
+ESP's files.
 
 Order of work (DESIGN.md's safety rules): checksums of the region and of every file copy
 verified, each file system built and checked (`e2fsck -fn`, `fsck.fat -n`, UUID and
@@ -45,7 +49,7 @@ from .console import Console, human_bytes
 from .disk import DiskInfo
 from .errors import MbrescueError
 from .filecopy import EXT_TYPES, mounted_ro, xattrs_of
-from .manifest import FileCopyRecord, Manifest, PartitionRecord, SwapRecord
+from .manifest import BootLoaderRecord, FileCopyRecord, Manifest, PartitionRecord, SwapRecord
 from .plan import SUPERBLOCK_SPAN_BYTES, describe_contents, disk_title
 from .writer import ReadBack, reread_partitions
 
@@ -89,6 +93,9 @@ class FilesPlan:
     # Built in scratch: (byte offset on the target, image file) of each file system.
     images: list[tuple[int, Path]] = field(default_factory=list)
     boot_loader: str = ""  # the install method and what this path does with it
+    # GRUB 2's core outside the file systems (gap or BIOS boot partition), written back at
+    # its captured sectors (bootloader.embedded_core); None for every other boot loader.
+    core: BootLoaderRecord | None = None
 
 
 def why_files(manifest: Manifest, target: DiskInfo, forced: bool) -> str | None:
@@ -237,20 +244,28 @@ def plan_files(capture: Capture, target: DiskInfo, why: str) -> FilesPlan:
                                  f"{human_bytes(part.size_sectors * old_sector)})")
         plan.partitions.append(NewPartition(part, start, size, swap=record, ebr_lba=ebr))
         cursor = start + size
-    plan.keep_boot_code = kept_starts and sector == old_sector
     # How the boot loader was installed decides whether this path can give it back.
     # A capture made before the manifest recorded it: the same detection on its region.
     loaders = (manifest.boot_loader if manifest.boot_loader is not None
                else bootloader.found_now(manifest, capture.read_region))
+    core = bootloader.embedded_core(loaders) if sector == old_sector else None
+    if core is not None and not _core_stays(plan, core):
+        core = None
+    plan.core = core
+    plan.keep_boot_code = sector == old_sector and (kept_starts or core is not None)
     cannot = bootloader.cannot_remake(loaders, plan.keep_boot_code)
     if cannot is not None:
         raise MbrescueError(f"refusing {target.path}: the file-level path cannot re-make this "
                             f"boot loader: {cannot}; nothing written (the region path, onto a "
                             "disk with the captured sector size that holds the region, can)")
     bios_code = not any(r.partition is None and r.method == bootloader.NONE for r in loaders)
+    moved = [p.source.number for p in plan.partitions
+             if p.source.number in chain and p.start_lba * sector != p.source.start_lba
+             * old_sector]
     plan.boot_loader = bootloader.summary(loaders) + (
         " (found now in the region: the capture predates the record)"
         if manifest.boot_loader is None else "") + (
+        _core_kept_text(core, moved) if core is not None and moved else
         "; the BIOS boot code written back at the same sectors"
         if plan.keep_boot_code and bios_code else "") + (
         "; the ESP's files restored as they were" if has_esp else "")
@@ -262,6 +277,41 @@ def plan_files(capture: Capture, target: DiskInfo, why: str) -> FilesPlan:
         plan.adjusted.append("BIOS boot partition left empty (its core cannot move); the "
                              "disk boots by UEFI only")
     return plan
+
+
+def _core_stays(plan: FilesPlan, core: BootLoaderRecord) -> bool:
+    """Whether GRUB 2's core can stay at its captured sectors in the new layout (the same
+    sector size): in the gap (msdos) when no partition nor EBR covers it, in a BIOS boot
+    partition when that keeps its sectors. Refused when a partition would cover the core."""
+    spans: list[tuple[str, int, int]] = []
+    for part in plan.partitions:
+        if part.source.number == core.core_partition:
+            if (part.start_lba, part.size_sectors) != (part.source.start_lba,
+                                                       part.source.size_sectors):
+                return False  # never so in plan_files: a BIOS boot partition does not move
+            continue
+        spans.append((f"partition {part.source.number}", part.start_lba,
+                      part.start_lba + part.size_sectors - 1))
+        if part.ebr_lba is not None:
+            spans.append((f"the EBR of partition {part.source.number}", part.ebr_lba,
+                          part.ebr_lba))
+    if core.core_partition is None and plan.table != "msdos":
+        return False  # a GPT's entries take the sectors after the header
+    clash = bootloader.core_clash(core, spans)
+    if clash is not None:
+        raise MbrescueError(f"refusing {plan.target.path}: {clash}; nothing written")
+    return True
+
+
+def _core_kept_text(core: BootLoaderRecord, moved: list[int]) -> str:
+    assert core.core_lba is not None and core.core_sectors is not None
+    where = ("in the post-MBR gap" if core.core_partition is None
+             else f"in BIOS boot partition {core.core_partition}")
+    names = ", ".join(str(n) for n in moved)
+    return (f"; the MBR boot code and the core {where} kept at sectors {core.core_lba}.."
+            f"{core.core_lba + core.core_sectors - 1}; partition{'s' if len(moved) > 1 else ''}"
+            f" {names} moved, which the core finds by partition number (its prefix) or file "
+            "system UUID, both kept")
 
 
 # --- building the file systems in scratch ----------------------------------------------
@@ -534,12 +584,18 @@ def show_files_plan(console: Console, plan: FilesPlan) -> None:
 
 
 def _boot_loader_writes(capture: Capture, plan: FilesPlan) -> list[tuple[int, bytes]]:
-    """The post-MBR gap (msdos) and BIOS boot partitions, as captured, when they stay put."""
+    """The post-MBR gap (msdos) and BIOS boot partitions, as captured, when they stay put:
+    of GRUB 2's core in the gap exactly its sectors, else the gap up to the first partition."""
     if not plan.keep_boot_code:
         return []
     writes = []
     sector = plan.sector_bytes
-    if plan.table == "msdos":
+    core = plan.core
+    if core is not None and core.core_partition is None:
+        assert core.core_lba is not None and core.core_sectors is not None
+        writes.append((core.core_lba * sector, capture.read_region(
+            core.core_lba * sector, core.core_sectors * sector)))
+    elif plan.table == "msdos":
         first = min(p.start_lba for p in plan.partitions)
         if first > 1:
             writes.append((sector, capture.read_region(sector, (first - 1) * sector)))
