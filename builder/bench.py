@@ -262,12 +262,16 @@ def bench_capture(
     from .runner.capfile import Capture
 
     with Capture.open(os.fspath(out)) as opened:
-        archive_bytes = sum(member.size for name, member in opened.members.items()
-                            if name == manifest.boot_files.member)
+        sizes_of = {name: member.size for name, member in opened.members.items()}
+    kept = [name for name in sizes_of if name.startswith("files-p")]
+    if manifest.boot_files.member:
+        kept.append(manifest.boot_files.member)
+    kept_bytes = sum(sizes_of[name] for name in kept)
     rows.append(
-        f"  mbrescue froze /boot and archived its {manifest.boot_files.file_count} files: its "
+        f"  mbrescue froze /boot and copied its {manifest.boot_files.file_count} files: its "
         f"file holds the region ({manifest.region.compressed_bytes / MiB:.1f} MiB) and the "
-        f"archive ({archive_bytes / MiB:.1f} MiB); dd's files hold the region only"
+        f"file-level copies ({', '.join(kept) or 'none'}: {kept_bytes / MiB:.1f} MiB); dd's "
+        "files hold the region only"
     )
     best = {label: min(values) for label, values in times.items()}
     for label, seconds in best.items():

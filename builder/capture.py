@@ -672,7 +672,21 @@ def _capture(options: CaptureOptions) -> CaptureResult:
             gpt_tail = _gpt_tail(source, layout, tar, mtime)
             file_copies = _file_copies(source, layout, chain, tar, mtime,
                                        region_spool if frozen_ok else None)
-            if boot_mount is not None and to_freeze is not None:
+            # The file-level copy of /boot's partition holds its files already (read from
+            # the same frozen spool): the archive of the mounted /boot is only the fallback
+            # for a host without the tools that copy needs.
+            boot_copy = next((c["member"] for c in file_copies if c["partition"] == boot.number),
+                             None)
+            if boot_copy is not None and to_freeze is not None and frozen_ok:
+                assert files_count is not None
+                boot_files = {
+                    "member": None,
+                    "sha256": None,
+                    "file_count": files_count,
+                    "mountpoint": to_freeze.mountpoint,
+                    "reason": f"its files are in the file-level copy {boot_copy}",
+                }
+            elif boot_mount is not None and to_freeze is not None:
                 if files_count is None:  # not freezable (vfat): the live files, as they are
                     files_spool = stack.enter_context(_spool(output.parent, region_bytes))
                     files_count = spool_boot_files(boot_mount.mountpoint, files_spool)

@@ -78,6 +78,8 @@ def describe(capture: Capture) -> str:
     files = m.boot_files
     if files.member:
         lines.append(f"files     {files.file_count} files of {files.mountpoint} in {files.member}")
+    elif files.file_count:
+        lines.append(f"files     {files.file_count} files of {files.mountpoint}: {files.reason}")
     else:
         lines.append(f"files     none: {files.reason}")
     lines.append("seal      manifest.sha256 matches the manifest")
