@@ -392,19 +392,50 @@ def authenticode_bytes(path: Path) -> int:
     return size
 
 
-@functools.cache
-def ensure_efi_loaders() -> EfiLoaders:
-    """Debian's signed shim and GRUB images from the download cache (fetched when needed)."""
+def _resolve_efi_loaders() -> EfiLoaders:
     names = [SHIM_PACKAGE, SIGNED_GRUB_PACKAGE]
     debs.prefetch(names)
     fetched = {name: debs.fetch_extracted(name) for name in names}
-    loaders = EfiLoaders(
+    return EfiLoaders(
         shim=fetched[SHIM_PACKAGE][1] / SHIM_FILE,
         grub_removable=fetched[SIGNED_GRUB_PACKAGE][1] / SIGNED_GRUB_DIR / "gcdx64.efi.signed",
         grub_disk=fetched[SIGNED_GRUB_PACKAGE][1] / SIGNED_GRUB_DIR / "grubx64.efi.signed",
         packages={name: deb.version for name, (deb, _root) in fetched.items()},
         package_sha256={name: deb.sha256 for name, (deb, _root) in fetched.items()},
     )
+
+
+def _efi_loaders_from_json(data: dict) -> EfiLoaders | None:
+    try:
+        loaders = EfiLoaders(
+            shim=Path(data["shim"]), grub_removable=Path(data["grub_removable"]),
+            grub_disk=Path(data["grub_disk"]), packages=dict(data["packages"]),
+            package_sha256=dict(data["package_sha256"]),
+        )
+    except (KeyError, TypeError, ValueError):
+        return None
+    return loaders if all(image.is_file() for image in
+                          (loaders.shim, loaders.grub_removable, loaders.grub_disk)) else None
+
+
+@functools.cache
+def ensure_efi_loaders() -> EfiLoaders:
+    """Debian's signed shim and GRUB images from the download cache (fetched when needed).
+
+    Asking apt for the candidates is most of a small per-host build (1.3 s of 2.3 s for
+    fixture A's capture), so the resolution is remembered as the kit's is: until apt's
+    lists or this module change.
+    """
+    memo = _memo_path("efi-loaders")
+    try:
+        loaders = _efi_loaders_from_json(json.loads(memo.read_text()))
+    except (OSError, ValueError):
+        loaders = None
+    if loaders is None:
+        loaders = _resolve_efi_loaders()
+        debs.write_atomically(memo, json.dumps(
+            {name: str(value) if isinstance(value, Path) else value
+             for name, value in loaders.__dict__.items()}, indent=1))
     for image in (loaders.shim, loaders.grub_removable, loaders.grub_disk):
         if not image.is_file():
             raise MbrescueError(f"Secure Boot loader missing from its Debian package: {image}")
@@ -432,13 +463,14 @@ def _apt_state() -> list[tuple[str, int, int]]:
     return state
 
 
-def _memo_path() -> Path:
-    """Where the resolved kit is remembered: keyed by this module and apt's lists, so an
-    `apt-get update` that brings a new kernel, or a change here, resolves it again."""
+def _memo_path(what: str = "resolved") -> Path:
+    """Where a resolution (the kit's, the Secure Boot loaders') is remembered: keyed by this
+    module and apt's lists, so an `apt-get update` that brings a new kernel or shim, or a
+    change here, resolves it again."""
     key = hashlib.sha256(
         json.dumps([Path(__file__).read_text(), _apt_state()]).encode()
     ).hexdigest()[:16]
-    return debs.cache_dir() / "kit" / f"resolved-{key}.json"
+    return debs.cache_dir() / "kit" / f"{what}-{key}.json"
 
 
 def _kit_to_json(kit: Kit) -> dict:
