@@ -55,6 +55,22 @@ def test_capture_and_restore_sections_measure_what_they_say(tmp_path, bench_disk
                      text), text
 
 
+@pytest.mark.qemu
+def test_rescue_section_boots_to_the_prompt_and_times_the_check(tmp_path, bench_disk):
+    """The rescue section's boot: its milestones are the runner's real lines (it waited for
+    a "capture verified" before the prompt that the threaded check no longer prints)."""
+    from builder.bench_rescue import _capture, _prompt_rows, _size_rows
+
+    folder = tmp_path / "rescue"
+    folder.mkdir()
+    kernel, base, size_rows = _size_rows()
+    assert re.search(r"base initramfs: [\d.]+ MiB zstd", size_rows[0]), size_rows
+    text = "\n".join(_prompt_rows(kernel, base, _capture(bench_disk, folder), folder))
+    assert re.search(r"confirmation prompt .*: [\d.]+ s", text), text
+    assert re.search(r"runner started at [\d.]+ s, plan shown and prompt at [\d.]+ s; the "
+                     r"capture's whole check ran beside the plan for [\d.]+ s", text), text
+
+
 def test_build_section_builds_a_never_seen_capture(tmp_path, bench_disk):
     """Each measured build makes GRUB images for its host (the section raises otherwise)."""
     from builder.bench import bench_build
