@@ -368,3 +368,45 @@ def test_unpack_refuses_a_member_written_through_a_symlink(captures, tmp_path):
     assert "unsafe member 'grub/grub.cfg'" in result.stderr, result.stderr
     assert not (tmp_path / "outside" / "grub.cfg").exists()
     assert sha256_of(target) == before
+
+
+def test_xattrs_the_scratch_cannot_hold_still_reach_the_new_file_system(tmp_path):
+    """The rescue system builds the file systems from a tree in its tmpfs, and Debian 12's
+    kernel (6.1) keeps no user.* attributes there: os.setxattr failed with EOPNOTSUPP and
+    the file-level restore ended in a traceback. Here the scratch is a ramfs (no extended
+    attributes at all): every captured attribute still reaches the new ext4, through the
+    made file system itself, and the plan says so."""
+    from .test_capture import small_msdos_image
+
+    image = small_msdos_image(tmp_path / "host.img")
+    tree = tmp_path / "tree"
+    tree.mkdir()
+    (tree / "vmlinuz").write_bytes(b"kernel" * 1000)
+    os.setxattr(tree / "vmlinuz", "user.mbrescue.test", b"kept")
+    os.setxattr(tree / "vmlinuz", "security.selinux", b"system_u:object_r:boot_t:s0\0")
+    part = tmp_path / "p1.img"
+    sh("mke2fs", "-q", "-F", "-t", "ext4", "-L", "tboot", "-U",
+       "11111111-2222-3333-4444-555555555555", "-d", tree, part, "16M")
+    sh("dd", f"if={part}", f"of={image}", "bs=512", "seek=2048", "conv=notrunc", "status=none")
+    capture_path = tmp_path / "host.mbrescue"
+    result = subprocess.run([sys.executable, "-m", "builder.cli", "capture", str(image), "-o",
+                             str(capture_path)], cwd=ROOT, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    capture = Capture.open(str(capture_path))
+    target = make_target(tmp_path / "target.img", 24 * MiB)
+    plan = files_restore.plan_files(capture, disk_info(str(target)), "test")
+    scratch = tmp_path / "ramfs"
+    scratch.mkdir()
+    sh("mount", "-t", "ramfs", "ramfs", scratch)
+    try:
+        with pytest.raises(OSError):  # the premise: this scratch holds no attributes
+            os.setxattr(scratch, "user.x", b"1")
+        files_restore.build_images(capture, plan, scratch)
+        made = next(path for _, path in plan.images)
+        listed = sh("debugfs", "-R", "ea_list /vmlinuz", made)
+        assert "user.mbrescue.test" in listed and "kept" in listed, listed
+        assert "selinux" in listed and "boot_t" in listed, listed
+        sh("e2fsck", "-fn", made)
+    finally:
+        sh("umount", "-l", scratch)
+    assert any("extended attributes" in line for line in plan.adjusted), plan.adjusted

@@ -31,6 +31,7 @@ systems' first 64 KiB (their superblocks) are written and read back.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 import shutil
@@ -332,7 +333,13 @@ def _run(argv: list[str], ok: tuple[int, ...] = (0,)) -> str:
     return done.stdout
 
 
-def _unpack(capture: Capture, copy: FileCopyRecord, into: Path) -> None:
+# An attribute the scratch tree could not hold: (path inside the tree, name, value).
+Pending = tuple[str, str, bytes]
+
+
+def _unpack(capture: Capture, copy: FileCopyRecord, into: Path) -> list[Pending]:
+    """The copy unpacked into `into`; returns the extended attributes the scratch file
+    system refused (the rescue system's tmpfs on Debian 12's kernel keeps no user.*)."""
     member = capture.members.get(copy.member)
     if member is None:
         raise MbrescueError(f"{capture.path}: the capture has no {copy.member}")
@@ -369,10 +376,38 @@ def _unpack(capture: Capture, copy: FileCopyRecord, into: Path) -> None:
         else:
             archive.extractall(into, numeric_owner=True)
         # mke2fs -d copies a tree's extended attributes: put the captured ones there.
+        pending: list[Pending] = []
         for info in archive.getmembers():
             for key, value in xattrs_of(info).items():
-                os.setxattr(into / info.name, key, value, follow_symlinks=False)
+                try:
+                    os.setxattr(into / info.name, key, value, follow_symlinks=False)
+                except OSError as exc:
+                    if exc.errno not in (errno.EOPNOTSUPP, errno.ENOTSUP, errno.EPERM):
+                        raise
+                    pending.append((info.name, key, value))
     packed.unlink()
+    return pending
+
+
+def _set_in_image(image: Path, pending: list[Pending]) -> None:
+    """Attributes the scratch tree could not hold, set in the made ext file system itself
+    (a loop mount of the image in scratch; ext4 keeps every namespace), then checked."""
+    loop = _run(["losetup", "--find", "--show", os.fspath(image)]).strip()
+    try:
+        with tempfile.TemporaryDirectory(prefix="mbrescue-xattr-") as where:
+            _run(["mount", "-t", "ext4", "-o", "nodev,nosuid,noexec", loop, where])
+            try:
+                for name, key, value in pending:
+                    try:
+                        os.setxattr(Path(where) / name, key, value, follow_symlinks=False)
+                    except OSError as exc:
+                        raise MbrescueError(f"{name}: extended attribute {key} cannot be set "
+                                            f"({exc.strerror}); nothing written") from None
+            finally:
+                _run(["umount", where])
+    finally:
+        _run(["losetup", "--detach", loop])
+    _run(["e2fsck", "-fn", os.fspath(image)])
 
 
 def _blkid(image: Path) -> dict[str, str]:
@@ -438,10 +473,16 @@ def build_images(capture: Capture, plan: FilesPlan, scratch: Path) -> None:
             continue
         fs = part.copy.fs
         tree = scratch / f"tree-p{part.source.number}"
-        _unpack(capture, part.copy, tree)
+        pending = _unpack(capture, part.copy, tree)
         image = scratch / f"fs-p{part.source.number}.img"
         if fs.type in EXT_TYPES:
             _make_ext(plan, part, tree, image)
+            if pending:
+                _set_in_image(image, pending)
+                plan.adjusted.append(
+                    f"partition {part.source.number}: {len(pending)} extended attributes "
+                    f"({', '.join(sorted({key for _, key, _ in pending}))}) set in the new "
+                    "file system directly (this kernel's scratch file system cannot hold them)")
             want = {"UUID": str(fs.uuid), "LABEL": fs.label or ""}
         else:
             _make_vfat(plan, part, tree, image)
