@@ -9,6 +9,8 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -42,6 +44,33 @@ def sh(*args: str | os.PathLike[str], input_bytes: bytes | None = None) -> str:
     if result.returncode != 0:
         raise AssertionError(f"{args} failed: {result.stderr.decode()}")
     return result.stdout.decode()
+
+
+@contextmanager
+def loop_device(path: Path, *options: str) -> Iterator[str]:
+    """A loop device on an image file (losetup options such as `-b 4096`), detached after."""
+    device = sh("losetup", "--find", "--show", *options, path).strip()
+    try:
+        yield device
+    finally:
+        sh("losetup", "--detach", device)
+
+
+def memory_initrd(capture: Path, folder: Path, name: str = "initrd.img",
+                  extra: dict[str, bytes] | None = None) -> Path:
+    """The rescue system with the capture in memory, in one file: the base initramfs, then
+    the capture's payload, as GRUB's memory entry and a network boot hand them over (the
+    kernel unpacks both)."""
+    from builder.build import OVERLAYS_DIR, RUNNER_DIR
+    from builder.initramfs import make_base_initramfs, make_payload_initramfs
+    from builder.kit import ensure_kit
+
+    base = make_base_initramfs(ensure_kit(), RUNNER_DIR, OVERLAYS_DIR)
+    payload = make_payload_initramfs(capture, folder / f"{name}.payload", extra=extra)
+    initrd = folder / name
+    initrd.write_bytes(base.read_bytes() + payload.read_bytes())
+    payload.unlink()
+    return initrd
 
 
 def sha256_of(path: Path, length: int | None = None, offset: int = 0) -> str:

@@ -13,7 +13,6 @@ variable store file too.
 
 from __future__ import annotations
 
-import contextlib
 import io
 import re
 import shutil
@@ -26,8 +25,6 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from builder import initramfs
-from builder.build import OVERLAYS_DIR, RUNNER_DIR
 from builder.kit import ensure_kit
 from builder.runner import nvram
 from builder.runner import restore as runner
@@ -37,7 +34,7 @@ from builder.runner.console import Console, Terminal
 from builder.runner.gpt import parse_guid
 from builder.vm import OVMF_VARS, Disk, Vm, VmConfig, VmTimeout
 
-from .conftest import mbrescue, sh
+from .conftest import loop_device, mbrescue, memory_initrd, sh
 
 MiB = 1 << 20
 GLOBAL = nvram.GLOBAL_GUID
@@ -261,15 +258,6 @@ def test_bios_and_image_files_get_no_entry(tmp_path: Path, captures) -> None:
 # --- through the runner, on loop devices ------------------------------------------------------------
 
 
-@contextlib.contextmanager
-def loop_device(image: Path) -> Iterator[str]:
-    device = sh("losetup", "--find", "--show", image).strip()
-    try:
-        yield device
-    finally:
-        sh("losetup", "--detach", device)
-
-
 @pytest.mark.parametrize("files", [False, True])
 def test_rescue_restore_adds_the_entry_last(fixtures, captures, efivars, tmp_path, monkeypatch,
                                             files) -> None:
@@ -330,11 +318,7 @@ def ovmf_variables(store: Path) -> dict[str, bytes]:
 def test_ovmf_boots_the_restored_disk_from_the_added_entry(fixtures, captures, tmp_path) -> None:
     fixture = fixtures["D"]
     kit = ensure_kit()
-    base = initramfs.make_base_initramfs(kit, RUNNER_DIR, OVERLAYS_DIR)
-    payload = initramfs.make_payload_initramfs(captures["D"], tmp_path / "payload.img")
-    initrd = tmp_path / "initrd.img"
-    initrd.write_bytes(base.read_bytes() + payload.read_bytes())
-    payload.unlink()
+    initrd = memory_initrd(captures["D"], tmp_path)
     target = tmp_path / "blank.img"
     with open(target, "wb") as stream:
         stream.truncate(fixture.path.stat().st_size)

@@ -35,7 +35,7 @@ from builder.runner.files_restore import FilesPlan
 from builder.runner.plan import Plan, RegionHead
 from builder.vm import Disk, Vm, VmConfig, VmTimeout
 
-from .conftest import mbrescue, sh, sha256_of
+from .conftest import mbrescue, memory_initrd, sh, sha256_of
 
 MiB = 1 << 20
 EPOCH = "1700000000"
@@ -326,11 +326,7 @@ def test_files_switch_forces_the_file_level_path_in_the_rescue_system(fixtures, 
     """
     fixture = fixtures["D"]
     kit = ensure_kit()
-    base = initramfs.make_base_initramfs(kit, RUNNER_DIR, OVERLAYS_DIR)
-    payload = initramfs.make_payload_initramfs(captures["D"], tmp_path / "payload.img")
-    initrd = tmp_path / "initrd.img"
-    initrd.write_bytes(base.read_bytes() + payload.read_bytes())
-    payload.unlink()
+    initrd = memory_initrd(captures["D"], tmp_path)
     target = blank(tmp_path / "same.img", fixture.path.stat().st_size)
     serial_log = tmp_path / "serial.log"
     config = VmConfig(kernel=kit.kernel, initrd=initrd, memory_mib=MEMORY_MIB,

@@ -23,7 +23,7 @@ from builder.runner.cmdline import Switches
 from builder.runner.console import Console, Terminal
 from builder.runner.errors import MbrescueError
 
-from .conftest import ROOT, read_until, sh, sha256_of
+from .conftest import ROOT, memory_initrd, read_until, sh, sha256_of
 
 MiB = 1 << 20
 SECTOR = 512
@@ -484,16 +484,9 @@ def test_rescue_mode_asks_which_disk(fixtures, captures, tmp_path):
 def rescue_initrd(captures, tmp_path_factory) -> tuple[Path, Path]:
     """(kernel, initrd): the kit's kernel, the base initramfs with this runner, fixture A's
     capture as the payload, concatenated as GRUB hands them over."""
-    from builder.initramfs import make_base_initramfs, make_payload_initramfs
     from builder.kit import ensure_kit
 
-    kit = ensure_kit()
-    base = make_base_initramfs(kit, ROOT / "builder" / "runner", ROOT / "overlays")
-    folder = tmp_path_factory.mktemp("rescue")
-    payload = make_payload_initramfs(captures["A"], folder / "payload.img")
-    initrd = folder / "initrd.img"
-    initrd.write_bytes(base.read_bytes() + payload.read_bytes())
-    return kit.kernel, initrd
+    return ensure_kit().kernel, memory_initrd(captures["A"], tmp_path_factory.mktemp("rescue"))
 
 
 def rescue_vm(rescue_initrd, disks, append: str, log: Path):

@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import os
 import threading
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import pycdlib
@@ -29,7 +27,7 @@ from builder.runner.targets import (
     unattended_choice,
 )
 
-from .conftest import mbrescue, one_error_line, read_until, sh, sha256_of
+from .conftest import loop_device, mbrescue, one_error_line, read_until, sh, sha256_of
 
 MiB = 1 << 20
 
@@ -76,15 +74,6 @@ def image(path: Path, size_bytes: int, content: bytes = b"") -> Path:
         stream.write(content)
         stream.truncate(max(size_bytes, len(content)))
     return path
-
-
-@contextmanager
-def loop_device(path: Path) -> Iterator[str]:
-    device = sh("losetup", "-f", "--show", path).strip()
-    try:
-        yield device
-    finally:
-        sh("losetup", "-d", device)
 
 
 def test_no_rescue_medium_is_ever_offered(fixtures, capture_a, other_host_iso, work, tmp_path):
