@@ -125,26 +125,36 @@ def dump_tree(image: str, offset_bytes: int, fs_type: str, into: Path,
 
 
 @contextlib.contextmanager
+def loop_mounted(image: str, offset_bytes: int, fs_type: str, writable: bool = False,
+                 pass_fds: Sequence[int] = ()) -> Iterator[Path]:
+    """The ext file system at offset_bytes on a loop device, mounted in a temporary folder:
+    read-only without journal replay (a read-only loop device too), or writable; raises
+    MbrescueError when this machine cannot."""
+    read_only = [] if writable else ["--read-only"]
+    options = "nodev,nosuid,noexec" if writable else "ro,noload,nodev,nosuid,noexec"
+    with contextlib.ExitStack() as stack:
+        loop = _run(["losetup", "--find", "--show", *read_only, "--offset", str(offset_bytes),
+                     image], pass_fds).strip()
+        stack.callback(_run, ["losetup", "--detach", loop])
+        where = Path(stack.enter_context(tempfile.TemporaryDirectory(
+            prefix="mbrescue-rw-" if writable else "mbrescue-ro-")))
+        _run(["mount", "-t", "ext4" if fs_type != "ext2" else "ext2", "-o", options, loop,
+              os.fspath(where)])
+        stack.callback(_run, ["umount", os.fspath(where)])
+        yield where
+
+
+@contextlib.contextmanager
 def mounted_ro(image: str, offset_bytes: int, fs_type: str,
                pass_fds: Sequence[int] = ()) -> Iterator[Path | None]:
     """The ext file system at offset_bytes mounted read-only without journal replay, on a
     read-only loop device; None when this machine cannot (then debugfs does the work)."""
     with contextlib.ExitStack() as stack:
         try:
-            loop = _run(["losetup", "--find", "--show", "--read-only", "--offset",
-                         str(offset_bytes), image], pass_fds).strip()
+            where: Path | None = stack.enter_context(
+                loop_mounted(image, offset_bytes, fs_type, pass_fds=pass_fds))
         except MbrescueError:
-            yield None
-            return
-        stack.callback(_run, ["losetup", "--detach", loop])
-        where = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="mbrescue-ro-")))
-        try:
-            _run(["mount", "-t", "ext4" if fs_type != "ext2" else "ext2", "-o",
-                  "ro,noload,nodev,nosuid,noexec", loop, os.fspath(where)])
-        except MbrescueError:
-            yield None
-            return
-        stack.callback(_run, ["umount", os.fspath(where)])
+            where = None
         yield where
 
 

@@ -49,7 +49,7 @@ from .capfile import Capture
 from .console import Console, human_bytes
 from .disk import DiskInfo
 from .errors import MbrescueError
-from .filecopy import EXT_TYPES, mounted_ro, xattrs_of
+from .filecopy import EXT_TYPES, loop_mounted, mounted_ro, xattrs_of
 from .manifest import BootLoaderRecord, FileCopyRecord, Manifest, PartitionRecord, SwapRecord
 from .plan import SUPERBLOCK_SPAN_BYTES, describe_contents, disk_title
 from .writer import ReadBack, reread_partitions
@@ -389,24 +389,16 @@ def _unpack(capture: Capture, copy: FileCopyRecord, into: Path) -> list[Pending]
     return pending
 
 
-def _set_in_image(image: Path, pending: list[Pending]) -> None:
+def _set_in_image(image: Path, fs_type: str, pending: list[Pending]) -> None:
     """Attributes the scratch tree could not hold, set in the made ext file system itself
-    (a loop mount of the image in scratch; ext4 keeps every namespace), then checked."""
-    loop = _run(["losetup", "--find", "--show", os.fspath(image)]).strip()
-    try:
-        with tempfile.TemporaryDirectory(prefix="mbrescue-xattr-") as where:
-            _run(["mount", "-t", "ext4", "-o", "nodev,nosuid,noexec", loop, where])
+    (mounted from scratch; ext4 keeps every namespace), then checked."""
+    with loop_mounted(os.fspath(image), 0, fs_type, writable=True) as where:
+        for name, key, value in pending:
             try:
-                for name, key, value in pending:
-                    try:
-                        os.setxattr(Path(where) / name, key, value, follow_symlinks=False)
-                    except OSError as exc:
-                        raise MbrescueError(f"{name}: extended attribute {key} cannot be set "
-                                            f"({exc.strerror}); nothing written") from None
-            finally:
-                _run(["umount", where])
-    finally:
-        _run(["losetup", "--detach", loop])
+                os.setxattr(where / name, key, value, follow_symlinks=False)
+            except OSError as exc:
+                raise MbrescueError(f"{name}: extended attribute {key} cannot be set "
+                                    f"({exc.strerror}); nothing written") from None
     _run(["e2fsck", "-fn", os.fspath(image)])
 
 
@@ -478,7 +470,7 @@ def build_images(capture: Capture, plan: FilesPlan, scratch: Path) -> None:
         if fs.type in EXT_TYPES:
             _make_ext(plan, part, tree, image)
             if pending:
-                _set_in_image(image, pending)
+                _set_in_image(image, fs.type, pending)
                 plan.adjusted.append(
                     f"partition {part.source.number}: {len(pending)} extended attributes "
                     f"({', '.join(sorted({key for _, key, _ in pending}))}) set in the new "
