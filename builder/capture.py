@@ -955,12 +955,13 @@ def _warn_of_kernels(record: dict) -> dict:
 def _file_copies(source: Path, layout: Layout, chain: list[Partition], tar: capfile.TarWriter,
                  mtime: int, spool: int | None) -> list[dict]:
     """The file-level copy of each boot-chain file system (runner/filecopy.py), read from the
-    frozen region's spool when there is one (what was frozen), else from the source."""
+    frozen region's spool when there is one (what was frozen; its files then refer to the
+    region's bytes), else from the source."""
     sector = layout.disk.logical_sector_bytes
     wanted = [(p.number, p.start_lba * sector, p.fs.type) for p in chain if p.fs is not None]
     if spool is not None:
         return filecopy.add_file_copies(tar, f"/proc/self/fd/{spool}", wanted, mtime, (spool,),
-                                        warn=log.info)
+                                        warn=log.info, region_fd=spool)
     return filecopy.add_file_copies(tar, os.fspath(source), wanted, mtime, warn=log.info)
 
 

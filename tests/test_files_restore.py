@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from builder.fixtures import boot_to_marker
-from builder.runner import files_restore
+from builder.runner import filecopy, files_restore
 from builder.runner import restore as runner
 from builder.runner.capfile import Capture
 from builder.runner.console import Console, Terminal
@@ -296,11 +296,18 @@ def test_mounted_boot_file_copy_is_read_from_the_frozen_region(tmp_path):
     assert out.manifest["frozen"] is True
     (record,) = out.manifest["file_copies"]
     assert record["fs"]["read_with"] == "ro,noload loop mount"
+    assert record["referenced_files"] >= 1
     with Capture.open(str(out.path)) as opened:
         packed = opened.read_member(record["member"])
-    with tarfile.open(fileobj=io.BytesIO(packed)) as archive:
-        stream = archive.extractfile("initrd.img-new")
-        assert stream is not None and stream.read() == payload
+        with tarfile.open(fileobj=io.BytesIO(packed)) as archive:
+            info = archive.getmember("initrd.img-new")
+            # Its bytes are the region's: the member is a reference, proven at capture.
+            ref = filecopy.reference_of(info, opened.region.length_bytes)
+            assert ref is not None and info.size == 0
+            assert ref.size == len(payload)
+            assert ref.sha256 == hashlib.sha256(payload).hexdigest()
+            assert b"".join(opened.read_region(offset, length)
+                            for _, offset, length in ref.extents) == payload
 
 
 def test_d_onto_a_4kn_loop_device(captures, tmp_path):

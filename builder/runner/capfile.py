@@ -39,7 +39,10 @@ from .manifest import Manifest, RegionRecord, check_tables, parse_manifest
 
 FORMAT = "mbrescue-capture"
 # 2: manifest.sha256 seals the manifest; GNU headers (members over 8 GiB).
-FORMAT_VERSION = 2
+# 3: a file-level copy's regular files may be references into the region (filecopy.py):
+#    a reader of version 2 would restore them empty, so it must refuse the capture.
+FORMAT_VERSION = 3
+READ_VERSIONS = (2, 3)
 REGION_MEMBER = "region.img.gz"
 GPT_TAIL_MEMBER = "gpt-tail.bin"
 BOOT_FILES_MEMBER = "boot.tar.gz"
@@ -118,6 +121,7 @@ class Capture:
         self.base = base
         self.size = os.fstat(fd).st_size - base if size is None else size
         self.manifest_sha256 = ""
+        self._chunk_offsets: list[int] | None = None
 
     @classmethod
     def open(cls, path: str) -> Capture:
@@ -279,14 +283,23 @@ class Capture:
         against its SHA-256)."""
         size = self.region.chunk_bytes
         first, last = offset // size, (offset + length - 1) // size
-        sizes = self.region.chunks
-        at = self.members[REGION_MEMBER].offset + sum(sizes[:first])
-        raw = b""
-        for index in range(first, last + 1):
-            raw += self.unpack(index, self._checked(index, self.pread(sizes[index], at)))
-            at += sizes[index]
+        raw = b"".join(self.region_chunk(index) for index in range(first, last + 1))
         start = offset - first * size
         return raw[start : start + length]
+
+    def region_chunk(self, index: int) -> bytes:
+        """One raw region chunk, its gzip member checked against its SHA-256 first."""
+        sizes = self.region.chunks
+        if not 0 <= index < len(sizes):
+            raise MbrescueError(f"{self.path}: the region has no chunk {index}")
+        if self._chunk_offsets is None:
+            at, offsets = self.members[REGION_MEMBER].offset, []
+            for size in sizes:
+                offsets.append(at)
+                at += size
+            self._chunk_offsets = offsets
+        packed = self.pread(sizes[index], self._chunk_offsets[index])
+        return self.unpack(index, self._checked(index, packed))
 
     def verify_members(self) -> None:
         """The GPT tail's and the /boot archive's checksums."""
@@ -391,7 +404,7 @@ def _read_manifest(path: str, fd: int, members: dict[str, Member]) -> Manifest:
     if MANIFEST_SEAL_MEMBER not in members:
         raise MbrescueError(
             f"{path}: the manifest has no seal ({MANIFEST_SEAL_MEMBER}); a capture made "
-            f"before format version {FORMAT_VERSION} must be taken again"
+            f"before format version 2 must be taken again"
         )
     manifest_member = members[MANIFEST_MEMBER]
     if manifest_member.size > MANIFEST_MAX_BYTES:
@@ -412,10 +425,10 @@ def _read_manifest(path: str, fd: int, members: dict[str, Member]) -> Manifest:
     if not isinstance(data, dict) or data.get("format") != FORMAT:
         found = data.get("format") if isinstance(data, dict) else type(data).__name__
         raise MbrescueError(f"{path} is not a capture file (format {found!r})")
-    if data.get("format_version") != FORMAT_VERSION:
+    if data.get("format_version") not in READ_VERSIONS:
         raise MbrescueError(
             f"{path}: capture format version {data.get('format_version')!r} "
-            f"is not supported (this mbrescue reads {FORMAT_VERSION})"
+            f"is not supported (this mbrescue reads {', '.join(map(str, READ_VERSIONS))})"
         )
     try:
         return parse_manifest(data)

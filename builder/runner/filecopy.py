@@ -17,18 +17,33 @@ keeps hard links and extended attributes (PAX `SCHILY.xattr.*` records, as GNU t
 bsdtar write them; `security.selinux` labels matter on RHEL-family /boot). Where that
 cannot run (no loop devices), `debugfs -c -R rdump`, which keeps modes, owners and
 times but writes hard links as separate files and drops extended attributes.
+
+A file's bytes are in the region already. When the copy is read from the capture's own
+spool of the frozen region (the same bytes the region member holds), a regular file whose
+data the kernel maps (FIEMAP) to plain extents is stored as a reference instead: an empty
+member whose PAX records give its size, its SHA-256 and where each extent lies in the
+region (`MBRESCUE.extents`: `logical:region_offset:length` in bytes). Each reference is
+proven at capture by reading the file through the mount beside the region's bytes at those
+offsets (and zeros in its holes); a file that is not mapped that way (inline data,
+unwritten or delayed extents, more than MAX_EXTENTS) or does not match is stored whole.
+The file-level restore fills referenced files from the region's checked chunks and holds
+each against its SHA-256 before anything is written.
 """
 
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
 import os
+import re
 import shutil
+import struct
 import subprocess
 import tarfile
 import tempfile
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +53,13 @@ EXT_TYPES = ("ext2", "ext3", "ext4")
 COPY_TYPES = (*EXT_TYPES, "vfat")
 FAT_LABEL_NONE = "NO NAME"
 XATTR_PREFIX = "SCHILY.xattr."
+REF_EXTENTS = "MBRESCUE.extents"
+REF_SIZE = "MBRESCUE.size"
+REF_SHA256 = "MBRESCUE.sha256"
+# A file in more pieces than MAX_EXTENTS is stored whole (and so is an empty one).
+REF_MIN_BYTES = 1
+MAX_EXTENTS = 4096
+PIECE_BYTES = 1 << 20
 
 
 def member_name(partition: int) -> str:
@@ -169,9 +191,100 @@ def _tree_bytes(root: Path) -> int:
     return total
 
 
-def pack_tree(root: Path, out_path: Path) -> int:
-    """The tree as a gzip'd PAX tar (owners, modes, times, symlinks); returns the file count."""
-    count = 0
+# --- regular files as references into the region ------------------------------------------
+
+# linux/fiemap.h: struct fiemap (32 bytes) and struct fiemap_extent (56 bytes).
+FS_IOC_FIEMAP = 0xC020660B
+FIEMAP_FLAG_SYNC = 0x1
+FIEMAP_EXTENT_LAST = 0x1
+FIEMAP_EXTENT_MERGED = 0x1000
+FIEMAP_HEADER = struct.Struct("=QQIIII")
+FIEMAP_EXTENT = struct.Struct("=QQQ16xI12x")
+FIEMAP_BATCH = 128
+
+
+def file_extents(fd: int) -> list[tuple[int, int, int]] | None:
+    """(logical, physical, length) in bytes of each extent of an open file, from FIEMAP;
+    None when the kernel cannot say or any extent is not plain data at a known place."""
+    extents: list[tuple[int, int, int]] = []
+    start = 0
+    while len(extents) <= MAX_EXTENTS:
+        buf = bytearray(FIEMAP_HEADER.size + FIEMAP_BATCH * FIEMAP_EXTENT.size)
+        FIEMAP_HEADER.pack_into(buf, 0, start, (1 << 64) - 1 - start, FIEMAP_FLAG_SYNC, 0,
+                                FIEMAP_BATCH, 0)
+        try:
+            fcntl.ioctl(fd, FS_IOC_FIEMAP, buf)
+        except OSError:
+            return None
+        mapped = FIEMAP_HEADER.unpack_from(buf, 0)[3]
+        if mapped == 0:
+            return extents
+        flags = 0
+        for index in range(mapped):
+            logical, physical, length, flags = FIEMAP_EXTENT.unpack_from(
+                buf, FIEMAP_HEADER.size + index * FIEMAP_EXTENT.size)
+            if flags & ~(FIEMAP_EXTENT_LAST | FIEMAP_EXTENT_MERGED) or length == 0:
+                return None  # inline, unwritten, delayed, encoded, unknown: not region bytes
+            extents.append((logical, physical, length))
+        if flags & FIEMAP_EXTENT_LAST:
+            return extents
+        start = extents[-1][0] + extents[-1][2]
+    return None
+
+
+def _matches(fd: int, at: int, length: int, region: tuple[int, int] | None,
+             digest: Any) -> bool:
+    """The file's bytes at..at+length equal the region's from region[1] (None: zeros)."""
+    done = 0
+    while done < length:
+        size = min(PIECE_BYTES, length - done)
+        data = os.pread(fd, size, at + done)
+        if region is None:
+            expected = bytes(size)
+        else:
+            expected = os.pread(region[0], size, region[1] + done)
+        if data != expected:
+            return False
+        digest.update(data)
+        done += size
+    return True
+
+
+def region_reference(fd: int, size: int, region_fd: int, base: int,
+                     region_bytes: int) -> dict[str, str] | None:
+    """The PAX records that stand for the open file's bytes (its extents, at `base` in the
+    region), each extent proven against the region; None: store the file whole."""
+    extents = file_extents(fd)
+    if extents is None or not extents:
+        return None
+    digest = hashlib.sha256()
+    at = 0
+    parts = []
+    for logical, physical, length in extents:
+        if logical >= size:
+            break
+        length = min(length, size - logical)
+        offset = base + physical
+        if (logical < at or offset + length > region_bytes
+                or not _matches(fd, at, logical - at, None, digest)
+                or not _matches(fd, logical, length, (region_fd, offset), digest)):
+            return None
+        parts.append(f"{logical}:{offset}:{length}")
+        at = logical + length
+    if not _matches(fd, at, size - at, None, digest):
+        return None
+    return {REF_SIZE: str(size), REF_SHA256: digest.hexdigest(), REF_EXTENTS: " ".join(parts)}
+
+
+def pack_tree(root: Path, out_path: Path,
+              region: tuple[int, int] | None = None) -> tuple[int, int]:
+    """The tree as a gzip'd PAX tar (owners, modes, times, symlinks); returns the number of
+    files and how many of them are references.
+
+    With `region` (the region spool's descriptor, the file system's offset in it), regular
+    files whose bytes it holds become references (see the module's doc)."""
+    count = referenced = 0
+    region_bytes = os.fstat(region[0]).st_size if region is not None else 0
     with tarfile.open(out_path, "w:gz", format=tarfile.PAX_FORMAT, compresslevel=6) as tar:
         for folder, dirs, files in os.walk(root):
             dirs.sort()
@@ -187,11 +300,65 @@ def pack_tree(root: Path, out_path: Path) -> int:
                 }
                 if info.isreg():
                     with open(path, "rb") as stream:
-                        tar.addfile(info, stream)
+                        reference = None
+                        if region is not None and info.size >= REF_MIN_BYTES:
+                            reference = region_reference(stream.fileno(), info.size, region[0],
+                                                         region[1], region_bytes)
+                        if reference is not None:
+                            info.pax_headers.update(reference)
+                            info.size = 0
+                            tar.addfile(info)
+                            referenced += 1
+                        else:
+                            tar.addfile(info, stream)
                 else:
                     tar.addfile(info)
                 count += 1
-    return count
+    return count, referenced
+
+
+@dataclass(frozen=True)
+class Reference:
+    """A member stored as a reference: the file's size, SHA-256 and extents (logical
+    offset, offset in the region, length; in bytes, in order, not overlapping)."""
+
+    size: int
+    sha256: str
+    extents: tuple[tuple[int, int, int], ...]
+
+
+SHA256_HEX = re.compile(r"[0-9a-f]{64}")
+
+
+def reference_of(info: tarfile.TarInfo, region_bytes: int) -> Reference | None:
+    """The member's reference into a region of region_bytes, checked; None for a member
+    stored whole."""
+    if REF_EXTENTS not in info.pax_headers:
+        return None
+    bad = MbrescueError(f"/{info.name}: its reference into the region is not well-formed")
+    if not info.isreg() or info.size != 0:
+        raise bad
+    try:
+        size = int(info.pax_headers[REF_SIZE])
+        digest = info.pax_headers[REF_SHA256]
+        extents = [tuple(int(n) for n in part.split(":"))
+                   for part in info.pax_headers[REF_EXTENTS].split()]
+    except (KeyError, ValueError):
+        raise bad from None
+    if not SHA256_HEX.fullmatch(digest) or size < 0 or len(extents) > MAX_EXTENTS:
+        raise bad
+    at = 0
+    checked = []
+    for extent in extents:
+        if len(extent) != 3:
+            raise bad
+        logical, offset, length = extent
+        if (logical < at or length <= 0 or offset < 0 or offset + length > region_bytes
+                or logical + length > size):
+            raise bad
+        checked.append((logical, offset, length))
+        at = logical + length
+    return Reference(size, digest, tuple(checked))
 
 
 def xattrs_of(info: tarfile.TarInfo) -> dict[str, bytes]:
@@ -201,8 +368,12 @@ def xattrs_of(info: tarfile.TarInfo) -> dict[str, bytes]:
 
 
 def read_copy(image: str, partition: int, offset_bytes: int, fs_type: str, scratch: Path,
-              pass_fds: Sequence[int] = ()) -> tuple[dict[str, Any], Path]:
-    """The record (without sha256) and the tar file of one file system's file-level copy."""
+              pass_fds: Sequence[int] = (), region_fd: int | None = None
+              ) -> tuple[dict[str, Any], Path]:
+    """The record (without sha256) and the tar file of one file system's file-level copy.
+
+    `region_fd`: `image` is the region (the capture's spool of it, open there), so files
+    mounted from it may be stored as references into it."""
     if fs_type in EXT_TYPES:
         params = ext_params(image, offset_bytes, pass_fds)
     else:
@@ -220,18 +391,22 @@ def read_copy(image: str, partition: int, offset_bytes: int, fs_type: str, scrat
             tree.mkdir()
             stack.callback(shutil.rmtree, tree)
             dump_tree(image, offset_bytes, fs_type, tree, pass_fds)
-        count = pack_tree(tree, out)
+        mounted = params["read_with"] == "ro,noload loop mount"
+        count, referenced = pack_tree(
+            tree, out, (region_fd, offset_bytes) if mounted and region_fd is not None else None)
         params["used_bytes"] = _tree_bytes(tree)
     record = {"partition": partition, "member": member_name(partition), "file_count": count,
-              "fs": params}
+              "referenced_files": referenced, "fs": params}
     return record, out
 
 
 def add_file_copies(tar: Any, image: str, chain: Sequence[tuple[int, int, str]], mtime: int,
                     pass_fds: Sequence[int] = (),
-                    warn: Callable[[str], None] = lambda line: None) -> list[dict[str, Any]]:
+                    warn: Callable[[str], None] = lambda line: None,
+                    region_fd: int | None = None) -> list[dict[str, Any]]:
     """Each (partition, offset_bytes, fs type) of the chain with a copyable file system as a
     member of the capture (`tar` is a capfile.TarWriter); the manifest's `file_copies`.
+    `region_fd`: `image` is the captured region itself (see read_copy).
 
     A host without the tools a copy needs (mtools is rare on servers) still gets its
     capture: the region path does not need the copy. `warn` is told which copy is missing.
@@ -243,7 +418,7 @@ def add_file_copies(tar: Any, image: str, chain: Sequence[tuple[int, int, str]],
                 continue
             try:
                 record, path = read_copy(image, partition, offset_bytes, fs_type,
-                                         Path(scratch), pass_fds)
+                                         Path(scratch), pass_fds, region_fd)
             except ToolMissing as exc:
                 warn(f"warning: no file-level copy of partition {partition} ({fs_type}): {exc}; "
                      "the region path does not need it, the file-level path will")

@@ -49,7 +49,7 @@ from .capfile import Capture
 from .console import Console, human_bytes
 from .disk import DiskInfo
 from .errors import MbrescueError
-from .filecopy import EXT_TYPES, loop_mounted, mounted_ro, xattrs_of
+from .filecopy import EXT_TYPES, Reference, loop_mounted, mounted_ro, reference_of, xattrs_of
 from .manifest import BootLoaderRecord, FileCopyRecord, Manifest, PartitionRecord, SwapRecord
 from .plan import SUPERBLOCK_SPAN_BYTES, describe_contents, disk_title
 from .writer import ReadBack, reread_partitions
@@ -357,6 +357,7 @@ def _unpack(capture: Capture, copy: FileCopyRecord, into: Path) -> list[Pending]
         # The unpack must stay inside `into`: no absolute or `..` names, no name that runs
         # through a symlink of the archive, no hard link to a name outside it.
         symlinks: set[str] = set()
+        references: list[tuple[Path, Reference]] = []
         for info in archive:
             name = Path(info.name)
             through = [str(Path(*name.parts[:i])) for i in range(1, len(name.parts))]
@@ -368,6 +369,9 @@ def _unpack(capture: Capture, copy: FileCopyRecord, into: Path) -> list[Pending]
                                     "written")
             if info.issym():
                 symlinks.add(str(name))
+            reference = reference_of(info, capture.region.length_bytes)
+            if reference is not None:
+                references.append((into / name, reference))
         # Checked above and sealed by its checksum: owners and modes are kept as captured.
         # The rescue kit's Python (Debian 12's 3.11.2) has no extraction filters; there,
         # extractall does what "fully_trusted" names on later versions.
@@ -375,6 +379,12 @@ def _unpack(capture: Capture, copy: FileCopyRecord, into: Path) -> list[Pending]
             archive.extractall(into, numeric_owner=True, filter="fully_trusted")
         else:
             archive.extractall(into, numeric_owner=True)
+        _fill(capture, references)
+        # tarfile sets a symlink's time through the link (on its target, or nowhere), and
+        # filling a file changes its time: every time set again, links not followed.
+        for info in archive.getmembers():
+            if not (info.isdir() or info.islnk()):
+                os.utime(into / info.name, (info.mtime, info.mtime), follow_symlinks=False)
         # mke2fs -d copies a tree's extended attributes: put the captured ones there.
         pending: list[Pending] = []
         for info in archive.getmembers():
@@ -387,6 +397,38 @@ def _unpack(capture: Capture, copy: FileCopyRecord, into: Path) -> list[Pending]
                     pending.append((info.name, key, value))
     packed.unlink()
     return pending
+
+
+def _fill(capture: Capture, references: list[tuple[Path, Reference]]) -> None:
+    """The referenced files (unpacked empty) filled from the region's checked chunks in
+    one pass in region order, each then held against its captured SHA-256."""
+    pieces = sorted((offset, length, logical, number)
+                    for number, (_, ref) in enumerate(references)
+                    for logical, offset, length in ref.extents)
+    chunk_bytes = capture.region.chunk_bytes
+    fds: list[int] = []
+    try:
+        for path, ref in references:
+            fds.append(os.open(path, os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC))
+            os.ftruncate(fds[-1], ref.size)
+        index, chunk = -1, memoryview(b"")
+        for offset, length, logical, number in pieces:
+            done = 0
+            while done < length:
+                if (offset + done) // chunk_bytes != index:
+                    index = (offset + done) // chunk_bytes
+                    chunk = memoryview(capture.region_chunk(index))
+                within = offset + done - index * chunk_bytes
+                piece = chunk[within : within + length - done]
+                _pwrite_all(fds[number], piece, logical + done, os.fspath(references[number][0]))
+                done += len(piece)
+    finally:
+        for fd in fds:
+            os.close(fd)
+    for path, ref in references:
+        if _file_digest(path) != ref.sha256:
+            raise MbrescueError(f"{path.name}: filled from the region, it differs from the "
+                                "captured file; nothing written")
 
 
 def _set_in_image(image: Path, fs_type: str, pending: list[Pending]) -> None:
@@ -640,7 +682,7 @@ def _boot_loader_writes(capture: Capture, plan: FilesPlan) -> list[tuple[int, by
     return writes
 
 
-def _pwrite_all(fd: int, data: bytes, offset: int, path: str) -> None:
+def _pwrite_all(fd: int, data: bytes | memoryview, offset: int, path: str) -> None:
     view = memoryview(data)
     try:
         while view:
@@ -745,9 +787,12 @@ def compare_tree(capture: Capture, copy: FileCopyRecord, root: Path, owners: boo
                 except OSError:
                     st = None
                     problem = "missing"
+                reference = reference_of(info, capture.region.length_bytes)
                 if st is not None and info.isreg() and (
-                        not stat.S_ISREG(st.st_mode) or st.st_size != info.size
-                        or _file_digest(path) != _member_digest(archive, info)):
+                        not stat.S_ISREG(st.st_mode)
+                        or st.st_size != (reference.size if reference else info.size)
+                        or _file_digest(path) != (reference.sha256 if reference
+                                                  else _member_digest(archive, info))):
                     problem = "content differs"
                 elif st is not None and info.issym() and os.readlink(path) != info.linkname:
                     problem = "link target differs"

@@ -291,6 +291,8 @@ class FileCopyRecord:
     sha256: str
     file_count: int
     fs: FileSystemParams
+    # How many of its regular files are references into the region (runner/filecopy.py).
+    referenced_files: int = 0
 
 
 @dataclass(frozen=True)
@@ -625,6 +627,7 @@ def _file_copies(top: _Fields, boot_chain: tuple[int, ...]) -> tuple[FileCopyRec
             sha256=fields.text("sha256", SHA256_RE),
             file_count=fields.integer("file_count", 0, 1 << 32),
             fs=params,
+            referenced_files=fields.opt_int("referenced_files", 0, 1 << 32) or 0,
         ))
     if len({r.partition for r in records}) != len(records):
         raise _bad("file_copies", "a partition appears twice")
