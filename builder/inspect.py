@@ -82,5 +82,11 @@ def describe(capture: Capture) -> str:
         lines.append(f"files     {files.file_count} files of {files.mountpoint}: {files.reason}")
     else:
         lines.append(f"files     none: {files.reason}")
+    for copy in m.file_copies:
+        lines.append(
+            f"copy      partition {copy.partition} ({copy.fs.type}): {copy.file_count} files in "
+            f"{copy.member}, {copy.referenced_files} of them as references into the region "
+            "(for the file-level path)"
+        )
     lines.append("seal      manifest.sha256 matches the manifest")
     return "\n".join(lines)

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from builder.capture import CaptureOptions, capture
+from builder.inspect import describe
 from builder.runner import filecopy
 from builder.runner import restore as runner
 from builder.runner.capfile import MANIFEST_MEMBER, Capture
@@ -88,6 +89,8 @@ def test_plain_and_sparse_files_are_references_the_rest_stored_whole(mounted_cap
                       if filecopy.reference_of(info, region) is not None}
         (copy,) = opened.manifest.file_copies
         assert copy.referenced_files == len(referenced)
+        assert (f"copy      partition 1 (ext4): {copy.file_count} files in files-p1.tar.gz, "
+                f"{len(referenced)} of them as references into the region") in describe(opened)
         for name in referenced:
             ref = filecopy.reference_of(members[name], region)
             assert ref is not None and members[name].size == 0
