@@ -6,7 +6,8 @@ Debian's signed chain, so it works with Secure Boot on and off: `EFI/BOOT/BOOTX6
 shim (signed by Microsoft's UEFI CA), `EFI/BOOT/grubx64.efi` beside it is Debian's signed
 GRUB for removable media (gcdx64, as Debian's own installer and live media use), and shim
 checks it and the kernel against Debian's CA. They go into a small FAT image for the El Torito
-EFI entry and the GPT ESP entry (and into the ISO 9660 tree, for firmware that reads that).
+EFI entry and the GPT ESP entry; the ISO 9660 tree's EFI/BOOT records point at their bytes there,
+for firmware that reads the tree (laid out for it: see `make_efi_fat`).
 The FAT image is made with `mkfs.vfat --invariant` and mtools, which write image files directly
 (this machine's kernel cannot mount vfat) and honour `SOURCE_DATE_EPOCH`, so the bytes are
 reproducible.
@@ -150,6 +151,14 @@ def _elf_modname(elf: bytes) -> str:
 FAT_EPOCH_MIN = 315532800
 FAT_VOLUME_ID = "4d425245"  # "MBRE": fixed, so two builds give the same bytes
 FAT_LABEL = "MBRESCUE"
+# 512-byte sectors, 4 to a cluster: every cluster, and so each file that starts one and runs
+# on contiguously, lies on an ISO 9660 block (2048 bytes) of the FAT image, so the ISO tree's
+# EFI/BOOT files can point at the FAT's own bytes instead of holding copies (`iso.write_iso`
+# checks it and falls back to copies). mkfs.fat aligns its data area to the cluster size.
+FAT_SECTOR_BYTES = 512
+FAT_SECTORS_PER_CLUSTER = 4
+# Part of the cache key: images made before this layout was asked for are not reused.
+FAT_LAYOUT = "fat-layout-2: 2048-byte clusters, aligned data area, shim then GRUB contiguous"
 
 
 @dataclass(frozen=True)
@@ -231,6 +240,7 @@ def _cache_key(medium_id: str, loaders: EfiLoaders | None = None) -> str:
         embedded_config(medium_id),
         efi_loader_config(medium_id),
         str(_fat_epoch()),
+        FAT_LAYOUT,
         # This module's text: a change to how the images are made (the FAT's size) is a
         # change of the images.
         Path(__file__).read_text(),
@@ -257,7 +267,9 @@ def _fat_size_kib(payload_bytes: int) -> int:
 def make_efi_fat(shim: Path, grub_efi: Path, loader_cfg: Path, out: Path) -> None:
     """The ESP image: shim as EFI/BOOT/BOOTX64.EFI, the signed GRUB beside it, loader configs.
 
-    Reproducible under SOURCE_DATE_EPOCH.
+    Reproducible under SOURCE_DATE_EPOCH. Clusters of 2048 bytes on an aligned data area, and
+    shim and GRUB copied into a fresh file system one after the other, so each lies in one run
+    of clusters starting on a 2048-byte boundary of the image (see FAT_SECTORS_PER_CLUSTER).
     """
     env = {"SOURCE_DATE_EPOCH": str(_fat_epoch()), "MTOOLS_SKIP_CHECK": "1"}
     if out.exists():
@@ -271,6 +283,10 @@ def make_efi_fat(shim: Path, grub_efi: Path, loader_cfg: Path, out: Path) -> Non
             FAT_VOLUME_ID,
             "-n",
             FAT_LABEL,
+            "-S",
+            str(FAT_SECTOR_BYTES),
+            "-s",
+            str(FAT_SECTORS_PER_CLUSTER),
             "-C",
             out,
             str(_fat_size_kib(payload_bytes)),

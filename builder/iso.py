@@ -4,9 +4,14 @@ BIOS from CD boots the El Torito no-emulation entry (GRUB's i386-pc-eltorito ima
 boot info table); UEFI from CD boots the second El Torito entry (platform 0xEF), a FAT image
 holding the Secure Boot chain (shim as BOOTX64.EFI, Debian's signed GRUB; see `grub.py`),
 which the ISO 9660 tree carries too (`/EFI/BOOT`, `/EFI/debian/grub.cfg`) for firmware that
-boots from the file system rather than the El Torito image. The same file written to a USB stick boots on BIOS through GRUB's
-`boot_hybrid.img` in the MBR, which loads the El Torito image's core by 512-byte sector, and
-on UEFI through a GPT whose only entry is an ESP over the FAT image. This is the layout
+boots from the file system rather than the El Torito image. The tree's shim and GRUB are not
+stored twice: their ISO 9660 and Joliet directory records point at the files' own bytes inside
+the FAT image's extent (overlapping extents are legal ISO 9660), which `grub.make_efi_fat` lays
+out contiguously on 2048-byte boundaries; a FAT image that does not allow it gets copies.
+
+The same file written to a USB stick boots on BIOS through GRUB's `boot_hybrid.img` in the MBR,
+which loads the El Torito image's core by 512-byte sector, and on UEFI through a GPT whose
+only entry is an ESP over the FAT image. This is the layout
 `grub-mkrescue` (xorriso `--grub2-mbr --grub2-boot-info`, protective MBR + GPT) produces,
 minus its HFS+/APM parts for Macs; pycdlib's `add_isohybrid()` serves isolinux only, so the
 system area is written here, after pycdlib has laid out the file system.
@@ -44,7 +49,7 @@ from . import log
 from .debs import sha256_file
 from .errors import MbrescueError
 from .grub import GrubImages, medium_marker
-from .verify import CAPTURE_MEMBER, iter_newc, sha256_stream
+from .verify import CAPTURE_MEMBER, EFI_TREE_FILES, fat_file, iter_newc, sha256_stream
 
 SECTOR = 512
 BLOCK = 2048  # ISO9660 logical block
@@ -295,6 +300,76 @@ def write_system_area(
     return total_bytes
 
 
+# --- the tree's EFI files: the FAT image's own bytes ------------------------------------------
+
+
+def shared_efi_files(efi_fat: Path, sources: dict[str, Path]) -> dict[str, tuple[int, int]] | str:
+    """For each tree path of EFI_TREE_FILES: (byte offset in the FAT image, length) of that
+    file's data, when it is one run starting on an ISO block and holds the source's bytes;
+    otherwise the reason the tree needs copies."""
+    image = efi_fat.read_bytes()
+    shared = {}
+    for rr_path, fat_path in EFI_TREE_FILES.items():
+        try:
+            inner = fat_file(image, fat_path)
+        except MbrescueError as exc:
+            return str(exc)
+        at = inner.contiguous_at()
+        if at is None:
+            return f"{fat_path} is not contiguous in the FAT image"
+        if at % BLOCK:
+            return f"{fat_path} starts at byte {at} of the FAT image, not on a {BLOCK}-byte block"
+        if image[at : at + inner.size] != sources[rr_path].read_bytes():
+            return f"{fat_path} in the FAT image is not {sources[rr_path].name}"
+        shared[rr_path] = (at, inner.size)
+    return shared
+
+
+def _directory_records(data: bytes) -> Iterator[tuple[int, bytes]]:
+    """(offset, file identifier) of each directory record in a directory's extent."""
+    at = 0
+    while at < len(data):
+        length = data[at]
+        if length == 0:  # records never cross a block: the rest of this block is padding
+            at = (at // BLOCK + 1) * BLOCK
+            continue
+        if length < 34 or at + length > len(data):
+            raise MbrescueError("a directory record of the written ISO is malformed")
+        name_bytes = data[at + 32]
+        yield at, data[at + 33 : at + 33 + name_bytes]
+        at += length
+
+
+def _point_at_fat(
+    stream: BinaryIO, iso: pycdlib.PyCdlib, efi_block: int, shared: dict[str, tuple[int, int]]
+) -> None:
+    """Aim the (zero-length, as added) primary and Joliet records of the shared files at their
+    bytes inside the FAT image: extent (both-endian at 2..9) and data length (10..17)."""
+    for rr_path, (at, length) in shared.items():
+        iso_path = ISO_FILES[rr_path]
+        for lookup, directory in (
+            ({"iso_path": iso_path}, {"iso_path": iso_path.rsplit("/", 1)[0]}),
+            ({"joliet_path": rr_path}, {"joliet_path": rr_path.rsplit("/", 1)[0]}),
+        ):
+            record = iso.get_record(**lookup)
+            folder = iso.get_record(**directory)
+            name = record.file_ident
+            dir_at = folder.extent_location() * BLOCK
+            stream.seek(dir_at)
+            data = stream.read(folder.get_data_length())
+            matches = [offset for offset, ident in _directory_records(data) if ident == name]
+            if len(matches) != 1:
+                raise MbrescueError(f"{rr_path}: {len(matches)} directory records, not one")
+            offset = dir_at + matches[0]
+            stream.seek(offset + 2)
+            if struct.unpack("<I4xI4x", stream.read(16))[1] != 0:
+                raise MbrescueError(f"{rr_path} was not written as an empty file")
+            block = efi_block + at // BLOCK
+            stream.seek(offset + 2)
+            both = [struct.pack("<I", v) + struct.pack(">I", v) for v in (block, length)]
+            stream.write(b"".join(both))
+
+
 # --- the ISO ----------------------------------------------------------------------------------
 
 
@@ -392,6 +467,13 @@ def write_iso(
         "/EFI/debian/grub.cfg": grub.efi_loader_cfg,
     }
     efi_bytes = grub.efi_fat.stat().st_size
+    found = shared_efi_files(grub.efi_fat, {"/EFI/BOOT/BOOTX64.EFI": grub.efi_shim,
+                                            "/EFI/BOOT/grubx64.efi": grub.efi_grub})
+    if isinstance(found, str):
+        log.info(f"the ISO tree gets its own copies of shim and GRUB: {found}")
+        shared: dict[str, tuple[int, int]] = {}
+    else:
+        shared = found
 
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}-{threading.get_ident()}"
@@ -420,6 +502,9 @@ def write_iso(
             note = f"mbrescue medium {medium_id}\n".encode()
             _add(iso, io.BytesIO(note), len(note), marker, marker_iso)
             for rr_path, path in large_files.items():
+                if rr_path in shared:  # empty here; aimed at the FAT image's bytes once written
+                    _add(iso, io.BytesIO(b""), 0, rr_path, ISO_FILES[rr_path])
+                    continue
                 source = stack.enter_context(open(path, "rb"))
                 _add(iso, source, path.stat().st_size, rr_path, ISO_FILES[rr_path])
             iso.add_eltorito(
@@ -447,6 +532,7 @@ def write_iso(
             ).extent_location()
             efi_block = iso.get_record(iso_path=ISO_FILES["/boot/grub/efi.img"]).extent_location()
             iso.write_fp(stream)
+            _point_at_fat(stream, iso, efi_block, shared)
             iso.close()
             size_bytes = write_system_area(
                 stream,

@@ -2,8 +2,9 @@
 
 Every check reads the file itself: the El Torito catalog and boot info table from the raw
 blocks, the file tree through a fresh `pycdlib.PyCdlib()`, the EFI image's `BOOTX64.EFI`
-with mtools, the hybrid MBR against GRUB's installed `boot_hybrid.img`, the partition table
-with `sfdisk --json` and `sgdisk -v`, and the payload against the checksums written beside it.
+with mtools, the tree's shim and GRUB against the FAT image's files (its BPB, directories and
+FAT chains read here), the hybrid MBR against GRUB's installed `boot_hybrid.img`, the partition
+table with `sfdisk --json` and `sgdisk -v`, and the payload against the checksums written beside it.
 When `builder.capture` offers `check_capture(path)`, the capture inside the payload is handed
 to it (it raises MbrescueError on a bad capture). The result is a list of named checks; the
 CLI prints them as a table and exits non-zero when one failed.
@@ -17,7 +18,7 @@ import shutil
 import struct
 import sys
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
@@ -213,7 +214,7 @@ def verify_iso(path: Path, capture_sha256: str | None = None) -> list[Check]:
         )
         checks.append(_check("hybrid MBR (GRUB)", lambda: _hybrid_mbr(stream, bios)))
         checks.append(_check("partition table", lambda: _partitions(path, efi, size_bytes)))
-        checks.extend(_tree_checks(path, work, capture_sha256))
+        checks.extend(_tree_checks(path, work, capture_sha256, stream, efi))
     return checks
 
 
@@ -241,10 +242,8 @@ def _bios_entry(stream: BinaryIO, bios: BootEntry | None) -> str:
     )
 
 
-def _efi_entry(stream: BinaryIO, efi: BootEntry | None, work: Path, size_bytes: int) -> str:
-    _require(efi is not None, "no EFI (platform 0xEF) entry")
-    assert efi is not None
-    _require(efi.bootable and efi.media_type == 0, "EFI entry is not bootable no-emulation")
+def _efi_image(stream: BinaryIO, efi: BootEntry, size_bytes: int) -> bytes:
+    """The FAT image at the El Torito EFI entry, as long as its own sector total says."""
     image_at = efi.load_block * BLOCK
     boot_sector = _read_at(stream, image_at, SECTOR)
     # The load size counts 512-byte sectors; the FAT's own sector total tells its true size.
@@ -254,11 +253,20 @@ def _efi_entry(stream: BinaryIO, efi: BootEntry | None, work: Path, size_bytes: 
     bytes_per_sector = struct.unpack_from("<H", boot_sector, 11)[0]
     fat_bytes = total * bytes_per_sector
     _require(
-        boot_sector[510:512] == b"\x55\xaa" and 0 < fat_bytes < size_bytes,
+        boot_sector[510:512] == b"\x55\xaa" and 0 < fat_bytes <= size_bytes - image_at,
         "the EFI image is not a FAT file system",
     )
+    return _read_at(stream, image_at, fat_bytes)
+
+
+def _efi_entry(stream: BinaryIO, efi: BootEntry | None, work: Path, size_bytes: int) -> str:
+    _require(efi is not None, "no EFI (platform 0xEF) entry")
+    assert efi is not None
+    _require(efi.bootable and efi.media_type == 0, "EFI entry is not bootable no-emulation")
+    data = _efi_image(stream, efi, size_bytes)
+    fat_bytes = len(data)
     image = work / "efi.img"
-    image.write_bytes(_read_at(stream, image_at, fat_bytes))
+    image.write_bytes(data)
     listing = output(
         ["mdir", "-b", "-i", image, "::EFI/BOOT"], env={"MTOOLS_SKIP_CHECK": "1"}
     ).upper()
@@ -322,7 +330,13 @@ def _capture_hook() -> Callable[[Path], object] | None:
     return hook if callable(hook) else None
 
 
-def _tree_checks(path: Path, work: Path, capture_sha256: str | None) -> list[Check]:
+def _tree_checks(
+    path: Path,
+    work: Path,
+    capture_sha256: str | None,
+    stream: BinaryIO,
+    efi: BootEntry | None,
+) -> list[Check]:
     iso = pycdlib.PyCdlib()
     try:
         iso.open(str(path))
@@ -349,12 +363,72 @@ def _tree_checks(path: Path, work: Path, capture_sha256: str | None) -> list[Che
             return ", ".join(sizes)
 
         checks.append(_check("kernel, initrds, grub.cfg", files))
+        checks.append(_check("EFI files in the tree", lambda: _efi_tree(iso, stream, efi)))
         checks.append(_check("Secure Boot chain signed", lambda: _signed_chain(iso, work)))
         checks.append(_check("build record", lambda: _record(iso, work)))
         checks.append(_check("payload checksum", lambda: _payload(iso, work, capture_sha256)))
     finally:
         iso.close()
     return checks
+
+
+def _efi_tree(iso: pycdlib.PyCdlib, stream: BinaryIO, efi: BootEntry | None) -> str:
+    """The tree's shim and GRUB (ISO 9660 and Joliet records) hold the FAT image's files.
+
+    A record may point at the file's own bytes inside the FAT image's extent (the build
+    stores them once; see `iso.write_iso`) or at a separate copy outside it; either way its
+    bytes must be the FAT file's. A record that points into the FAT image anywhere else, or
+    past the end of the file, is refused.
+    """
+    _require(efi is not None, "no El Torito EFI image to compare with")
+    assert efi is not None
+    stream.seek(0, 2)
+    size_bytes = stream.tell()
+    fat_at = efi.load_block * BLOCK
+    image = _efi_image(stream, efi, size_bytes)
+    fat_end = fat_at + len(image)
+    found = []
+    for iso_path, fat_path in EFI_TREE_FILES.items():
+        inner = fat_file(image, fat_path)
+        data = inner.read(image)
+        own = inner.contiguous_at()
+        name = iso_path.rsplit("/", 1)[1]
+        kinds = []
+        for kind, record in (
+            ("ISO 9660", iso.get_record(iso_path=_iso9660_path(iso_path))),
+            ("Joliet", iso.get_record(joliet_path=iso_path)),
+        ):
+            at = record.extent_location() * BLOCK
+            length = record.get_data_length()
+            _require(
+                length == inner.size,
+                f"the {kind} record of {iso_path} has {length} bytes, {fat_path} in the EFI "
+                f"image {inner.size}",
+            )
+            _require(
+                at + length <= size_bytes, f"the {kind} record of {iso_path} ends past the file"
+            )
+            inside = length > 0 and at < fat_end and at + length > fat_at
+            _require(
+                not inside or (own is not None and at == fat_at + own),
+                f"the {kind} record of {iso_path} points into the EFI image, not at its {fat_path}",
+            )
+            _require(
+                _read_at(stream, at, length) == data,
+                f"the {kind} record of {iso_path} holds other bytes than {fat_path} in the EFI "
+                "image",
+            )
+            kinds.append("shared" if inside else "copy")
+        how = "the EFI image's bytes" if kinds == ["shared", "shared"] else (
+            "copies" if kinds == ["copy", "copy"] else "shared (ISO 9660) / copy (Joliet)"
+            if kinds[0] == "shared" else "copy (ISO 9660) / shared (Joliet)")
+        found.append(f"{name} {inner.size} bytes: {how}")
+    return ", ".join(found)
+
+
+def _iso9660_path(rr_path: str) -> str:
+    """The primary (level 3) name of one of EFI_TREE_FILES, as `iso.ISO_FILES` gives it."""
+    return rr_path.upper() + ";1"
 
 
 # shim (signed for the firmware's Microsoft keys), Debian's signed GRUB (checked by shim)
@@ -512,3 +586,160 @@ def format_checks(checks: list[Check]) -> str:
         line = f"{'ok  ' if check.ok else 'FAIL'}  {check.name:<{width}}  {check.detail}"
         lines.append(line if len(line) <= columns or not check.ok else line[: columns - 1] + "…")
     return "\n".join(lines)
+
+
+# --- the FAT image's own layout, read with the standard library ---------------------------------
+
+# ISO path of each EFI file in the tree -> its path inside the El Torito FAT image.
+EFI_TREE_FILES = {
+    "/EFI/BOOT/BOOTX64.EFI": "EFI/BOOT/BOOTX64.EFI",
+    "/EFI/BOOT/grubx64.efi": "EFI/BOOT/grubx64.efi",
+}
+_FAT_ATTR_LFN = 0x0F
+_FAT_ATTR_VOLUME = 0x08
+_FAT_ATTR_DIRECTORY = 0x10
+
+
+@dataclass(frozen=True)
+class FatFile:
+    size: int
+    runs: tuple[tuple[int, int], ...]  # (byte offset from the image's start, length), in order
+
+    def contiguous_at(self) -> int | None:
+        """The file's byte offset in the image when its data is one run, else None."""
+        return self.runs[0][0] if len(self.runs) == 1 else None
+
+    def read(self, image: bytes) -> bytes:
+        return b"".join(image[at : at + length] for at, length in self.runs)
+
+
+class _Fat:
+    """A FAT12/16/32 image's BPB, FAT chains and directories (no LFN checksum games)."""
+
+    def __init__(self, image: bytes) -> None:
+        _require(len(image) >= SECTOR and image[510:512] == b"\x55\xaa", "not a FAT image")
+        self.image = image
+        (bps, spc, reserved, fats, root_entries, total16, _media, fat16) = struct.unpack_from(
+            "<HBHBHHBH", image, 11
+        )
+        total = total16 or struct.unpack_from("<I", image, 32)[0]
+        fat_sectors = fat16 or struct.unpack_from("<I", image, 36)[0]
+        _require(
+            bps in (512, 1024, 2048, 4096) and spc in (1, 2, 4, 8, 16, 32, 64, 128)
+            and reserved > 0 and fats > 0 and fat_sectors > 0 and total * bps <= len(image),
+            "the FAT image's BPB is not sound",
+        )
+        self.cluster_bytes = bps * spc
+        self.fat_at = reserved * bps
+        root_sectors = (root_entries * 32 + bps - 1) // bps
+        self.root_at = self.fat_at + fats * fat_sectors * bps
+        self.data_at = self.root_at + root_sectors * bps
+        _require(self.data_at < total * bps, "the FAT image has no data area")
+        self.clusters = (total * bps - self.data_at) // self.cluster_bytes
+        self.bits = 12 if self.clusters < 4085 else 16 if self.clusters < 65525 else 32
+        self.fat_bytes = fat_sectors * bps
+        self.root_bytes = root_sectors * bps
+        self.root_cluster = struct.unpack_from("<I", image, 44)[0] if self.bits == 32 else 0
+
+    def _next(self, cluster: int) -> int | None:
+        if self.bits == 12:
+            at = cluster + cluster // 2
+            _require(at + 2 <= self.fat_bytes, "a FAT chain runs past the FAT")
+            value = struct.unpack_from("<H", self.image, self.fat_at + at)[0]
+            value = value >> 4 if cluster & 1 else value & 0xFFF
+            end = 0xFF8
+        elif self.bits == 16:
+            _require(cluster * 2 + 2 <= self.fat_bytes, "a FAT chain runs past the FAT")
+            value = struct.unpack_from("<H", self.image, self.fat_at + cluster * 2)[0]
+            end = 0xFFF8
+        else:
+            _require(cluster * 4 + 4 <= self.fat_bytes, "a FAT chain runs past the FAT")
+            value = struct.unpack_from("<I", self.image, self.fat_at + cluster * 4)[0] & 0x0FFFFFFF
+            end = 0x0FFFFFF8
+        return None if value >= end else value
+
+    def chain(self, first: int) -> list[int]:
+        chain: list[int] = []
+        cluster: int | None = first
+        while cluster is not None:
+            _require(2 <= cluster < self.clusters + 2, f"FAT chain names cluster {cluster}")
+            _require(len(chain) < self.clusters, "a FAT chain loops")
+            chain.append(cluster)
+            cluster = self._next(cluster)
+        return chain
+
+    def runs(self, first: int, size: int | None) -> tuple[tuple[int, int], ...]:
+        """Byte ranges of a chain; `size` (a file's) cuts the last one, None: whole clusters."""
+        chain = self.chain(first) if first else []
+        if size is not None:
+            _require(len(chain) == (size + self.cluster_bytes - 1) // self.cluster_bytes,
+                     "a FAT file's chain does not match its size")
+        runs: list[list[int]] = []
+        for cluster in chain:
+            at = self.data_at + (cluster - 2) * self.cluster_bytes
+            if runs and runs[-1][0] + runs[-1][1] == at:
+                runs[-1][1] += self.cluster_bytes
+            else:
+                runs.append([at, self.cluster_bytes])
+        if size is not None and runs:
+            runs[-1][1] -= len(chain) * self.cluster_bytes - size
+        return tuple((at, length) for at, length in runs)
+
+    def _entries(self, directory: bytes) -> Iterator[tuple[str, str, int, int, int]]:
+        """(long name, short name, attributes, first cluster, size) of each live entry."""
+        long_parts: dict[int, str] = {}
+        for at in range(0, len(directory) - 31, 32):
+            entry = directory[at : at + 32]
+            if entry[0] == 0:
+                return
+            if entry[0] == 0xE5:
+                long_parts = {}
+                continue
+            attributes = entry[11]
+            if attributes == _FAT_ATTR_LFN:
+                chars = entry[1:11] + entry[14:26] + entry[28:32]
+                text = chars.decode("utf-16-le", errors="replace")
+                long_parts[entry[0] & 0x1F] = text.split("\0", 1)[0]
+                continue
+            long_name = "".join(long_parts[key] for key in sorted(long_parts))
+            long_parts = {}
+            if attributes & _FAT_ATTR_VOLUME:
+                continue
+            base = entry[0:8].decode("latin-1").rstrip()
+            ext = entry[8:11].decode("latin-1").rstrip()
+            short = base + ("." + ext if ext else "")
+            first = struct.unpack_from("<H", entry, 26)[0]
+            if self.bits == 32:
+                first |= struct.unpack_from("<H", entry, 20)[0] << 16
+            size = struct.unpack_from("<I", entry, 28)[0]
+            yield long_name, short, attributes, first, size
+
+    def find(self, path: str) -> FatFile:
+        if self.bits == 32:
+            directory = FatFile(0, self.runs(self.root_cluster, None)).read(self.image)
+        else:
+            directory = self.image[self.root_at : self.root_at + self.root_bytes]
+        parts = [part for part in path.split("/") if part]
+        for depth, part in enumerate(parts):
+            last = depth == len(parts) - 1
+            for long_name, short, attributes, first, size in self._entries(directory):
+                if part.upper() not in (long_name.upper(), short.upper()):
+                    continue
+                is_directory = bool(attributes & _FAT_ATTR_DIRECTORY)
+                _require(is_directory != last, f"{path}: {part} is the wrong kind in the FAT")
+                if last:
+                    runs = self.runs(first, size)
+                    _require(all(at + length <= len(self.image) for at, length in runs),
+                             f"{path} runs past the FAT image")
+                    return FatFile(size, runs)
+                directory = FatFile(0, self.runs(first, None)).read(self.image)
+                break
+            else:
+                raise MbrescueError(f"{path} is not in the FAT image")
+        raise MbrescueError(f"{path} is not a file path")
+
+
+def fat_file(image: bytes, path: str) -> FatFile:
+    """Where the file `path` ("EFI/BOOT/BOOTX64.EFI") lies in a FAT image; MbrescueError if
+    the image or the file is not sound."""
+    return _Fat(image).find(path)

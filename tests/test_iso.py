@@ -26,12 +26,12 @@ from pathlib import Path
 import pycdlib
 import pytest
 
-from builder import build, buildrecord, capture, cpio, debs, grub, initramfs, iso, verify
+from builder import build, buildrecord, capture, cpio, debs, grub, initramfs, iso, kit, verify
 from builder.debs import cache_dir
 from builder.errors import MbrescueError
 from builder.run import output, run
 from builder.vm import Disk, Vm, VmConfig
-from tests.conftest import one_error_line
+from tests.conftest import mbrescue, one_error_line
 
 EPOCH = "1700000000"
 BOOT_FS_UUID = "5b0c4c8e-3f0a-4e57-9c1e-2a4d5e6f7a8b"
@@ -83,6 +83,7 @@ def build_iso(
     *,
     local_timeout_s: int = 10,
     restore_timeout_s: int = 5,
+    efi_fat: Path | None = None,
 ) -> iso.IsoReport:
     kernel_deb, kernel_root = debs.fetch_extracted(debs.kernel_package())
     kernel = next((kernel_root / "boot").glob("vmlinuz-*"))
@@ -102,6 +103,8 @@ def build_iso(
             capture_file, work / "payload.img", extra={"marker": f"{PAYLOAD_MARKER}\n".encode()}
         )
     images = grub.make_grub_images(work / "grub", medium_id=MEDIUM_ID)
+    if efi_fat is not None:  # another FAT image in place of make_efi_fat's
+        images = dataclasses.replace(images, efi_fat=efi_fat)
     cfg = grub.render_grub_cfg(
         host="testhost",
         captured_at="2023-11-14 22:13 UTC",
@@ -479,8 +482,9 @@ def test_two_builds_identical(built: iso.IsoReport, capture_file: Path, tmp_path
 
 
 def test_verify_refuses_an_unsigned_loader(built: iso.IsoReport, tmp_path: Path) -> None:
-    """The ISO tree's grubx64.efi with its Authenticode table removed (the certificate
-    directory entry zeroed in place): a Secure Boot machine would refuse it, so must verify."""
+    """The ISO tree's grubx64.efi (the FAT image's own bytes) with its Authenticode table
+    removed (the certificate directory entry zeroed in place): a Secure Boot machine would
+    refuse it, so must verify."""
     stripped = tmp_path / "stripped.iso"
     shutil.copyfile(built.path, stripped)
     reopened = pycdlib.PyCdlib()
@@ -512,14 +516,15 @@ def test_verify_proves_the_recorded_package_versions(built: iso.IsoReport) -> No
 
 
 def test_verify_finds_a_loader_in_the_efi_image_unlike_the_record(
-    built: iso.IsoReport, tmp_path: Path
+    with_copies: iso.IsoReport, tmp_path: Path
 ) -> None:
     """A CD boots UEFI from the El Torito FAT image, not the ISO 9660 tree: its shim must be
-    the recorded one too. One byte of the DOS stub changed there (no signature check sees it)."""
+    the recorded one too. One byte of the DOS stub changed there (no signature check sees it),
+    on an ISO whose tree holds separate copies (else the tree's bytes change with it)."""
     changed = tmp_path / "changed.iso"
-    shutil.copyfile(built.path, changed)
+    shutil.copyfile(with_copies.path, changed)
     reopened = pycdlib.PyCdlib()
-    reopened.open(str(built.path))
+    reopened.open(str(with_copies.path))
     efi_at = reopened.get_record(rr_path="/boot/grub/efi.img").extent_location() * 2048
     shim_at = reopened.get_record(rr_path="/EFI/BOOT/BOOTX64.EFI").extent_location() * 2048
     reopened.close()
@@ -527,12 +532,246 @@ def test_verify_finds_a_loader_in_the_efi_image_unlike_the_record(
         stream.seek(shim_at)
         head = stream.read(512)
         stream.seek(efi_at)
-        fat = stream.read(built.efi_image_bytes)
+        fat = stream.read(with_copies.efi_image_bytes)
         inner = fat.find(head)
         assert inner > 0, "shim not found in the FAT image"
+        assert not efi_at <= shim_at < efi_at + len(fat), "the tree's shim is no copy"
         stream.seek(efi_at + inner + 0x50)  # "This program cannot be run in DOS mode"
         stream.write(b"t")
     failed = {check.name: check.detail for check in verify.verify_iso(changed) if not check.ok}
-    assert list(failed) == ["build record"], failed
+    assert list(failed) == ["EFI files in the tree", "build record"], failed
     assert "EFI/BOOT/BOOTX64.EFI in the EFI image differs" in failed[
         "build record"]
+    assert ("the ISO 9660 record of /EFI/BOOT/BOOTX64.EFI holds other bytes than "
+            "EFI/BOOT/BOOTX64.EFI in the EFI image") in failed["EFI files in the tree"]
+
+
+# --- the tree's EFI files: the FAT image's own bytes, not a second copy -------------------------
+
+OVERHEAD_LIMIT_BYTES = 30_000_000  # what the ISO may add to the capture it carries
+
+
+def _efi_layout(path: Path) -> tuple[range, dict[tuple[str, str], tuple[int, int]]]:
+    """The FAT image's blocks, and (kind, path) -> (block, length) of the tree's shim and GRUB."""
+    reopened = pycdlib.PyCdlib()
+    reopened.open(str(path))
+    try:
+        fat = reopened.get_record(rr_path="/boot/grub/efi.img")
+        fat_blocks = range(fat.extent_location(),
+                           fat.extent_location() + (fat.get_data_length() + 2047) // 2048)
+        found = {}
+        for rr_path in verify.EFI_TREE_FILES:
+            for kind, record in (
+                ("ISO 9660", reopened.get_record(iso_path=iso.ISO_FILES[rr_path])),
+                ("Joliet", reopened.get_record(joliet_path=rr_path)),
+            ):
+                found[(kind, rr_path)] = (record.extent_location(), record.get_data_length())
+        return fat_blocks, found
+    finally:
+        reopened.close()
+
+
+def _assert_tree_shares_the_fat(path: Path) -> None:
+    loaders = kit.ensure_efi_loaders()
+    expected = {"/EFI/BOOT/BOOTX64.EFI": loaders.shim.read_bytes(),
+                "/EFI/BOOT/grubx64.efi": loaders.grub_removable.read_bytes()}  # fmt: skip
+    fat_blocks, records = _efi_layout(path)
+    with open(path, "rb") as stream:
+        for (kind, rr_path), (block, length) in records.items():
+            assert length == len(expected[rr_path]), (kind, rr_path)
+            assert block in fat_blocks and block + (length + 2047) // 2048 <= fat_blocks.stop, (
+                f"the {kind} record of {rr_path} is at block {block}, outside the FAT image "
+                f"(blocks {fat_blocks.start}..{fat_blocks.stop - 1})")
+            stream.seek(block * 2048)
+            assert stream.read(length) == expected[rr_path], (kind, rr_path)
+
+
+def test_tree_efi_files_are_the_fat_images_bytes(built: iso.IsoReport) -> None:
+    _assert_tree_shares_the_fat(built.path)
+    check = next(c for c in verify.verify_iso(built.path) if c.name == "EFI files in the tree")
+    assert check.ok and check.detail.count("the EFI image's bytes") == 2, check.detail
+
+
+def test_overhead_over_the_capture_under_30_mb(
+    capture_file: Path, tmp_path: Path, epoch: None
+) -> None:
+    """A real `mbrescue build` (the real kit's kernel and base initrd): the ISO adds less
+    than 30 MB to the capture, shim and GRUB being stored once (in the FAT image)."""
+    out = tmp_path / "real.iso"
+    result = mbrescue("build", capture_file, "-o", out)
+    assert result.returncode == 0, result.stdout + result.stderr
+    overhead = out.stat().st_size - capture_file.stat().st_size
+    print(f"ISO {out.stat().st_size} bytes, capture {capture_file.stat().st_size}: "
+          f"overhead {overhead} bytes")  # fmt: skip
+    assert overhead < OVERHEAD_LIMIT_BYTES
+    _assert_tree_shares_the_fat(out)
+
+
+def _record_at(path: Path, kind: str, rr_path: str) -> int:
+    """The byte offset in the ISO file of one of the tree's directory records."""
+    reopened = pycdlib.PyCdlib()
+    reopened.open(str(path))
+    try:
+        lookup = ({"iso_path": iso.ISO_FILES[rr_path]} if kind == "ISO 9660"
+                  else {"joliet_path": rr_path})  # fmt: skip
+        parent = {key: value.rsplit("/", 1)[0] for key, value in lookup.items()}
+        name = reopened.get_record(**lookup).file_ident
+        folder = reopened.get_record(**parent)
+        start, length = folder.extent_location() * 2048, folder.get_data_length()
+    finally:
+        reopened.close()
+    with open(path, "rb") as stream:
+        stream.seek(start)
+        data = stream.read(length)
+    (offset,) = [at for at, ident in iso._directory_records(data) if ident == name]
+    return start + offset
+
+
+def _aimed(built: iso.IsoReport, tmp_path: Path, kind: str, rr_path: str, block: int) -> Path:
+    """A copy of the ISO whose one record points at `block` (both-endian, bytes 2..9)."""
+    changed = tmp_path / "aimed.iso"
+    shutil.copyfile(built.path, changed)
+    at = _record_at(changed, kind, rr_path)
+    with open(changed, "r+b") as stream:
+        stream.seek(at + 2)
+        stream.write(struct.pack("<I", block) + struct.pack(">I", block))
+    return changed
+
+
+def test_verify_refuses_a_joliet_record_beside_the_fat_file(
+    built: iso.IsoReport, tmp_path: Path
+) -> None:
+    """Joliet's grubx64.efi one block past the FAT file's start: still inside the FAT image,
+    not its file. pycdlib and the build record read the ISO 9660 record, which is intact;
+    Linux without Rock Ridge, or Windows, would read this one."""
+    _, records = _efi_layout(built.path)
+    block, _ = records[("Joliet", "/EFI/BOOT/grubx64.efi")]
+    changed = _aimed(built, tmp_path, "Joliet", "/EFI/BOOT/grubx64.efi", block + 1)
+    failed = {check.name: check.detail for check in verify.verify_iso(changed) if not check.ok}
+    assert list(failed) == ["EFI files in the tree"], failed
+    assert failed["EFI files in the tree"] == (
+        "the Joliet record of /EFI/BOOT/grubx64.efi points into the EFI image, not at its "
+        "EFI/BOOT/grubx64.efi")
+
+
+def test_verify_refuses_a_record_across_the_fat_images_end(
+    built: iso.IsoReport, tmp_path: Path
+) -> None:
+    fat_blocks, _ = _efi_layout(built.path)
+    changed = _aimed(built, tmp_path, "ISO 9660", "/EFI/BOOT/BOOTX64.EFI", fat_blocks.stop - 1)
+    failed = {check.name: check.detail for check in verify.verify_iso(changed) if not check.ok}
+    assert failed["EFI files in the tree"] == (
+        "the ISO 9660 record of /EFI/BOOT/BOOTX64.EFI points into the EFI image, not at its "
+        "EFI/BOOT/BOOTX64.EFI")
+    assert "build record" in failed  # it reads the ISO 9660 record: other bytes
+
+
+def test_verify_refuses_a_record_outside_the_fat_image_with_other_bytes(
+    built: iso.IsoReport, tmp_path: Path
+) -> None:
+    """The ISO 9660 record of shim aimed into the kernel's blocks, outside the FAT image (one
+    block in: at the kernel's first block pycdlib would take it for the kernel's hard link)."""
+    reopened = pycdlib.PyCdlib()
+    reopened.open(str(built.path))
+    kernel_block = reopened.get_record(rr_path="/mbrescue/vmlinuz").extent_location()
+    reopened.close()
+    changed = _aimed(built, tmp_path, "ISO 9660", "/EFI/BOOT/BOOTX64.EFI", kernel_block + 1)
+    failed = {check.name: check.detail for check in verify.verify_iso(changed) if not check.ok}
+    assert failed["EFI files in the tree"] == (
+        "the ISO 9660 record of /EFI/BOOT/BOOTX64.EFI holds other bytes than "
+        "EFI/BOOT/BOOTX64.EFI in the EFI image")
+
+
+# A FAT image whose files cannot be shared: 512-byte clusters, and a small file first, so shim
+# starts off a 2048-byte block. The ISO must then carry copies, as before, and still verify.
+
+
+def _unaligned_fat(images: grub.GrubImages, out: Path) -> Path:
+    env = {"SOURCE_DATE_EPOCH": EPOCH, "MTOOLS_SKIP_CHECK": "1"}
+    run(["mkfs.vfat", "--invariant", "-i", grub.FAT_VOLUME_ID, "-n", grub.FAT_LABEL, "-S", "512",
+         "-s", "1", "-C", out, "8192"], env=env)  # fmt: skip
+    run(["mmd", "-i", out, "::EFI", "::EFI/BOOT", "::EFI/debian", "::boot", "::boot/grub"],
+        env=env)  # fmt: skip
+    for source, target in (
+        (images.efi_loader_cfg, "::boot/grub/grub.cfg"),
+        (images.efi_shim, "::EFI/BOOT/BOOTX64.EFI"),
+        (images.efi_grub, "::EFI/BOOT/grubx64.efi"),
+        (images.efi_loader_cfg, "::EFI/debian/grub.cfg"),
+    ):
+        run(["mcopy", "-i", out, source, target], env=env)
+    shim = verify.fat_file(out.read_bytes(), "EFI/BOOT/BOOTX64.EFI").contiguous_at()
+    assert shim is not None and shim % 2048, shim  # what makes it unshareable
+    return out
+
+
+@pytest.fixture(scope="module")
+def with_copies(tmp_path_factory: pytest.TempPathFactory, epoch: None, capture_file: Path
+                ) -> iso.IsoReport:  # fmt: skip
+    work = tmp_path_factory.mktemp("iso-copies")
+    images = grub.make_grub_images(work / "g", medium_id=MEDIUM_ID)
+    fat = _unaligned_fat(images, work / "unaligned-efi.img")
+    return build_iso(work, work / "out" / "copies.iso", capture_file, efi_fat=fat,
+                     **TEST_TIMEOUTS)  # fmt: skip
+
+
+def test_unshareable_fat_gives_copies_that_verify(with_copies: iso.IsoReport) -> None:
+    fat_blocks, records = _efi_layout(with_copies.path)
+    for (kind, rr_path), (block, _length) in records.items():
+        assert block not in fat_blocks, (kind, rr_path)
+    checks = verify.verify_iso(with_copies.path)
+    assert all(check.ok for check in checks), verify.format_checks(checks)
+    tree = next(check for check in checks if check.name == "EFI files in the tree")
+    assert tree.detail.count(": copies") == 2, tree.detail
+
+
+# Linux itself: the tree's files as the kernel's isofs reads them (Rock Ridge, Joliet, plain
+# ISO 9660), the ISO mounted read-only through a loop device in a VM (this machine's own
+# kernel has no iso9660).
+MOUNT_MODULES = ("virtio_pci", "virtio_blk", "isofs", "loop")  # and what they depend on
+MOUNT_MARKER = "MBRESCUE-TEST-MOUNT"
+MOUNT_INIT = f"""#!/bin/sh
+/bin/busybox mkdir -p /proc /dev /mnt
+/bin/busybox mount -t proc proc /proc
+/bin/busybox mount -t devtmpfs devtmpfs /dev
+for module in /modules/*.ko; do /bin/busybox insmod $module; done
+for i in 1 2 3 4 5 6 7 8 9 10; do [ -b /dev/vda ] && break; /bin/busybox sleep 1; done
+for options in ro,loop ro,loop,norock ro,loop,norock,nojoliet; do
+  /bin/busybox mount -t iso9660 -o $options /dev/vda /mnt || echo "{MOUNT_MARKER} $options failed"
+  for file in $(/bin/busybox find /mnt/ -type f -iname '*x64.efi'); do
+    echo "{MOUNT_MARKER} $options $(/bin/busybox sha256sum $file)"
+  done
+  /bin/busybox umount /mnt
+done
+echo "{MOUNT_MARKER} done"
+/bin/busybox poweroff -f
+"""
+
+
+@pytest.mark.qemu
+def test_linux_mount_reads_the_shared_files(built: iso.IsoReport, tmp_path: Path) -> None:
+    the_kit = kit.ensure_kit()
+    tree = cpio.Tree()
+    tree.file_from("bin/busybox", the_kit.busybox, 0o755)
+    tree.symlink("bin/sh", "busybox")
+    tree.file("init", MOUNT_INIT.encode(), 0o755)
+    for index, rel in enumerate(kit.select_modules(the_kit.modules_root, MOUNT_MODULES)):
+        tree.file_from(f"modules/{index:02d}-{Path(rel).name}", the_kit.modules_root / rel,
+                       0o644)  # fmt: skip
+    initrd = _cpio(tree, tmp_path / "mount-initrd.img")
+    config = VmConfig(kernel=the_kit.kernel, initrd=initrd, append="console=ttyS0 quiet",
+                      disks=[Disk(built.path, interface="virtio", readonly=True)])  # fmt: skip
+    with Vm(config, tmp_path / "serial.log") as vm:
+        vm.expect(f"{MOUNT_MARKER} done", timeout=240)
+        text = vm.output
+    loaders = kit.ensure_efi_loaders()
+    shim, grub_efi = (debs.sha256_file(path) for path in (loaders.shim, loaders.grub_removable))
+    for options, names in (
+        ("ro,loop", ("BOOTX64.EFI", "grubx64.efi")),  # Rock Ridge
+        ("ro,loop,norock", ("BOOTX64.EFI", "grubx64.efi")),  # Joliet
+        ("ro,loop,norock,nojoliet", ("bootx64.efi", "grubx64.efi")),  # ISO 9660, map=normal
+    ):
+        assert f"{MOUNT_MARKER} {options} failed" not in text
+        for name, digest in zip(names, (shim, grub_efi), strict=True):
+            assert f"{MOUNT_MARKER} {options} {digest}  /mnt/EFI/BOOT/{name}" in text or (
+                f"{MOUNT_MARKER} {options} {digest}  /mnt/efi/boot/{name}" in text), (
+                options, name, text[-2000:])

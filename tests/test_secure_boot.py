@@ -130,10 +130,12 @@ def test_fat_image_holds_the_signed_chain(images: grub.GrubImages, tmp_path: Pat
 
 
 def test_iso_tree_holds_the_signed_chain(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from tests.test_iso import build_iso  # the small test ISO's builder
+    # The small test ISO's builder; the tree's shim and GRUB are the FAT image's own bytes.
+    from tests.test_iso import _assert_tree_shares_the_fat, build_iso
 
     monkeypatch.setenv("SOURCE_DATE_EPOCH", EPOCH)
     built = build_iso(tmp_path, tmp_path / "t.iso", None)
+    _assert_tree_shares_the_fat(built.path)
     loaders = kit.ensure_efi_loaders()
     iso = pycdlib.PyCdlib()
     iso.open(os.fspath(built.path))
