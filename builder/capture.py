@@ -25,6 +25,7 @@ import socket
 import stat
 import struct
 import tarfile
+import tempfile
 import threading
 import zlib
 from collections.abc import Iterator
@@ -658,6 +659,15 @@ def _capture(options: CaptureOptions) -> CaptureResult:
                     bootfiles.fingerprint, layout, chain, region_spool, files_spool, None,
                     live_host,
                 )
+            # The file-level copies read from the spool too, on another thread while this
+            # one compresses the region (their tar goes in after it).
+            early_copies: Future[list[tuple[dict, Path]]] | None = None
+            if frozen_ok:
+                assert region_spool is not None
+                scratch = Path(stack.enter_context(tempfile.TemporaryDirectory(
+                    prefix="mbrescue-files-")))  # left after the thread is done with it
+                early_copies = stack.enter_context(ThreadPoolExecutor(1)).submit(
+                    _read_file_copies, layout, chain, region_spool, scratch)
             if frozen_ok:
                 assert region_spool is not None
                 progress = log.Progress("compressing boot region", region_bytes, options.progress)
@@ -670,8 +680,10 @@ def _capture(options: CaptureOptions) -> CaptureResult:
                 watched = ([boot_mount] if boot_mount is not None else []) + others
                 region = _read_unfrozen(source, region_bytes, tar, mtime, options, watched)
             gpt_tail = _gpt_tail(source, layout, tar, mtime)
-            file_copies = _file_copies(source, layout, chain, tar, mtime,
-                                       region_spool if frozen_ok else None)
+            if early_copies is not None:
+                file_copies = filecopy.append_copies(tar, early_copies.result(), mtime)
+            else:
+                file_copies = _file_copies(source, layout, chain, tar, mtime)
             # The file-level copy of /boot's partition holds its files already (read from
             # the same frozen spool): the archive of the mounted /boot is only the fallback
             # for a host without the tools that copy needs.
@@ -952,17 +964,24 @@ def _warn_of_kernels(record: dict) -> dict:
     return record
 
 
-def _file_copies(source: Path, layout: Layout, chain: list[Partition], tar: capfile.TarWriter,
-                 mtime: int, spool: int | None) -> list[dict]:
-    """The file-level copy of each boot-chain file system (runner/filecopy.py), read from the
-    frozen region's spool when there is one (what was frozen; its files then refer to the
-    region's bytes), else from the source."""
+def _copy_chain(layout: Layout, chain: list[Partition]) -> list[tuple[int, int, str]]:
     sector = layout.disk.logical_sector_bytes
-    wanted = [(p.number, p.start_lba * sector, p.fs.type) for p in chain if p.fs is not None]
-    if spool is not None:
-        return filecopy.add_file_copies(tar, f"/proc/self/fd/{spool}", wanted, mtime, (spool,),
-                                        warn=log.info, region_fd=spool)
-    return filecopy.add_file_copies(tar, os.fspath(source), wanted, mtime, warn=log.info)
+    return [(p.number, p.start_lba * sector, p.fs.type) for p in chain if p.fs is not None]
+
+
+def _read_file_copies(layout: Layout, chain: list[Partition], spool: int,
+                      scratch: Path) -> list[tuple[dict, Path]]:
+    """The file-level copy of each boot-chain file system (runner/filecopy.py), read from the
+    frozen region's spool (what was frozen): its files then refer to the region's bytes."""
+    return filecopy.read_copies(f"/proc/self/fd/{spool}", _copy_chain(layout, chain), scratch,
+                                (spool,), warn=log.info, region_fd=spool)
+
+
+def _file_copies(source: Path, layout: Layout, chain: list[Partition], tar: capfile.TarWriter,
+                 mtime: int) -> list[dict]:
+    """The file-level copies read from the source itself (no frozen spool)."""
+    return filecopy.add_file_copies(tar, os.fspath(source), _copy_chain(layout, chain), mtime,
+                                    warn=log.info)
 
 
 def _boot_loader(source: Path, layout: Layout, chain: list[Partition], boot_number: int,

@@ -400,35 +400,50 @@ def read_copy(image: str, partition: int, offset_bytes: int, fs_type: str, scrat
     return record, out
 
 
-def add_file_copies(tar: Any, image: str, chain: Sequence[tuple[int, int, str]], mtime: int,
-                    pass_fds: Sequence[int] = (),
-                    warn: Callable[[str], None] = lambda line: None,
-                    region_fd: int | None = None) -> list[dict[str, Any]]:
-    """Each (partition, offset_bytes, fs type) of the chain with a copyable file system as a
-    member of the capture (`tar` is a capfile.TarWriter); the manifest's `file_copies`.
-    `region_fd`: `image` is the captured region itself (see read_copy).
+def read_copies(image: str, chain: Sequence[tuple[int, int, str]], scratch: Path,
+                pass_fds: Sequence[int] = (), warn: Callable[[str], None] = lambda line: None,
+                region_fd: int | None = None) -> list[tuple[dict[str, Any], Path]]:
+    """Each (partition, offset_bytes, fs type) of the chain with a copyable file system read
+    into a tar in scratch: (record without sha256, tar). `region_fd`: see read_copy.
 
     A host without the tools a copy needs (mtools is rare on servers) still gets its
     capture: the region path does not need the copy. `warn` is told which copy is missing.
     """
+    copies = []
+    for partition, offset_bytes, fs_type in chain:
+        if fs_type not in COPY_TYPES:
+            continue
+        try:
+            copies.append(read_copy(image, partition, offset_bytes, fs_type, scratch, pass_fds,
+                                    region_fd))
+        except ToolMissing as exc:
+            warn(f"warning: no file-level copy of partition {partition} ({fs_type}): {exc}; "
+                 "the region path does not need it, the file-level path will")
+    return copies
+
+
+def append_copies(tar: Any, copies: list[tuple[dict[str, Any], Path]],
+                  mtime: int) -> list[dict[str, Any]]:
+    """The copies read by read_copies as members of the capture (`tar` is a
+    capfile.TarWriter), each hashed as it goes in; the manifest's `file_copies`."""
     records = []
-    with tempfile.TemporaryDirectory(prefix="mbrescue-files-") as scratch:
-        for partition, offset_bytes, fs_type in chain:
-            if fs_type not in COPY_TYPES:
-                continue
-            try:
-                record, path = read_copy(image, partition, offset_bytes, fs_type,
-                                         Path(scratch), pass_fds, region_fd)
-            except ToolMissing as exc:
-                warn(f"warning: no file-level copy of partition {partition} ({fs_type}): {exc}; "
-                     "the region path does not need it, the file-level path will")
-                continue
-            digest = hashlib.sha256()
-            with open(path, "rb") as source, tar.member(record["member"], mtime) as stream:
-                while block := source.read(1 << 20):
-                    digest.update(block)
-                    stream.write(block)
-            record["sha256"] = digest.hexdigest()
-            records.append(record)
-            path.unlink()
+    for record, path in copies:
+        digest = hashlib.sha256()
+        with open(path, "rb") as source, tar.member(record["member"], mtime) as stream:
+            while block := source.read(1 << 20):
+                digest.update(block)
+                stream.write(block)
+        record["sha256"] = digest.hexdigest()
+        records.append(record)
+        path.unlink()
     return records
+
+
+def add_file_copies(tar: Any, image: str, chain: Sequence[tuple[int, int, str]], mtime: int,
+                    pass_fds: Sequence[int] = (),
+                    warn: Callable[[str], None] = lambda line: None) -> list[dict[str, Any]]:
+    """read_copies then append_copies: the file-level copies of the chain's file systems as
+    members of the capture."""
+    with tempfile.TemporaryDirectory(prefix="mbrescue-files-") as scratch:
+        return append_copies(tar, read_copies(image, chain, Path(scratch), pass_fds, warn),
+                             mtime)
