@@ -9,7 +9,6 @@ parallel (`--jobs`), after the shared parts were made once.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import hashlib
 import os
 import tempfile
@@ -20,7 +19,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from . import buildrecord, log
-from .debs import sha256_file
 from .errors import MbrescueError
 from .grub import check_grub_installed, make_grub_images, render_grub_cfg
 from .initramfs import make_base_initramfs, make_payload_initramfs
@@ -62,11 +60,19 @@ def open_capture(path: Path) -> Capture:
 def check_capture_data(path: Path, capture: Capture) -> str:
     """Verify every byte of an opened capture; returns the file's SHA-256.
 
-    Every gzip member's SHA-256 is checked and every member inflated (which checks its
-    CRC-32 and length) on all cores, and the file is hashed whole beside them (the
-    rescue system checks that the capture it unpacked has this SHA-256, and the whole-
-    region SHA-256 again before it writes).
+    The chunks are checked (check_capture_chunks) and the file is hashed whole beside
+    them, through the same descriptor (the rescue system checks that the capture it
+    reads has this SHA-256, and the whole-region SHA-256 again before it writes).
     """
+    with ThreadPoolExecutor(1) as hasher:
+        file_sha256 = hasher.submit(capture.file_sha256)
+        check_capture_chunks(path, capture)
+        return file_sha256.result()
+
+
+def check_capture_chunks(path: Path, capture: Capture) -> None:
+    """Every gzip member's SHA-256 checked and every member inflated (which checks its
+    CRC-32 and length) on all cores; the other members' SHA-256."""
     expected = capture.region.chunk_sha256
 
     def check(item: tuple[int, bytes]) -> int:
@@ -76,15 +82,13 @@ def check_capture_data(path: Path, capture: Capture) -> str:
         return len(capture.unpack(index, packed))
 
     with ThreadPoolExecutor(os.cpu_count() or 1) as pool:
-        file_sha256 = pool.submit(sha256_file, path)
         length = sum(pool.map(check, enumerate(capture.compressed_chunks())))
-        if length != capture.region.length_bytes:
-            raise MbrescueError(
-                f"{path}: the region is {length} bytes, the manifest says "
-                f"{capture.region.length_bytes}"
-            )
-        capture.verify_members()
-        return file_sha256.result()
+    if length != capture.region.length_bytes:
+        raise MbrescueError(
+            f"{path}: the region is {length} bytes, the manifest says "
+            f"{capture.region.length_bytes}"
+        )
+    capture.verify_members()
 
 
 def check_capture(path: Path) -> Capture:
@@ -125,16 +129,22 @@ def build_one(
     capture: Capture,
     options: BuildOptions,
     shared: SharedParts,
-    checked: Callable[[], str] | None = None,
+    summed: Callable[[], str] | None = None,
+    checked: Callable[[], None] | None = None,
 ) -> IsoReport:
-    """One ISO. checked waits for the capture's data check (running beside the GRUB
-    images and the payload) and returns the capture file's SHA-256; without it the
-    capture is checked here, first."""
-    if checked is None:
+    """One ISO. `summed` waits for the capture file's SHA-256 (through its descriptor);
+    `checked` waits for the check of its data (and of the other captures of the build),
+    which runs beside the GRUB images, the payload and the ISO's writing: the ISO gets
+    its name only after it has passed, and after the written file's own check. Without
+    them the capture is checked here, first."""
+    if summed is None or checked is None:
         capture_sha256 = check_capture_data(capture_path, capture)
 
-        def checked() -> str:
+        def summed() -> str:
             return capture_sha256
+
+        def checked() -> None:
+            return None
 
     manifest = capture.manifest
     out = output_path(options, capture)
@@ -157,7 +167,7 @@ def build_one(
         grub = make_grub_images(work, medium_id=medium_id)
         # The capture's SHA-256 travels beside it: the rescue system checks the capture it
         # reads is, byte for byte, the one this build verified.
-        capture_sha256 = checked()
+        capture_sha256 = summed()
         # The manifest's SHA-256 too: it names every member's and chunk's SHA-256, so the
         # rescue system needs no pass over the whole file before it can show the plan.
         options_file = options_json(options.unattended_allowed, capture_sha256,
@@ -172,6 +182,14 @@ def build_one(
             boot_fs_uuid=boot_fs_uuid,
             medium_id=medium_id,
         )
+        found: dict = {}
+
+        def before_rename(written: Path) -> None:
+            checked()  # every capture of the build checked
+            started = time.monotonic()
+            found["written"] = written_checks(written, capture_sha256, out)
+            found["seconds"] = time.monotonic() - started
+
         report = write_iso(
             out,
             grub=grub,
@@ -186,8 +204,11 @@ def build_one(
             # Joliet stores the label in UTF-16: 16 characters at most.
             volume_label=iso_volume_label(manifest.hostname)[:16],
             medium_id=medium_id,
+            before_rename=before_rename,
         )
-    return check_written(report, capture_sha256)
+    boots, checked_words = found["written"]
+    return dataclasses.replace(report, boots=boots, checked=checked_words,
+                               check_seconds=found["seconds"])
 
 
 # What the summary may say: each boot way needs the parts that a check of the written
@@ -207,29 +228,37 @@ CHECKED_WORDS = {
 }
 
 
-def check_written(report: IsoReport, capture_sha256: str) -> IsoReport:
-    """Check the written ISO as `mbrescue verify` does; the report says what was found.
+def written_checks(path: Path, capture_sha256: str,
+                   name: Path | None = None) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """Check a written ISO as `mbrescue verify` does: (the boot ways, the parts found).
 
-    The capture inside must be the very file the build checked (its SHA-256). An ISO that
-    fails is removed, so nobody burns it.
+    The capture inside must be the very file the build checked (its SHA-256). A failure
+    is raised naming the ISO as `name` (its final name; `path` may be a temporary one).
     """
-    started = time.monotonic()
-    checks = verify_iso(report.path, capture_sha256=capture_sha256)
+    checks = verify_iso(path, capture_sha256=capture_sha256)
     failed = [check for check in checks if not check.ok]
     if failed:
-        report.path.unlink(missing_ok=True)
         more = f" (and {len(failed) - 1} more)" if len(failed) > 1 else ""
         raise MbrescueError(
-            f"{report.path} failed its check after writing and was removed: "
+            f"{name or path} failed its check after writing and was removed: "
             f"{failed[0].name}: {failed[0].detail}{more}"
         )
     passed = {check.name for check in checks}
-    return dataclasses.replace(
-        report,
-        boots=tuple(way for way, needs in BOOT_WAYS if all(name in passed for name in needs)),
-        checked=tuple(words for name, words in CHECKED_WORDS.items() if name in passed),
-        check_seconds=time.monotonic() - started,
-    )
+    return (tuple(way for way, needs in BOOT_WAYS if all(n in passed for n in needs)),
+            tuple(words for n, words in CHECKED_WORDS.items() if n in passed))
+
+
+def check_written(report: IsoReport, capture_sha256: str) -> IsoReport:
+    """written_checks on a finished ISO; the report says what was found. An ISO that fails
+    is removed, so nobody burns it."""
+    started = time.monotonic()
+    try:
+        boots, checked = written_checks(report.path, capture_sha256)
+    except MbrescueError:
+        report.path.unlink(missing_ok=True)
+        raise
+    return dataclasses.replace(report, boots=boots, checked=checked,
+                               check_seconds=time.monotonic() - started)
 
 
 def build(options: BuildOptions) -> list[IsoReport]:
@@ -242,22 +271,23 @@ def build(options: BuildOptions) -> list[IsoReport]:
             "two captures are for the same host name; build them into different directories"
         )
     # Every capture's bytes are checked on other threads while the shared parts, GRUB
-    # images and payloads are made; every check has passed before the first ISO is
-    # written (measured on the bench's capture: 0.55 s of checking and 0.12 s of hashing
-    # beside 0.73 s of GRUB images).
-    with ThreadPoolExecutor(1) as checker:  # one at a time, each on all cores
-        checks = [checker.submit(check_capture_data, path, capture) for path, capture in captures]
+    # images, payloads and ISOs are made; every check has passed before the first ISO
+    # gets its name (a failed one leaves none behind).
+    with (ThreadPoolExecutor(1) as hasher,  # one at a time, each read once
+          ThreadPoolExecutor(1) as checker):  # one at a time, each on all cores
+        sums = [hasher.submit(capture.file_sha256) for _, capture in captures]
+        checks = [checker.submit(check_capture_chunks, path, capture)
+                  for path, capture in captures]
 
-        def all_checked(index: int) -> str:
+        def all_checked() -> None:
             for check in checks:
                 check.result()
-            return checks[index].result()
 
         shared = prepare_shared()
         with ThreadPoolExecutor(max(1, options.jobs)) as pool:
             futures = [
-                pool.submit(build_one, path, capture, options, shared,
-                            functools.partial(all_checked, index))
+                pool.submit(build_one, path, capture, options, shared, sums[index].result,
+                            all_checked)
                 for index, (path, capture) in enumerate(captures)
             ]
             return [future.result() for future in futures]

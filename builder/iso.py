@@ -33,7 +33,7 @@ import time
 import types
 import uuid
 import zlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -421,8 +421,12 @@ def write_iso(
     grub_cfg: str,
     volume_label: str,
     medium_id: str,
+    before_rename: Callable[[Path], None] | None = None,
 ) -> IsoReport:
     """Write the hybrid rescue ISO to `out` (via a temporary name, mode 0600).
+
+    `before_rename` is called with the complete temporary file while it is synced: what
+    it raises leaves no file behind, so nothing that fails a check gets out's name.
 
     The payload cpio holds the capture and the build's options file; the options file is
     also a plain file beside it. The rescue system reads the capture inside the payload
@@ -543,7 +547,12 @@ def write_iso(
                 medium_id=medium_id,
             )
             stream.flush()
-            os.fsync(stream.fileno())
+            # The file goes to the disk while it is checked (it is read from the page cache).
+            with ThreadPoolExecutor(1) as syncer:
+                synced = syncer.submit(os.fsync, stream.fileno())
+                if before_rename is not None:
+                    before_rename(tmp)
+                synced.result()
         os.replace(tmp, out)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):

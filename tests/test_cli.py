@@ -6,6 +6,7 @@ import hashlib
 import os
 import signal
 import subprocess
+import tarfile
 from pathlib import Path
 
 import pytest
@@ -200,3 +201,27 @@ def test_build_several_captures_in_parallel(tmp_path):
         checked = mbrescue("verify", iso)
         assert checked.returncode == 0, checked.stdout + checked.stderr
         assert iso.stem.split("-")[0] in checked.stdout  # the payload's capture names its host
+
+
+def test_a_damaged_capture_leaves_no_iso_of_any_host(tmp_path):
+    """The captures' data are checked while the ISOs are written: one capture with a damaged
+    region chunk fails the build in one line, and no ISO, of it or of the sound capture
+    beside it, nor any temporary file, is left (none got its name before the check)."""
+    captures = []
+    for host in ("alpha", "bravo"):
+        image = small_msdos_image(tmp_path / f"{host}.img")
+        capture = tmp_path / f"{host}.mbrescue"
+        assert mbrescue("capture", image, "-o", capture, "--hostname", host).returncode == 0
+        captures.append(capture)
+    with tarfile.open(captures[1]) as archive:
+        at = archive.getmember("region.img.gz").offset_data + 200
+    with open(captures[1], "r+b") as stream:
+        stream.seek(at)
+        byte = stream.read(1)
+        stream.seek(at)
+        stream.write(bytes([byte[0] ^ 0xFF]))
+    out = tmp_path / "isos"
+    out.mkdir()
+    result = mbrescue("build", *captures, "-o", out, "--jobs", "2")
+    assert "checksum mismatch in region chunk 0" in one_error_line(result)
+    assert list(out.iterdir()) == []
