@@ -115,9 +115,13 @@ def goal(ratio: float, limit: float, what: str = "") -> str:
 
 
 def ratio_row(label: str, mine: float, theirs: float, limit: float, what: str = "") -> str:
-    """`label: 1.23x (goal <= 1.00x: MISSED)`, the ratio mine / theirs."""
+    """`label: 1.23x (goal <= 1.00x: MISSED)`, the ratio mine / theirs (three decimals where
+    two would show a missed goal as the limit itself)."""
     ratio = mine / theirs
-    return f"{label} {ratio:4.2f}x  ({goal(ratio, limit, what)})"
+    shown = f"{ratio:4.2f}"
+    if ratio > limit and float(shown) <= limit:
+        shown = f"{ratio:5.3f}"
+    return f"{label} {shown}x  ({goal(ratio, limit, what)})"
 
 
 def manifest_of(capture: Path) -> Manifest:

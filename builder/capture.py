@@ -659,13 +659,14 @@ def _capture(options: CaptureOptions) -> CaptureResult:
                     bootfiles.fingerprint, layout, chain, region_spool, files_spool, None,
                     live_host,
                 )
-            # The file-level copies read from the spool too, on another thread while this
-            # one compresses the region (their tar goes in after it).
+            # The file-level copies are read from the region's spool (what the region member
+            # holds, so their files refer to its bytes), on another thread while this one
+            # compresses the region when it was frozen; their tar goes in after the region.
+            scratch = Path(stack.enter_context(tempfile.TemporaryDirectory(
+                prefix="mbrescue-files-")))  # left after the thread is done with it
             early_copies: Future[list[tuple[dict, Path]]] | None = None
             if frozen_ok:
                 assert region_spool is not None
-                scratch = Path(stack.enter_context(tempfile.TemporaryDirectory(
-                    prefix="mbrescue-files-")))  # left after the thread is done with it
                 early_copies = stack.enter_context(ThreadPoolExecutor(1)).submit(
                     _read_file_copies, layout, chain, region_spool, scratch)
             if frozen_ok:
@@ -678,12 +679,14 @@ def _capture(options: CaptureOptions) -> CaptureResult:
                 progress.finish()
             else:
                 watched = ([boot_mount] if boot_mount is not None else []) + others
-                region = _read_unfrozen(source, region_bytes, tar, mtime, options, watched)
+                region_spool = stack.enter_context(_spool(output.parent, region_bytes))
+                region = _read_unfrozen(source, region_bytes, region_spool, tar, mtime, options,
+                                        watched)
             gpt_tail = _gpt_tail(source, layout, tar, mtime)
-            if early_copies is not None:
-                file_copies = filecopy.append_copies(tar, early_copies.result(), mtime)
-            else:
-                file_copies = _file_copies(source, layout, chain, tar, mtime)
+            assert region_spool is not None
+            copies = (early_copies.result() if early_copies is not None
+                      else _read_file_copies(layout, chain, region_spool, scratch))
+            file_copies = filecopy.append_copies(tar, copies, mtime)
             # The file-level copy of /boot's partition holds its files already (read from
             # the same frozen spool): the archive of the mounted /boot is only the fallback
             # for a host without the tools that copy needs.
@@ -729,7 +732,7 @@ def _capture(options: CaptureOptions) -> CaptureResult:
                 fingerprint = _warn_of_kernels(early_fingerprint.result())
             else:
                 fingerprint = _fingerprint(
-                    source, layout, chain, region_spool if frozen_ok else None,
+                    source, layout, chain, region_spool,
                     files_spool if boot_files["member"] is not None else None,
                     str(boot_files["reason"]) if boot_files["reason"] else None, live_host,
                 )
@@ -798,24 +801,26 @@ def _capture(options: CaptureOptions) -> CaptureResult:
 def _read_unfrozen(
     source: Path,
     region_bytes: int,
+    spool: int,
     tar: capfile.TarWriter,
     mtime: int,
     options: CaptureOptions,
     watched: list[Mount],
 ) -> RegionRecord:
-    """The region read straight from the source; twice and compared when any of it is mounted."""
+    """The region read from the source into the spool and compressed from there; read again
+    and compared when any of it is mounted."""
     out = tar.out
     region_at = out.tell()
-    progress = log.Progress("reading boot region", region_bytes, options.progress)
     for attempt in range(1, UNFROZEN_READ_ATTEMPTS + 1):
         out.seek(region_at)
         out.truncate()
-        fd = _open_source(source)
-        try:
-            with tar.member(capfile.REGION_MEMBER, mtime) as stream:
-                region = write_region(fd, region_bytes, stream, options.compress_level, progress)
-        finally:
-            os.close(fd)
+        reading = log.Progress("reading boot region", region_bytes, options.progress)
+        spool_region(source, region_bytes, spool, reading)
+        reading.finish()
+        progress = log.Progress("compressing boot region", region_bytes, options.progress)
+        with tar.member(capfile.REGION_MEMBER, mtime) as stream:
+            region = write_region(spool, region_bytes, stream, options.compress_level, progress)
+        progress.finish()
         if not watched:
             break
         # Not frozen and mounted: a second read must agree or the file system moved.
@@ -824,7 +829,6 @@ def _read_unfrozen(
         log.info(f"{_names(watched)} changed while it was read (attempt {attempt})")
     else:
         raise _kept_changing(watched)
-    progress.finish()
     return region
 
 
@@ -975,13 +979,6 @@ def _read_file_copies(layout: Layout, chain: list[Partition], spool: int,
     frozen region's spool (what was frozen): its files then refer to the region's bytes."""
     return filecopy.read_copies(f"/proc/self/fd/{spool}", _copy_chain(layout, chain), scratch,
                                 (spool,), warn=log.info, region_fd=spool)
-
-
-def _file_copies(source: Path, layout: Layout, chain: list[Partition], tar: capfile.TarWriter,
-                 mtime: int) -> list[dict]:
-    """The file-level copies read from the source itself (no frozen spool)."""
-    return filecopy.add_file_copies(tar, os.fspath(source), _copy_chain(layout, chain), mtime,
-                                    warn=log.info)
 
 
 def _boot_loader(source: Path, layout: Layout, chain: list[Partition], boot_number: int,

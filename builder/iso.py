@@ -49,6 +49,7 @@ from . import log
 from .debs import sha256_file
 from .errors import MbrescueError
 from .grub import GrubImages, medium_marker
+from .runner.isofs import BadRecord, directory_records, record_name
 from .verify import CAPTURE_MEMBER, EFI_TREE_FILES, fat_file, iter_newc, sha256_stream
 
 SECTOR = 512
@@ -325,21 +326,6 @@ def shared_efi_files(efi_fat: Path, sources: dict[str, Path]) -> dict[str, tuple
     return shared
 
 
-def _directory_records(data: bytes) -> Iterator[tuple[int, bytes]]:
-    """(offset, file identifier) of each directory record in a directory's extent."""
-    at = 0
-    while at < len(data):
-        length = data[at]
-        if length == 0:  # records never cross a block: the rest of this block is padding
-            at = (at // BLOCK + 1) * BLOCK
-            continue
-        if length < 34 or at + length > len(data):
-            raise MbrescueError("a directory record of the written ISO is malformed")
-        name_bytes = data[at + 32]
-        yield at, data[at + 33 : at + 33 + name_bytes]
-        at += length
-
-
 def _point_at_fat(
     stream: BinaryIO, iso: pycdlib.PyCdlib, efi_block: int, shared: dict[str, tuple[int, int]]
 ) -> None:
@@ -357,7 +343,11 @@ def _point_at_fat(
             dir_at = folder.extent_location() * BLOCK
             stream.seek(dir_at)
             data = stream.read(folder.get_data_length())
-            matches = [offset for offset, ident in _directory_records(data) if ident == name]
+            try:
+                matches = [offset for offset, found in directory_records(data, BLOCK)
+                           if record_name(found) == name]
+            except BadRecord as exc:
+                raise MbrescueError(f"the written ISO's {folder.file_ident!r}: {exc}") from None
             if len(matches) != 1:
                 raise MbrescueError(f"{rr_path}: {len(matches)} directory records, not one")
             offset = dir_at + matches[0]

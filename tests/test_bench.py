@@ -103,6 +103,8 @@ def test_goal_says_met_or_missed():
     assert goal(1.01, 1.0) == "goal <= 1.00x: MISSED"
     assert ratio_row("x:", 3.0, 2.0, 1.5) == "x: 1.50x  (goal <= 1.50x: met)"
     assert ratio_row("x:", 3.3, 1.0, 1.5, ", y") == "x: 3.30x  (goal <= 1.50x, y: MISSED)"
+    # A miss never reads as the limit itself.
+    assert ratio_row("x:", 187.4, 186.9, 1.0) == "x: 1.003x  (goal <= 1.00x: MISSED)"
 
 
 def test_growth_is_flat_only_within_ten_percent():

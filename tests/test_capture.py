@@ -59,6 +59,30 @@ def small_msdos_image(path: Path, *, size_mib: int = 24, boot_start: int = 2048)
     return path
 
 
+def capture_of_mounted_boot(work: Path, fill):
+    """small_msdos_image's /boot mounted from a loop device, `fill(mountpoint)` run on it,
+    then captured while mounted (so frozen): (the CaptureResult, what fill returned)."""
+    from builder.capture import CaptureOptions, capture
+
+    image = small_msdos_image(work / "host.img")
+    loop = sh("losetup", "-f", "--show", "-o", str(2048 * 512), "--sizelimit", str(16 * MiB),
+              image).strip()
+    mnt = work / "boot"
+    mnt.mkdir()
+    try:
+        sh("mount", loop, mnt)
+        try:
+            filled = fill(mnt)
+            out = capture(CaptureOptions(source=image, output=work / "host.mbrescue",
+                                         progress=False))
+        finally:
+            sh("umount", mnt)
+    finally:
+        sh("losetup", "-d", loop)
+    assert out.manifest["frozen"] is True
+    return out, filled
+
+
 def blkid_at(image: Path, offset: int, size: int) -> dict[str, str]:
     loop = sh(
         "losetup", "-f", "--show", "-r", "-o", str(offset), "--sizelimit", str(size), image

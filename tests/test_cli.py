@@ -182,14 +182,19 @@ def test_burn_refuses_what_is_not_an_iso(tmp_path):
 
 # -- build several captures at once ---------------------------------------------------------------
 
-def test_build_several_captures_in_parallel(tmp_path):
-    """Two captures, `--jobs 2`: one ISO per host, named after it, each passing `verify`."""
+def _two_captures(tmp_path: Path) -> list[Path]:
     captures = []
     for host in ("alpha", "bravo"):
         image = small_msdos_image(tmp_path / f"{host}.img")
         capture = tmp_path / f"{host}.mbrescue"
         assert mbrescue("capture", image, "-o", capture, "--hostname", host).returncode == 0
         captures.append(capture)
+    return captures
+
+
+def test_build_several_captures_in_parallel(tmp_path):
+    """Two captures, `--jobs 2`: one ISO per host, named after it, each passing `verify`."""
+    captures = _two_captures(tmp_path)
     out = tmp_path / "isos"
     out.mkdir()
     result = mbrescue("build", *captures, "-o", out, "--jobs", "2")
@@ -207,12 +212,7 @@ def test_a_damaged_capture_leaves_no_iso_of_any_host(tmp_path):
     """The captures' data are checked while the ISOs are written: one capture with a damaged
     region chunk fails the build in one line, and no ISO, of it or of the sound capture
     beside it, nor any temporary file, is left (none got its name before the check)."""
-    captures = []
-    for host in ("alpha", "bravo"):
-        image = small_msdos_image(tmp_path / f"{host}.img")
-        capture = tmp_path / f"{host}.mbrescue"
-        assert mbrescue("capture", image, "-o", capture, "--hostname", host).returncode == 0
-        captures.append(capture)
+    captures = _two_captures(tmp_path)
     with tarfile.open(captures[1]) as archive:
         at = archive.getmember("region.img.gz").offset_data + 200
     with open(captures[1], "r+b") as stream:

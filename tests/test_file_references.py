@@ -13,7 +13,6 @@ from pathlib import Path
 
 import pytest
 
-from builder.capture import CaptureOptions, capture
 from builder.inspect import describe
 from builder.runner import filecopy
 from builder.runner import restore as runner
@@ -21,12 +20,12 @@ from builder.runner.capfile import MANIFEST_MEMBER, Capture
 from builder.runner.errors import MbrescueError
 
 from .conftest import sh, sha256_of
-from .test_capture import small_msdos_image
+from .test_capture import capture_of_mounted_boot
 from .test_files_restore import make_target, quiet_console, restore_files
 from .test_manifest import members_of, repack
 
 MiB = 1 << 20
-BOOT_AT = 2048 * 512
+BOOT_AT = 2048 * 512  # where small_msdos_image puts /boot
 
 
 def _write_kinds(root: Path) -> dict[str, bytes]:
@@ -52,23 +51,7 @@ def _write_kinds(root: Path) -> dict[str, bytes]:
 @pytest.fixture(scope="module")
 def mounted_capture(tmp_path_factory) -> tuple[Path, dict[str, bytes]]:
     """A capture of a mounted (so frozen) ext4 /boot holding _write_kinds' files."""
-    work = tmp_path_factory.mktemp("refs")
-    image = small_msdos_image(work / "host.img")
-    loop = sh("losetup", "-f", "--show", "-o", str(BOOT_AT), "--sizelimit", str(16 * MiB),
-              image).strip()
-    mnt = work / "boot"
-    mnt.mkdir()
-    try:
-        sh("mount", loop, mnt)
-        try:
-            contents = _write_kinds(mnt)
-            out = capture(CaptureOptions(source=image, output=work / "host.mbrescue",
-                                         progress=False))
-        finally:
-            sh("umount", mnt)
-    finally:
-        sh("losetup", "-d", loop)
-    assert out.manifest["frozen"] is True
+    out, contents = capture_of_mounted_boot(tmp_path_factory.mktemp("refs"), _write_kinds)
     return out.path, contents
 
 
@@ -228,3 +211,15 @@ def test_format_version_2_is_still_read_a_later_one_refused(captures, tmp_path):
                    reseal=True)
     with pytest.raises(MbrescueError, match="capture format version 4 is not supported"):
         Capture.open(str(newer))
+
+
+def test_an_unmounted_source_gets_references_too(captures):
+    """A disk or image whose /boot is not mounted is not frozen: its region is spooled all
+    the same, and the file-level copy is read from that spool, so its files are references
+    (fixture A: a real Debian-style /boot made by grub-install in a VM)."""
+    with Capture.open(str(captures["A"])) as opened:
+        assert not opened.manifest.frozen
+        (copy,) = [c for c in opened.manifest.file_copies if c.fs.type != "vfat"]
+        assert copy.referenced_files >= 2  # the kernel and the initrd at least
+        packed = opened.read_member(copy.member)
+    assert len(packed) < 1 << 20  # names and headers: the bytes are the region's

@@ -273,27 +273,11 @@ def test_c_onto_a_disk_smaller_than_its_region_boots(fixtures, captures, tmp_pat
 def test_mounted_boot_file_copy_is_read_from_the_frozen_region(tmp_path):
     """A mounted /boot: the file copy comes from the spool of the frozen region, so a file
     written but not synced before the capture is in it, and the live /boot is not read."""
-    from builder.capture import CaptureOptions, capture
+    from .test_capture import capture_of_mounted_boot
 
-    from .test_capture import small_msdos_image
-
-    image = small_msdos_image(tmp_path / "host.img")
-    loop = sh("losetup", "-f", "--show", "-o", str(2048 * 512), "--sizelimit", str(16 * MiB),
-              image).strip()
-    mnt = tmp_path / "boot"
-    mnt.mkdir()
-    try:
-        sh("mount", loop, mnt)
-        try:
-            payload = os.urandom(300_000)
-            (mnt / "initrd.img-new").write_bytes(payload)
-            out = capture(CaptureOptions(source=image, output=tmp_path / "host.mbrescue",
-                                         progress=False))
-        finally:
-            sh("umount", mnt)
-    finally:
-        sh("losetup", "-d", loop)
-    assert out.manifest["frozen"] is True
+    payload = os.urandom(300_000)
+    out, _ = capture_of_mounted_boot(
+        tmp_path, lambda mnt: (mnt / "initrd.img-new").write_bytes(payload))
     (record,) = out.manifest["file_copies"]
     assert record["fs"]["read_with"] == "ro,noload loop mount"
     assert record["referenced_files"] >= 1

@@ -27,6 +27,7 @@ from typing import Any
 
 from . import bootfiles, capfile
 from .errors import MbrescueError
+from .isofs import BadRecord, directory_records, record_name
 from .layout import Layout, Partition, read_layout
 from .manifest import FileEntry, Manifest
 
@@ -98,22 +99,17 @@ def _iso_file(fd: int, path: tuple[str, ...]) -> tuple[int, int]:
 
 
 def _find_in_directory(data: bytes, wanted: str, directory: bool) -> tuple[int, int] | None:
-    at = 0
-    while at < len(data):
-        record_bytes = data[at]
-        if record_bytes == 0:  # records never cross a sector: the rest of this one is padding
-            at = (at // ISO_SECTOR + 1) * ISO_SECTOR
-            continue
-        record = data[at : at + record_bytes]
-        if len(record) < 34 or 33 + record[32] > len(record):
-            raise MbrescueError("a directory record of the ISO is cut short")
-        name = record[33 : 33 + record[32]].decode("ascii", "replace").split(";")[0].upper()
-        flags = record[25]
-        if name.rstrip(".") == wanted and bool(flags & 2) == directory:
-            if flags & 0x80:
-                raise MbrescueError(f"{wanted} in the ISO is a multi-extent file")
-            return struct.unpack_from("<I", record, 2)[0], struct.unpack_from("<I", record, 10)[0]
-        at += record_bytes
+    try:
+        for _, record in directory_records(data, ISO_SECTOR):
+            name = record_name(record).decode("ascii", "replace").split(";")[0].upper()
+            flags = record[25]
+            if name.rstrip(".") == wanted and bool(flags & 2) == directory:
+                if flags & 0x80:
+                    raise MbrescueError(f"{wanted} in the ISO is a multi-extent file")
+                return (struct.unpack_from("<I", record, 2)[0],
+                        struct.unpack_from("<I", record, 10)[0])
+    except BadRecord:
+        raise MbrescueError("a directory record of the ISO is cut short") from None
     return None
 
 

@@ -437,13 +437,3 @@ def append_copies(tar: Any, copies: list[tuple[dict[str, Any], Path]],
         records.append(record)
         path.unlink()
     return records
-
-
-def add_file_copies(tar: Any, image: str, chain: Sequence[tuple[int, int, str]], mtime: int,
-                    pass_fds: Sequence[int] = (),
-                    warn: Callable[[str], None] = lambda line: None) -> list[dict[str, Any]]:
-    """read_copies then append_copies: the file-level copies of the chain's file systems as
-    members of the capture."""
-    with tempfile.TemporaryDirectory(prefix="mbrescue-files-") as scratch:
-        return append_copies(tar, read_copies(image, chain, Path(scratch), pass_fds, warn),
-                             mtime)

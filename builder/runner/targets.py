@@ -22,6 +22,7 @@ from dataclasses import dataclass
 
 from .disk import DiskInfo, read_at
 from .errors import MbrescueError
+from .isofs import BadRecord, directory_records, record_name
 from .manifest import SourceDisk
 
 ISO_PVD_OFFSET = 16 * 2048  # ISO9660 sector 16, whatever the disk's sector size
@@ -67,18 +68,11 @@ def _directory_entries(path: str, record: bytes, block_bytes: int) -> list[tuple
     except MbrescueError:
         return []
     entries = []
-    at = 0
-    while at + 34 <= len(data):
-        size = data[at]
-        if size == 0:  # records do not cross a block: the rest of this one is padding
-            at = (at // block_bytes + 1) * block_bytes
-            continue
-        if size < 34 or at + size > len(data):
-            break
-        name_length = data[at + 32]
-        name = data[at + 33 : at + 33 + min(name_length, size - 33)]
-        entries.append((name, bool(data[at + 25] & 0x02), data[at : at + size]))
-        at += size
+    try:
+        for _, record in directory_records(data, block_bytes):
+            entries.append((record_name(record), bool(record[25] & 0x02), record))
+    except BadRecord:
+        pass  # what came before stands, as for a truncated directory
     return entries
 
 
