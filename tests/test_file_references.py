@@ -8,6 +8,7 @@ import hashlib
 import io
 import json
 import os
+import resource
 import tarfile
 from pathlib import Path
 
@@ -223,3 +224,31 @@ def test_an_unmounted_source_gets_references_too(captures):
         assert copy.referenced_files >= 2  # the kernel and the initrd at least
         packed = opened.read_member(copy.member)
     assert len(packed) < 1 << 20  # names and headers: the bytes are the region's
+
+
+def test_many_referenced_files_fill_within_a_small_descriptor_limit(tmp_path):
+    """A /boot of many files (GRUB's modules, fonts, locales run to hundreds): the fill keeps
+    a file open only while its pieces come, so the rescue system's 1024-descriptor limit
+    (here lowered to 128) is never what ends a restore."""
+    def many(root: Path) -> dict[str, bytes]:
+        (root / "grub").mkdir()
+        return {f"grub/m{index:03}.mod": _write(root / f"grub/m{index:03}.mod", 3000 + index)
+                for index in range(300)}
+
+    out, contents = capture_of_mounted_boot(tmp_path, many)
+    target = make_target(tmp_path / "target.img", 24 * MiB, "random")
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (128, hard))
+    try:
+        restore_files(out.path, target, files=True)
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    with Capture.open(str(out.path)) as opened:
+        assert opened.manifest.file_copies[0].referenced_files >= 300
+    assert len(contents) == 300
+
+
+def _write(path: Path, size: int) -> bytes:
+    data = os.urandom(size)
+    path.write_bytes(data)
+    return data

@@ -401,18 +401,21 @@ def _unpack(capture: Capture, copy: FileCopyRecord, into: Path) -> list[Pending]
 
 def _fill(capture: Capture, references: list[tuple[Path, Reference]]) -> None:
     """The referenced files (unpacked empty) filled from the region's checked chunks in
-    one pass in region order, each then held against its captured SHA-256."""
+    one pass in region order, each then held against its captured SHA-256. A file is open
+    only from its first piece to its last (a /boot can hold more files than descriptors)."""
     pieces = sorted((offset, length, logical, number)
                     for number, (_, ref) in enumerate(references)
                     for logical, offset, length in ref.extents)
+    left = [len(ref.extents) for _, ref in references]
     chunk_bytes = capture.region.chunk_bytes
-    fds: list[int] = []
+    fds: dict[int, int] = {}
     try:
-        for path, ref in references:
-            fds.append(os.open(path, os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC))
-            os.ftruncate(fds[-1], ref.size)
         index, chunk = -1, memoryview(b"")
         for offset, length, logical, number in pieces:
+            path, ref = references[number]
+            if number not in fds:
+                fds[number] = os.open(path, os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+                os.ftruncate(fds[number], ref.size)
             done = 0
             while done < length:
                 if (offset + done) // chunk_bytes != index:
@@ -420,10 +423,13 @@ def _fill(capture: Capture, references: list[tuple[Path, Reference]]) -> None:
                     chunk = memoryview(capture.region_chunk(index))
                 within = offset + done - index * chunk_bytes
                 piece = chunk[within : within + length - done]
-                _pwrite_all(fds[number], piece, logical + done, os.fspath(references[number][0]))
+                _pwrite_all(fds[number], piece, logical + done, os.fspath(path))
                 done += len(piece)
+            left[number] -= 1
+            if not left[number]:
+                os.close(fds.pop(number))
     finally:
-        for fd in fds:
+        for fd in fds.values():
             os.close(fd)
     for path, ref in references:
         if _file_digest(path) != ref.sha256:
