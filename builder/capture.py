@@ -757,7 +757,7 @@ def _capture(options: CaptureOptions) -> CaptureResult:
                 "boot_chain": [p.number for p in chain],
                 "boot_fs": _fs_json(boot),
                 "boot_loader": _boot_loader(source, layout, chain, boot.number, region_bytes,
-                                            region_spool if frozen_ok else None, out,
+                                            region_spool, out,
                                             file_copies, fingerprint),
                 "frozen": bool(frozen_ok),
                 "region": {
@@ -976,7 +976,7 @@ def _copy_chain(layout: Layout, chain: list[Partition]) -> list[tuple[int, int, 
 def _read_file_copies(layout: Layout, chain: list[Partition], spool: int,
                       scratch: Path) -> list[tuple[dict, Path]]:
     """The file-level copy of each boot-chain file system (runner/filecopy.py), read from the
-    frozen region's spool (what was frozen): its files then refer to the region's bytes."""
+    region's spool (the bytes the region member holds): its files then refer to them."""
     return filecopy.read_copies(f"/proc/self/fd/{spool}", _copy_chain(layout, chain), scratch,
                                 (spool,), warn=log.info, region_fd=spool)
 
@@ -985,7 +985,7 @@ def _boot_loader(source: Path, layout: Layout, chain: list[Partition], boot_numb
                  region_bytes: int, spool: int | None, out: BinaryIO, file_copies: list[dict],
                  fingerprint: dict) -> list[dict]:
     """How the boot loader was installed (runner/bootloader.py), from the region's bytes as
-    captured (the frozen spool, else the source) and the file copies' listings."""
+    captured (its spool; the source without one) and the file copies' listings."""
     out.flush()
     files: dict[int, list[str]] = {}
     # The output is open write-only: read it through a second, read-only open of the same file.
