@@ -30,6 +30,7 @@ from builder import build, buildrecord, capture, cpio, debs, grub, initramfs, is
 from builder.debs import cache_dir
 from builder.errors import MbrescueError
 from builder.run import output, run
+from builder.runner.isofs import directory_records, record_name
 from builder.vm import Disk, Vm, VmConfig
 from tests.conftest import mbrescue, one_error_line
 
@@ -623,7 +624,7 @@ def _record_at(path: Path, kind: str, rr_path: str) -> int:
     with open(path, "rb") as stream:
         stream.seek(start)
         data = stream.read(length)
-    (offset,) = [at for at, ident in iso._directory_records(data) if ident == name]
+    (offset,) = [at for at, record in directory_records(data) if record_name(record) == name]
     return start + offset
 
 
