@@ -26,8 +26,10 @@ from tests.test_e2e_iso import RESTORE_DEFAULT, Isos, _blank, _check
 
 MiB = 1 << 20
 SMALL_VM_MIB = 512
-BIG_BOOT_MIB = 1100  # /boot, and so the region, past 1 GiB
-BIG_FILE_MIB = 1000  # random bytes: the capture is as large as the data
+BIG_BOOT_MIB = 1250  # /boot, and so the region, past 1 GiB
+# Random bytes, stored once (the file-level copy refers to them): the capture is as large as
+# the data, so past 1 GiB too.
+BIG_FILE_MIB = 1100
 EPOCH = "1700000000"
 FROM_MEDIUM = r"mbrescue: capture: read from this medium \((/dev/\w+)\)"
 FROM_MEMORY = r"mbrescue: capture: loaded into memory by the boot loader"
@@ -43,7 +45,7 @@ def _tail(vm: Vm, chars: int = 3000) -> str:
 
 
 def _big_host_image(path: Path) -> Path:
-    """msdos, one ext4 /boot of 1100 MiB holding 1000 MiB of random bytes."""
+    """msdos, one ext4 /boot of 1250 MiB holding 1100 MiB of random bytes."""
     with open(path, "wb") as image:
         image.truncate((BIG_BOOT_MIB + 2) * MiB)
     sh("sfdisk", "-q", path, input_bytes=f"label: dos\n2048,{BIG_BOOT_MIB}MiB,83,*\n".encode())
