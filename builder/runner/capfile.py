@@ -302,14 +302,29 @@ class Capture:
         return self.unpack(index, self._checked(index, packed))
 
     def verify_members(self) -> None:
-        """The GPT tail's and the /boot archive's checksums."""
+        """The GPT tail's, the /boot archive's and every file-level copy's checksums."""
+        manifest = self.manifest
         for member, digest in (
-            (self.manifest.gpt_tail.member, self.manifest.gpt_tail.sha256)
-            if self.manifest.gpt_tail else (None, None),
-            (self.manifest.boot_files.member, self.manifest.boot_files.sha256),
+            (manifest.gpt_tail.member, manifest.gpt_tail.sha256)
+            if manifest.gpt_tail else (None, None),
+            (manifest.boot_files.member, manifest.boot_files.sha256),
         ):
-            if member is not None and self.member_sha256(member) != digest:
+            if member is None:
+                continue
+            if member not in self.members:
+                raise MbrescueError(f"{self.path}: the capture has no {member}")
+            if self.member_sha256(member) != digest:
                 raise MbrescueError(f"{self.path}: checksum mismatch in {member}")
+        self.verify_copies()
+
+    def verify_copies(self) -> None:
+        """Every file-level copy's checksum (small: most files are references)."""
+        for copy in self.manifest.file_copies:
+            if copy.member not in self.members:
+                raise MbrescueError(f"{self.path}: the capture has no {copy.member}")
+            if self.member_sha256(copy.member) != copy.sha256:
+                raise MbrescueError(f"{self.path}: checksum mismatch in {copy.member} (its "
+                                    "file-level copy)")
 
 
 # The MBR, a GPT header and a 128-entry array (34 sectors of 4096 bytes at most).

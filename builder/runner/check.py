@@ -120,14 +120,17 @@ def _manifest_in_iso(path: str, fd: int) -> Manifest:
         members = capfile._members(path, fd, base, size)
     except MbrescueError as exc:
         raise MbrescueError(f"{path}: the capture in its payload is damaged ({exc})") from None
-    return capfile._read_manifest(path, fd, members)
+    manifest = capfile._read_manifest(path, fd, members)
+    # The file-level copies are what check compares /boot with and what a restore unpacks:
+    # a damaged one is an error here, not a match.
+    capfile.Capture(path, fd, manifest, members, base, size).verify_copies()
+    return manifest
 
 
 def load_manifest(path: str) -> Manifest:
     """The checked manifest of a capture file, or of the capture inside a rescue ISO."""
     try:
-        with capfile.Capture.open(path) as capture:
-            return capture.manifest
+        capture = capfile.Capture.open(path)
     except MbrescueError as not_capture:
         try:
             fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
@@ -139,6 +142,9 @@ def load_manifest(path: str) -> Manifest:
             return _manifest_in_iso(path, fd)
         finally:
             os.close(fd)
+    with capture:
+        capture.verify_copies()
+        return capture.manifest
 
 
 # ---- SOURCE: by default the disk holding the mounted /boot ----------------------------------

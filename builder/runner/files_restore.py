@@ -31,7 +31,6 @@ systems' first 64 KiB (their superblocks) are written and read back.
 
 from __future__ import annotations
 
-import errno
 import hashlib
 import os
 import shutil
@@ -44,7 +43,7 @@ import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import bootloader, gpt, mbr, nvram, swap
+from . import bootloader, gpt, mbr, nvram, swap, untar
 from .capfile import Capture
 from .console import Console, human_bytes
 from .disk import DiskInfo
@@ -337,66 +336,51 @@ def _run(argv: list[str], ok: tuple[int, ...] = (0,)) -> str:
 Pending = tuple[str, str, bytes]
 
 
+def copy_limits(capture: Capture, copy: FileCopyRecord) -> untar.Limits:
+    """What a copy may cost when unpacked: its partition's bytes (references must point
+    into them too), and its inode count (ext) or a file per sector (FAT)."""
+    part = capture.manifest.partition(copy.partition)
+    sector = capture.manifest.source.logical_sector_bytes
+    low = part.start_lba * sector
+    high = min((part.end_lba + 1) * sector, capture.region.length_bytes)
+    part_bytes = part.size_sectors * sector
+    members = copy.fs.inode_count or part_bytes // 512
+    return untar.Limits(bytes_left=part_bytes, members_left=members, region_span=(low, high))
+
+
 def _unpack(capture: Capture, copy: FileCopyRecord, into: Path) -> list[Pending]:
-    """The copy unpacked into `into`; returns the extended attributes the scratch file
-    system refused (the rescue system's tmpfs on Debian 12's kernel keeps no user.*)."""
+    """The copy unpacked into `into` (runner/untar.py: no member reaches outside it);
+    returns the extended attributes the scratch file system refused (the rescue system's
+    tmpfs on Debian 12's kernel keeps no user.*)."""
     member = capture.members.get(copy.member)
     if member is None:
         raise MbrescueError(f"{capture.path}: the capture has no {copy.member}")
     packed = into.parent / copy.member
     digest = hashlib.sha256()
-    with open(packed, "wb") as out:
+    fd = os.open(packed, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+                 0o600)
+    with open(fd, "w+b") as out:
         for at in range(0, member.size, MiB):
             block = capture.pread(min(MiB, member.size - at), member.offset + at)
             digest.update(block)
             out.write(block)
-    if digest.hexdigest() != copy.sha256:
-        raise MbrescueError(f"{capture.path}: checksum mismatch in {copy.member}; nothing written")
-    into.mkdir()
-    with tarfile.open(packed, "r:gz") as archive:
-        # The unpack must stay inside `into`: no absolute or `..` names, no name that runs
-        # through a symlink of the archive, no hard link to a name outside it.
-        symlinks: set[str] = set()
-        references: list[tuple[Path, Reference]] = []
-        for info in archive:
-            name = Path(info.name)
-            through = [str(Path(*name.parts[:i])) for i in range(1, len(name.parts))]
-            if (name.is_absolute() or ".." in name.parts or any(p in symlinks for p in through)
-                    or (info.islnk() and (Path(info.linkname).is_absolute()
-                                          or ".." in Path(info.linkname).parts))
-                    or not (info.isreg() or info.isdir() or info.issym() or info.islnk())):
-                raise MbrescueError(f"{copy.member}: unsafe member {info.name!r}; nothing "
-                                    "written")
-            if info.issym():
-                symlinks.add(str(name))
-            reference = reference_of(info, capture.region.length_bytes)
-            if reference is not None:
-                references.append((into / name, reference))
-        # Checked above and sealed by its checksum: owners and modes are kept as captured.
-        # The rescue kit's Python (Debian 12's 3.11.2) has no extraction filters; there,
-        # extractall does what "fully_trusted" names on later versions.
-        if hasattr(tarfile, "fully_trusted_filter"):
-            archive.extractall(into, numeric_owner=True, filter="fully_trusted")
-        else:
-            archive.extractall(into, numeric_owner=True)
-        _fill(capture, references)
-        # tarfile sets a symlink's time through the link (on its target, or nowhere), and
-        # filling a file changes its time: every time set again, links not followed.
-        for info in archive.getmembers():
-            if not (info.isdir() or info.islnk()):
-                os.utime(into / info.name, (info.mtime, info.mtime), follow_symlinks=False)
-        # mke2fs -d copies a tree's extended attributes: put the captured ones there.
-        pending: list[Pending] = []
-        for info in archive.getmembers():
-            for key, value in xattrs_of(info).items():
-                try:
-                    os.setxattr(into / info.name, key, value, follow_symlinks=False)
-                except OSError as exc:
-                    if exc.errno not in (errno.EOPNOTSUPP, errno.ENOTSUP, errno.EPERM):
-                        raise
-                    pending.append((info.name, key, value))
+        if digest.hexdigest() != copy.sha256:
+            raise MbrescueError(f"{capture.path}: checksum mismatch in {copy.member}; "
+                                "nothing written")
+        out.seek(0)
+        into.mkdir(mode=0o700)
+        try:
+            unpacked = untar.unpack(out, into, allow_links=copy.fs.type in EXT_TYPES,
+                                    limits=copy_limits(capture, copy),
+                                    region_bytes=capture.region.length_bytes)
+        except MbrescueError as exc:
+            raise MbrescueError(f"{copy.member}: {exc}; nothing written") from None
     packed.unlink()
-    return pending
+    _fill(capture, [(path, ref) for path, ref, _ in unpacked.references])
+    # Filling a file changed its time: set again (the tree holds no symlinked folder).
+    for path, _, mtime in unpacked.references:
+        os.utime(path, (mtime, mtime), follow_symlinks=False)
+    return unpacked.pending
 
 
 def _fill(capture: Capture, references: list[tuple[Path, Reference]]) -> None:
