@@ -401,6 +401,29 @@ def test_refresh_captures_on_drift_and_prunes(boot, tmp_path):
     assert all(stat.S_IMODE(os.stat(p).st_mode) == 0o600 for p in seen[-2:])
 
 
+def test_refresh_takes_a_new_capture_when_a_file_level_copy_is_damaged(boot, tmp_path):
+    """A capture whose manifest matches but whose file-level copy no longer verifies would
+    not restore by the file-level path: refresh captures again (issue 16)."""
+    image, _ = boot
+    captures = tmp_path / "captures"
+    captures.mkdir()
+    conf = write_config(tmp_path / "host.conf", capture_dir=os.fspath(captures), keep="2",
+                        source=os.fspath(image), hostname="testhost")
+    one_line(host("refresh", "--config", conf))
+    [first] = refresh.generations(os.fspath(captures), "testhost")
+    with Capture.open(first) as opened:
+        member = opened.members["files-p1.tar.gz"]
+    with open(first, "r+b") as stream:
+        stream.seek(member.offset + member.size // 2)
+        byte = stream.read(1)
+        stream.seek(-1, os.SEEK_CUR)
+        stream.write(bytes([byte[0] ^ 0xFF]))
+    line = one_line(host("refresh", "--config", conf))
+    now = refresh.generations(os.fspath(captures), "testhost")
+    assert len(now) == 2 and now[-1] != first and now[-1] in line, line
+    assert "files-p1.tar.gz" in line
+
+
 def test_refresh_failures_are_one_line_and_keep_what_is_there(boot, tmp_path):
     image, _ = boot
     captures = tmp_path / "captures"
