@@ -270,6 +270,42 @@ def test_c_onto_a_disk_smaller_than_its_region_boots(fixtures, captures, tmp_pat
     boot_to_marker(target, fx)
 
 
+@pytest.mark.parametrize("size_mib", [39, 48, 66])
+def test_c_onto_a_tight_disk_restores_and_boots(fixtures, captures, tmp_path, size_mib):
+    """Fixture C's layout (GPT, 1 MiB BIOS boot partition, 64 MiB /boot, swap) onto disks
+    with room for its files but not for a quarter-disk swap (39, 48 MiB), and onto one of
+    exactly the region's size (66 MiB), where the region path cannot fit the backup GPT:
+    the file-level path takes each, swap gets what is left, SeaBIOS boots it (issue 17)."""
+    fx = fixtures["C"]
+    target = make_target(tmp_path / "tight.img", size_mib * MiB, "random")
+    text = restore_files(captures["C"], target)
+    if size_mib == 66:
+        assert "the region path cannot lay the captured layout on this disk" in text
+    assert "No problems found" in sh("sgdisk", "-v", target)
+    assert sha256_of(target, MiB, MiB) == sha256_of(fx.path, MiB, MiB)  # BIOS boot partition
+    boot_to_marker(target, fx)
+
+
+def test_too_small_a_disk_is_told_the_smallest_that_fits(captures, tmp_path):
+    """The refusal names the smallest disk that fits, and that size really does (planned)."""
+    target = make_target(tmp_path / "tiny.img", 20 * MiB, "random")
+    before = sha256_of(target)
+    result = runner_cli("restore", "--yes", captures["C"], target)
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    found = re.search(r"the smallest disk this capture fits is [^(]*\((\d+) bytes\)",
+                      result.stderr)
+    assert found, result.stderr
+    assert sha256_of(target) == before
+    smallest = int(found.group(1))
+    assert 20 * MiB < smallest < 39 * MiB
+    with Capture.open(str(captures["C"])) as capture:
+        disk = disk_info(os.fspath(make_target(tmp_path / "just.img", smallest)))
+        files_restore.plan_files(capture, disk, "test")
+        short = disk_info(os.fspath(make_target(tmp_path / "short.img", smallest - MiB)))
+        with pytest.raises(MbrescueError, match="smallest disk"):
+            files_restore.plan_files(capture, short, "test")
+
+
 def test_mounted_boot_file_copy_is_read_from_the_frozen_region(tmp_path):
     """A mounted /boot: the file copy comes from the spool of the frozen region, so a file
     written but not synced before the capture is in it, and the live /boot is not read."""

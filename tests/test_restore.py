@@ -275,17 +275,27 @@ def test_target_smaller_than_region_takes_the_file_level_path(fixtures, captures
         result.stdout)
 
 
-def test_refuses_partition_past_end_that_is_not_swap(fixtures, captures, tmp_path):
-    """B keeps a data logical (5) before its swap: a disk ending inside it is refused."""
+def test_partition_past_end_that_is_not_swap_takes_the_file_level_path(fixtures, captures,
+                                                                        tmp_path):
+    """B keeps a data logical (5) before its swap: the region path cannot lay its layout on
+    a disk ending inside it (only swap can be shrunk), so the file-level path plans anew,
+    the data partition keeping its size; a disk smaller still is refused, naming the
+    smallest disk that fits (issue 17)."""
     fx = fixtures["B"]
     manifest = Capture.open(str(captures["B"])).manifest.raw
     data = next(p for p in manifest["layout"]["partitions"] if p["number"] == 5)
     target = make_target(tmp_path / "short.img", (data["end_lba"] - 10) * SECTOR, "random")
     assert target.stat().st_size > fx.region_end_sectors * SECTOR
-    before = sha256_of(target)
     result = runner_cli("restore", "--yes", captures["B"], target)
-    assert_refused(result, "only swap can be shrunk")
-    assert sha256_of(target) == before
+    assert result.returncode == 0, result.stderr
+    assert "the region path cannot lay the captured layout on this disk" in result.stdout
+    assert "only swap can be shrunk" in result.stdout
+    assert "partition 5: entry only" in result.stdout
+    tiny = make_target(tmp_path / "tiny.img", 20 * MiB, "random")
+    before = sha256_of(tiny)
+    refused = runner_cli("restore", "--yes", captures["B"], tiny)
+    assert_refused(refused, "the smallest disk this capture fits is")
+    assert sha256_of(tiny) == before
 
 
 def test_refuses_4096_byte_sectors(fixtures, captures, tmp_path):

@@ -7,3 +7,9 @@ class MbrescueError(Exception):
     def __init__(self, message: str, hint: str | None = None) -> None:
         super().__init__(message)
         self.hint = hint
+
+
+class DoesNotFit(MbrescueError):
+    """The region path cannot lay the captured layout on this disk (a partition other than
+    swap would run past its end, swap would shrink below its minimum): the file-level path,
+    which plans the layout anew, may still fit it."""

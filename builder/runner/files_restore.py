@@ -31,6 +31,7 @@ systems' first 64 KiB (their superblocks) are written and read back.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import os
 import shutil
@@ -47,7 +48,7 @@ from . import bootloader, gpt, mbr, nvram, swap, untar
 from .capfile import Capture
 from .console import Console, human_bytes
 from .disk import DiskInfo
-from .errors import MbrescueError
+from .errors import DoesNotFit, MbrescueError
 from .filecopy import EXT_TYPES, Reference, loop_mounted, mounted_ro, reference_of, xattrs_of
 from .manifest import BootLoaderRecord, FileCopyRecord, Manifest, PartitionRecord, SwapRecord
 from .plan import SUPERBLOCK_SPAN_BYTES, describe_contents, disk_title
@@ -59,9 +60,14 @@ BIOS_BOOT_GUID = "21686148-6449-6e6f-744e-656564454649"
 GPT_ENTRIES = 128
 GPT_ENTRY_BYTES = 128
 GPT_REVISION = 0x00010000
-# Headroom over what the files take: the file system's own metadata (inode tables,
-# the journal) is counted separately from the inode count.
-HEADROOM_BYTES = 8 * MiB
+# What a remade file system needs beyond its files' blocks (used_bytes, 4 KiB-rounded):
+# the inode table (counted from the captured inode count) and the journal separately; a
+# sixteenth for extent and directory blocks, METADATA_BYTES for bitmaps, group descriptors
+# and reserved GDT blocks, and HEADROOM_BYTES of free space for the next kernel update.
+# An estimate to plan with: mke2fs -d in scratch is the real test, before anything is
+# written (docs/file-level-path.md).
+METADATA_BYTES = 2 * MiB
+HEADROOM_BYTES = 4 * MiB
 MIN_SWAP_BYTES = 1 * MiB
 # FAT32 needs at least 65525 clusters; smaller volumes are FAT16 (or FAT12).
 FAT32_MIN_CLUSTERS = 65525
@@ -115,7 +121,8 @@ def _need_bytes(copy: FileCopyRecord) -> int:
     fs = copy.fs
     inode_bytes = (fs.inode_count or 0) * (fs.inode_bytes or 0)
     journal = 4 * MiB if "has_journal" in fs.features else 0
-    return fs.used_bytes * 5 // 4 + inode_bytes + journal + HEADROOM_BYTES
+    return (fs.used_bytes + fs.used_bytes // 16 + inode_bytes + journal + METADATA_BYTES
+            + HEADROOM_BYTES)
 
 
 def _align_up(value: int, unit: int) -> int:
@@ -123,7 +130,49 @@ def _align_up(value: int, unit: int) -> int:
 
 
 def plan_files(capture: Capture, target: DiskInfo, why: str) -> FilesPlan:
-    """The new layout and every refusal, before anything is built or written."""
+    """The new layout and every refusal, before anything is built or written.
+
+    Swap is first given room up to a quarter of the disk (or its captured size); on a disk
+    too tight for that, only its minimum (MIN_SWAP_BYTES, and never fewer pages than
+    swap.MIN_PAGES), the boot chain shrinking no further than its files plus headroom.
+    A disk that fits neither way is refused with the smallest size that would fit."""
+    try:
+        return _plan_files(capture, target, why, roomy_swap=True)
+    except DoesNotFit:
+        pass
+    try:
+        return _plan_files(capture, target, why, roomy_swap=False)
+    except DoesNotFit as exc:
+        smallest = smallest_disk_bytes(capture, target, why)
+        if smallest is None or smallest <= target.size_bytes:
+            raise
+        raise DoesNotFit(f"{str(exc).removesuffix('; nothing written')}; the smallest disk "
+                         f"this capture fits is {human_bytes(smallest)} ({smallest} bytes); "
+                         "nothing written") from None
+
+
+def smallest_disk_bytes(capture: Capture, target: DiskInfo, why: str) -> int | None:
+    """The smallest disk (whole MiB) of the target's sector size the layout fits, found by
+    bisection over plan sizes; None when not even twice the captured disk fits."""
+    def fits(size_mib: int) -> bool:
+        disk = dataclasses.replace(target, size_bytes=size_mib * MiB)
+        try:
+            _plan_files(capture, disk, why, roomy_swap=False)
+        except DoesNotFit:
+            return False
+        return True
+
+    high = max(capture.manifest.source.size_bytes, target.size_bytes) * 2 // MiB + 1
+    if not fits(high):
+        return None
+    low = 1  # does not fit
+    while high - low > 1:
+        middle = (low + high) // 2
+        low, high = (low, middle) if fits(middle) else (middle, high)
+    return high * MiB
+
+
+def _plan_files(capture: Capture, target: DiskInfo, why: str, roomy_swap: bool) -> FilesPlan:
     manifest = capture.manifest
     old_sector = manifest.source.logical_sector_bytes
     sector = target.logical_sector_bytes
@@ -149,10 +198,14 @@ def plan_files(capture: Capture, target: DiskInfo, why: str) -> FilesPlan:
     ordered = sorted(manifest.partitions, key=lambda p: p.start_lba)
     chain_parts = [p for p in ordered if p.number in chain]
     others = [p for p in ordered if p.number not in chain]
-    # Room kept after the boot chain: a data partition's full size, swap up to a quarter.
-    swap_reserve = sum(min(p.size_sectors * old_sector, max(MIN_SWAP_BYTES, target.size_bytes
-                                                            // 4)) if p.number in swaps
-                       else p.size_sectors * old_sector + MiB
+    # Room kept after the boot chain: a data partition's full size, swap up to a quarter
+    # of the disk (roomy) or its minimum.
+    def swap_room(part: PartitionRecord) -> int:
+        least = max(MIN_SWAP_BYTES, swap.MIN_PAGES * swaps[part.number].page_bytes)
+        wanted = max(least, target.size_bytes // 4) if roomy_swap else least
+        return min(part.size_sectors * old_sector, wanted)
+
+    swap_reserve = sum(swap_room(p) if p.number in swaps else p.size_sectors * old_sector + MiB
                        for p in others if not p.is_extended)
     cursor = first_usable
     kept_starts = True
@@ -180,7 +233,7 @@ def plan_files(capture: Capture, target: DiskInfo, why: str) -> FilesPlan:
             need = _need_bytes(copies[part.number]) if part.number in copies else size * sector
             if room < need:
                 used = copies[part.number].fs.used_bytes if part.number in copies else need
-                raise MbrescueError(
+                raise DoesNotFit(
                     f"refusing {target.path}: partition {part.number}'s files "
                     f"({human_bytes(used)}, {human_bytes(need)} with headroom) do not fit in "
                     f"the {human_bytes(max(room, 0))} this disk leaves for it; nothing written")
@@ -227,16 +280,16 @@ def plan_files(capture: Capture, target: DiskInfo, why: str) -> FilesPlan:
         if record is None:
             # Not captured (a data partition): its entry is kept, its contents are not ours.
             if size != orig_size:
-                raise MbrescueError(f"refusing {target.path}: partition {part.number} (not in "
-                                    "the boot chain, not swap) does not fit; nothing written")
+                raise DoesNotFit(f"refusing {target.path}: partition {part.number} (not in "
+                                 "the boot chain, not swap) does not fit; nothing written")
             plan.partitions.append(NewPartition(part, start, size, ebr_lba=ebr))
             plan.adjusted.append(f"partition {part.number}: entry only (its contents are not "
                                  "in the capture)")
             cursor = start + size
             continue
         if size * sector < max(MIN_SWAP_BYTES, swap.MIN_PAGES * record.page_bytes):
-            raise MbrescueError(f"refusing {target.path}: no room left for swap partition "
-                                f"{part.number}; nothing written")
+            raise DoesNotFit(f"refusing {target.path}: no room left for swap partition "
+                             f"{part.number}; nothing written")
         if size != orig_size or start * sector != start_bytes:
             plan.adjusted.append(f"swap partition {part.number} at {human_bytes(start * sector)}"
                                  f", {human_bytes(size * sector)} (captured: "

@@ -20,7 +20,7 @@ from . import bootloader, gpt, mbr, swap
 from .capfile import Capture
 from .console import Console, human_bytes
 from .disk import DiskInfo, read_at
-from .errors import MbrescueError
+from .errors import DoesNotFit, MbrescueError
 from .layout import read_layout
 from .manifest import EbrRecord, Manifest
 
@@ -184,7 +184,7 @@ def _plan_gpt(plan: Plan, manifest: Manifest, head: RegionHead) -> None:
         if entry.last_lba <= last_usable:
             continue
         if entry.number not in swaps and entry.type_guid != LINUX_SWAP_GUID:
-            raise MbrescueError(
+            raise DoesNotFit(
                 f"partition {entry.number} ends at sector {entry.last_lba}, past the last usable "
                 f"sector {last_usable} of {plan.target.path}; only swap can be shrunk"
             )
@@ -247,7 +247,7 @@ def _check_swap_size(plan: Plan, number: int, new_size_sectors: int,
         if record.partition == number:
             page = record.page_bytes
     if new_size_sectors * plan.sector_bytes < MIN_SWAP_PAGES * page:
-        raise MbrescueError(
+        raise DoesNotFit(
             f"{plan.target.path} is too small: swap partition {number} would shrink to "
             f"{max(new_size_sectors, 0)} sectors, less than {MIN_SWAP_PAGES} pages"
         )
@@ -282,7 +282,7 @@ def _plan_msdos(plan: Plan, manifest: Manifest, head: RegionHead) -> None:
         if end <= last_lba:
             continue
         if number not in swaps and entry.type not in SWAP_TYPES:
-            raise MbrescueError(
+            raise DoesNotFit(
                 f"partition {number} (type 0x{entry.type:02x}) ends at sector {end}, past the "
                 f"end of {plan.target.path} (last sector {last_lba}); only swap can be shrunk"
             )
@@ -327,7 +327,7 @@ def _plan_ebrs(plan: Plan, manifest: Manifest, extended_start: int | None,
         raw = by_lba[ebr_lba]
         data = raw[:512]
         if ebr_lba > last_lba:
-            raise MbrescueError(
+            raise DoesNotFit(
                 f"logical partition {number} (its EBR at sector {ebr_lba}) lies past the end of "
                 f"{plan.target.path} (last sector {last_lba})"
             )
@@ -344,7 +344,7 @@ def _plan_ebrs(plan: Plan, manifest: Manifest, extended_start: int | None,
             end = start + entry.size_sectors - 1
             if end > last_lba:
                 if number not in swaps and entry.type not in SWAP_TYPES:
-                    raise MbrescueError(
+                    raise DoesNotFit(
                         f"logical partition {number} (type 0x{entry.type:02x}) ends at sector "
                         f"{end}, past the end of {plan.target.path} (last sector {last_lba}); "
                         f"only swap can be shrunk"
@@ -415,7 +415,7 @@ def _plan_swap(plan: Plan, manifest: Manifest) -> None:
         if offset + page <= plan.region_bytes and not shrunk:
             continue  # inside the region: restored with it, byte for byte
         if offset + page > plan.target.size_bytes:
-            raise MbrescueError(
+            raise DoesNotFit(
                 f"swap partition {number} starts at sector {record.start_lba}, too close to "
                 f"the end of {plan.target.path} for a swap header"
             )

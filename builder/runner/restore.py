@@ -48,7 +48,7 @@ from .cmdline import (
 )
 from .console import Console
 from .disk import DiskInfo, disk_info, list_disks
-from .errors import MbrescueError
+from .errors import DoesNotFit, MbrescueError
 from .plan import Plan, RegionHead, disk_title, plan_restore, show_capture, show_plan
 from .targets import (
     Candidate,
@@ -138,8 +138,16 @@ def plan_for(capture: Capture, head: RegionHead, disk: DiskInfo,
     """The plan of the path this disk takes; raises MbrescueError for a refusal."""
     why = files_reason(capture, disk, forced_by)
     if why is None:
-        return plan_restore(capture, head, disk)
+        try:
+            return plan_restore(capture, head, disk)
+        except DoesNotFit as exc:
+            why = region_cannot(exc)
     return files_restore.plan_files(capture, disk, why)
+
+
+def region_cannot(exc: DoesNotFit) -> str:
+    """The file-level path's reason when the region path cannot lay the layout out."""
+    return f"the region path cannot lay the captured layout on this disk ({exc})"
 
 
 def rescue_candidates(capture: Capture, head: RegionHead, medium: str | None,
@@ -370,11 +378,15 @@ def _restore(
         if refusal:
             raise MbrescueError(f"refusing {disk.path}: {refusal}")
         why = files_restore.why_files(capture.manifest, disk, files)
+        if why is None:
+            try:
+                plan = plan_restore(capture, head, disk)
+            except DoesNotFit as exc:
+                why = region_cannot(exc)
         if why is not None:
             check.wait(console)
             return files_restore.run(capture, disk, why, console, assume_yes, writing,
                                      firmware=rescue)
-        plan = plan_restore(capture, head, disk)
         identity_known = True
     else:
         wanted = switches.target
