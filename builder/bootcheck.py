@@ -42,6 +42,7 @@ from .errors import MbrescueError
 from .run import require_tools
 from .runner.capfile import Capture
 from .runner.manifest import Manifest
+from .runner.outputs import copy_output
 from .verify import CAPTURE_MEMBER, PAYLOAD_PATH, iter_newc, sha256_stream
 from .vm import Disk, Vm, VmConfig, VmTimeout
 
@@ -131,11 +132,18 @@ def kernel_cpu_state(registers: str) -> str | None:
 def _save_screen(vm: Vm, png: Path | None) -> Path | None:
     if png is None or not vm.running():
         return None
+    # QEMU writes the dump by name, following links: into a folder of our own, then the
+    # report directory gets it as any output (a fresh private name, renamed when whole).
+    private = Path(tempfile.mkdtemp(prefix="mbrescue-screen-"))
     try:
-        return vm.screendump(png)
+        vm.screendump(private / "screen.png")
+        copy_output(private / "screen.png", png, 0o600)
+        return png
     except (MbrescueError, OSError) as exc:
         log.info(f"could not save the screen to {png}: {exc}")
         return None
+    finally:
+        shutil.rmtree(private, ignore_errors=True)
 
 
 def check_disk_boots(
@@ -210,7 +218,7 @@ def _keep(serial_log: Path, screenshot: Path | None, report_dir: Path, stem: str
     """Copy the serial log beside the screenshot; the words naming both for the failure."""
     kept_log = report_dir / f"{stem}.log"
     if serial_log.exists() and serial_log.resolve() != kept_log.resolve():
-        shutil.copyfile(serial_log, kept_log)
+        copy_output(serial_log, kept_log, 0o600)
     where = f"serial log {kept_log}"
     if screenshot is not None:
         where = f"screen {screenshot}, {where}"

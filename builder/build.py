@@ -27,7 +27,7 @@ from .kit import Kit, ensure_kit
 from .run import require_tools
 from .runner.capfile import Capture
 from .runner.cmdline import options_json
-from .runner.outputs import check_output_file
+from .runner.outputs import check_output_dir, check_output_file, refuse_same_file
 from .verify import verify_iso
 
 PACKAGE_DIR = Path(__file__).resolve().parent
@@ -266,6 +266,11 @@ def build(options: BuildOptions) -> list[IsoReport]:
         raise MbrescueError("no capture given")
     captures = [(path, open_capture(path)) for path in options.captures]
     names = [output_path(options, capture) for _, capture in captures]
+    for name in names:
+        for path in options.captures:
+            refuse_same_file(path, name, "the ISO")
+        if name.parent.is_dir():
+            check_output_dir(name.parent)
     if len(set(names)) != len(names):
         raise MbrescueError(
             "two captures are for the same host name; build them into different directories"

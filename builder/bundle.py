@@ -37,6 +37,7 @@ from . import kit as kit_module
 from .errors import MbrescueError
 from .kit import Kit
 from .run import run
+from .runner.outputs import check_output_dir, commit, create_temporary
 
 PACKAGE_DIR = Path(__file__).resolve().parent
 STUB_SOURCE = PACKAGE_DIR / "bundle_stub.c"
@@ -296,6 +297,7 @@ def _output_path(output: Path) -> Path:
         raise MbrescueError(f"{output.parent}: no such directory for the bundle")
     if output.exists() and not output.is_file():
         raise MbrescueError(f"{output} exists and is not a regular file")
+    check_output_dir(output.parent)  # before the build: refused at once, not after it
     return output
 
 
@@ -340,12 +342,14 @@ def bundle(options: BundleOptions) -> BundleReport:
         _write_zip(work / "mbrescue.zip", work / "host")
         files, arguments, environment = payload_layout(
             kit, work / "stdlib.zip", work / "mbrescue.zip", sorted(extensions))
-        temporary = output.with_name(f".{output.name}.tmp-{os.getpid()}")
+        # Created 0700 under a fresh name (never a file someone planted), 0755 once whole.
+        fd, temporary = create_temporary(output, 0o700)
+        os.close(fd)  # written by name, then run: no descriptor open for writing
         try:
             write_bundle_file(temporary, stub, files, arguments, environment)
             temporary.chmod(0o755)
             start_seconds = _try_bundle(temporary)
-            os.replace(temporary, output)
+            commit(temporary, output)
         except BaseException:
             temporary.unlink(missing_ok=True)
             raise

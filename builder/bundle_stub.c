@@ -18,7 +18,7 @@
  *          NUL-terminated name (stored size < size: a zlib stream, inflated here);
  *          u32 argument count, then NUL-terminated argument templates;
  *          u32 environment count, then NUL-terminated "NAME=value" templates.
- * The inherited environment is kept except variables beginning with PYTHON, so that a
+ * The inherited environment is kept except the bundle's own names, PYTHON* and LD_*, so that a
  * host's Python settings cannot steer the bundled interpreter.
  */
 #define _GNU_SOURCE
@@ -266,12 +266,24 @@ int main(int argc, char **argv) {
     char **env = calloc(inherited + env_count + 1, sizeof *env);
     if (!env)
         fail("out of memory", 0);
+    /* The bundle's own variables first and unconditionally; an inherited variable of the
+     * same name, any PYTHON* and any LD_* (the bundled loader would honour LD_PRELOAD or
+     * LD_AUDIT, loading a library the bundle does not hold) never reaches the child. */
     size_t e = 0;
-    for (size_t i = 0; i < inherited; i++)
-        if (strncmp(environ[i], "PYTHON", 6) != 0)
-            env[e++] = environ[i];
     for (uint32_t i = 0; i < env_count; i++)
         env[e++] = expand(take_string(&c));
+    size_t own = e;
+    for (size_t i = 0; i < inherited; i++) {
+        const char *name = environ[i];
+        size_t name_len = strcspn(name, "=");
+        int drop = strncmp(name, "PYTHON", 6) == 0 || strncmp(name, "LD_", 3) == 0 ||
+                   strncmp(name, "MBRESCUE_BUNDLE", 15) == 0 ||
+                   strncmp(name, "MBRESCUE_EXTENSIONS", 19) == 0;
+        for (size_t k = 0; k < own && !drop; k++)
+            drop = strncmp(env[k], name, name_len) == 0 && env[k][name_len] == '=';
+        if (!drop)
+            env[e++] = environ[i];
+    }
     env[e] = NULL;
     if (arg_count == 0)
         fail("damaged index (nothing to run)", 0);

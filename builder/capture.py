@@ -51,7 +51,13 @@ from .freeze import (
 from .runner import bootfiles, bootloader, capfile, filecopy, mbr
 from .runner.layout import Layout, Partition, read_layout
 from .runner.manifest import MAC_RE
-from .runner.outputs import check_hostname, check_output_file
+from .runner.outputs import (
+    check_hostname,
+    check_output_dir,
+    check_output_file,
+    create_temporary,
+    refuse_same_file,
+)
 
 BIOS_BOOT_GUID = "21686148-6449-6e6f-744e-656564454649"
 ESP_GUID = "c12a7328-f81f-11d2-ba4b-00a0c93ec93b"
@@ -510,11 +516,7 @@ def _default_hostname(source: Path) -> str:
 
 
 def _temp_output(output: Path) -> tuple[Path, BinaryIO]:
-    tmp = output.with_name(f".{output.name}.tmp-{os.getpid()}")
-    try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    except OSError as exc:
-        raise MbrescueError(f"cannot write {output}: {exc.strerror}") from exc
+    fd, tmp = create_temporary(output, 0o600)
     return tmp, os.fdopen(fd, "w+b")
 
 
@@ -601,8 +603,10 @@ def _capture(options: CaptureOptions) -> CaptureResult:
     if output.is_dir():
         output = output / f"{hostname}.mbrescue"
     check_output_file(output)
+    refuse_same_file(source, output, "the capture")
     if not output.parent.is_dir():
         raise MbrescueError(f"cannot write {output}: {output.parent} is not a directory")
+    check_output_dir(output.parent)
 
     boot_mount = mounted.get(boot.number)
     # Other mounted file systems of the chain (an ESP at /boot/efi: vfat, which cannot be

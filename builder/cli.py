@@ -19,6 +19,7 @@ import typer
 
 from . import log
 from .errors import MbrescueError
+from .runner.console import printable
 
 app = typer.Typer(
     name="mbrescue",
@@ -118,7 +119,7 @@ def inspect_command(
     if as_json:
         print(json.dumps(capture.manifest.raw, indent=2))
     else:
-        print(describe(capture))
+        print(printable(describe(capture)))
 
 
 @app.command("restore")
@@ -284,7 +285,7 @@ def bundle_command(
 def _error_line(exc: MbrescueError) -> None:
     line = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
     hint = f" (hint: {exc.hint})" if exc.hint else ""
-    print(f"mbrescue: error: {line}{hint}", file=sys.stderr)
+    print(printable(f"mbrescue: error: {line}{hint}"), file=sys.stderr)
     if log.debug_enabled() and len(str(exc).splitlines()) > 1:
         print(str(exc), file=sys.stderr)
 
@@ -335,7 +336,7 @@ def main() -> None:
         if log.debug_enabled():
             traceback.print_exception(exc, file=sys.stderr)
         where = f"{exc.filename}: " if exc.filename else ""
-        print(f"mbrescue: error: {where}{exc.strerror or exc}", file=sys.stderr)
+        print(printable(f"mbrescue: error: {where}{exc.strerror or exc}"), file=sys.stderr)
         sys.exit(1)
     except MbrescueError as exc:
         from .runner.restore import Interrupted

@@ -43,6 +43,7 @@ from .debs import cache_dir
 from .errors import MbrescueError, ToolMissing
 from .kit import EfiLoaders, ensure_efi_loaders
 from .run import output, require_tools, run
+from .runner.outputs import write_output
 
 TEMPLATES = Path(__file__).resolve().parent.parent / "templates"
 GRUB_LIB = Path("/usr/lib/grub")
@@ -481,7 +482,4 @@ def make_net_images(tree: Path, *, dispatcher: str) -> NetImages:
 def _replace_file(path: Path, data: bytes, mode: int = 0o644) -> None:
     # A client booting while the tree is updated reads the old file or the new, never half.
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_bytes(data)
-    os.chmod(tmp, mode)
-    os.replace(tmp, path)
+    write_output(path, data, mode)

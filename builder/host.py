@@ -29,6 +29,7 @@ from .errors import MbrescueError
 from .runner import check as drift_check
 from .runner import install as host_install
 from .runner import refresh as host_refresh
+from .runner.console import printable
 
 try:  # written into the bundle by builder/bundle.py: which kit the bundle was made from
     from ._bundle_info import KIT  # type: ignore[import-not-found, unused-ignore]
@@ -190,11 +191,11 @@ def main(argv: list[str] | None = None) -> int:
     except MbrescueError as exc:
         line = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         hint = f" (hint: {exc.hint})" if exc.hint else ""
-        print(f"mbrescue: error: {line}{hint}", file=sys.stderr)
+        print(printable(f"mbrescue: error: {line}{hint}"), file=sys.stderr)
         return 1
     except OSError as exc:
         where = f"{exc.filename}: " if exc.filename else ""
-        print(f"mbrescue: error: {where}{exc.strerror or exc}", file=sys.stderr)
+        print(printable(f"mbrescue: error: {where}{exc.strerror or exc}"), file=sys.stderr)
         return 1
     except Exception as exc:  # the last guard: never a bare traceback
         if args.debug:

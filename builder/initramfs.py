@@ -41,6 +41,7 @@ from . import kit as kit_module
 from .errors import MbrescueError
 from .kit import Kit
 from .run import require_tools, run
+from .runner.outputs import commit, create_temporary
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 TEMPLATE = PROJECT_ROOT / "templates" / "init.j2"
@@ -535,12 +536,12 @@ def make_payload_initramfs(capture: Path, out: Path,
             raise MbrescueError(f"payload file name {name!r} must be a plain name")
         tree.file(f"mbrescue/{name}", data, 0o600)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp")
+    # The payload is the host's /boot: private from its first byte (created 0600).
+    fd, tmp = create_temporary(out, stat.S_IRUSR | stat.S_IWUSR)
     try:
-        with open(tmp, "wb") as stream:
+        with open(fd, "wb") as stream:
             cpio.write_tree(tree, stream)  # pads every member, so the length is 4-aligned
-        tmp.chmod(stat.S_IRUSR | stat.S_IWUSR)
-        os.replace(tmp, out)
+        commit(tmp, out)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise

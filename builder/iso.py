@@ -50,6 +50,7 @@ from .debs import sha256_file
 from .errors import MbrescueError
 from .grub import GrubImages, medium_marker
 from .runner.isofs import BadRecord, directory_records, record_name
+from .runner.outputs import commit, create_temporary
 from .verify import CAPTURE_MEMBER, EFI_TREE_FILES, fat_file, iter_newc, sha256_stream
 
 SECTOR = 512
@@ -470,9 +471,7 @@ def write_iso(
         shared = found
 
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}-{threading.get_ident()}"
-    fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
-    os.fchmod(fd, 0o600)
+    fd, tmp = create_temporary(out, 0o600)
     try:
         with (
             contextlib.ExitStack() as stack,
@@ -543,7 +542,7 @@ def write_iso(
                 if before_rename is not None:
                     before_rename(tmp)
                 synced.result()
-        os.replace(tmp, out)
+        commit(tmp, out)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()

@@ -30,10 +30,10 @@ built now claims moves to it.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -48,8 +48,9 @@ from .errors import MbrescueError
 from .grub import TEMPLATES, NetImages, make_net_images, render_grub_cfg
 from .initramfs import make_payload_initramfs
 from .iso import new_medium_id
-from .runner.capfile import Capture
+from .runner.capfile import PAYLOAD_CAPTURE_MEMBER, Capture, newc_member
 from .runner.cmdline import options_json
+from .runner.outputs import check_output_dir, commit, copy_output, create_temporary, write_output
 
 INDEX = "mbrescue/hosts.json"
 INDEX_VERSION = 1
@@ -178,10 +179,51 @@ def assign_macs(given: tuple[tuple[str, str], ...], recorded: dict[str, tuple[st
 def _write(path: Path, data: bytes, mode: int = 0o644) -> None:
     # A machine booting during an update reads the old file or the new one, never half.
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_bytes(data)
-    os.chmod(tmp, mode)
-    os.replace(tmp, path)
+    write_output(path, data, mode)
+
+
+def _check_tree_dirs(tree: Path) -> None:
+    """Every folder of an existing tree is one nobody else may write to: checked before the
+    first write (the TFTP tree may be shared; a planted name must never be written through)."""
+    if not tree.is_dir():
+        return
+    check_output_dir(tree)
+    for folder, subdirs, _ in os.walk(tree):
+        for name in subdirs:
+            check_output_dir(Path(folder) / name)
+
+
+@dataclass
+class _Staged:
+    """A host's files, complete and checked under private temporary names."""
+
+    files: list[tuple[Path, Path]]  # (temporary, final)
+
+    def commit(self) -> None:
+        for tmp, final in self.files:
+            commit(tmp, final)
+
+    def discard(self) -> None:
+        for tmp, _ in self.files:
+            tmp.unlink(missing_ok=True)
+
+
+def _check_payload(payload: Path, capture_path: Path, capture_sha256: str) -> None:
+    """The payload carries exactly the capture that was checked (read back from the file)."""
+    with open(payload, "rb") as stream:
+        fd = stream.fileno()
+        offset, size = newc_member(fd, 0, os.fstat(fd).st_size, PAYLOAD_CAPTURE_MEMBER)
+        digest = hashlib.sha256()
+        while size > 0:
+            piece = os.pread(fd, min(size, 1 << 22), offset)
+            if not piece:
+                break
+            digest.update(piece)
+            offset += len(piece)
+            size -= len(piece)
+    if size != 0 or digest.hexdigest() != capture_sha256:
+        raise MbrescueError(f"the network payload made from {capture_path} does not hold it "
+                            "as checked; nothing replaced")
 
 
 def render_dispatcher(hosts: tuple[NetHost, ...]) -> str:
@@ -196,24 +238,35 @@ def render_dispatcher(hosts: tuple[NetHost, ...]) -> str:
     )
 
 
-def _add_host(tree: Path, path: Path, capture: Capture, options: NetbootOptions,
-              shared: SharedParts) -> None:  # fmt: skip
+def _boot_fs_uuid(path: Path, capture: Capture) -> str:
     manifest = capture.manifest
-    host = manifest.hostname
     boot_fs_uuid = manifest.boot_fs.uuid if manifest.boot_fs else None
     if not boot_fs_uuid:
         raise MbrescueError(f"{path}: the captured /boot has no file system UUID to look for")
+    return boot_fs_uuid
+
+
+def _add_host(tree: Path, path: Path, capture: Capture, options: NetbootOptions,
+              shared: SharedParts, staged: _Staged) -> None:  # fmt: skip
+    manifest = capture.manifest
+    host = manifest.hostname
+    boot_fs_uuid = _boot_fs_uuid(path, capture)
     # No medium to skip on a network boot: the id only has to match no disk.
     medium_id = new_medium_id(manifest.region.sha256, manifest.created, shared.base_initrd.name)
     payload_dir = tree / "mbrescue" / "hosts" / host
     payload_dir.mkdir(parents=True, exist_ok=True)
-    options_file = options_json(options.unattended_allowed, sha256_file(path),
+    capture_sha256 = sha256_file(path)
+    options_file = options_json(options.unattended_allowed, capture_sha256,
                                 capture.manifest_sha256)
-    tmp = payload_dir / ".payload.img.tmp"
+    # The capture can hold secrets from /boot: only the TFTP server's user may read it,
+    # from the first byte written. The host's payload.img is replaced only once every
+    # host's new files are complete and checked.
+    final = payload_dir / "payload.img"
+    fd, tmp = create_temporary(final, 0o600)
+    os.close(fd)
+    staged.files.append((tmp, final))
     make_payload_initramfs(path, tmp, extra={"options.json": options_file})
-    # The capture can hold secrets from /boot: only the TFTP server's user may read it.
-    os.chmod(tmp, 0o600)
-    os.replace(tmp, payload_dir / "payload.img")
+    _check_payload(tmp, path, capture_sha256)
     menu = render_grub_cfg(
         host=host,
         captured_at=manifest.created,
@@ -222,7 +275,12 @@ def _add_host(tree: Path, path: Path, capture: Capture, options: NetbootOptions,
         medium_id=medium_id,
         payload_path=f"/mbrescue/hosts/{host}/payload.img",
     )
-    _write(tree / "boot" / "grub" / "hosts" / f"{host}.cfg", menu.encode())
+    menu_path = tree / "boot" / "grub" / "hosts" / f"{host}.cfg"
+    menu_path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = create_temporary(menu_path, 0o644)
+    staged.files.append((tmp, menu_path))
+    with open(fd, "wb") as stream:
+        stream.write(menu.encode())
 
 
 def _tree_bytes(tree: Path) -> int:
@@ -249,21 +307,30 @@ def build_netboot(options: NetbootOptions) -> NetbootReport:
     for host, mac in options.macs:
         if host not in names:
             raise MbrescueError(f"--mac {host}={mac}: no capture given for host {host}")
+    for path, capture in captures:
+        _boot_fs_uuid(path, capture)
+    _check_tree_dirs(tree)
     index = read_index(tree) if tree.is_dir() else {}
     hosts = assign_macs(options.macs, {c.manifest.hostname: c.manifest.macs for _, c in captures},
                         index)  # fmt: skip
     tree.mkdir(exist_ok=True)
     shared = prepare_shared()
-    for path, capture in captures:
-        _add_host(tree, path, capture, options, shared)
+    staged = _Staged([])
+    try:
+        for path, capture in captures:
+            _add_host(tree, path, capture, options, shared, staged)
+        _write_shared(tree, shared)
+        images = make_net_images(tree, dispatcher=render_dispatcher(hosts))
+        staged.commit()
+    finally:
+        staged.discard()
+    for _, capture in captures:
         log.info(f"netboot: host {capture.manifest.hostname} added to {tree}")
     for net_host in hosts:
         if net_host.list_only and net_host.name in names:
             log.info(f"warning: host {net_host.name} has no MAC address: no machine gets its "
                      "menu by itself, it is only in the list that unknown machines get (capture "
                      f"on the host, capture --mac, or build --mac {net_host.name}=MAC)")  # fmt: skip
-    _write_shared(tree, shared)
-    images = make_net_images(tree, dispatcher=render_dispatcher(hosts))
     _write_mac_menus(tree, hosts)
     _write(tree / INDEX, (json.dumps(
         {"version": INDEX_VERSION, "hosts": {h.name: list(h.macs) for h in hosts}},
@@ -275,10 +342,7 @@ def _write_shared(tree: Path, shared: SharedParts) -> None:
     folder = tree / "mbrescue"
     folder.mkdir(exist_ok=True)
     for source, name in ((shared.kit.kernel, "vmlinuz"), (shared.base_initrd, "base.img")):
-        tmp = folder / f".{name}.tmp"
-        shutil.copyfile(source, tmp)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, folder / name)
+        copy_output(source, folder / name, 0o644)
 
 
 def _write_mac_menus(tree: Path, hosts: tuple[NetHost, ...]) -> None:

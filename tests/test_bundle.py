@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import signal
 import stat
 import subprocess
@@ -305,3 +306,26 @@ def test_capture_of_a_mounted_boot_in_an_empty_root_freezes_and_thaws(bundle_fil
     capture.verify()
     assert capture.manifest.raw["frozen"] is True
     assert capture.manifest.raw["boot_files"].get("member"), capture.manifest.raw["boot_files"]
+
+
+def test_inherited_variables_do_not_override_the_bundles_own(bundle_file, tmp_path):
+    """The launcher's own variables win: an inherited MBRESCUE_EXTENSIONS would load another
+    .so, an inherited MBRESCUE_BUNDLE_FILE would make install lay down another file."""
+    evil = tmp_path / "evil"
+    evil.write_bytes(b"#!/bin/sh\necho owned\n")
+    root = tmp_path / "root"
+    (root / "usr/lib/systemd").mkdir(parents=True)
+    shutil.copytree("/usr/lib/systemd/system", root / "usr/lib/systemd/system", symlinks=True)
+    env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "LANG": "C.UTF-8",
+           "MBRESCUE_BUNDLE_FILE": os.fspath(evil), "MBRESCUE_BUNDLE": os.fspath(evil),
+           "MBRESCUE_EXTENSIONS": f"zlib={evil}:_struct={evil}",
+           "LD_PRELOAD": os.fspath(tmp_path / "no-such-library.so")}
+    version = subprocess.run([bundle_file, "--version"], env=env, capture_output=True,
+                             text=True, timeout=120)
+    assert version.returncode == 0 and version.stdout.startswith("mbrescue "), version.stderr
+    assert "preloaded" not in version.stderr, version.stderr
+    done = subprocess.run([bundle_file, "install", "--root", root], env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    installed = root / "usr/local/sbin/mbrescue-host"
+    assert installed.read_bytes() == bundle_file.read_bytes()

@@ -541,3 +541,48 @@ def test_the_real_bundle_installs_itself_refreshes_and_uninstalls(boot, tmp_path
                           text=True, env=env, cwd=tmp_path)
     assert gone.returncode == 0, gone.stderr
     assert list(root.iterdir()) == []
+
+
+# ---- what install writes, and where (issue 16) ---------------------------------------------
+
+
+def test_install_follows_no_absolute_symlink_out_of_the_root(target, tmp_path):
+    root, bundle = target
+    outside = tmp_path / "outside-etc"
+    outside.mkdir()
+    shutil.rmtree(root / "etc")
+    (root / "etc").symlink_to(outside)  # absolute: the machine's folder, not the tree's
+    result = host("install", "--root", root, bundle=bundle)
+    assert "out of the tree" in one_error_line(result)
+    assert list(outside.iterdir()) == []
+    assert not (root / "usr/local/sbin/mbrescue-host").exists()
+
+
+def test_host_conf_is_roots_alone(target):
+    root, bundle = target
+    assert host("install", "--root", root, bundle=bundle).returncode == 0
+    conf = root / "etc/mbrescue/host.conf"
+    assert stat.S_IMODE(conf.stat().st_mode) == 0o600
+
+
+def test_a_capture_dir_anybody_may_write_is_refused(target):
+    root, bundle = target
+    shared = root / "srv/shared"
+    shared.mkdir(parents=True)
+    shared.chmod(0o777)
+    before = listing(root)
+    result = host("install", "--root", root, "--capture-dir", "/srv/shared", bundle=bundle)
+    assert "anybody may write" in one_error_line(result)
+    assert listing(root) == before
+
+
+def test_refresh_with_a_fifo_in_the_capture_dir_is_one_line(boot, tmp_path):
+    image, _ = boot
+    captures = tmp_path / "captures"
+    captures.mkdir()
+    os.mkfifo(captures / "testhost-20260101T000000Z.mbrescue")
+    conf = write_config(tmp_path / "host.conf", capture_dir=os.fspath(captures), keep="2",
+                        source=os.fspath(image), hostname="testhost")
+    result = host("refresh", "--config", conf, timeout=60)
+    assert "Traceback" not in result.stderr, result.stderr
+    assert stat.S_ISFIFO(os.lstat(captures / "testhost-20260101T000000Z.mbrescue").st_mode)

@@ -29,6 +29,7 @@ from typing import IO, Any, BinaryIO
 
 from .errors import MbrescueError
 from .layout import Layout, Partition
+from .tarbounds import BoundedTarInfo
 
 READ_BYTES = 1 << 20
 # Beyond this a gap or raw partition is not hashed (no real layout comes near it).
@@ -76,7 +77,7 @@ def list_from_tar(stream: BinaryIO) -> list[dict[str, Any]]:
     """
     entries: list[dict[str, Any]] = []
     by_name: dict[str, dict[str, Any]] = {}
-    with tarfile.open(fileobj=stream, mode="r:") as archive:
+    with tarfile.open(fileobj=stream, mode="r:", tarinfo=BoundedTarInfo) as archive:
         for info in archive:
             mode = stat.S_IMODE(info.mode)
             if info.isreg():

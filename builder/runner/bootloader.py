@@ -28,6 +28,9 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from .errors import MbrescueError
+from .tarbounds import BoundedTarInfo
+
 if TYPE_CHECKING:
     from .manifest import BootLoaderRecord, Manifest
 
@@ -367,9 +370,10 @@ def member_names(fd: int, member: str, limit_bytes: int = 64 << 20) -> list[str]
             # Bounded: a file listing needs the headers, never more than limit_bytes of tar.
             raw = unpacker.decompress(os.pread(fd, info.size, data_at), limit_bytes)
             try:
-                with tarfile.open(fileobj=io.BytesIO(raw), mode="r:") as inner:
+                with tarfile.open(fileobj=io.BytesIO(raw), mode="r:",
+                                  tarinfo=BoundedTarInfo) as inner:
                     return [item.name for item in inner if item.isreg()]
-            except tarfile.TarError:
+            except (tarfile.TarError, MbrescueError):
                 return None
         offset = data_at + -(-info.size // tarfile.BLOCKSIZE) * tarfile.BLOCKSIZE
 

@@ -36,6 +36,7 @@ from typing import Any, BinaryIO
 
 from .errors import MbrescueError
 from .manifest import Manifest, RegionRecord, check_tables, parse_manifest
+from .tarbounds import BoundedTarInfo
 
 FORMAT = "mbrescue-capture"
 # 2: manifest.sha256 seals the manifest; GNU headers (members over 8 GiB).
@@ -399,7 +400,7 @@ def _members(path: str, fd: int, base: int = 0, size: int | None = None) -> dict
     size = os.fstat(fd).st_size - base if size is None else size
     try:
         stream = io.BufferedReader(Window(fd, base, size))
-        with tarfile.open(fileobj=stream, mode="r:") as archive:
+        with tarfile.open(fileobj=stream, mode="r:", tarinfo=BoundedTarInfo) as archive:
             for info in archive:
                 if info.isfile():
                     if info.name in members:
@@ -407,6 +408,8 @@ def _members(path: str, fd: int, base: int = 0, size: int | None = None) -> dict
                     members[info.name] = Member(info.name, base + info.offset_data, info.size)
     except (tarfile.TarError, OSError, EOFError, ValueError) as exc:
         raise MbrescueError(f"{path} is not a capture file ({exc})") from exc
+    except MbrescueError as exc:
+        raise MbrescueError(f"{path}: {exc}") from None
     if MANIFEST_MEMBER not in members or REGION_MEMBER not in members:
         raise MbrescueError(f"{path} is not a capture file (no manifest or region)")
     for member in members.values():

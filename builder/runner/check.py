@@ -26,10 +26,12 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from . import bootfiles, capfile
+from .console import printable
 from .errors import MbrescueError
 from .isofs import BadRecord, directory_records, record_name
 from .layout import Layout, Partition, read_layout
 from .manifest import FileEntry, Manifest
+from .outputs import open_input
 
 EXIT_MATCHES, EXIT_DRIFTED, EXIT_ERROR = 0, 1, 2
 ISO_SECTOR = 2048
@@ -133,8 +135,8 @@ def load_manifest(path: str) -> Manifest:
         capture = capfile.Capture.open(path)
     except MbrescueError as not_capture:
         try:
-            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-        except OSError:
+            fd = open_input(path)  # a FIFO is refused, not waited on
+        except MbrescueError:
             raise not_capture from None
         try:
             if os.pread(fd, 5, 16 * ISO_SECTOR + 1) != b"CD001":
@@ -403,21 +405,21 @@ def main_check(capture: str, source: str | None, strict: bool, as_json: bool,
     except MbrescueError as exc:
         line = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         hint = f" (hint: {exc.hint})" if exc.hint else ""
-        print(f"mbrescue: error: {line}{hint}", file=sys.stderr)
+        print(printable(f"mbrescue: error: {line}{hint}"), file=sys.stderr)
         return EXIT_ERROR
     except OSError as exc:
         where = f"{exc.filename}: " if exc.filename else ""
-        print(f"mbrescue: error: {where}{exc.strerror or exc}", file=sys.stderr)
+        print(printable(f"mbrescue: error: {where}{exc.strerror or exc}"), file=sys.stderr)
         return EXIT_ERROR
     if as_json:
         print(json.dumps(report.to_json(), indent=1))
     else:
         for difference in report.differences:
-            print(difference.line)
+            print(printable(difference.line))
         for note in report.notes:
-            print(f"mbrescue: note: {note}", file=sys.stderr)
+            print(printable(f"mbrescue: note: {note}"), file=sys.stderr)
         for difference in report.ignored:
-            print(f"mbrescue: ignored: {difference.line} (volatile; --strict counts it)",
+            print(printable(f"mbrescue: ignored: {difference.line} (volatile; --strict counts it)"),
                   file=sys.stderr)
         print(f"mbrescue: {summary(report)}", file=sys.stderr)
     return EXIT_MATCHES if report.matches else EXIT_DRIFTED

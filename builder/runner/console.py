@@ -20,9 +20,31 @@ from dataclasses import dataclass
 from typing import TextIO
 
 PROC_CONSOLES = "/proc/consoles"
+# Characters a terminal acts on instead of showing: C0 controls but newline and tab, DEL,
+# the C1 controls (0x9b is CSI by itself), the Unicode marks that reorder or hide text.
+_UNPRINTABLE = frozenset([*range(0x00, 0x09), *range(0x0B, 0x20), *range(0x7F, 0xA0),
+                          0x200E, 0x200F, *range(0x2028, 0x202F), *range(0x2066, 0x206A),
+                          0xFEFF, *range(0xD800, 0xE000)])  # lone surrogates: undecodable bytes
 ERROR_PREFIX = "mbrescue: error: "
 # How long the prompt sleeps at most before it looks for a signal taken by another thread.
 SIGNAL_POLL_S = 0.2
+
+
+def printable(text: str) -> str:
+    """text with every character a terminal would act on written as an escape (`\\x1b`).
+
+    A capture comes from a host that may be compromised: its disk model, labels, file
+    names reach the plan, `inspect` and `check`, and an escape sequence there could
+    retitle, clear or rewrite the administrator's screen. Every line shown goes through
+    here (Console.say/error, the CLIs' output and error lines); the tool's own text has no
+    such characters, so nothing it means is changed."""
+    if not any(ord(char) in _UNPRINTABLE for char in text):
+        return text
+    return "".join(
+        (f"\\x{ord(char):02x}" if ord(char) < 0x100 else f"\\u{ord(char):04x}")
+        if ord(char) in _UNPRINTABLE else char
+        for char in text
+    )
 
 
 @dataclass
@@ -164,10 +186,10 @@ class Console:
             self.terminals = alive
 
     def say(self, text: str = "") -> None:
-        self.write(text + "\n")
+        self.write(printable(text) + "\n")
 
     def error(self, message: str) -> None:
-        line = ERROR_PREFIX + message + "\n"
+        line = ERROR_PREFIX + printable(message) + "\n"
         if self.error_stream is None:
             self.write(line)
             return

@@ -61,18 +61,20 @@ import datetime
 import hashlib
 import json
 import os
-import shutil
 import stat
 import subprocess
 import sys
 from dataclasses import dataclass
+from pathlib import Path
 
 from . import __version__, refresh
 from .errors import MbrescueError
+from .outputs import copy_output, write_output
 
 BUNDLE_FILE_ENV = "MBRESCUE_BUNDLE_FILE"
 PROGRAM = "/usr/local/sbin/mbrescue-host"
 CONFIG = refresh.CONFIG_PATH
+CONFIG_MODE = 0o600
 MANIFEST = "/etc/mbrescue/installed.json"
 MANIFEST_FORMAT = "mbrescue-installed"
 UNIT_DIR = "/etc/systemd/system"
@@ -169,7 +171,18 @@ def _sha256_file(path: str) -> str:
 
 
 def _under(root: str, path: str) -> str:
-    return os.path.join(root, path.lstrip("/"))
+    """path inside the tree root. Its folders must stay in the tree: an absolute symlink
+    there (`etc -> /etc`) names this machine's folder, not the tree's, and install would
+    write the machine's files."""
+    where = os.path.join(root, path.lstrip("/"))
+    top = os.path.realpath(root)
+    if top == "/":
+        return where
+    parent = os.path.realpath(os.path.dirname(where))
+    if parent != top and not parent.startswith(top + os.sep):
+        raise MbrescueError(f"--root {root}: {os.path.dirname(where)} leads out of the tree "
+                            f"(to {parent}); nothing written there")
+    return where
 
 
 def _bundle_file() -> str:
@@ -320,13 +333,23 @@ def _read_text(where: str) -> str:
 
 
 def _write_text(where: str, text: str, mode: int) -> None:
-    tmp = f"{where}.mbrescue-tmp"
-    with open(tmp, "w", encoding="utf-8") as stream:
-        stream.write(text)
-        stream.flush()
-        os.fsync(stream.fileno())
-    os.chmod(tmp, mode)
-    os.replace(tmp, where)
+    write_output(Path(where), text.encode("utf-8"), mode)
+
+
+def _check_capture_dir(where: str) -> None:
+    """Captures are written there as root: a folder anybody may write to is refused."""
+    try:
+        st = os.stat(where)
+    except FileNotFoundError:
+        return
+    except OSError as exc:
+        raise MbrescueError(f"--capture-dir {where}: {exc.strerror}") from None
+    if not stat.S_ISDIR(st.st_mode):
+        raise MbrescueError(f"--capture-dir {where}: not a directory")
+    if st.st_mode & stat.S_IWOTH:
+        raise MbrescueError(f"--capture-dir {where}: anybody may write to it (mode "
+                            f"{stat.S_IMODE(st.st_mode):04o}); captures need a folder of "
+                            "root's own", hint=f"chmod o-w {where}, or choose another")
 
 
 def _make_dirs(root: str, path: str, created: list[str]) -> None:
@@ -372,9 +395,7 @@ def _lay(root: str, item: Item) -> None:
         os.symlink(item.link, tmp)
         os.replace(tmp, where)
     elif item.copy_from is not None:
-        shutil.copyfile(item.copy_from, tmp)
-        os.chmod(tmp, item.mode)
-        os.replace(tmp, where)
+        copy_output(Path(item.copy_from), Path(where), item.mode)
     else:
         assert item.text is not None
         _write_text(where, item.text, item.mode)
@@ -448,6 +469,7 @@ def install(root: str = "/", settings: dict[str, str] | None = None) -> InstallR
     new_config = set_settings(refresh.DEFAULT_CONFIG if old_config is None else old_config,
                               settings)
     config = refresh.parse_config(new_config, config_where)  # a bad setting fails here
+    _check_capture_dir(_under(root, config.capture_dir))
     config_record = recorded.get(CONFIG)
     # host.conf stays install's to remove only while it holds what install last wrote.
     config_ours = not config_exists or (
@@ -459,8 +481,8 @@ def install(root: str = "/", settings: dict[str, str] | None = None) -> InstallR
     if new_config == old_config:
         lines.append(f"kept {config_where} as it is")
     else:
-        mode = 0o644 if not config_exists else stat.S_IMODE(os.stat(config_where).st_mode)
-        _write_text(config_where, new_config, mode)
+        # Its commands run as root and its settings name the captures: root's alone.
+        _write_text(config_where, new_config, CONFIG_MODE)
         changed = True
         if config_exists:
             lines.append(f"set {', '.join(settings)} in {config_where}")

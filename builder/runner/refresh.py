@@ -37,6 +37,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from . import capfile, check
+from .console import printable
 from .errors import MbrescueError
 from .outputs import check_hostname
 
@@ -301,7 +302,7 @@ def _locked(capture_dir: str) -> Iterator[None]:
 def _remove_stale_temporaries(capture_dir: str, hostname: str) -> int:
     """A capture killed with SIGKILL (or a power cut) leaves its temporary file behind."""
     pattern = re.compile(r"\." + re.escape(hostname) + "-" + STAMP_RE + re.escape(CAPTURE_SUFFIX)
-                         + r"\.tmp-(\d+)")
+                         + r"\.tmp-(\d+)(?:-[0-9a-f]{16})?")
     removed = 0
     for name in os.listdir(capture_dir):
         match = pattern.fullmatch(name)
@@ -391,7 +392,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     result = refresh(read_config(args.config))
     if result.status == EXIT_OK:
-        print(f"mbrescue: refresh: {result.line}", flush=True)
+        print(printable(f"mbrescue: refresh: {result.line}"), flush=True)
     else:
-        print(f"mbrescue: error: refresh: {result.line}", file=sys.stderr, flush=True)
+        print(printable(f"mbrescue: error: refresh: {result.line}"), file=sys.stderr, flush=True)
     return result.status

@@ -49,6 +49,7 @@ from .cmdline import (
 from .console import Console
 from .disk import DiskInfo, disk_info, list_disks
 from .errors import DoesNotFit, MbrescueError
+from .outputs import refuse_same_file
 from .plan import Plan, RegionHead, disk_title, plan_restore, show_capture, show_plan
 from .targets import (
     Candidate,
@@ -347,6 +348,8 @@ def _restore(
 ) -> int:
     switches = switches or Switches()
     medium = medium or switches.medium
+    if target is not None:
+        refuse_same_file(capture_path, target, "the restore")
     capture = Capture.open(capture_path)
     show_capture(console, capture)
     if rescue:

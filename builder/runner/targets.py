@@ -24,6 +24,7 @@ from .disk import DiskInfo, read_at
 from .errors import MbrescueError
 from .isofs import BadRecord, directory_records, record_name
 from .manifest import SourceDisk
+from .outputs import loop_backing
 
 ISO_PVD_OFFSET = 16 * 2048  # ISO9660 sector 16, whatever the disk's sector size
 # What builder/iso.py writes into every rescue medium (application id, volume set id, the
@@ -150,9 +151,11 @@ def _block_names(disk: DiskInfo) -> set[str]:
 
 def _loops_backed_by(path: str) -> list[DiskInfo]:
     """Loop devices whose backing file is this image (a mounted one makes it busy)."""
+    # By device and inode, not by name: a hard link (or a bind mount) gives the file a name
+    # the loop device's backing_file never shows.
     found = []
-    real = os.path.realpath(path)
     try:
+        image = os.stat(path)
         names = os.listdir("/sys/block")
     except OSError:
         return []
@@ -160,11 +163,11 @@ def _loops_backed_by(path: str) -> list[DiskInfo]:
         if not name.startswith("loop"):
             continue
         try:
-            with open(f"/sys/block/{name}/loop/backing_file", encoding="utf-8") as handle:
-                backing = handle.read().strip()
-        except OSError:
+            with open(f"/sys/block/{name}/dev", encoding="ascii") as handle:
+                major, minor = (int(part) for part in handle.read().split(":"))
+        except (OSError, ValueError):
             continue
-        if backing == real:
+        if loop_backing(os.makedev(major, minor)) == (image.st_dev, image.st_ino):
             found.append(DiskInfo(f"/dev/{name}", "block", 0, 512, 512, name=name))
     return found
 
