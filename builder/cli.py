@@ -186,6 +186,7 @@ def build_command(
         list[str] | None,
         typer.Option(
             "--expect-host",
+            metavar="NAME",
             help="The host the capture must be for (its recorded host name): any other name "
             "is refused and nothing is written. One per capture, in the captures' order; "
             "for a controller that builds what hosts sent it.",
