@@ -13,7 +13,7 @@ import hashlib
 import os
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,7 +27,7 @@ from .kit import Kit, ensure_kit
 from .run import require_tools
 from .runner.capfile import Capture
 from .runner.cmdline import options_json
-from .runner.outputs import check_output_dir, check_output_file, refuse_same_file
+from .runner.outputs import check_hostname, check_output_dir, check_output_file, refuse_same_file
 from .verify import verify_iso
 
 PACKAGE_DIR = Path(__file__).resolve().parent
@@ -41,6 +41,8 @@ class BuildOptions:
     output: Path | None = None  # a file (one capture) or a directory
     jobs: int = 1
     unattended_allowed: bool = False
+    # --expect-host: the host each capture must be for, in the captures' order (empty: any).
+    expected_hosts: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -89,6 +91,40 @@ def check_capture_chunks(path: Path, capture: Capture) -> None:
             f"{capture.region.length_bytes}"
         )
     capture.verify_members()
+
+
+def check_expected_names(expected: tuple[str, ...], captures_given: int) -> None:
+    """--expect-host's own checks, before any capture is read: one name per capture."""
+    if expected and len(expected) != captures_given:
+        raise MbrescueError(
+            f"--expect-host given {len(expected)} time(s) for {captures_given} captures: "
+            "give one per capture, in the captures' order"
+        )
+    for name in expected:
+        try:
+            check_hostname(name)
+        except MbrescueError as exc:
+            raise MbrescueError(f"--expect-host: {exc}") from None
+
+
+def check_expected_hosts(captures: Sequence[tuple[Path, Capture]],
+                         expected: tuple[str, ...]) -> None:
+    """A capture is for the host the caller expects (--expect-host), or nothing is built.
+
+    The host name inside a capture names its ISO, its network-boot payload and menu; a
+    compromised host can write any name there (DESIGN.md, rule 8). The controller knows
+    which host it fetched each capture from: a capture claiming another name would
+    replace that host's outputs, so it is refused before anything is written."""
+    if not expected:
+        return
+    check_expected_names(expected, len(captures))
+    for (path, capture), name in zip(captures, expected, strict=True):
+        claimed = capture.manifest.hostname
+        if claimed != name:
+            raise MbrescueError(
+                f"{path}: the capture is for host {claimed!r}, not {name!r} (--expect-host): "
+                f"nothing built, neither {name}'s outputs nor {claimed}'s"
+            )
 
 
 def check_capture(path: Path) -> Capture:
@@ -264,7 +300,9 @@ def check_written(report: IsoReport, capture_sha256: str) -> IsoReport:
 def build(options: BuildOptions) -> list[IsoReport]:
     if not options.captures:
         raise MbrescueError("no capture given")
+    check_expected_names(options.expected_hosts, len(options.captures))
     captures = [(path, open_capture(path)) for path in options.captures]
+    check_expected_hosts(captures, options.expected_hosts)
     names = [output_path(options, capture) for _, capture in captures]
     for name in names:
         for path in options.captures:

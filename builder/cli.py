@@ -170,9 +170,29 @@ def build_command(
         typer.Option(
             "--allow-unattended",
             help="Let mbrescue.unattended=1 on the kernel command line restore without asking "
-            "when the target is unambiguous. DANGEROUS: for fleets only.",
+            "when the target is unambiguous. DANGEROUS: for fleets only. With --netboot it "
+            "also needs --allow-unattended-netboot.",
         ),
     ] = False,
+    allow_unattended_netboot: Annotated[
+        bool,
+        typer.Option(
+            "--allow-unattended-netboot",
+            help="With --netboot and --allow-unattended: really allow unattended restore from "
+            "the network tree. DANGEROUS: anyone who can answer DHCP on that network (or plug "
+            "a machine into it) can then boot a host's menu and restore without a prompt.",
+        ),
+    ] = False,
+    expect_host: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--expect-host",
+            metavar="NAME",
+            help="The host the capture must be for (its recorded host name): any other name "
+            "is refused and nothing is written. One per capture, in the captures' order; "
+            "for a controller that builds what hosts sent it.",
+        ),
+    ] = None,
     netboot: Annotated[
         Path | None,
         typer.Option("--netboot", help="Write (or update) a network-boot tree in this "
@@ -199,6 +219,8 @@ def build_command(
             captures=tuple(captures), tree=netboot,
             macs=tuple(net.parse_mac_option(text) for text in mac or ()),
             unattended_allowed=allow_unattended,
+            unattended_netboot_allowed=allow_unattended_netboot,
+            expected_hosts=tuple(expect_host or ()),
         ))  # fmt: skip
         log.info(net.summary(tree))
         if as_json:
@@ -206,9 +228,12 @@ def build_command(
         return
     if mac:
         raise MbrescueError("--mac needs --netboot")
+    if allow_unattended_netboot:
+        raise MbrescueError("--allow-unattended-netboot needs --netboot")
     reports = build(
         BuildOptions(
-            captures=tuple(captures), output=output, jobs=jobs, unattended_allowed=allow_unattended
+            captures=tuple(captures), output=output, jobs=jobs, unattended_allowed=allow_unattended,
+            expected_hosts=tuple(expect_host or ()),
         )
     )
     for report in reports:

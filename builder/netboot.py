@@ -41,7 +41,13 @@ from pathlib import Path
 import jinja2
 
 from . import log
-from .build import SharedParts, check_capture, prepare_shared
+from .build import (
+    SharedParts,
+    check_capture,
+    check_expected_hosts,
+    check_expected_names,
+    prepare_shared,
+)
 from .capture import normal_mac
 from .debs import sha256_file
 from .errors import MbrescueError
@@ -63,6 +69,10 @@ class NetbootOptions:
     tree: Path
     macs: tuple[tuple[str, str], ...] = ()  # (host name, MAC address), from --mac HOST=MAC
     unattended_allowed: bool = False
+    # --allow-unattended-netboot: the second, explicit opt-in that unattended_allowed needs
+    # on a network (see check_unattended).
+    unattended_netboot_allowed: bool = False
+    expected_hosts: tuple[str, ...] = ()  # --expect-host, one per capture (empty: any)
 
 
 # Where a host's MAC addresses came from, strongest first.
@@ -287,10 +297,31 @@ def _tree_bytes(tree: Path) -> int:
     return sum(p.stat().st_size for p in tree.rglob("*") if p.is_file())
 
 
+def check_unattended(options: NetbootOptions) -> None:
+    """Unattended restore over the network needs its own opt-in.
+
+    On a disc, `mbrescue.unattended=1` needs someone to put the disc in and edit the
+    kernel command line. A network tree is handed to whatever machine DHCP points at it:
+    anyone who can answer DHCP on that network (or plug a machine into it) can boot a
+    host's menu, and with the opt-in in the payload, restore onto a disk without a person
+    typing `yes`. So --allow-unattended alone is refused here, and
+    --allow-unattended-netboot alone means nothing."""
+    if options.unattended_allowed and not options.unattended_netboot_allowed:
+        raise MbrescueError(
+            "--allow-unattended on a network-boot tree lets any machine that can be booted "
+            "from it (anyone who answers DHCP there) restore without asking: add "
+            "--allow-unattended-netboot to mean that"
+        )
+    if options.unattended_netboot_allowed and not options.unattended_allowed:
+        raise MbrescueError("--allow-unattended-netboot needs --allow-unattended")
+
+
 def build_netboot(options: NetbootOptions) -> NetbootReport:
     started = time.monotonic()
     if not options.captures:
         raise MbrescueError("no capture given")
+    check_unattended(options)
+    check_expected_names(options.expected_hosts, len(options.captures))
     tree = options.tree
     if tree.exists() and not tree.is_dir():
         raise MbrescueError(f"--netboot {tree}: not a directory")
@@ -298,6 +329,7 @@ def build_netboot(options: NetbootOptions) -> NetbootReport:
         raise MbrescueError(f"--netboot {tree}: {tree.parent} is not a directory")
     # Every capture is checked, and every --mac matched to one, before anything is written.
     captures = [(path, check_capture(path)) for path in options.captures]
+    check_expected_hosts(captures, options.expected_hosts)
     names = [capture.manifest.hostname for _, capture in captures]
     if len(set(names)) != len(names):
         raise MbrescueError("two captures are for the same host name")

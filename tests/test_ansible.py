@@ -295,6 +295,67 @@ def test_install_hooks_installs_once_then_changes_nothing(fleet):
     assert {host: tree(fleet.install_root(host)) for host in HOSTS} == installed
 
 
+FORGED = "Fail the host when its capture is for another host"
+
+
+def _digests(paths: list[Path]) -> dict[str, tuple[str, int]]:
+    return {os.fspath(p): (sh("sha256sum", p).split()[0], p.stat().st_mtime_ns) for p in paths}
+
+
+def test_a_capture_claiming_another_host_fails_only_that_host(fleet):
+    """hostB is compromised: its capture on the host (a real capture of its disk) records
+    the name hostA, and check finds it matching the disk, so the controller fetches it. The
+    run fails hostB with one line; hostA's ISO, capture and published copy stay byte for
+    byte; hostD, whose /boot changed in the same run, is built, verified and published. The
+    next run (nothing changed) fails hostB again: the name is checked on every run."""
+    publish = fleet.root / "publish"
+    publish.mkdir(exist_ok=True)
+    for host in HOSTS:  # as test_publish_copies_every_iso_once left it (also when run alone)
+        copy = publish / fleet.iso(host).name
+        shutil.copyfile(fleet.iso(host), copy)
+        copy.chmod(0o640)
+    kept = [fleet.iso("hostA"), publish / fleet.iso("hostA").name, fleet.capture("hostA"),
+            fleet.iso("hostB"), publish / fleet.iso("hostB").name]
+    before = _digests(kept)
+    forged = mbrescue("capture", fleet.sources["hostB"], "-o", fleet.host_captures["hostB"],
+                      "--hostname", "hostA")
+    assert forged.returncode == 0, forged.stderr
+    (fleet.boots["hostD"] / "config-ansible-forged").write_text("CONFIG_HONEST=y\n")
+    sh("sync")
+    old_d = sh("sha256sum", fleet.iso("hostD")).split()[0]
+    for run in (1, 2):
+        result = playbook(fleet.root, fleet.inventory, "-e", f"mbrescue_publish_dir={publish}")
+        assert result.returncode != 0, result.stdout[-3000:]
+        counts = recap(result)
+        assert counts["hostB"]["failed"] == 1, counts
+        assert counts["hostA"]["failed"] == 0 and counts["hostA"]["changed"] == 0, counts
+        assert counts["hostD"]["failed"] == 0, counts
+        fatal = [line for line in result.stdout.splitlines() if line.startswith("fatal:")]
+        assert len(fatal) == 1 and fatal[0].startswith("fatal: [hostB"), fatal
+        assert re.search(r"the capture from hostB \(\S+\) is for host \\?\"hostA\\?\", not "
+                         r"\\?\"hostB\\?\": not built", fatal[0]), fatal[0]
+        assert [line for line in task_lines(result, FORGED) if not line.startswith("skipping")] \
+            == [fatal[0]]
+        assert _digests(kept) == before
+        if run == 1:  # the honest host with a new /boot: built alone, verified, published
+            assert counts["hostD"]["changed"] > 0, counts
+            assert [line for line in task_lines(result, BUILD)
+                    if not line.startswith("skipping")] == ["changed: [hostD -> localhost]"]
+            assert [line for line in task_lines(result, VERIFY)
+                    if not line.startswith("skipping")] == ["ok: [hostD -> localhost]"]
+            assert sh("sha256sum", fleet.iso("hostD")).split()[0] != old_d
+            assert (publish / fleet.iso("hostD").name).read_bytes() == \
+                fleet.iso("hostD").read_bytes()
+        else:
+            assert counts["hostD"]["changed"] == 0, counts
+            assert all(line.startswith("skipping") for line in task_lines(result, BUILD))
+    # The forged capture is kept under the name of the host it came from, and only there.
+    claimed = json.loads(mbrescue("inspect", "--json", fleet.capture("hostB")).stdout)
+    assert claimed["hostname"] == "hostA"
+    assert sorted(p.name for p in fleet.iso("hostA").parent.iterdir()) == \
+        sorted(fleet.iso(h).name for h in HOSTS)
+
+
 def test_check_error_fails_the_host_with_its_line(fleet, tmp_path):
     # A capture on the host that is not a capture: check exits 2, the host fails, naming it.
     bad = tmp_path / "host.mbrescue"
@@ -311,6 +372,27 @@ def test_check_error_fails_the_host_with_its_line(fleet, tmp_path):
     assert re.search(r"mbrescue check failed on hostbad \(exit 2\): mbrescue: error: ",
                      result.stdout), result.stdout[-3000:]
     assert not (tmp_path / "out" / "iso" / "hostbad-rescue.iso").exists()
+
+
+def test_two_hosts_with_one_name_fail_before_any_capture(fleet, tmp_path):
+    # Two inventory hosts given one mbrescue_hostname would share (and replace) one ISO.
+    inventory = json.loads(fleet.inventory.read_text())
+    inventory["all"]["hosts"] = {
+        twin: dict(inventory["all"]["hosts"][host], mbrescue_hostname="twin",
+                   mbrescue_host_capture_path=os.fspath(tmp_path / twin / "host.mbrescue"))
+        for twin, host in (("twin1", "hostA"), ("twin2", "hostB"))}
+    inventory["all"]["vars"]["mbrescue_output_dir"] = os.fspath(tmp_path / "out")
+    path = tmp_path / "inventory.yml"
+    path.write_text(json.dumps(inventory))
+    result = playbook(tmp_path, path)
+    assert result.returncode != 0
+    counts = recap(result)
+    assert counts["twin1"]["failed"] == 1 and counts["twin2"]["failed"] == 1, counts
+    fatal = [line for line in result.stdout.splitlines() if line.startswith("fatal:")]
+    assert len(fatal) == 2, fatal
+    assert all("each host needs its own" in line for line in fatal), fatal
+    assert not (tmp_path / "twin1").exists() and not (tmp_path / "twin2").exists()
+    assert not list((tmp_path / "out" / "iso").iterdir())
 
 
 def test_boot_disk_found_by_the_shell(fixtures, tmp_path):
