@@ -16,7 +16,7 @@ import time
 import zlib
 from dataclasses import dataclass, field
 
-from . import bootloader, gpt, mbr, swap
+from . import bootloader, gpt, mbr, stale, swap
 from .capfile import Capture
 from .console import Console, human_bytes
 from .disk import DiskInfo, read_at
@@ -60,6 +60,9 @@ class Plan:
     deferred: list[tuple[int, int]] = field(default_factory=list)
     deferred_what: list[str] = field(default_factory=list)
     boot_loader: str = ""  # how it was installed (runner/bootloader.py), for the plan's text
+    # Signatures of what the target held before (old GPT headers, RAID, LVM) outside what
+    # this restore writes and keeps: zeroed first, checked gone at the end (safety rule 9).
+    erase: list[stale.Stale] = field(default_factory=list)
 
     @property
     def region_sectors(self) -> int:
@@ -113,7 +116,30 @@ def plan_restore(capture: Capture, head: RegionHead, target: DiskInfo) -> Plan:
         _plan_msdos(plan, manifest, head)
     _plan_swap(plan, manifest)
     _plan_deferred(plan, manifest)
+    plan.erase = stale.plan_erase(lambda at, n: read_at(target.path, at, n), target.size_bytes,
+                                  sector, written_ranges(plan), kept_ranges(plan, manifest))
     return plan
+
+
+def written_ranges(plan: Plan) -> stale.Ranges:
+    """Every byte range the region path writes: the region and each planned write."""
+    return [(0, plan.region_bytes), *((w.offset_bytes, len(w.data)) for w in plan.writes)]
+
+
+def kept_ranges(plan: Plan, manifest: Manifest) -> stale.Ranges:
+    """The parts of the restored table's partitions past the region that the region path
+    leaves as the target has them (not swap, which it recreates, nor the extended
+    container): what lies there belongs to those partitions, not to the disk's past."""
+    sector = plan.sector_bytes
+    kept = []
+    for part in manifest.partitions:
+        if part.is_extended or part.number in manifest.swap_numbers:
+            continue
+        start = max(part.start_lba * sector, plan.region_bytes)
+        end = (part.start_lba + part.size_sectors) * sector
+        if end > start:
+            kept.append((start, end - start))
+    return kept
 
 
 # The first 64 KiB of a file system hold every superblock a probe reads: ext's at 1 KiB,
@@ -485,8 +511,16 @@ def show_plan(console: Console, plan: Plan) -> None:
         console.say("  Will adjust: " + line)
     for line in plan.recreated:
         console.say("  Will recreate: " + line)
+    for line in erase_lines(plan.erase, plan.sector_bytes):
+        console.say("  Will erase: " + line)
     console.say("  Written last, once the rest reads back right (until then the disk does "
                 "not look bootable): " + ", ".join(plan.deferred_what))
+
+
+def erase_lines(erase: list[stale.Stale], sector_bytes: int) -> list[str]:
+    """The plan's words for the stale signatures a restore zeroes (both paths)."""
+    return [f"stale {item.text(sector_bytes)} (what the disk held before; a tool would still "
+            "act on it)" for item in erase]
 
 
 def boot_loader_text(manifest: Manifest) -> str:

@@ -443,6 +443,8 @@ def _restore(
         console.say("mbrescue: adjusted: " + line)
     for line in plan.recreated:
         console.say("mbrescue: recreated: " + line)
+    for item in plan.erase:
+        console.say("mbrescue: erased: stale " + item.text(plan.sector_bytes))
     # Last, once the disk is written and verified; before the completion line, which
     # scripts take as the end (a refused entry does not fail the restore: nvram.finish).
     nvram.finish(console, entry)
