@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import mbrescue, sh
+from .conftest import mbrescue, sh, sha256_of
 
 MiB = 1 << 20
 SECTOR = 512
@@ -107,3 +107,32 @@ def test_a_signature_inside_a_kept_partition_is_left_alone():
     assert [item.what for item in found] == ["md RAID superblock (metadata 1.0)"]
     assert stale.to_erase(found, [(0, MiB)], [(32 * MiB, 32 * MiB)]) == []
     assert stale.to_erase(found, [(0, MiB)], []) == found
+
+
+# -- what the region path's question names (issue 17: the prompt understated the loss) ----------
+
+
+def test_region_prompt_names_what_is_lost(fixtures, captures, tmp_path):
+    """A used disk whose one partition runs far past the region: the question names that
+    partition (it leaves the table) and the swap header written past the region."""
+    fx = fixtures["A"]
+    target = used_gpt_disk(tmp_path / "used.img", fx.path.stat().st_size)
+    before = sha256_of(target)
+    result = mbrescue("restore", captures["A"], target, input_text="no\n")
+    assert "aborted, nothing written" in result.stderr
+    prompt = next(line for line in result.stdout.splitlines() if "Type yes" in line)
+    swap_lba = fx.region_end_sectors
+    assert f"sectors 0..{swap_lba - 1}" in prompt, prompt
+    assert f"swap header of partition 2 at sector {swap_lba}" in prompt, prompt
+    assert "partition 1 it holds now (sectors 2048..204766" in prompt, prompt
+    assert "Will lose: partition 1 (sectors 2048..204766" in result.stdout, result.stdout
+    assert sha256_of(target) == before
+
+
+def test_region_prompt_on_a_blank_disk_names_no_lost_partition(fixtures, captures, tmp_path):
+    target = tmp_path / "blank.img"
+    with open(target, "wb") as stream:
+        stream.truncate(fixtures["A"].path.stat().st_size)
+    result = mbrescue("restore", captures["A"], target, input_text="no\n")
+    prompt = next(line for line in result.stdout.splitlines() if "Type yes" in line)
+    assert "it holds now" not in prompt and "Will lose" not in result.stdout, result.stdout

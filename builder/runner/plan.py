@@ -43,6 +43,18 @@ class Write:
         return self.offset_bytes + len(self.data)
 
 
+@dataclass(frozen=True)
+class Lost:
+    """A partition the target holds now that the restore takes away."""
+
+    number: int
+    detail: str  # "(sectors a..b, size, type)"
+    fate: str  # "overwritten by the region", "leaves the partition table; ..."
+
+    def text(self) -> str:
+        return f"partition {self.number} {self.detail}: {self.fate}"
+
+
 @dataclass
 class Plan:
     target: DiskInfo
@@ -63,6 +75,8 @@ class Plan:
     # Signatures of what the target held before (old GPT headers, RAID, LVM) outside what
     # this restore writes and keeps: zeroed first, checked gone at the end (safety rule 9).
     erase: list[stale.Stale] = field(default_factory=list)
+    # The target's partitions that this restore overwrites or drops from the table, in words.
+    lost: list[Lost] = field(default_factory=list)
 
     @property
     def region_sectors(self) -> int:
@@ -118,7 +132,51 @@ def plan_restore(capture: Capture, head: RegionHead, target: DiskInfo) -> Plan:
     _plan_deferred(plan, manifest)
     plan.erase = stale.plan_erase(lambda at, n: read_at(target.path, at, n), target.size_bytes,
                                   sector, written_ranges(plan), kept_ranges(plan, manifest))
+    plan.lost = lost_partitions(plan, manifest)
     return plan
+
+
+def lost_partitions(plan: Plan, manifest: Manifest) -> list[Lost]:
+    """The target's partitions that do not come through as they are: overwritten by the
+    region, or past it and no longer in the restored table (their sectors stay, no table
+    names them). A partition the restored table has at the same place and size stays."""
+    target = plan.target
+    try:
+        layout = read_layout(target.path,
+                             target.logical_sector_bytes if target.kind == "file" else None)
+    except MbrescueError:
+        return []  # blank or no table: nothing to name beyond the sectors written
+    sector = layout.sector_bytes
+    new = {(p.start_lba, plan.shrunk.get(p.number, p.size_sectors)) for p in manifest.partitions}
+    lost = []
+    for part in layout.partitions:
+        if part.is_extended or (part.start_lba, part.size_sectors) in new:
+            continue
+        what = part.type_name + (f", {part.fs.type}" if part.fs else "")
+        end_bytes = (part.end_lba + 1) * sector
+        fate = ("overwritten by the region" if end_bytes <= plan.region_bytes
+                else "leaves the partition table" + (
+                    "; its start is overwritten by the region"
+                    if part.start_lba * sector < plan.region_bytes else ""))
+        lost.append(Lost(part.number, f"(sectors {part.start_lba}..{part.end_lba}, "
+                         f"{human_bytes(part.size_sectors * sector)}, {what})", fate))
+    return lost
+
+
+def prompt_text(plan: Plan, confirm_word: str) -> str:
+    """The region path's question: every sector range it writes and every partition of the
+    target it takes away, not only the region."""
+    sector = plan.sector_bytes
+    past = [f"the {w.what} at sector {w.offset_bytes // sector}" for w in plan.writes
+            if w.offset_bytes >= plan.region_bytes]
+    if plan.erase:
+        past.append(f"{len(plan.erase)} stale signature(s) zeroed (listed above)")
+    words = f"sectors 0..{plan.region_sectors - 1} are overwritten"
+    if past:
+        words += ", and past them " + ", ".join(past)
+    for item in plan.lost:
+        words += f"; partition {item.number} it holds now {item.detail} is lost"
+    return f"Type {confirm_word} to write {plan.target.path} ({words}): "
 
 
 def written_ranges(plan: Plan) -> stale.Ranges:
@@ -513,6 +571,8 @@ def show_plan(console: Console, plan: Plan) -> None:
         console.say("  Will recreate: " + line)
     for line in erase_lines(plan.erase, plan.sector_bytes):
         console.say("  Will erase: " + line)
+    for item in plan.lost:
+        console.say("  Will lose: " + item.text())
     console.say("  Written last, once the rest reads back right (until then the disk does "
                 "not look bootable): " + ", ".join(plan.deferred_what))
 

@@ -49,7 +49,15 @@ from .cmdline import (
 from .console import Console
 from .disk import DiskInfo, disk_info, list_disks
 from .errors import MbrescueError
-from .plan import Plan, RegionHead, disk_title, plan_restore, show_capture, show_plan
+from .plan import (
+    Plan,
+    RegionHead,
+    disk_title,
+    plan_restore,
+    prompt_text,
+    show_capture,
+    show_plan,
+)
 from .targets import (
     Candidate,
     base_refusal,
@@ -424,10 +432,7 @@ def _restore(
         console.say(entry.plan_line())
     proceed = assume_yes or _unattended_proceeds(console, switches, unattended, identity_known)
     if not proceed:
-        answer = console.ask(
-            f"Type {CONFIRM_WORD} to write {plan.target.path} "
-            f"(sectors 0..{plan.region_sectors - 1} are overwritten): "
-        )
+        answer = console.ask(prompt_text(plan, CONFIRM_WORD))
         # Exactly the word: "y", "YES" or " yes" are not an informed consent to overwrite.
         if answer != CONFIRM_WORD:
             raise MbrescueError("aborted, nothing written")
