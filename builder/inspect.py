@@ -88,5 +88,8 @@ def describe(capture: Capture) -> str:
             f"{copy.member}, {copy.referenced_files} of them as references into the region "
             "(for the file-level path)"
         )
-    lines.append("seal      manifest.sha256 matches the manifest")
+    # What opening the capture checked, and only that: a damaged chunk or copy is not seen
+    # here, so this line must not read as a clean bill.
+    lines.append("seal      manifest.sha256 matches the manifest, member sizes match it; "
+                 "region chunks and file copies not checked (mbrescue verify CAPTURE does)")
     return "\n".join(lines)
