@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from .log import human_bytes
+from .runner import bootloader
 from .runner.capfile import Capture
 
 
@@ -65,6 +66,8 @@ def describe(capture: Capture) -> str:
         )
         + (", frozen while read" if m.frozen else ""),
     ]
+    lines.append("boot loader  " + (bootloader.summary(m.boot_loader) if m.boot_loader
+                                    else "not recorded (a capture from an older mbrescue)"))
     for swap in m.swap:
         lines.append(
             f"swap      partition {swap.partition}: label {swap.label or '-'} uuid {swap.uuid} "
