@@ -83,7 +83,9 @@ def describe(capture: Capture) -> str:
         lines.append(f"files     {files.file_count} files of {files.mountpoint} in {files.member}")
     elif files.file_count:
         lines.append(f"files     {files.file_count} files of {files.mountpoint}: {files.reason}")
-    else:
+    elif not any(copy.partition == m.boot_partition for copy in m.file_copies):
+        # With a file-level copy of /boot (read from an unmounted one) the copy line below
+        # says what the capture holds; "none: … no file-level copy" above it would be false.
         lines.append(f"files     none: {files.reason}")
     for copy in m.file_copies:
         lines.append(

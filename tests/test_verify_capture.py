@@ -75,3 +75,12 @@ def test_inspect_of_a_damaged_capture_says_what_it_checked(captures, tmp_path):
     result = mbrescue("inspect", broken)
     seal = next(line for line in result.stdout.splitlines() if line.startswith("seal"))
     assert "mbrescue verify" in seal and "not checked" in seal, seal
+
+
+def test_inspect_does_not_deny_the_file_level_copy_it_lists(captures):
+    """An unmounted /boot has no live file list, but its file-level copy is there: inspect
+    says so in one line instead of `files none: … no file-level copy` above `copy …`."""
+    shown = mbrescue("inspect", captures["A"]).stdout
+    assert "no file-level copy" not in shown, shown
+    lines = [line for line in shown.splitlines() if line.startswith(("files ", "copy "))]
+    assert len(lines) == 1 and lines[0].startswith("copy      partition 1 (ext3):"), lines
