@@ -25,6 +25,7 @@ from .initramfs import make_base_initramfs, make_payload_initramfs
 from .iso import IsoReport, iso_volume_label, new_medium_id, write_iso
 from .kit import Kit, ensure_kit
 from .run import require_tools
+from .runner import bootloader
 from .runner.capfile import Capture
 from .runner.cmdline import options_json
 from .runner.outputs import check_hostname, check_output_dir, check_output_file, refuse_same_file
@@ -183,6 +184,8 @@ def build_one(
             return None
 
     manifest = capture.manifest
+    if manifest.boot_loader and bootloader.no_boot_code(r.method for r in manifest.boot_loader):
+        log.info(f"warning: {capture_path}: {bootloader.NO_BOOT_CODE_WARNING}")
     out = output_path(options, capture)
     if not out.parent.is_dir():
         raise MbrescueError(f"cannot write {out}: {out.parent} is not a directory")

@@ -584,6 +584,11 @@ def _capture(options: CaptureOptions) -> CaptureResult:
                 f"(partitions: {have})"
             )
         boot = numbers[options.boot_partition]
+        if _is_swap(boot):
+            raise MbrescueError(
+                f"--boot-partition {boot.number}: partition {boot.number} of {source} is swap, "
+                "not a /boot file system (give the number of the partition /boot is on)"
+            )
     else:
         boot = guess_boot_partition(
             layout,
@@ -740,6 +745,8 @@ def _capture(options: CaptureOptions) -> CaptureResult:
                     files_spool if boot_files["member"] is not None else None,
                     str(boot_files["reason"]) if boot_files["reason"] else None, live_host,
                 )
+            boot_loader = _boot_loader(source, layout, chain, boot.number, region_bytes,
+                                       region_spool, out, file_copies, fingerprint)
             manifest = {
                 "format": capfile.FORMAT,
                 "format_version": capfile.FORMAT_VERSION,
@@ -760,9 +767,7 @@ def _capture(options: CaptureOptions) -> CaptureResult:
                 "boot_partition": boot.number,
                 "boot_chain": [p.number for p in chain],
                 "boot_fs": _fs_json(boot),
-                "boot_loader": _boot_loader(source, layout, chain, boot.number, region_bytes,
-                                            region_spool, out,
-                                            file_copies, fingerprint),
+                "boot_loader": boot_loader,
                 "frozen": bool(frozen_ok),
                 "region": {
                     "member": capfile.REGION_MEMBER,
@@ -785,6 +790,8 @@ def _capture(options: CaptureOptions) -> CaptureResult:
                 "macs": list(macs),
             }
             capfile.write_manifest(tar, manifest, mtime)
+            if bootloader.no_boot_code(record["method"] for record in boot_loader):
+                log.info(f"warning: {source}: {bootloader.NO_BOOT_CODE_WARNING}")
             tar.close()
             out.flush()
             os.fsync(out.fileno())
@@ -975,6 +982,11 @@ def _warn_of_kernels(record: dict) -> dict:
 def _copy_chain(layout: Layout, chain: list[Partition]) -> list[tuple[int, int, str]]:
     sector = layout.disk.logical_sector_bytes
     return [(p.number, p.start_lba * sector, p.fs.type) for p in chain if p.fs is not None]
+
+
+def _is_swap(part: Partition) -> bool:
+    return (part.fs is not None and part.fs.type == "swap") or (part.type or "").lower() in (
+        "0x82", "0657fd6d-a4ab-43c4-84e5-0933c84b4f4f")
 
 
 def _read_file_copies(layout: Layout, chain: list[Partition], spool: int,

@@ -244,7 +244,8 @@ def build_command(
 
 @app.command("verify")
 def verify_command(
-    iso: Annotated[Path, typer.Argument(help="A rescue ISO built by mbrescue build.")],
+    iso: Annotated[Path, typer.Argument(help="A rescue ISO built by mbrescue build, or a "
+                                         "capture file.")],
     boot: Annotated[
         bool,
         typer.Option(
@@ -252,11 +253,18 @@ def verify_command(
         ),
     ] = False,
 ) -> None:
-    """Check a rescue ISO; with --boot, prove in QEMU that it restores a bootable disk."""
+    """Check a rescue ISO (with --boot, prove in QEMU that it restores a bootable disk), or
+    a capture file whole: exit 0 good, 1 damaged."""
     from .verify import format_checks, verify_iso
+    from .verify_capture import is_iso, verdict_line, verify_capture
 
     if not iso.is_file():
-        raise MbrescueError(f"{iso}: no such ISO file")
+        raise MbrescueError(f"{iso}: no such ISO or capture file")
+    if not is_iso(iso):
+        if boot:
+            raise MbrescueError(f"{iso} is not an ISO: --boot boots rescue ISOs, not captures")
+        print(verdict_line(iso, verify_capture(iso)))
+        return
     checks = verify_iso(iso)
     print(format_checks(checks))
     failed = [check.name for check in checks if not check.ok]

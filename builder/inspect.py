@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from .log import human_bytes
+from .runner import bootloader
 from .runner.capfile import Capture
 
 
@@ -65,6 +66,8 @@ def describe(capture: Capture) -> str:
         )
         + (", frozen while read" if m.frozen else ""),
     ]
+    lines.append("boot loader  " + (bootloader.summary(m.boot_loader) if m.boot_loader
+                                    else "not recorded (a capture from an older mbrescue)"))
     for swap in m.swap:
         lines.append(
             f"swap      partition {swap.partition}: label {swap.label or '-'} uuid {swap.uuid} "
@@ -80,7 +83,9 @@ def describe(capture: Capture) -> str:
         lines.append(f"files     {files.file_count} files of {files.mountpoint} in {files.member}")
     elif files.file_count:
         lines.append(f"files     {files.file_count} files of {files.mountpoint}: {files.reason}")
-    else:
+    elif not any(copy.partition == m.boot_partition for copy in m.file_copies):
+        # With a file-level copy of /boot (read from an unmounted one) the copy line below
+        # says what the capture holds; "none: … no file-level copy" above it would be false.
         lines.append(f"files     none: {files.reason}")
     for copy in m.file_copies:
         lines.append(
@@ -88,5 +93,8 @@ def describe(capture: Capture) -> str:
             f"{copy.member}, {copy.referenced_files} of them as references into the region "
             "(for the file-level path)"
         )
-    lines.append("seal      manifest.sha256 matches the manifest")
+    # What opening the capture checked, and only that: a damaged chunk or copy is not seen
+    # here, so this line must not read as a clean bill.
+    lines.append("seal      manifest.sha256 matches the manifest, member sizes match it; "
+                 "region chunks and file copies not checked (mbrescue verify CAPTURE does)")
     return "\n".join(lines)

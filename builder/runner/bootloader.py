@@ -467,6 +467,21 @@ def cannot_remake(records: Sequence[BootLoaderRecord], offsets_kept: bool) -> st
     return None
 
 
+# Said by `capture` and `build` when no record shows a way to boot (issue 17: such a disk
+# used to be noticed only in the restore plan, on the day it was needed).
+NO_BOOT_CODE_WARNING = (
+    "no boot code: sector 0 holds none and no boot-chain partition has a boot loader, nor "
+    "an ESP a UEFI loader, so a disk restored from this capture will not boot by itself "
+    "(install the boot loader on the source, e.g. grub-install, and capture again)"
+)
+
+
+def no_boot_code(methods: Iterable[str]) -> bool:
+    """True when every record (the disk's, each boot-chain partition's) says `none`."""
+    listed = list(methods)
+    return bool(listed) and all(method == NONE for method in listed)
+
+
 def summary(records: Sequence[BootLoaderRecord]) -> str:
     """One line for the plan: the disk's method, then the partitions' own loaders."""
     parts = []

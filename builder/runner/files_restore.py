@@ -44,14 +44,14 @@ import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import bootloader, gpt, mbr, nvram, swap, untar
+from . import bootloader, gpt, mbr, nvram, stale, swap, untar
 from .capfile import Capture
 from .console import Console, human_bytes
-from .disk import DiskInfo
+from .disk import DiskInfo, read_at
 from .errors import DoesNotFit, MbrescueError
 from .filecopy import EXT_TYPES, Reference, loop_mounted, mounted_ro, reference_of, xattrs_of
 from .manifest import BootLoaderRecord, FileCopyRecord, Manifest, PartitionRecord, SwapRecord
-from .plan import SUPERBLOCK_SPAN_BYTES, describe_contents, disk_title
+from .plan import SUPERBLOCK_SPAN_BYTES, describe_contents, disk_title, erase_lines
 from .writer import ReadBack, reread_partitions
 
 MiB = 1 << 20
@@ -102,6 +102,8 @@ class FilesPlan:
     # GRUB 2's core outside the file systems (gap or BIOS boot partition), written back at
     # its captured sectors (bootloader.embedded_core); None for every other boot loader.
     core: BootLoaderRecord | None = None
+    # Old GPT/RAID/LVM signatures outside what this path writes (stale.py, safety rule 9).
+    erase: list[stale.Stale] = field(default_factory=list)
 
 
 def why_files(manifest: Manifest, target: DiskInfo, forced: bool) -> str | None:
@@ -696,9 +698,40 @@ def show_files_plan(console: Console, plan: FilesPlan) -> None:
     if plan.keep_boot_code:
         console.say("  Will write back: the MBR boot code and the boot loader's sectors as "
                     "captured")
+    for line in erase_lines(plan.erase, plan.sector_bytes):
+        console.say("  Will erase: " + line)
     console.say("  Written last, once the rest reads back right (until then the disk does not "
                 "look bootable): sector 0" + (" and the primary GPT header" if plan.table ==
                                               "gpt" else "") + ", the file systems' superblocks")
+
+
+def _swap_headers(plan: FilesPlan) -> list[tuple[int, bytes]]:
+    return [(part.start_lba * plan.sector_bytes,
+             swap.make_swap_header(part.size_sectors * plan.sector_bytes, part.swap.page_bytes,
+                                   part.swap.uuid, part.swap.label))
+            for part in plan.partitions if part.swap is not None]
+
+
+def written_ranges(capture: Capture, plan: FilesPlan) -> stale.Ranges:
+    """Every byte range this path writes: the table, the file systems' images, swap
+    headers, the boot loader's sectors."""
+    early, final = table_writes(capture, plan)
+    pieces = [*early, *final, *_swap_headers(plan), *_boot_loader_writes(capture, plan)]
+    return ([(offset, len(data)) for offset, data in pieces]
+            + [(offset, image.stat().st_size) for offset, image in plan.images])
+
+
+def kept_ranges(plan: FilesPlan) -> stale.Ranges:
+    """Partitions this path makes an entry for and leaves as the target has them."""
+    sector = plan.sector_bytes
+    return [(p.start_lba * sector, p.size_sectors * sector) for p in plan.partitions
+            if p.copy is None and p.swap is None and not p.raw and not p.source.is_extended]
+
+
+def plan_erase(capture: Capture, plan: FilesPlan) -> list[stale.Stale]:
+    return stale.plan_erase(lambda at, n: read_at(plan.target.path, at, n),
+                            plan.target.size_bytes, plan.sector_bytes,
+                            written_ranges(capture, plan), kept_ranges(plan))
 
 
 def _boot_loader_writes(capture: Capture, plan: FilesPlan) -> list[tuple[int, bytes]]:
@@ -775,16 +808,14 @@ def execute(capture: Capture, plan: FilesPlan, console: Console) -> None:
         early_table, final_table = table_writes(capture, plan)
         # What makes the disk look bootable goes first as zeros, last as data (rule 6).
         heads = [(offset, bytes(SUPERBLOCK_SPAN_BYTES)) for offset, _ in plan.images]
-        _write_and_verify(fd, plan, [(0, bytes(sector * (2 if plan.table == "gpt" else 1))),
+        # The stale signatures go first too (safety rule 9); they make nothing bootable.
+        _write_and_verify(fd, plan, [*stale.erase_writes(plan.erase),
+                                     (0, bytes(sector * (2 if plan.table == "gpt" else 1))),
                                      *heads], "the cleared start")
         rest: list[tuple[int, bytes]] = []
         for offset, image in plan.images:
             rest += _image_pieces(offset, image, skip_head=True)
-        for part in plan.partitions:
-            if part.swap is not None:
-                page = swap.make_swap_header(part.size_sectors * sector, part.swap.page_bytes,
-                                             part.swap.uuid, part.swap.label)
-                rest.append((part.start_lba * sector, page))
+        rest += _swap_headers(plan)
         rest += _boot_loader_writes(capture, plan) + early_table
         console.say(f"mbrescue: writing {sum(len(d) for _, d in rest)} bytes ...")
         _write_and_verify(fd, plan, rest, "the data")
@@ -795,6 +826,12 @@ def execute(capture: Capture, plan: FilesPlan, console: Console) -> None:
     finally:
         os.close(fd)
     check_target(plan)
+    reader = ReadBack(plan.target.path, plan.target.kind)
+    try:
+        stale.check_erased(reader.read, plan.target.size_bytes, sector, plan.target.path,
+                           written_ranges(capture, plan), kept_ranges(plan))
+    finally:
+        reader.close()
     reread_partitions(plan.target, console)
 
 
@@ -909,6 +946,7 @@ def run(capture: Capture, target: DiskInfo, why: str, console: Console, assume_y
         console.say("mbrescue: file-level path: making the file systems in a scratch "
                     "directory ...")
         build_images(capture, plan, Path(scratch))
+        plan.erase = plan_erase(capture, plan)
         show_files_plan(console, plan)
         if entry is not None:
             console.say(entry.plan_line())
@@ -926,6 +964,8 @@ def run(capture: Capture, target: DiskInfo, why: str, console: Console, assume_y
         console.say("mbrescue: adjusted: " + line)
     for line in plan.recreated:
         console.say("mbrescue: recreated: " + line)
+    for item in plan.erase:
+        console.say("mbrescue: erased: stale " + item.text(plan.sector_bytes))
     nvram.finish(console, entry)  # last, once verified (see restore.py)
     console.say(f"mbrescue: restore complete: {target.path} holds the boot chain of "
                 f"{capture.manifest.hostname} (file-level path)")

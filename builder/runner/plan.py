@@ -16,7 +16,7 @@ import time
 import zlib
 from dataclasses import dataclass, field
 
-from . import bootloader, gpt, mbr, swap
+from . import bootloader, gpt, mbr, stale, swap
 from .capfile import Capture
 from .console import Console, human_bytes
 from .disk import DiskInfo, read_at
@@ -43,6 +43,18 @@ class Write:
         return self.offset_bytes + len(self.data)
 
 
+@dataclass(frozen=True)
+class Lost:
+    """A partition the target holds now that the restore takes away."""
+
+    number: int
+    detail: str  # "(sectors a..b, size, type)"
+    fate: str  # "overwritten by the region", "leaves the partition table; ..."
+
+    def text(self) -> str:
+        return f"partition {self.number} {self.detail}: {self.fate}"
+
+
 @dataclass
 class Plan:
     target: DiskInfo
@@ -60,6 +72,11 @@ class Plan:
     deferred: list[tuple[int, int]] = field(default_factory=list)
     deferred_what: list[str] = field(default_factory=list)
     boot_loader: str = ""  # how it was installed (runner/bootloader.py), for the plan's text
+    # Signatures of what the target held before (old GPT headers, RAID, LVM) outside what
+    # this restore writes and keeps: zeroed first, checked gone at the end (safety rule 9).
+    erase: list[stale.Stale] = field(default_factory=list)
+    # The target's partitions that this restore overwrites or drops from the table, in words.
+    lost: list[Lost] = field(default_factory=list)
 
     @property
     def region_sectors(self) -> int:
@@ -113,7 +130,74 @@ def plan_restore(capture: Capture, head: RegionHead, target: DiskInfo) -> Plan:
         _plan_msdos(plan, manifest, head)
     _plan_swap(plan, manifest)
     _plan_deferred(plan, manifest)
+    plan.erase = stale.plan_erase(lambda at, n: read_at(target.path, at, n), target.size_bytes,
+                                  sector, written_ranges(plan), kept_ranges(plan, manifest))
+    plan.lost = lost_partitions(plan, manifest)
     return plan
+
+
+def lost_partitions(plan: Plan, manifest: Manifest) -> list[Lost]:
+    """The target's partitions that do not come through as they are: overwritten by the
+    region, or past it and no longer in the restored table (their sectors stay, no table
+    names them). A partition the restored table has at the same place and size stays."""
+    target = plan.target
+    try:
+        layout = read_layout(target.path,
+                             target.logical_sector_bytes if target.kind == "file" else None)
+    except MbrescueError:
+        return []  # blank or no table: nothing to name beyond the sectors written
+    sector = layout.sector_bytes
+    new = {(p.start_lba, plan.shrunk.get(p.number, p.size_sectors)) for p in manifest.partitions}
+    lost = []
+    for part in layout.partitions:
+        if part.is_extended or (part.start_lba, part.size_sectors) in new:
+            continue
+        what = part.type_name + (f", {part.fs.type}" if part.fs else "")
+        end_bytes = (part.end_lba + 1) * sector
+        fate = ("overwritten by the region" if end_bytes <= plan.region_bytes
+                else "leaves the partition table" + (
+                    "; its start is overwritten by the region"
+                    if part.start_lba * sector < plan.region_bytes else ""))
+        lost.append(Lost(part.number, f"(sectors {part.start_lba}..{part.end_lba}, "
+                         f"{human_bytes(part.size_sectors * sector)}, {what})", fate))
+    return lost
+
+
+def prompt_text(plan: Plan, confirm_word: str) -> str:
+    """The region path's question: every sector range it writes and every partition of the
+    target it takes away, not only the region."""
+    sector = plan.sector_bytes
+    past = [f"the {w.what} at sector {w.offset_bytes // sector}" for w in plan.writes
+            if w.offset_bytes >= plan.region_bytes]
+    if plan.erase:
+        past.append(f"{len(plan.erase)} stale signature(s) zeroed (listed above)")
+    words = f"sectors 0..{plan.region_sectors - 1} are overwritten"
+    if past:
+        words += ", and past them " + ", ".join(past)
+    for item in plan.lost:
+        words += f"; partition {item.number} it holds now {item.detail} is lost"
+    return f"Type {confirm_word} to write {plan.target.path} ({words}): "
+
+
+def written_ranges(plan: Plan) -> stale.Ranges:
+    """Every byte range the region path writes: the region and each planned write."""
+    return [(0, plan.region_bytes), *((w.offset_bytes, len(w.data)) for w in plan.writes)]
+
+
+def kept_ranges(plan: Plan, manifest: Manifest) -> stale.Ranges:
+    """The parts of the restored table's partitions past the region that the region path
+    leaves as the target has them (not swap, which it recreates, nor the extended
+    container): what lies there belongs to those partitions, not to the disk's past."""
+    sector = plan.sector_bytes
+    kept = []
+    for part in manifest.partitions:
+        if part.is_extended or part.number in manifest.swap_numbers:
+            continue
+        start = max(part.start_lba * sector, plan.region_bytes)
+        end = (part.start_lba + part.size_sectors) * sector
+        if end > start:
+            kept.append((start, end - start))
+    return kept
 
 
 # The first 64 KiB of a file system hold every superblock a probe reads: ext's at 1 KiB,
@@ -485,8 +569,18 @@ def show_plan(console: Console, plan: Plan) -> None:
         console.say("  Will adjust: " + line)
     for line in plan.recreated:
         console.say("  Will recreate: " + line)
+    for line in erase_lines(plan.erase, plan.sector_bytes):
+        console.say("  Will erase: " + line)
+    for item in plan.lost:
+        console.say("  Will lose: " + item.text())
     console.say("  Written last, once the rest reads back right (until then the disk does "
                 "not look bootable): " + ", ".join(plan.deferred_what))
+
+
+def erase_lines(erase: list[stale.Stale], sector_bytes: int) -> list[str]:
+    """The plan's words for the stale signatures a restore zeroes (both paths)."""
+    return [f"stale {item.text(sector_bytes)} (what the disk held before; a tool would still "
+            "act on it)" for item in erase]
 
 
 def boot_loader_text(manifest: Manifest) -> str:

@@ -50,7 +50,15 @@ from .console import Console
 from .disk import DiskInfo, disk_info, list_disks
 from .errors import DoesNotFit, MbrescueError
 from .outputs import refuse_same_file
-from .plan import Plan, RegionHead, disk_title, plan_restore, show_capture, show_plan
+from .plan import (
+    Plan,
+    RegionHead,
+    disk_title,
+    plan_restore,
+    prompt_text,
+    show_capture,
+    show_plan,
+)
 from .targets import (
     Candidate,
     base_refusal,
@@ -439,10 +447,7 @@ def _restore(
         console.say(entry.plan_line())
     proceed = assume_yes or _unattended_proceeds(console, switches, unattended, identity_known)
     if not proceed:
-        answer = console.ask(
-            f"Type {CONFIRM_WORD} to write {plan.target.path} "
-            f"(sectors 0..{plan.region_sectors - 1} are overwritten): "
-        )
+        answer = console.ask(prompt_text(plan, CONFIRM_WORD))
         # Exactly the word: "y", "YES" or " yes" are not an informed consent to overwrite.
         if answer != CONFIRM_WORD:
             raise MbrescueError("aborted, nothing written")
@@ -458,6 +463,8 @@ def _restore(
         console.say("mbrescue: adjusted: " + line)
     for line in plan.recreated:
         console.say("mbrescue: recreated: " + line)
+    for item in plan.erase:
+        console.say("mbrescue: erased: stale " + item.text(plan.sector_bytes))
     # Last, once the disk is written and verified; before the completion line, which
     # scripts take as the end (a refused entry does not fail the restore: nvram.finish).
     nvram.finish(console, entry)

@@ -21,13 +21,13 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-from . import gpt
+from . import gpt, stale
 from .capfile import REGION_MEMBER, Capture
 from .console import Console
 from .disk import DiskInfo
 from .errors import MbrescueError
 from .layout import read_layout
-from .plan import Plan, Write, is_deferred
+from .plan import Plan, Write, is_deferred, kept_ranges, written_ranges
 from .probe import probe
 from .targets import busy_reason
 
@@ -236,7 +236,10 @@ def open_target(plan: Plan) -> int:
 
 def invalidate(fd: int, plan: Plan) -> None:
     """Zero what will be written last, first: a target that looked healthy before (an
-    older copy of the same host) must not look healthy while the restore runs."""
+    older copy of the same host) must not look healthy while the restore runs. The stale
+    signatures the plan names are zeroed here too, before anything else is written."""
+    for offset, data in stale.erase_writes(plan.erase):
+        _pwrite_all(fd, data, offset, plan)
     for offset, length in plan.deferred:
         length = min(length, plan.target.size_bytes - offset)
         if length > 0:
@@ -541,6 +544,9 @@ def _check_tables(capture: Capture, plan: Plan, reader: ReadBack) -> None:
                 f"verification failed: swap partition {record.partition} does not read back "
                 f"with label {record.label} and UUID {record.uuid}"
             )
+    stale.check_erased(reader.read, plan.target.size_bytes, plan.sector_bytes,
+                       plan.target.path, written_ranges(plan),
+                       kept_ranges(plan, capture.manifest))
 
 
 def reread_partitions(target: DiskInfo, console: Console) -> None:
