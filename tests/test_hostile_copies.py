@@ -146,6 +146,9 @@ def attacks(host: Path) -> dict[str, tuple[bytes, str, str]]:
             "MBRESCUE.extents": "0:0:512"})), "ext", "more than the partition holds"),
         "huge-member": (archive_of(regular("zeros", bytes(80 * MiB))), "ext",
                         "more than the partition holds"),
+        "huge-pax-header": (archive_of(special("x", tarfile.REGTYPE, pax={
+            f"SCHILY.xattr.user.k{i}": "v" for i in range(20000)})), "ext",
+            "a tar extended header of"),
         "fat-symlink": (archive_of(
             special("EFI", tarfile.DIRTYPE),
             special("EFI/x", tarfile.SYMTYPE, shadow)), "vfat", "holds no links"),
@@ -154,7 +157,7 @@ def attacks(host: Path) -> dict[str, tuple[bytes, str, str]]:
 
 ATTACKS = ["symlink-then-file", "symlink-then-directory", "hardlink-through-symlink",
            "hardlink-to-host-path", "file-through-symlinked-folder", "dotdot",
-           "sparse-reference", "huge-member", "fat-symlink"]
+           "sparse-reference", "huge-member", "huge-pax-header", "fat-symlink"]
 
 
 def target_of(tmp_path: Path, size_bytes: int) -> Path:
@@ -305,3 +308,34 @@ def test_no_member_sequence_changes_anything_outside(tmp_path_factory, members, 
         info = os.lstat(path)
         assert info.st_ino not in outside_inodes
         assert not (fat and stat.S_ISLNK(info.st_mode))
+
+
+@pytest.mark.parametrize("attack", ATTACKS)
+def test_the_unpacker_alone_refuses_each_attack(host, tmp_path, attack):
+    """The second line: the unpacker judges the real tree itself, so each attack is refused
+    there too even if the capture's own check (Capture.verify_copies) were bypassed."""
+    copy, kind, why = attacks(host)[attack]
+    into = tmp_path / "scratch" / "tree"
+    into.mkdir(parents=True)
+    before = snapshot(host)
+    limits = untar.Limits(bytes_left=64 * MiB, members_left=1000, region_span=(0, MiB))
+    with pytest.raises(MbrescueError, match=why.replace("(", r"\(")):
+        untar.unpack(io.BytesIO(copy), into, allow_links=kind == "ext", limits=limits,
+                     region_bytes=MiB)
+    assert snapshot(host) == before
+    for path in into.rglob("*"):
+        if path.is_file() and not path.is_symlink():
+            assert b"HOST-SECRET" not in path.read_bytes()
+
+
+def test_a_hostile_capture_is_refused_by_build_and_verify(captures, host, tmp_path):
+    """On the controller: a hostile capture never becomes an ISO, and `verify CAPTURE`
+    names what is wrong."""
+    copy, _, why = attacks(host)["hardlink-through-symlink"]
+    forged = forge(captures["A"], tmp_path / "forged.mbrescue", copy)
+    iso = tmp_path / "forged.iso"
+    built = mbrescue("build", forged, "-o", iso)
+    assert built.returncode != 0 and why in built.stderr, built.stderr
+    assert not iso.exists()
+    verified = mbrescue("verify", forged)
+    assert verified.returncode == 1 and why in verified.stdout + verified.stderr, verified

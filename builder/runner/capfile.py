@@ -34,6 +34,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, BinaryIO
 
+from . import untar
 from .errors import MbrescueError
 from .manifest import Manifest, RegionRecord, check_tables, parse_manifest
 from .tarbounds import BoundedTarInfo
@@ -319,13 +320,23 @@ class Capture:
         self.verify_copies()
 
     def verify_copies(self) -> None:
-        """Every file-level copy's checksum (small: most files are references)."""
+        """Every file-level copy's checksum, then its members against the rules the unpack
+        enforces (runner/untar.py): a hostile copy is refused wherever a capture is read,
+        not only when a restore unpacks it. Small: most files are references."""
         for copy in self.manifest.file_copies:
-            if copy.member not in self.members:
+            member = self.members.get(copy.member)
+            if member is None:
                 raise MbrescueError(f"{self.path}: the capture has no {copy.member}")
             if self.member_sha256(copy.member) != copy.sha256:
                 raise MbrescueError(f"{self.path}: checksum mismatch in {copy.member} (its "
                                     "file-level copy)")
+            stream = io.BufferedReader(Window(self.fd, member.offset, member.size))
+            try:
+                untar.check(stream, allow_links=copy.fs.type != "vfat",
+                            limits=untar.copy_limits(self.manifest, copy),
+                            region_bytes=self.region.length_bytes)
+            except MbrescueError as exc:
+                raise MbrescueError(f"{self.path}: {copy.member}: {exc}") from None
 
 
 # The MBR, a GPT header and a 128-entry array (34 sectors of 4096 bytes at most).

@@ -58,7 +58,7 @@ REF_SIZE = "MBRESCUE.size"
 REF_SHA256 = "MBRESCUE.sha256"
 # A file in more pieces than MAX_EXTENTS is stored whole (and so is an empty one).
 REF_MIN_BYTES = 1
-MAX_EXTENTS = 4096
+MAX_EXTENTS = 1024  # its PAX record stays under tarbounds.COPY_EXTENDED_HEADER_MAX_BYTES
 PIECE_BYTES = 1 << 20
 
 

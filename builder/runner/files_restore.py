@@ -52,6 +52,7 @@ from .errors import DoesNotFit, MbrescueError
 from .filecopy import EXT_TYPES, Reference, loop_mounted, mounted_ro, reference_of, xattrs_of
 from .manifest import BootLoaderRecord, FileCopyRecord, Manifest, PartitionRecord, SwapRecord
 from .plan import SUPERBLOCK_SPAN_BYTES, describe_contents, disk_title, erase_lines
+from .tarbounds import CopyTarInfo
 from .writer import ReadBack, reread_partitions
 
 MiB = 1 << 20
@@ -391,18 +392,6 @@ def _run(argv: list[str], ok: tuple[int, ...] = (0,)) -> str:
 Pending = tuple[str, str, bytes]
 
 
-def copy_limits(capture: Capture, copy: FileCopyRecord) -> untar.Limits:
-    """What a copy may cost when unpacked: its partition's bytes (references must point
-    into them too), and its inode count (ext) or a file per sector (FAT)."""
-    part = capture.manifest.partition(copy.partition)
-    sector = capture.manifest.source.logical_sector_bytes
-    low = part.start_lba * sector
-    high = min((part.end_lba + 1) * sector, capture.region.length_bytes)
-    part_bytes = part.size_sectors * sector
-    members = copy.fs.inode_count or part_bytes // 512
-    return untar.Limits(bytes_left=part_bytes, members_left=members, region_span=(low, high))
-
-
 def _unpack(capture: Capture, copy: FileCopyRecord, into: Path) -> list[Pending]:
     """The copy unpacked into `into` (runner/untar.py: no member reaches outside it);
     returns the extended attributes the scratch file system refused (the rescue system's
@@ -426,7 +415,7 @@ def _unpack(capture: Capture, copy: FileCopyRecord, into: Path) -> list[Pending]
         into.mkdir(mode=0o700)
         try:
             unpacked = untar.unpack(out, into, allow_links=copy.fs.type in EXT_TYPES,
-                                    limits=copy_limits(capture, copy),
+                                    limits=untar.copy_limits(capture.manifest, copy),
                                     region_bytes=capture.region.length_bytes)
         except MbrescueError as exc:
             raise MbrescueError(f"{copy.member}: {exc}; nothing written") from None
@@ -858,7 +847,7 @@ def compare_tree(capture: Capture, copy: FileCopyRecord, root: Path, owners: boo
         for at in range(0, member.size, MiB):
             packed.write(capture.pread(min(MiB, member.size - at), member.offset + at))
         packed.seek(0)
-        with tarfile.open(fileobj=packed, mode="r:gz") as archive:
+        with tarfile.open(fileobj=packed, mode="r:gz", tarinfo=CopyTarInfo) as archive:
             for info in archive:
                 path = root / info.name
                 problem = None

@@ -21,13 +21,27 @@ _EXTENDED_TYPES = frozenset((tarfile.XHDTYPE, tarfile.XGLTYPE, tarfile.SOLARIS_X
                              tarfile.GNUTYPE_LONGNAME, tarfile.GNUTYPE_LONGLINK))
 
 
+# A file-level copy's PAX records also carry a reference's extent list: at most
+# filecopy.MAX_EXTENTS (1024) "logical:offset:length" words of three numbers below 2**44.
+COPY_EXTENDED_HEADER_MAX_BYTES = 64 << 10
+
+
 class BoundedTarInfo(tarfile.TarInfo):
-    """A TarInfo that refuses an extended header over TAR_EXTENDED_HEADER_MAX_BYTES (pass
-    it as `tarinfo=` to every tarfile.open that reads a capture's archives)."""
+    """A TarInfo that refuses an extended header over `max_header_bytes` (pass it as
+    `tarinfo=` to every tarfile.open that reads a capture's archives)."""
+
+    max_header_bytes = TAR_EXTENDED_HEADER_MAX_BYTES
 
     def _proc_member(self, tarfile_: tarfile.TarFile) -> tarfile.TarInfo:  # type: ignore[override]
-        if self.type in _EXTENDED_TYPES and self.size > TAR_EXTENDED_HEADER_MAX_BYTES:
+        if self.type in _EXTENDED_TYPES and self.size > self.max_header_bytes:
             raise MbrescueError(
                 f"a tar extended header of {self.size} bytes (at most "
-                f"{TAR_EXTENDED_HEADER_MAX_BYTES} are read): not a capture's archive")
+                f"{self.max_header_bytes} are read): not a capture's archive")
         return super()._proc_member(tarfile_)  # type: ignore[misc]
+
+
+class CopyTarInfo(BoundedTarInfo):
+    """The same bound for a file-level copy (`files-pN.tar.gz`), whose references' extent
+    lists are longer than anything in the capture's own tar."""
+
+    max_header_bytes = COPY_EXTENDED_HEADER_MAX_BYTES

@@ -15,9 +15,8 @@ the order of members:
 - device nodes and FIFOs only where the file system kept them (ext), made with mknod and
   never opened; on a FAT copy (which cannot hold links or nodes) any of them is refused;
 - sizes bounded: every member's bytes, every reference's size and their sum fit the
-  captured partition; the member count fits its inodes; a PAX or GNU long-name header
-  larger than MAX_HEADER_BYTES is refused before tarfile parses it (3.11's parsing of a
-  large PAX header is quadratic).
+  captured partition; the member count fits its inodes; an extended header larger than
+  tarbounds.COPY_EXTENDED_HEADER_MAX_BYTES is refused before tarfile parses it.
 
 tarfile's extraction filters would cover part of this but do not exist in the rescue
 kit's Python (Debian 12's 3.11.2), and `extractall` writes through a symlink planted by an
@@ -31,45 +30,27 @@ import errno
 import os
 import stat
 import tarfile
+import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any
+from typing import IO
 
 from .errors import MbrescueError
 from .filecopy import Reference, reference_of, xattrs_of
+from .manifest import FileCopyRecord, Manifest
+from .tarbounds import CopyTarInfo
 
-# A /boot's PAX records are a few attributes and a reference's extent list (at most
-# MAX_EXTENTS "a:b:c" words); a GNU long name is a path.
-MAX_HEADER_BYTES = 256 * 1024
 COPY_BLOCK_BYTES = 1 << 20
 DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 NODE_TYPES = {tarfile.CHRTYPE: stat.S_IFCHR, tarfile.BLKTYPE: stat.S_IFBLK,
               tarfile.FIFOTYPE: stat.S_IFIFO}
 
 
-class _BoundedTarInfo(tarfile.TarInfo):
-    """A TarInfo that refuses an oversized extended header before parsing it."""
-
-    def _proc_pax(self, tarfile: Any) -> Any:  # type: ignore[override]
-        _check_header(self)
-        return super()._proc_pax(tarfile)  # type: ignore[misc]
-
-    def _proc_gnulong(self, tarfile: Any) -> Any:  # type: ignore[override]
-        _check_header(self)
-        return super()._proc_gnulong(tarfile)  # type: ignore[misc]
-
-
-def _check_header(info: tarfile.TarInfo) -> None:
-    if info.size > MAX_HEADER_BYTES:
-        raise MbrescueError(f"an extended tar header of {info.size} bytes (more than "
-                            f"{MAX_HEADER_BYTES}); refused")
-
-
 def open_archive(stream: IO[bytes]) -> tarfile.TarFile:
     """A gzip'd tar read sequentially (no seeks back), with bounded headers."""
     try:
-        return tarfile.open(fileobj=stream, mode="r|gz", tarinfo=_BoundedTarInfo)
+        return tarfile.open(fileobj=stream, mode="r|gz", tarinfo=CopyTarInfo)
     except (tarfile.TarError, OSError, EOFError) as exc:
         raise MbrescueError(f"not a gzip'd tar ({exc})") from None
 
@@ -257,6 +238,58 @@ def _copy_data(archive: tarfile.TarFile, info: tarfile.TarInfo, fd: int) -> None
         left -= len(block)
 
 
+def copy_limits(manifest: Manifest, copy: FileCopyRecord) -> Limits:
+    """What a copy may cost when unpacked: its partition's bytes (references must point
+    into them too), and its inode count (ext) or a file per sector (FAT)."""
+    part = manifest.partition(copy.partition)
+    sector = manifest.source.logical_sector_bytes
+    low = part.start_lba * sector
+    high = min((part.end_lba + 1) * sector, manifest.region.length_bytes)
+    part_bytes = part.size_sectors * sector
+    members = copy.fs.inode_count or part_bytes // 512
+    return Limits(bytes_left=part_bytes, members_left=members, region_span=(low, high))
+
+
+def check(stream: IO[bytes], *, allow_links: bool, limits: Limits, region_bytes: int) -> int:
+    """The rules `unpack` enforces, judged on the names alone without making anything (a
+    capture checked on the controller, before a build publishes it); returns the number of
+    members. `unpack` still checks everything on the real tree."""
+    kinds: dict[tuple[str, ...], str] = {(): "dir"}
+    with open_archive(stream) as archive:
+        try:
+            for info in archive:
+                parts = member_parts(info)
+                name = "/".join(parts)
+                reference = reference_of(info, region_bytes)
+                limits.take(name, reference.size if reference is not None else max(info.size, 0))
+                if reference is not None:
+                    low, high = limits.region_span
+                    if any(offset < low or offset + length > high
+                           for _, offset, length in reference.extents):
+                        raise MbrescueError(f"/{name}: its reference points outside its "
+                                            "partition")
+                if not allow_links and not (info.isreg() or info.isdir()):
+                    raise MbrescueError(f"/{name}: a FAT file system holds no links or "
+                                        "device nodes")
+                if kinds.get(parts[:-1]) != "dir":
+                    raise MbrescueError(f"/{name}: its folder is not a directory made by the "
+                                        "copy")
+                if parts in kinds:
+                    raise MbrescueError(f"/{name}: a second member of that name")
+                if info.islnk() and kinds.get(member_parts(info, "link")) != "file":
+                    raise MbrescueError(f"/{name}: a hard link to {info.linkname!r}, which is "
+                                        "not a regular file made earlier by the copy")
+                if not (info.isreg() or info.isdir() or info.issym() or info.islnk()
+                        or info.type in NODE_TYPES):
+                    raise MbrescueError(f"/{name}: a member of tar type {info.type!r}, which a "
+                                        "/boot copy never holds")
+                kinds[parts] = ("dir" if info.isdir() else
+                                "file" if info.isreg() or info.islnk() else "other")
+        except (tarfile.TarError, EOFError, OSError, zlib.error) as exc:
+            raise MbrescueError(f"the archive is damaged ({exc})") from None
+    return len(kinds) - 1
+
+
 def unpack(stream: IO[bytes], into: Path, *, allow_links: bool, limits: Limits,
            region_bytes: int) -> Unpacked:
     """Every member of the gzip'd tar in `stream` placed under `into` (which must exist and
@@ -268,7 +301,7 @@ def unpack(stream: IO[bytes], into: Path, *, allow_links: bool, limits: Limits,
             try:
                 for info in archive:
                     tree.add(archive, info, limits, region_bytes, out)
-            except (tarfile.TarError, EOFError, OSError) as exc:
+            except (tarfile.TarError, EOFError, OSError, zlib.error) as exc:
                 raise MbrescueError(f"the archive is damaged ({exc})") from None
         tree.finish(out)
     finally:
