@@ -64,6 +64,9 @@ SONAME_PACKAGES: dict[str, str] = {
     "libcom_err.so.2": "libcom-err2",
     "libblkid.so.1": "libblkid1",
     "libsmartcols.so.1": "libsmartcols1",
+    # mkfs.xfs and xfs_repair (an XFS /boot, as RHEL-family hosts make it)
+    "libinih.so.1": "libinih1",
+    "liburcu.so.8": "liburcu8",
 }
 LIBRARY_PACKAGES = tuple(sorted(set(SONAME_PACKAGES.values())))
 # glibc loads this one with dlopen (no DT_NEEDED names it).
@@ -86,9 +89,10 @@ STORAGE_MODULES = (
     "megaraid_sas", "mpt3sas", "mptspi", "mptsas", "hpsa", "smartpqi", "aacraid",
     # the rescue medium's own file system: the capture is read from it, not from RAM
     "isofs",
-    # the file-level restore path: its read-back mounts each ext file system read-only on
-    # a loop device (vfat is read with mtools, so it needs no module)
-    "loop", "ext4",
+    # the file-level restore path: its read-back mounts each ext or XFS file system
+    # read-only on a loop device (vfat is read with mtools, so it needs no module); an XFS
+    # /boot is filled through a writable loop mount
+    "loop", "ext4", "xfs",
     # the firmware's variables (runner/nvram.py: the boot entry for the restored ESP); /init
     # loads it apart from the disk drivers, under UEFI only (it refuses to load without EFI)
     "efivarfs",
@@ -106,6 +110,8 @@ RESTORE_TOOLS: tuple[tuple[str, str, tuple[str, ...]], ...] = (
     ("mtools", "usr/bin/mtools", ("mtools", "mcopy", "mdir")),
     ("util-linux", "sbin/blkid", ("blkid",)),
     ("mount", "sbin/losetup", ("losetup",)),
+    ("xfsprogs", "sbin/mkfs.xfs", ("mkfs.xfs",)),
+    ("xfsprogs", "sbin/xfs_repair", ("xfs_repair",)),
 )
 TOOL_PACKAGES = tuple(sorted({package for package, _file, _names in RESTORE_TOOLS}))
 # mtools converts FAT names to its default code page 850 through iconv, which glibc loads as a

@@ -50,7 +50,16 @@ from typing import Any
 from .errors import MbrescueError
 
 EXT_TYPES = ("ext2", "ext3", "ext4")
-COPY_TYPES = (*EXT_TYPES, "vfat")
+# File systems read through a read-only loop mount that replays nothing (ext: `noload`,
+# XFS: `norecovery`), whose copies keep hard links, owners and extended attributes. XFS
+# refuses a second mount of a UUID already mounted (the frozen /boot itself, when its copy
+# is read from the spool; the host's own /boot, when a restore fills a new one on it):
+# `nouuid`.
+MOUNTED_TYPES = (*EXT_TYPES, "xfs")
+RO_OPTIONS = {"ext2": "ro,noload", "ext3": "ro,noload", "ext4": "ro,noload",
+              "xfs": "ro,norecovery,nouuid"}
+RW_OPTIONS = {"xfs": "nouuid,"}
+COPY_TYPES = (*MOUNTED_TYPES, "vfat")
 FAT_LABEL_NONE = "NO NAME"
 XATTR_PREFIX = "SCHILY.xattr."
 REF_EXTENTS = "MBRESCUE.extents"
@@ -131,6 +140,46 @@ def fat_params(boot_sector: bytes) -> dict[str, Any]:
 # --- the files --------------------------------------------------------------------------
 
 
+# The XFS superblock (xfs_format.h, struct xfs_dsb; big-endian): the fields mkfs.xfs needs
+# to make the same file system again. Feature bits: ro_compat finobt 1, rmapbt 2, reflink 4,
+# inobtcount 8; incompat ftype 1, sparse inodes 2, meta_uuid 4, bigtime 8, needsrepair 16,
+# nrext64 32. A bit mkfs.xfs cannot set is kept as `unknown-…` and refused at restore.
+XFS_MAGIC = b"XFSB"
+XFS_RO_COMPAT = {1: "finobt", 2: "rmapbt", 4: "reflink", 8: "inobtcount"}
+XFS_INCOMPAT = {1: "ftype", 2: "sparse", 4: "meta_uuid", 8: "bigtime", 32: "nrext64"}
+XFS_V4_FTYPE = 0x200  # features2 bit of a version 4 super block
+
+
+def xfs_params(superblock: bytes) -> dict[str, Any]:
+    """From the XFS primary superblock (its first 512 bytes)."""
+    if len(superblock) < 256 or superblock[:4] != XFS_MAGIC:
+        raise MbrescueError("not an XFS super block")
+    block_bytes, = struct.unpack_from(">I", superblock, 4)
+    version, sector_bytes, inode_bytes = struct.unpack_from(">HHH", superblock, 100)
+    label = superblock[108:120].split(b"\0", 1)[0].decode("utf-8", "replace")
+    features2, _, _, ro_compat, incompat = struct.unpack_from(">IIIII", superblock, 200)
+    features = []
+    if version & 0xF == 5:
+        features.append("crc")
+        for bits, names in ((ro_compat, XFS_RO_COMPAT), (incompat, XFS_INCOMPAT)):
+            features += [name for bit, name in names.items() if bits & bit]
+            unknown = bits & ~sum(names)
+            if unknown:
+                features.append(f"unknown_{unknown:x}")
+    elif features2 & XFS_V4_FTYPE:
+        features.append("ftype")
+    uuid = superblock[32:48].hex()
+    return {
+        "type": "xfs",
+        "uuid": f"{uuid[:8]}-{uuid[8:12]}-{uuid[12:16]}-{uuid[16:20]}-{uuid[20:]}",
+        "label": label or None,
+        "block_bytes": block_bytes,
+        "inode_bytes": inode_bytes,
+        "sector_bytes": sector_bytes,
+        "features": features,
+    }
+
+
 def dump_tree(image: str, offset_bytes: int, fs_type: str, into: Path,
               pass_fds: Sequence[int] = ()) -> None:
     """Every file of the file system at offset_bytes into the (empty) directory `into`."""
@@ -142,6 +191,9 @@ def dump_tree(image: str, offset_bytes: int, fs_type: str, into: Path,
     elif fs_type == "vfat":
         _run(["mcopy", "-s", "-p", "-m", "-n", "-i", f"{image}@@{offset_bytes}", "::/",
               os.fspath(into) + "/"], pass_fds)
+    elif fs_type == "xfs":
+        raise ToolMissing("XFS is read through a read-only loop mount, which this machine "
+                          "cannot make")
     else:
         raise MbrescueError(f"no file-level copy for a {fs_type} file system yet")
 
@@ -149,19 +201,20 @@ def dump_tree(image: str, offset_bytes: int, fs_type: str, into: Path,
 @contextlib.contextmanager
 def loop_mounted(image: str, offset_bytes: int, fs_type: str, writable: bool = False,
                  pass_fds: Sequence[int] = ()) -> Iterator[Path]:
-    """The ext file system at offset_bytes on a loop device, mounted in a temporary folder:
-    read-only without journal replay (a read-only loop device too), or writable; raises
-    MbrescueError when this machine cannot."""
+    """The ext or XFS file system at offset_bytes on a loop device, mounted in a temporary
+    folder: read-only without journal or log replay (a read-only loop device too), or
+    writable; raises MbrescueError when this machine cannot."""
     read_only = [] if writable else ["--read-only"]
-    options = "nodev,nosuid,noexec" if writable else "ro,noload,nodev,nosuid,noexec"
+    options = (f"{RW_OPTIONS.get(fs_type, '')}nodev,nosuid,noexec" if writable
+               else f"{RO_OPTIONS[fs_type]},nodev,nosuid,noexec")
     with contextlib.ExitStack() as stack:
         loop = _run(["losetup", "--find", "--show", *read_only, "--offset", str(offset_bytes),
                      image], pass_fds).strip()
         stack.callback(_run, ["losetup", "--detach", loop])
         where = Path(stack.enter_context(tempfile.TemporaryDirectory(
             prefix="mbrescue-rw-" if writable else "mbrescue-ro-")))
-        _run(["mount", "-t", "ext4" if fs_type != "ext2" else "ext2", "-o", options, loop,
-              os.fspath(where)])
+        kind = fs_type if fs_type in ("ext2", "xfs") else "ext4"
+        _run(["mount", "-t", kind, "-o", options, loop, os.fspath(where)])
         stack.callback(_run, ["umount", os.fspath(where)])
         yield where
 
@@ -169,8 +222,9 @@ def loop_mounted(image: str, offset_bytes: int, fs_type: str, writable: bool = F
 @contextlib.contextmanager
 def mounted_ro(image: str, offset_bytes: int, fs_type: str,
                pass_fds: Sequence[int] = ()) -> Iterator[Path | None]:
-    """The ext file system at offset_bytes mounted read-only without journal replay, on a
-    read-only loop device; None when this machine cannot (then debugfs does the work)."""
+    """The ext or XFS file system at offset_bytes mounted read-only without journal or log
+    replay, on a read-only loop device; None when this machine cannot (then debugfs does
+    the work for ext)."""
     with contextlib.ExitStack() as stack:
         try:
             where: Path | None = stack.enter_context(
@@ -379,19 +433,20 @@ def read_copy(image: str, partition: int, offset_bytes: int, fs_type: str, scrat
     else:
         with open(image, "rb") as stream:
             stream.seek(offset_bytes)
-            params = fat_params(stream.read(512))
+            head = stream.read(512)
+        params = xfs_params(head) if fs_type == "xfs" else fat_params(head)
     out = scratch / member_name(partition)
     with contextlib.ExitStack() as stack:
         tree = (stack.enter_context(mounted_ro(image, offset_bytes, fs_type, pass_fds))
-                if fs_type in EXT_TYPES else None)
-        params["read_with"] = "ro,noload loop mount" if tree is not None else (
+                if fs_type in MOUNTED_TYPES else None)
+        mounted = tree is not None
+        params["read_with"] = f"{RO_OPTIONS[fs_type]} loop mount" if mounted else (
             "debugfs rdump" if fs_type in EXT_TYPES else "mtools")
         if tree is None:
             tree = scratch / f"tree-p{partition}"
             tree.mkdir()
             stack.callback(shutil.rmtree, tree)
             dump_tree(image, offset_bytes, fs_type, tree, pass_fds)
-        mounted = params["read_with"] == "ro,noload loop mount"
         count, referenced = pack_tree(
             tree, out, (region_fd, offset_bytes) if mounted and region_fd is not None else None)
         params["used_bytes"] = _tree_bytes(tree)

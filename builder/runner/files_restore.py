@@ -49,7 +49,15 @@ from .capfile import Capture
 from .console import Console, human_bytes
 from .disk import DiskInfo, read_at
 from .errors import DoesNotFit, MbrescueError
-from .filecopy import EXT_TYPES, Reference, loop_mounted, mounted_ro, reference_of, xattrs_of
+from .filecopy import (
+    EXT_TYPES,
+    MOUNTED_TYPES,
+    Reference,
+    loop_mounted,
+    mounted_ro,
+    reference_of,
+    xattrs_of,
+)
 from .manifest import BootLoaderRecord, FileCopyRecord, Manifest, PartitionRecord, SwapRecord
 from .plan import SUPERBLOCK_SPAN_BYTES, describe_contents, disk_title, erase_lines
 from .tarbounds import CopyTarInfo
@@ -69,6 +77,12 @@ GPT_REVISION = 0x00010000
 # written (docs/file-level-path.md).
 METADATA_BYTES = 2 * MiB
 HEADROOM_BYTES = 4 * MiB
+# mkfs.xfs (xfsprogs 6.x) refuses a file system under 300 MiB; its log is counted whole.
+XFS_MIN_BYTES = 300 * MiB
+XFS_LOG_BYTES = 64 * MiB
+# XFS features filecopy.xfs_params records that mkfs.xfs sets: (option group, name).
+XFS_OPTIONS = (("-m", "finobt"), ("-m", "reflink"), ("-m", "rmapbt"), ("-m", "bigtime"),
+               ("-m", "inobtcount"), ("-i", "sparse"), ("-i", "nrext64"))
 MIN_SWAP_BYTES = 1 * MiB
 # FAT32 needs at least 65525 clusters; smaller volumes are FAT16 (or FAT12).
 FAT32_MIN_CLUSTERS = 65525
@@ -122,6 +136,9 @@ def why_files(manifest: Manifest, target: DiskInfo, forced: bool) -> str | None:
 
 def _need_bytes(copy: FileCopyRecord) -> int:
     fs = copy.fs
+    if fs.type == "xfs":
+        return max(XFS_MIN_BYTES, fs.used_bytes + fs.used_bytes // 16 + XFS_LOG_BYTES
+                   + METADATA_BYTES + HEADROOM_BYTES)
     inode_bytes = (fs.inode_count or 0) * (fs.inode_bytes or 0)
     journal = 4 * MiB if "has_journal" in fs.features else 0
     return (fs.used_bytes + fs.used_bytes // 16 + inode_bytes + journal + METADATA_BYTES
@@ -392,14 +409,15 @@ def _run(argv: list[str], ok: tuple[int, ...] = (0,)) -> str:
 Pending = tuple[str, str, bytes]
 
 
-def _unpack(capture: Capture, copy: FileCopyRecord, into: Path) -> list[Pending]:
+def _unpack(capture: Capture, copy: FileCopyRecord, into: Path, scratch: Path) -> list[Pending]:
     """The copy unpacked into `into` (runner/untar.py: no member reaches outside it);
     returns the extended attributes the scratch file system refused (the rescue system's
-    tmpfs on Debian 12's kernel keeps no user.*)."""
+    tmpfs on Debian 12's kernel keeps no user.*). `into` exists and is empty (a scratch
+    folder, or the root of a file system just made); the archive is staged in `scratch`."""
     member = capture.members.get(copy.member)
     if member is None:
         raise MbrescueError(f"{capture.path}: the capture has no {copy.member}")
-    packed = into.parent / copy.member
+    packed = scratch / copy.member
     digest = hashlib.sha256()
     fd = os.open(packed, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
                  0o600)
@@ -412,9 +430,8 @@ def _unpack(capture: Capture, copy: FileCopyRecord, into: Path) -> list[Pending]
             raise MbrescueError(f"{capture.path}: checksum mismatch in {copy.member}; "
                                 "nothing written")
         out.seek(0)
-        into.mkdir(mode=0o700)
         try:
-            unpacked = untar.unpack(out, into, allow_links=copy.fs.type in EXT_TYPES,
+            unpacked = untar.unpack(out, into, allow_links=copy.fs.type != "vfat",
                                     limits=untar.copy_limits(capture.manifest, copy),
                                     region_bytes=capture.region.length_bytes)
         except MbrescueError as exc:
@@ -534,6 +551,49 @@ def _make_vfat(plan: FilesPlan, part: NewPartition, tree: Path, image: Path) -> 
     _run(["fsck.fat", "-n", os.fspath(image)])
 
 
+def _make_xfs(capture: Capture, plan: FilesPlan, part: NewPartition, scratch: Path,
+              image: Path) -> list[Pending]:
+    """mkfs.xfs with the captured UUID, label, sizes and features, the copy unpacked into
+    it through a writable loop mount (XFS keeps every attribute namespace), then
+    `xfs_repair -n`. The features are the captured ones, which the host's GRUB read."""
+    assert part.copy is not None
+    fs = part.copy.fs
+    unknown = [f for f in fs.features if f.startswith("unknown") or f == "needsrepair"]
+    if unknown:
+        raise MbrescueError(f"partition {part.source.number}: XFS features {', '.join(unknown)} "
+                            "cannot be made again by this mkfs.xfs; nothing written")
+    sector = max(fs.sector_bytes or 512, plan.sector_bytes)
+    block = max(fs.block_bytes or 4096, sector)
+    for what, old, new in (("sector", fs.sector_bytes, sector), ("block", fs.block_bytes, block)):
+        if old != new:
+            plan.adjusted.append(f"partition {part.source.number}: xfs {what} size {old} -> "
+                                 f"{new} (the target's {plan.sector_bytes}-byte sectors)")
+    with open(image, "wb") as out:
+        out.truncate(part.size_sectors * plan.sector_bytes)
+    crc = "crc" in fs.features
+    options: dict[str, list[str]] = {"-m": [f"crc={int(crc)}", f"uuid={fs.uuid}"],
+                                     "-i": [f"size={fs.inode_bytes}"],
+                                     "-n": [f"ftype={int('ftype' in fs.features)}"]}
+    if crc:
+        for group, name in XFS_OPTIONS:
+            if name != "nrext64" or name in fs.features:
+                options[group].append(f"{name}={int(name in fs.features)}")
+    argv = ["mkfs.xfs", "-f", "-q", "-b", f"size={block}", "-s", f"size={sector}"]
+    for group, values in options.items():
+        argv += [group, ",".join(values)]
+    if fs.label:
+        argv += ["-L", fs.label]
+    _run([*argv, os.fspath(image)])
+    with loop_mounted(os.fspath(image), 0, "xfs", writable=True) as root:
+        pending = _unpack(capture, part.copy, root, scratch)
+    if pending:
+        raise MbrescueError(f"partition {part.source.number}: extended attributes "
+                            f"{', '.join(sorted({key for _, key, _ in pending}))} cannot be set "
+                            "on the new XFS file system; nothing written")
+    _run(["xfs_repair", "-n", "-f", os.fspath(image)])
+    return pending
+
+
 def build_images(capture: Capture, plan: FilesPlan, scratch: Path) -> None:
     """Each boot-chain file system made in scratch, checked, its UUID and label read back."""
     for part in plan.partitions:
@@ -541,9 +601,15 @@ def build_images(capture: Capture, plan: FilesPlan, scratch: Path) -> None:
             continue
         fs = part.copy.fs
         tree = scratch / f"tree-p{part.source.number}"
-        pending = _unpack(capture, part.copy, tree)
         image = scratch / f"fs-p{part.source.number}.img"
-        if fs.type in EXT_TYPES:
+        if fs.type == "xfs":
+            pending = _make_xfs(capture, plan, part, scratch, image)
+        else:
+            tree.mkdir(mode=0o700)
+            pending = _unpack(capture, part.copy, tree, scratch)
+        if fs.type == "xfs":
+            want = {"UUID": str(fs.uuid), "LABEL": fs.label or ""}
+        elif fs.type in EXT_TYPES:
             _make_ext(plan, part, tree, image)
             if pending:
                 _set_in_image(image, fs.type, pending)
@@ -556,7 +622,7 @@ def build_images(capture: Capture, plan: FilesPlan, scratch: Path) -> None:
             _make_vfat(plan, part, tree, image)
             vid = str(fs.volume_id)
             want = {"UUID": f"{vid[:4]}-{vid[4:]}", "LABEL": fs.label or ""}
-        shutil.rmtree(tree)
+        shutil.rmtree(tree, ignore_errors=fs.type == "xfs")
         found = _blkid(image)
         for key, value in want.items():
             if found.get(key, "") != value:
@@ -891,7 +957,7 @@ def verify_files(capture: Capture, plan: FilesPlan) -> int:
         if part.copy is None:
             continue
         offset = part.start_lba * plan.sector_bytes
-        if part.copy.fs.type in EXT_TYPES:
+        if part.copy.fs.type in MOUNTED_TYPES:
             with mounted_ro(plan.target.path, offset, part.copy.fs.type) as root:
                 if root is None:
                     continue  # no loop devices here: e2fsck and the read-back stand
@@ -905,13 +971,23 @@ def verify_files(capture: Capture, plan: FilesPlan) -> int:
 
 
 def check_target(plan: FilesPlan) -> None:
-    """The written file systems judged on the target itself: e2fsck -fn, UUIDs and labels."""
+    """The written file systems judged on the target itself (e2fsck -fn, xfs_repair -n),
+    UUIDs and labels."""
     for part in plan.partitions:
         if part.copy is None:
             continue
         offset = part.start_lba * plan.sector_bytes
         if part.copy.fs.type in EXT_TYPES:
             _run(["e2fsck", "-fn", f"{plan.target.path}?offset={offset}"])
+        elif part.copy.fs.type == "xfs":
+            # xfs_repair takes no offset: a read-only loop device at the partition.
+            loop = _run(["losetup", "--find", "--show", "--read-only", "--offset", str(offset),
+                         "--sizelimit", str(part.size_sectors * plan.sector_bytes),
+                         plan.target.path]).strip()
+            try:
+                _run(["xfs_repair", "-n", loop])
+            finally:
+                _run(["losetup", "--detach", loop])
         found = _run(["blkid", "-p", "-o", "export", "-O", str(offset), plan.target.path],
                      ok=(0, 2))
         vid = str(part.copy.fs.volume_id)

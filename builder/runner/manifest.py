@@ -269,15 +269,15 @@ class FingerprintRecord:
 class FileSystemParams:
     """What it takes to make a boot-chain file system again (runner/filecopy.py)."""
 
-    type: str  # ext2 | ext3 | ext4 | vfat
-    uuid: str | None  # ext
+    type: str  # ext2 | ext3 | ext4 | xfs | vfat
+    uuid: str | None  # ext, xfs
     label: str | None
-    block_bytes: int | None  # ext
-    inode_bytes: int | None  # ext
+    block_bytes: int | None  # ext, xfs
+    inode_bytes: int | None  # ext, xfs
     inode_count: int | None  # ext
-    features: tuple[str, ...]  # ext feature flags as dumpe2fs names them
+    features: tuple[str, ...]  # ext: as dumpe2fs names them; xfs: filecopy.xfs_params
     fat_bits: int | None  # vfat: 12, 16 or 32
-    sector_bytes: int | None  # vfat
+    sector_bytes: int | None  # vfat, xfs
     volume_id: str | None  # vfat, 8 hex digits
     used_bytes: int  # what the files take (4 KiB blocks), for the size check
 
@@ -586,7 +586,7 @@ def _boot_files(fields: _Fields) -> BootFilesRecord:
     )
 
 
-FS_TYPES = ("ext2", "ext3", "ext4", "vfat")
+FS_TYPES = ("ext2", "ext3", "ext4", "xfs", "vfat")
 EXT_FEATURE_RE = re.compile(r"\^?[a-z0-9_]{1,40}")
 MEMBER_RE = re.compile(r"files-p[0-9]{1,5}\.tar\.gz")
 VOLUME_ID_RE = re.compile(r"[0-9A-F]{8}")
@@ -605,18 +605,18 @@ def _file_copies(top: _Fields, boot_chain: tuple[int, ...]) -> tuple[FileCopyRec
         for feature in features:
             if not EXT_FEATURE_RE.fullmatch(feature):
                 raise _bad(fs._name("features"), f"{feature[:40]!r} is not well-formed")
-        ext = kind != "vfat"
+        ext, fat = kind not in ("vfat", "xfs"), kind == "vfat"
         params = FileSystemParams(
             type=kind,
-            uuid=fs.text("uuid", UUID_RE) if ext else None,
+            uuid=fs.text("uuid", UUID_RE) if not fat else None,
             label=fs.opt_str("label"),
-            block_bytes=fs.integer("block_bytes", 1024, 65536) if ext else None,
-            inode_bytes=fs.integer("inode_bytes", 128, 4096) if ext else None,
+            block_bytes=fs.integer("block_bytes", 512, 65536) if not fat else None,
+            inode_bytes=fs.integer("inode_bytes", 128, 4096) if not fat else None,
             inode_count=fs.integer("inode_count", 16, 1 << 32) if ext else None,
             features=features,
-            fat_bits=fs.integer("fat_bits", 12, 32) if not ext else None,
-            sector_bytes=fs.integer("sector_bytes", 512, 4096) if not ext else None,
-            volume_id=fs.text("volume_id", VOLUME_ID_RE) if not ext else None,
+            fat_bits=fs.integer("fat_bits", 12, 32) if fat else None,
+            sector_bytes=fs.integer("sector_bytes", 512, 32768) if not ext else None,
+            volume_id=fs.text("volume_id", VOLUME_ID_RE) if fat else None,
             used_bytes=fs.integer("used_bytes"),
         )
         if params.label is not None and len(params.label) > 16:
