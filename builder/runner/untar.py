@@ -91,6 +91,23 @@ class Unpacked:
     pending: list[tuple[str, str, bytes]] = field(default_factory=list)
 
 
+def judge(info: tarfile.TarInfo, limits: Limits, region_bytes: int, allow_links: bool
+          ) -> tuple[tuple[str, ...], Reference | None]:
+    """What every member must pass before it is placed (or counted): a plain name, its
+    cost within the limits, a reference into its own partition, no link on FAT."""
+    parts = member_parts(info)
+    name = "/".join(parts)
+    reference = reference_of(info, region_bytes)
+    limits.take(name, reference.size if reference is not None else max(info.size, 0))
+    if reference is not None:
+        low, high = limits.region_span
+        if any(offset < low or offset + length > high for _, offset, length in reference.extents):
+            raise MbrescueError(f"/{name}: its reference points outside its partition")
+    if not allow_links and not (info.isreg() or info.isdir()):
+        raise MbrescueError(f"/{name}: a FAT file system holds no links or device nodes")
+    return parts, reference
+
+
 class Tree:
     """A directory we made, filled member by member without following a link."""
 
@@ -126,17 +143,8 @@ class Tree:
 
     def add(self, archive: tarfile.TarFile, info: tarfile.TarInfo, limits: Limits,
             region_bytes: int, out: Unpacked) -> None:
-        parts = member_parts(info)
+        parts, reference = judge(info, limits, region_bytes, self.allow_links)
         name = "/".join(parts)
-        reference = reference_of(info, region_bytes)
-        limits.take(name, reference.size if reference is not None else max(info.size, 0))
-        if reference is not None:
-            low, high = limits.region_span
-            if any(offset < low or offset + length > high
-                   for _, offset, length in reference.extents):
-                raise MbrescueError(f"/{name}: its reference points outside its partition")
-        if not self.allow_links and not (info.isreg() or info.isdir()):
-            raise MbrescueError(f"/{name}: a FAT file system holds no links or device nodes")
         with self.parent(parts) as at:
             try:
                 self._make(archive, info, parts, at)
@@ -258,19 +266,8 @@ def check(stream: IO[bytes], *, allow_links: bool, limits: Limits, region_bytes:
     with open_archive(stream) as archive:
         try:
             for info in archive:
-                parts = member_parts(info)
+                parts, _ = judge(info, limits, region_bytes, allow_links)
                 name = "/".join(parts)
-                reference = reference_of(info, region_bytes)
-                limits.take(name, reference.size if reference is not None else max(info.size, 0))
-                if reference is not None:
-                    low, high = limits.region_span
-                    if any(offset < low or offset + length > high
-                           for _, offset, length in reference.extents):
-                        raise MbrescueError(f"/{name}: its reference points outside its "
-                                            "partition")
-                if not allow_links and not (info.isreg() or info.isdir()):
-                    raise MbrescueError(f"/{name}: a FAT file system holds no links or "
-                                        "device nodes")
                 if kinds.get(parts[:-1]) != "dir":
                     raise MbrescueError(f"/{name}: its folder is not a directory made by the "
                                         "copy")
