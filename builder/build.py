@@ -113,7 +113,7 @@ def check_expected_hosts(captures: Sequence[tuple[Path, Capture]],
     """A capture is for the host the caller expects (--expect-host), or nothing is built.
 
     The host name inside a capture names its ISO, its network-boot payload and menu; a
-    compromised host can write any name there (DESIGN.md, rule 8). The controller knows
+    compromised host can write any name there (docs/design.md, safety rule 8). The controller knows
     which host it fetched each capture from: a capture claiming another name would
     replace that host's outputs, so it is refused before anything is written."""
     if not expected:

@@ -1,7 +1,7 @@
 """One host cannot replace another host's outputs: `build --expect-host`, and the explicit
 opt-in that unattended network boot needs.
 
-A capture may come from a compromised host (DESIGN.md, safety rule 8), and the host name
+A capture may come from a compromised host (docs/design.md, safety rule 8), and the host name
 inside it names the ISO, the network-boot payload and the menu. The controller knows which
 host it is building for: `--expect-host NAME` refuses a capture that claims another name, in
 one line, before anything is written. Every case runs the real CLI on real captures of small

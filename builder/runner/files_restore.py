@@ -21,8 +21,8 @@ code (GRUB legacy's stage1.5, an unknown one) is kept only when every boot-chain
 keeps its start; otherwise a BIOS-only capture is refused. A UEFI capture boots from its
 ESP's files.
 
-Order of work (DESIGN.md's safety rules): checksums of the region and of every file copy
-verified, each file system built and checked (`e2fsck -fn`, `fsck.fat -n`, UUID and
+Order of work (docs/design.md, safety rules 2 and 6; docs/file-level-path.md): checksums of
+the region and of every file copy verified, each file system built and checked (`e2fsck -fn`, `fsck.fat -n`, UUID and
 label read back) in a scratch directory — all before the plan is shown; after `yes`, what
 would make the disk look bootable is zeroed first, the rest written, read back past the
 page cache and compared, and only then sector 0, the primary GPT header and the file

@@ -2,7 +2,7 @@
 
 The same code runs in the rescue system (`python3 -m mbrescue_runner rescue CAPTURE`,
 every disk a candidate) and as `mbrescue restore CAPTURE TARGET` on any Linux. The
-order of work follows DESIGN.md's safety rules: the capture's checksums are verified
+order of work follows the safety rules in docs/design.md: the capture's checksums are verified
 before the first byte is written (the manifest's seal and every chunk a plan reads before the
 plan; the whole capture on a second thread while the plan is on the screen, and the first
 write waits for it); every adjustment the target needs is decided
