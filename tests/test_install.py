@@ -615,7 +615,7 @@ def test_install_says_where_captures_go_and_that_nothing_ships_them(target):
     assert status_line(again) == "mbrescue: install: unchanged"
     assert "nothing ships" not in again.stdout + again.stderr
     assert ("after_capture ships each new capture off this host: "
-            "scp -q {capture} backup@build:/srv/") in again.stdout, again.stdout
+            "scp -q '{capture}' backup@build:/srv/") in again.stdout, again.stdout
 
 
 def test_install_runs_the_first_refresh_on_request_and_only_once(boot, target):

@@ -462,9 +462,14 @@ def _remove_stale_temporaries(capture_dir: str, hostname: str) -> int:
     return removed
 
 
+def host_name(config: HostConfig) -> str:
+    """The name in the captures' file names: host.conf's, or this host's."""
+    return check_hostname(config.hostname or socket.gethostname())
+
+
 def refresh(config: HostConfig, force: bool = False) -> RefreshResult:
     """One run: check, capture when needed (always with force), prune, ship."""
-    hostname = check_hostname(config.hostname or socket.gethostname())
+    hostname = host_name(config)
     with _locked(config.capture_dir):
         stale = _remove_stale_temporaries(config.capture_dir, hostname)
         pending = read_pending(config.capture_dir, hostname)
