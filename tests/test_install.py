@@ -692,6 +692,15 @@ def test_a_failed_after_capture_is_retried_until_it_succeeds(boot, tmp_path):
         assert again.stdout == "", again.stdout
         assert refresh.generations(os.fspath(captures), "testhost") == [made]
 
+    # A run that cannot even check still names the copy that has not left.
+    no_source = write_config(tmp_path / "gone.conf", capture_dir=os.fspath(captures),
+                             source=os.fspath(tmp_path / "no-such.img"), hostname="testhost",
+                             after_capture=json.dumps(["cp", "{capture}", f"{shipped}/"]))
+    broken = host("refresh", "--config", no_source)
+    assert broken.returncode == 1
+    assert (f"after_capture of {os.path.basename(made)} is still pending (3 failed attempt(s)"
+            in one_error_line(broken))
+
     shipped.mkdir()
     healed = one_line(host("refresh", "--config", conf))
     assert "still matches" in healed
