@@ -586,3 +586,186 @@ def test_refresh_with_a_fifo_in_the_capture_dir_is_one_line(boot, tmp_path):
     result = host("refresh", "--config", conf, timeout=60)
     assert "Traceback" not in result.stderr, result.stderr
     assert stat.S_ISFIFO(os.lstat(captures / "testhost-20260101T000000Z.mbrescue").st_mode)
+
+
+# ---- ISOs that quietly go stale (issue 17, section 2) --------------------------------------
+
+
+def pending_file(captures: Path, hostname: str = "testhost") -> Path:
+    return captures / refresh.pending_name(hostname)
+
+
+def test_install_says_where_captures_go_and_that_nothing_ships_them(target):
+    root, bundle = target
+    done = host("install", "--root", root, bundle=bundle)
+    assert status_line(done) == "mbrescue: install: changed"
+    said = done.stdout + done.stderr
+    assert f"captures go to {root}/var/lib/mbrescue" in said, said
+    warnings = [line for line in done.stderr.splitlines() if line.startswith("mbrescue: warning:")]
+    assert any("nothing ships captures off this host" in line and "after_capture" in line
+               for line in warnings), done.stderr
+    # Under --root the tree is not this running system: the first capture is not taken
+    # here, and install says so and how it will be.
+    assert "first capture: not taken under --root" in done.stdout, done.stdout
+
+    conf = root / "etc/mbrescue/host.conf"
+    conf.write_text(conf.read_text().replace(
+        "after_capture =\n", 'after_capture = ["scp", "-q", "{capture}", "backup@build:/srv/"]\n'))
+    again = host("install", "--root", root, bundle=bundle)
+    assert status_line(again) == "mbrescue: install: unchanged"
+    assert "nothing ships" not in again.stdout + again.stderr
+    assert ("after_capture ships each new capture off this host: "
+            "scp -q '{capture}' backup@build:/srv/") in again.stdout, again.stdout
+
+
+def test_install_runs_the_first_refresh_on_request_and_only_once(boot, target):
+    image, _ = boot
+    root, bundle = target
+    base = ("install", "--root", root, "--source", image, "--hostname", "testhost",
+            "--capture-dir", "/captures")
+    before = listing(root)
+    skipped = host(*base, "--no-first-refresh", bundle=bundle)
+    assert status_line(skipped) == "mbrescue: install: changed"
+    assert "first capture: not taken (--no-first-refresh)" in skipped.stdout, skipped.stdout
+    assert refresh.generations(os.fspath(root / "captures"), "testhost") == []
+
+    first = host(*base, "--first-refresh", bundle=bundle)
+    assert status_line(first) == "mbrescue: install: changed", first.stdout
+    made = refresh.generations(os.fspath(root / "captures"), "testhost")
+    assert len(made) == 1 and refresh.is_good(made[0])
+    assert f"mbrescue: refresh: captured {made[0]} (no capture yet)" in first.stdout
+    # A capture exists now: a second install (Ansible's next run) takes no other one.
+    again = host(*base, "--first-refresh", bundle=bundle)
+    assert status_line(again) == "mbrescue: install: unchanged", again.stdout
+    assert f"newest capture: {os.path.basename(made[0])}" in again.stdout, again.stdout
+    assert refresh.generations(os.fspath(root / "captures"), "testhost") == made
+    for path in made:
+        os.unlink(path)
+    assert host("uninstall", "--root", root).returncode == 0
+    assert listing(root) == before
+
+
+def test_a_first_refresh_under_root_needs_a_source(target):
+    root, bundle = target
+    before = listing(root)
+    refused = host("install", "--root", root, "--first-refresh", bundle=bundle)
+    assert "--first-refresh under --root needs a source" in one_error_line(refused)
+    assert listing(root) == before  # refused before the first write
+
+
+def test_a_failed_first_refresh_fails_install_but_keeps_what_was_laid_down(target, tmp_path):
+    root, bundle = target
+    failed = host("install", "--root", root, "--source", tmp_path / "no-such.img",
+                  "--hostname", "testhost", "--first-refresh", bundle=bundle)
+    assert failed.returncode == 1
+    assert "no capture yet, but the capture failed" in one_error_line(failed)
+    # What was laid down is true, and said: the status line is still the last one.
+    assert failed.stdout.splitlines()[-1] == "mbrescue: install: changed"
+    assert (root / "etc/mbrescue/host.conf").is_file()
+
+
+def test_a_failed_after_capture_is_retried_until_it_succeeds(boot, tmp_path):
+    image, _ = boot
+    captures = tmp_path / "captures"
+    captures.mkdir()
+    shipped = tmp_path / "build-server"  # missing: the copy fails until it exists
+    conf = write_config(tmp_path / "host.conf", capture_dir=os.fspath(captures),
+                        source=os.fspath(image), hostname="testhost",
+                        after_capture=json.dumps(["cp", "{capture}", f"{shipped}/"]))
+    failed = host("refresh", "--config", conf)
+    assert failed.returncode == 3
+    assert "after_capture: cp exited with status 1" in one_error_line(failed)
+    (made,) = refresh.generations(os.fspath(captures), "testhost")
+    state = pending_file(captures)
+    assert stat.S_IMODE(state.stat().st_mode) == 0o600
+    assert json.loads(state.read_text())["capture"] == os.path.basename(made)
+
+    # The capture still matches, but it never left the host: not "nothing to do".
+    for attempt in (2, 3):
+        again = host("refresh", "--config", conf)
+        assert again.returncode == 3, (again.stdout, again.stderr)
+        line = one_error_line(again)
+        assert "still matches" in line and "nothing captured" in line, line
+        assert (f"after_capture of {os.path.basename(made)} failed again "
+                f"(attempt {attempt}") in line, line
+        assert "cp exited with status 1" in line
+        assert again.stdout == "", again.stdout
+        assert refresh.generations(os.fspath(captures), "testhost") == [made]
+
+    # A run that cannot even check still names the copy that has not left.
+    no_source = write_config(tmp_path / "gone.conf", capture_dir=os.fspath(captures),
+                             source=os.fspath(tmp_path / "no-such.img"), hostname="testhost",
+                             after_capture=json.dumps(["cp", "{capture}", f"{shipped}/"]))
+    broken = host("refresh", "--config", no_source)
+    assert broken.returncode == 1
+    assert (f"after_capture of {os.path.basename(made)} is still pending (3 failed attempt(s)"
+            in one_error_line(broken))
+
+    shipped.mkdir()
+    healed = one_line(host("refresh", "--config", conf))
+    assert "still matches" in healed
+    assert f"after_capture of {os.path.basename(made)} succeeded on attempt 4" in healed, healed
+    assert (shipped / os.path.basename(made)).read_bytes() == Path(made).read_bytes()
+    assert not state.exists()
+    (shipped / os.path.basename(made)).unlink()
+    quiet = one_line(host("refresh", "--config", conf))
+    assert "after_capture of" not in quiet and not (shipped / os.path.basename(made)).exists()
+
+
+def test_a_damaged_pending_state_retries_the_newest_capture(boot, tmp_path):
+    image, _ = boot
+    captures = tmp_path / "captures"
+    captures.mkdir()
+    copied = tmp_path / "copied.mbrescue"
+    conf = write_config(tmp_path / "host.conf", capture_dir=os.fspath(captures),
+                        source=os.fspath(image), hostname="testhost",
+                        after_capture=json.dumps(["cp", "{capture}", os.fspath(copied)]))
+    one_line(host("refresh", "--config", conf))
+    copied.unlink()
+    pending_file(captures).write_text("{not json")  # whether it was shipped is unknown
+    healed = one_line(host("refresh", "--config", conf))
+    assert "after_capture of" in healed and copied.exists(), healed
+    assert not pending_file(captures).exists()
+
+
+def test_refresh_force_captures_although_the_capture_matches(boot, tmp_path):
+    image, _ = boot
+    captures = tmp_path / "captures"
+    captures.mkdir()
+    conf = write_config(tmp_path / "host.conf", capture_dir=os.fspath(captures),
+                        source=os.fspath(image), hostname="testhost", keep="5")
+    one_line(host("refresh", "--config", conf))
+    assert "still matches" in one_line(host("refresh", "--config", conf))
+    forced = one_line(host("refresh", "--config", conf, "--force"))
+    kept = refresh.generations(os.fspath(captures), "testhost")
+    assert len(kept) == 2 and kept[-1] in forced and "(--force)" in forced, forced
+    assert refresh.is_good(kept[-1])
+
+
+def test_check_and_refresh_exit_codes_are_one_table():
+    """The table in refresh's docstring (what the README copies) says what the code does."""
+    from builder.runner import check
+
+    assert refresh.__doc__ is not None
+    rows: dict[int, list[str]] = {}
+    for line in refresh.__doc__.splitlines():
+        if not line.strip().startswith("|"):
+            continue
+        cells = [cell.strip() for cell in line.strip().strip("|").split("|")]
+        if cells[0].isdigit():
+            rows[int(cells[0])] = cells[1:]
+        elif not cells[0] and rows:  # a row's continuation
+            last = rows[max(rows)]
+            rows[max(rows)] = [f"{a} {b}".strip() for a, b in zip(last, cells[1:], strict=True)]
+    assert sorted(rows) == [0, 1, 2, 3], rows
+    assert "matches" in rows[check.EXIT_MATCHES][0]
+    assert "drifted" in rows[check.EXIT_DRIFTED][0]
+    assert "error" in rows[check.EXIT_ERROR][0]
+    assert "captured" in rows[refresh.EXIT_OK][1]
+    assert "nothing could be" in rows[refresh.EXIT_FAILED][1]
+    assert "usage" in rows[2][1]
+    assert "after_capture" in rows[refresh.EXIT_AFTER_CAPTURE_FAILED][1]
+    assert "retried" in rows[refresh.EXIT_AFTER_CAPTURE_FAILED][1]
+    # ... and the codes are what the commands return.
+    assert host("refresh", "--no-such-option").returncode == 2
+    assert host("check", "/nonexistent.mbrescue").returncode == check.EXIT_ERROR

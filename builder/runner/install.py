@@ -33,9 +33,24 @@ of stdout is the machine-readable result, exactly one of:
     mbrescue: install: changed
     mbrescue: install: unchanged
 
-(exit status 0 for both; on failure no such line, one `mbrescue: error:` line, status 1).
-On the live root with systemd running, a change is followed by `systemctl daemon-reload`
-and the daily timer's start; a timer found inactive is started and counts as a change.
+(exit status 0 for both; when install itself fails no such line, one `mbrescue: error:`
+line, status 1). On the live root with systemd running, a change is followed by
+`systemctl daemon-reload` and the daily timer's start; a timer found inactive is started
+and counts as a change.
+
+Then install says where captures go (`captures go to DIR`) and what ships them off the host
+(`after_capture ships each new capture off this host: CMD`, or a `mbrescue: warning:
+nothing ships captures off this host` line on stderr: a capture left on the disk that dies
+rescues nothing), warns of a copy that refresh has not managed yet, and takes the first
+capture: when this host has no capture yet, it runs `refresh` at once (`--first-refresh`,
+the default on the live root) instead of leaving the host unprotected until the daily
+timer's first run, up to a day later. Under `--root` the tree is not the running system,
+so the default there is `--no-first-refresh`; `--first-refresh` under `--root` captures
+the tree's own `source` (it must be named) into the tree's capture directory. Once a
+capture exists install takes none (a second install stays `unchanged`). A first refresh
+that fails is one `mbrescue: error: first refresh: …` line; the status line still ends
+stdout (what was laid down is true) and the exit status is the refresh's (1 or 3, the
+table in refresh.py), so configuration management sees an unprotected host fail.
 
 Why a timer for the hooks: a hook runs in the middle of a package transaction, while the
 initrd may still be rebuilt by the next hook and GRUB's menu not yet updated. So a hook
@@ -57,10 +72,12 @@ directory with captures in it stays).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import hashlib
 import json
 import os
+import shlex
 import stat
 import subprocess
 import sys
@@ -68,6 +85,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from . import __version__, refresh
+from .console import printable
 from .errors import MbrescueError
 from .outputs import copy_output, write_output
 
@@ -120,7 +138,7 @@ RequiresMountsFor=/boot
 [Service]
 Type=oneshot
 ExecStart={PROGRAM} refresh
-# Exit 1: nothing could be captured; 3: captured, but after_capture failed.
+# Exit 1: nothing could be captured; 3: after_capture failed (retried at each run).
 Nice=10
 IOSchedulingClass=idle
 TimeoutStartSec=1h
@@ -429,12 +447,19 @@ def _timer_active() -> bool:
 class InstallResult:
     lines: tuple[str, ...]  # what was done, one line each
     changed: bool  # whether anything under root was written, created or chmod-ed
+    warnings: tuple[str, ...] = ()
+    status: int = 0  # the first refresh's exit status when it failed, else 0
+    failure: str | None = None  # the first refresh's error line
 
 
-def install(root: str = "/", settings: dict[str, str] | None = None) -> InstallResult:
-    """Lay the host side down under root, writing only what differs from what is there.
+def install(root: str = "/", settings: dict[str, str] | None = None,
+            first_refresh: bool | None = None) -> InstallResult:
+    """Lay the host side down under root, writing only what differs from what is there,
+    then say where captures go and what ships them, and take the first capture.
 
-    settings: host.conf settings to set (keys from SETTINGS); the others stay as they are."""
+    settings: host.conf settings to set (keys from SETTINGS); the others stay as they are.
+    first_refresh: run `refresh` now when this host has no capture yet; None: on the live
+    root yes, under another root no (the tree is not the running system)."""
     if not os.path.isdir(root):
         raise MbrescueError(f"--root {root} is not a directory")
     settings = dict(settings or {})
@@ -470,6 +495,11 @@ def install(root: str = "/", settings: dict[str, str] | None = None) -> InstallR
                               settings)
     config = refresh.parse_config(new_config, config_where)  # a bad setting fails here
     _check_capture_dir(_under(root, config.capture_dir))
+    live = os.path.realpath(root) == "/"
+    if first_refresh and not live and config.source is None:
+        raise MbrescueError("--first-refresh under --root needs a source: source = auto names "
+                            "the disk holding this machine's /boot, not the tree's",
+                            hint="give --source DISK, the disk that holds the tree's /boot")
     config_record = recorded.get(CONFIG)
     # host.conf stays install's to remove only while it holds what install last wrote.
     config_ours = not config_exists or (
@@ -523,7 +553,56 @@ def install(root: str = "/", settings: dict[str, str] | None = None) -> InstallR
                          "each kernel update")
     elif changed:
         lines.append(f"systemd is not running here: {DAILY_TIMER} starts at the next boot")
-    return InstallResult(tuple(lines), changed)
+    return _first_refresh(root, config, config_where, live, first_refresh,
+                          InstallResult(tuple(lines), changed))
+
+
+def _first_refresh(root: str, config: refresh.HostConfig, config_where: str, live: bool,
+                   asked: bool | None, laid: InstallResult) -> InstallResult:
+    """Say where captures go and what ships them off the host, then take the first capture
+    (when wanted and there is none yet): a host is protected from now, not from the daily
+    timer's first run up to a day later."""
+    capture_dir = _under(root, config.capture_dir)
+    lines = [*laid.lines, f"captures go to {capture_dir} (the newest {config.keep} kept)"]
+    warnings = []
+    if config.after_capture is not None:
+        lines.append("after_capture ships each new capture off this host: "
+                     + shlex.join(config.after_capture))
+    else:
+        warnings.append(
+            f"nothing ships captures off this host: after_capture is empty in {config_where}, "
+            "and a capture on the disk that dies rescues nothing; set it (e.g. after_capture = "
+            '["scp", "-q", "{capture}", "backup@build:/srv/mbrescue/"]) or fetch the captures '
+            "from the build machine")
+    hostname = refresh.host_name(config)
+    pending = refresh.read_pending(capture_dir, hostname)
+    if pending is not None:
+        what = pending.capture or "the newest capture"
+        warnings.append(f"after_capture of {what} has not succeeded yet ({pending.error}); "
+                        "every refresh retries it")
+    kept = refresh.generations(capture_dir, hostname)
+    if kept:
+        lines.append(f"newest capture: {os.path.basename(kept[-1])}; the timer and the kernel "
+                     "hooks keep it current")
+        return InstallResult(tuple(lines), laid.changed, tuple(warnings))
+    if not (live if asked is None else asked):
+        why = "(--no-first-refresh)" if asked is False else (
+            "under --root (the tree is not this running system; --first-refresh takes it "
+            "from its source)")
+        lines.append(f"first capture: not taken {why}: run `{PROGRAM} refresh` there, or "
+                     f"{DAILY_TIMER} takes it within a day")
+        return InstallResult(tuple(lines), laid.changed, tuple(warnings))
+    try:
+        result = refresh.refresh(dataclasses.replace(config, capture_dir=capture_dir))
+    except MbrescueError as exc:
+        hint = f" (hint: {exc.hint})" if exc.hint else ""
+        return InstallResult(tuple(lines), laid.changed, tuple(warnings), refresh.EXIT_FAILED,
+                             f"first refresh: {str(exc).splitlines()[0]}{hint}")
+    changed = laid.changed or result.capture is not None
+    if result.status != refresh.EXIT_OK:
+        return InstallResult(tuple(lines), changed, tuple(warnings), result.status,
+                             f"first refresh: {result.line}")
+    return InstallResult((*lines, f"refresh: {result.line}"), changed, tuple(warnings))
 
 
 def uninstall(root: str = "/") -> list[str]:
@@ -596,15 +675,26 @@ def add_install_arguments(parser: argparse.ArgumentParser) -> None:
                         help="set host.conf's source: the boot disk, or auto")
     parser.add_argument("--hostname", default=None, metavar="NAME",
                         help="set host.conf's hostname: the name recorded, or auto")
+    parser.add_argument("--first-refresh", dest="first_refresh",
+                        action=argparse.BooleanOptionalAction, default=None,
+                        help="run `refresh` now when this host has no capture yet, so it is "
+                             "protected at once [yes on the live root, no under --root; "
+                             "under --root it needs --source]")
 
 
 def run_install(args: argparse.Namespace) -> int:
     settings = {key: getattr(args, key) for key in SETTINGS if getattr(args, key) is not None}
-    result = install(args.root, settings)
+    result = install(args.root, settings, args.first_refresh)
     for line in result.lines:
-        print(f"mbrescue: {line}")
-    print(CHANGED_LINE if result.changed else UNCHANGED_LINE)
-    return 0
+        print(printable(f"mbrescue: {line}"))
+    for warning in result.warnings:
+        print(printable(f"mbrescue: warning: {warning}"), file=sys.stderr)
+    if result.failure is not None:
+        print(printable(f"mbrescue: error: {result.failure}"), file=sys.stderr)
+    # What was laid down is true even when the first refresh failed: the status line stays
+    # the last line of stdout, and the exit status is the refresh's.
+    print(CHANGED_LINE if result.changed else UNCHANGED_LINE, flush=True)
+    return result.status
 
 
 def run_uninstall(args: argparse.Namespace) -> int:

@@ -10,12 +10,30 @@ itself (temporary name, then rename), so a half-written capture never carries a
 generation's name. The new capture is read back and verified before anything older is
 pruned; the last `keep` generations stay, and the newest capture that verifies is never
 removed, even when newer ones are damaged. Then the optional `after_capture` command runs
-with the new capture's path (an argument list, never a shell string).
+with the new capture's path (an argument list, never a shell string). `--force` captures
+without asking `check` (a new generation even when the newest still matches).
 
-Each run prints one line (the journal keeps it). Exit status: 0 the newest capture still
-matches, or a new one was written (and `after_capture` succeeded); 1 nothing new could be
-captured or checked (one `mbrescue: error:` line; older captures are kept); 3 a new capture
-was written but `after_capture` failed.
+`after_capture` is what gets a capture off the host; a capture left on the disk that dies
+with it rescues nothing. So a failed copy is not forgotten: the run writes
+`HOST.after-capture-pending.json` beside the captures (atomically, mode 0600: which
+capture, how many attempts, since when, the last error), and every later run retries the
+copy of the newest capture — also when nothing needs capturing — and reports it, until a copy
+succeeds and the file is removed. A new capture supersedes a pending one (the newest is what
+must leave). A state file that cannot be read means "not known to have left": retried.
+
+Each run prints one line (the journal keeps it): on stdout when the status is 0, else one
+`mbrescue: error:` line on stderr. Exit status, `check`'s and `refresh`'s in one table:
+
+    | exit | check CAPTURE [SOURCE]         | refresh (what mbrescue-refresh.service runs)         |
+    | ---- | ------------------------------ | ---------------------------------------------------- |
+    | 0    | the capture matches            | current, or captured; after_capture (if set) ran,    |
+    |      |                                | a pending copy included                              |
+    | 1    | drifted: a line per difference | nothing could be checked or captured (older kept)    |
+    | 2    | error: one `mbrescue: error:`  | usage error: a bad option or argument                |
+    | 3    | (not used)                     | after_capture failed, on a new capture or a pending  |
+    |      |                                | copy; retried at every run until it succeeds         |
+
+When `install` runs the first refresh, a failed one is its exit status too (install.py).
 """
 
 from __future__ import annotations
@@ -29,6 +47,7 @@ import json
 import os
 import re
 import socket
+import stat
 import subprocess
 import sys
 import time
@@ -39,7 +58,7 @@ from pathlib import Path
 from . import capfile, check
 from .console import printable
 from .errors import MbrescueError
-from .outputs import check_hostname
+from .outputs import check_hostname, write_output
 
 CONFIG_PATH = "/etc/mbrescue/host.conf"
 EXIT_OK, EXIT_FAILED, EXIT_AFTER_CAPTURE_FAILED = 0, 1, 3
@@ -50,6 +69,9 @@ STAMP_FORMAT = "%Y%m%dT%H%M%SZ"
 STAMP_RE = r"\d{8}T\d{6}Z"
 CAPTURE_SUFFIX = ".mbrescue"
 PLACEHOLDER = "{capture}"
+PENDING_SUFFIX = ".after-capture-pending.json"
+PENDING_FORMAT = "mbrescue-after-capture-pending"
+PENDING_MAX_BYTES = 64 * 1024
 
 DEFAULT_CONFIG = """\
 # mbrescue host side: the settings of `mbrescue-host refresh`, which
@@ -236,6 +258,7 @@ class RefreshResult:
     status: int
     line: str
     capture: str | None  # the capture written by this run
+    current: str | None = None  # the newest capture that verifies, after this run
 
 
 def _capture(config: HostConfig, hostname: str, output: str) -> list[str]:
@@ -277,6 +300,123 @@ def _after_capture(argv: tuple[str, ...], path: str) -> str | None:
     return None
 
 
+# ---- a copy that has not left the host yet ---------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Pending:
+    """What HOST.after-capture-pending.json says: after_capture failed for this capture."""
+    capture: str | None  # the capture's file name; None: the state file was unreadable
+    attempts: int
+    since: str  # when the first attempt failed (UTC, ISO 8601)
+    error: str  # the last failure, or why the state file could not be read
+
+
+def pending_name(hostname: str) -> str:
+    return f"{hostname}{PENDING_SUFFIX}"
+
+
+def _now() -> str:
+    return datetime.datetime.now(datetime.UTC).replace(microsecond=0).isoformat().replace(
+        "+00:00", "Z")
+
+
+def read_pending(capture_dir: str, hostname: str) -> Pending | None:
+    """The pending copy, parsed once; None when every capture made has left the host.
+    A state file that cannot be read says a copy failed and not which: the newest is retried."""
+    where = os.path.join(capture_dir, pending_name(hostname))
+    try:
+        fd = os.open(where, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        return Pending(None, 0, "?", f"{os.path.basename(where)} is unreadable ({exc.strerror})")
+    try:
+        with os.fdopen(fd, "rb") as stream:
+            if not stat.S_ISREG(os.fstat(stream.fileno()).st_mode):
+                raise ValueError("not a regular file")
+            data = json.loads(stream.read(PENDING_MAX_BYTES + 1)[:PENDING_MAX_BYTES])
+        if not isinstance(data, dict) or data.get("format") != PENDING_FORMAT:
+            raise ValueError("format")
+        capture, attempts = data["capture"], data["attempts"]
+        since, error = data["since"], data["error"]
+        pattern = re.escape(hostname) + "-" + STAMP_RE + re.escape(CAPTURE_SUFFIX)
+        if not isinstance(capture, str) or re.fullmatch(pattern, capture) is None:
+            raise ValueError("capture")
+        if type(attempts) is not int or not 1 <= attempts <= 10**9:
+            raise ValueError("attempts")
+        if not isinstance(since, str) or not isinstance(error, str):
+            raise ValueError("since, error")
+    except (OSError, ValueError, KeyError) as exc:
+        return Pending(None, 0, "?", f"{os.path.basename(where)} is damaged ({exc})")
+    return Pending(capture, attempts, since[:40], error[:300])
+
+
+def _write_pending(capture_dir: str, hostname: str, pending: Pending) -> None:
+    body = {"format": PENDING_FORMAT, "capture": pending.capture, "attempts": pending.attempts,
+            "since": pending.since, "error": pending.error}
+    # Atomic (a temporary name, then rename) and root's alone, like the captures.
+    write_output(Path(capture_dir, pending_name(hostname)),
+                 (json.dumps(body, indent=1) + "\n").encode("utf-8"), 0o600)
+
+
+def _clear_pending(capture_dir: str, hostname: str) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(os.path.join(capture_dir, pending_name(hostname)))
+
+
+def _ship(config: HostConfig, hostname: str, result: RefreshResult,
+          pending: Pending | None) -> RefreshResult:
+    """Run after_capture on this run's new capture, or retry the copy an earlier run could
+    not make (on the newest capture, which is what must leave the host)."""
+    if result.capture is not None:
+        target, retry = result.capture, None
+    elif pending is not None and result.current is not None:
+        target, retry = result.current, pending
+    else:
+        return result
+    name = os.path.basename(target)
+    if config.after_capture is None:
+        if pending is None:
+            return result
+        _clear_pending(config.capture_dir, hostname)
+        return RefreshResult(result.status, f"{result.line}; after_capture is no longer set: "
+                             "forgot its failed copy", result.capture, result.current)
+    failed = _after_capture(config.after_capture, target)
+    if failed is None:
+        _clear_pending(config.capture_dir, hostname)
+        if retry is None:
+            line = f"{result.line}; ran {config.after_capture[0]}"
+            if pending is not None:
+                line += " (the failed copy of an older capture is superseded)"
+        elif retry.capture is None:
+            line = f"{result.line}; after_capture of {name} succeeded (retried: {retry.error})"
+        else:
+            line = (f"{result.line}; after_capture of {name} succeeded on attempt "
+                    f"{retry.attempts + 1} (failing since {retry.since})")
+        return RefreshResult(EXIT_OK, line, result.capture, result.current)
+    if retry is not None and retry.capture == name:
+        now_pending = Pending(name, retry.attempts + 1, retry.since, failed)
+    else:
+        now_pending = Pending(name, 1, _now(), failed)
+    _write_pending(config.capture_dir, hostname, now_pending)
+    if retry is None:
+        line = f"{result.line}; {failed}"
+    else:
+        line = (f"{result.line}; after_capture of {name} failed again (attempt "
+                f"{now_pending.attempts}, failing since {now_pending.since}): "
+                f"{failed.removeprefix('after_capture: ')}")
+    return RefreshResult(EXIT_AFTER_CAPTURE_FAILED, f"{line}; retried at the next refresh",
+                         result.capture, result.current)
+
+
+def _still_pending(pending: Pending) -> str:
+    if pending.capture is None:
+        return f"and after_capture may not have run ({pending.error})"
+    return (f"and after_capture of {pending.capture} is still pending ({pending.attempts} "
+            f"failed attempt(s) since {pending.since})")
+
+
 @contextlib.contextmanager
 def _locked(capture_dir: str) -> Iterator[None]:
     """One refresh at a time per capture directory (a lock on the directory itself, so
@@ -300,9 +440,11 @@ def _locked(capture_dir: str) -> Iterator[None]:
 
 
 def _remove_stale_temporaries(capture_dir: str, hostname: str) -> int:
-    """A capture killed with SIGKILL (or a power cut) leaves its temporary file behind."""
-    pattern = re.compile(r"\." + re.escape(hostname) + "-" + STAMP_RE + re.escape(CAPTURE_SUFFIX)
-                         + r"\.tmp-(\d+)(?:-[0-9a-f]{16})?")
+    """A capture killed with SIGKILL (or a power cut) leaves its temporary file behind (and
+    so may the write of the pending-copy state)."""
+    names = "(?:" + re.escape(hostname) + "-" + STAMP_RE + re.escape(CAPTURE_SUFFIX) + "|" + \
+        re.escape(pending_name(hostname)) + ")"
+    pattern = re.compile(r"\." + names + r"\.tmp-(\d+)(?:-[0-9a-f]{16})?")
     removed = 0
     for name in os.listdir(capture_dir):
         match = pattern.fullmatch(name)
@@ -320,21 +462,36 @@ def _remove_stale_temporaries(capture_dir: str, hostname: str) -> int:
     return removed
 
 
-def refresh(config: HostConfig) -> RefreshResult:
-    hostname = check_hostname(config.hostname or socket.gethostname())
+def host_name(config: HostConfig) -> str:
+    """The name in the captures' file names: host.conf's, or this host's."""
+    return check_hostname(config.hostname or socket.gethostname())
+
+
+def refresh(config: HostConfig, force: bool = False) -> RefreshResult:
+    """One run: check, capture when needed (always with force), prune, ship."""
+    hostname = host_name(config)
     with _locked(config.capture_dir):
         stale = _remove_stale_temporaries(config.capture_dir, hostname)
-        result = _refresh(config, hostname)
+        pending = read_pending(config.capture_dir, hostname)
+        try:
+            result = _refresh(config, hostname, force)
+        except MbrescueError as exc:
+            if pending is None:
+                raise
+            raise MbrescueError(f"{exc}; {_still_pending(pending)}", hint=exc.hint) from None
+        result = _ship(config, hostname, result, pending)
     if stale:
         return RefreshResult(result.status, f"{result.line}; removed {stale} stale temporary "
-                             "file(s) of an interrupted capture", result.capture)
+                             "file(s) of an interrupted capture", result.capture, result.current)
     return result
 
 
-def _refresh(config: HostConfig, hostname: str) -> RefreshResult:
+def _refresh(config: HostConfig, hostname: str, force: bool = False) -> RefreshResult:
     kept = generations(config.capture_dir, hostname)
     if not kept:
         reason = "no capture yet"
+    elif force:
+        reason = "--force"
     else:
         newest = kept[-1]
         try:
@@ -351,7 +508,7 @@ def _refresh(config: HostConfig, hostname: str) -> RefreshResult:
                 removed = prune(config.capture_dir, hostname, config.keep, newest_good=newest)
                 pruned = f", removed {len(removed)} old" if removed else ""
                 return RefreshResult(EXIT_OK, f"{os.path.basename(newest)} still matches "
-                                     f"{report.source}; nothing captured{pruned}", None)
+                                     f"{report.source}; nothing captured{pruned}", None, newest)
             # check reads the manifest only: a capture whose region or files no longer
             # verify (a bad sector, a truncated copy) matches, but would not restore.
             reason = _why(report) if not report.matches else (
@@ -370,27 +527,24 @@ def _refresh(config: HostConfig, hostname: str) -> RefreshResult:
                             "back: removed it, kept the older ones")
     removed = prune(config.capture_dir, hostname, config.keep, newest_good=output)
     pruned = f", removed {len(removed)} old" if removed else ""
-    line = f"captured {output} ({reason}){pruned}"
-    if config.after_capture is not None:
-        failed = _after_capture(config.after_capture, output)
-        if failed is not None:
-            return RefreshResult(EXIT_AFTER_CAPTURE_FAILED, f"{line}; {failed}", output)
-        line += f"; ran {config.after_capture[0]}"
-    return RefreshResult(EXIT_OK, line, output)
+    return RefreshResult(EXIT_OK, f"captured {output} ({reason}){pruned}", output, output)
 
 
 # ---- the command (host.py) -------------------------------------------------------------------
 
 HELP = ("capture again when /boot drifted from the newest capture (what mbrescue-refresh.service "
-        "runs): exit 0 current or captured, 1 could not capture, 3 after_capture failed")
+        "runs): exit 0 current or captured, 1 could not capture, 3 after_capture failed "
+        "(retried at every run until it succeeds)")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", default=CONFIG_PATH, help=f"settings file [{CONFIG_PATH}]")
+    parser.add_argument("--force", action="store_true",
+                        help="capture even when the newest capture still matches")
 
 
 def run(args: argparse.Namespace) -> int:
-    result = refresh(read_config(args.config))
+    result = refresh(read_config(args.config), force=args.force)
     if result.status == EXIT_OK:
         print(printable(f"mbrescue: refresh: {result.line}"), flush=True)
     else:
