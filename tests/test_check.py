@@ -491,3 +491,19 @@ def host_side(*args: str | os.PathLike[str]) -> subprocess.CompletedProcess[str]
     return subprocess.run([sys.executable, "-m", "builder.host", *map(os.fspath, args)],
                           cwd=ROOT, text=True, capture_output=True, timeout=180,
                           stdin=subprocess.DEVNULL)
+
+
+def test_offline_boot_with_a_symlink_to_a_directory(template, tmp_path):
+    """openSUSE's /boot holds `boot -> .`: the copy stores it, the live walk must too."""
+    image = tmp_path / "suse.img"
+    sh("cp", "--sparse=always", template, image)
+    with mounted_boot(image, tmp_path / "setup") as boot:
+        os.symlink(".", boot / "boot")
+    capture = tmp_path / "suse.mbrescue"
+    assert mbrescue("capture", image, "-o", capture).returncode == 0
+    same = check(capture, image)
+    assert same.returncode == 0 and "7 files" in same.stderr, (same.stdout, same.stderr)
+    with mounted_boot(image, tmp_path / "update") as boot:
+        (boot / "boot").unlink()
+        os.symlink("grub", boot / "boot")
+    assert drift_lines(check(capture, image)) == ["partition 1:/boot now points to grub (was .)"]
