@@ -7,6 +7,7 @@ line by line, and GRUB's grubenv rewrite and atime must not count.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import os
@@ -14,6 +15,7 @@ import re
 import shutil
 import subprocess
 import sys
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,7 +25,7 @@ from builder.runner.capfile import Capture
 from builder.runner.errors import MbrescueError
 from builder.runner.manifest import parse_manifest
 
-from .conftest import ROOT, mbrescue, one_error_line, sh
+from .conftest import ROOT, mbrescue, one_error_line, sh, sha256_of
 
 MiB = 1 << 20
 BOOT_START = 2048
@@ -168,13 +170,17 @@ def test_mbr_boot_code_and_gap_changed_on_a_copy(host, tmp_path):
         disk.write(b"\xeb\x63\x90GRUB-ish")  # boot code only: the table at 446.. stays
         disk.seek(5 * 512)
         disk.write(b"core.img")
-    result = check(host.capture, copied)
-    assert drift_lines(result) == [
+    before = sha256_of(copied)
+    result = check("--json", host.capture, copied)
+    data = json.loads(result.stdout)
+    assert [d["line"] for d in data["differences"]] == [
         "MBR boot code changed (bytes 0..439)",
         f"post-MBR gap changed (sectors 1..{BOOT_START - 1}: GRUB's core image)",
     ]
-    # The copy's /boot is not mounted: said, not counted.
-    assert "not mounted" in result.stderr
+    # The copy's /boot is not mounted (a copy of a mounted ext4: its journal wants a
+    # replay): its files are read read-only, compared, unchanged, and nothing is written.
+    assert data["files_compared"] == 6 and data["notes"] == [], data
+    assert sha256_of(copied) == before
 
 
 def test_partition_type_changed_with_sfdisk(host, tmp_path):
@@ -364,3 +370,140 @@ def test_gpt_bios_boot_partition_and_guid(fixtures, tmp_path):
     assert lines[0].startswith("partition 2 GUID changed: ")
     assert lines[0].endswith(" -> 01234567-89ab-cdef-0123-456789abcdef")
     assert lines[1].startswith("partition 1's content changed ("), lines
+
+
+# ---- a /boot that is not mounted (a disk image, an offline disk): read-only, never written ----
+
+
+@dataclass
+class Offline:
+    image: Path
+    capture: Path
+
+
+@pytest.fixture
+def offline(template, tmp_path) -> Offline:
+    """The template image captured while nothing of it is mounted."""
+    image = tmp_path / "offline.img"
+    sh("cp", "--sparse=always", template, image)
+    capture = tmp_path / "offline.mbrescue"
+    made = mbrescue("capture", image, "-o", capture)
+    assert made.returncode == 0, made.stderr
+    return Offline(image, capture)
+
+
+@contextlib.contextmanager
+def mounted_boot(image: Path, where: Path) -> Iterator[Path]:
+    """The image's /boot mounted read-write for a moment (an update), unmounted after."""
+    where.mkdir()
+    loop = sh("losetup", "-f", "--show", "-o", str(BOOT_START * 512), "--sizelimit",
+              str(BOOT_BYTES), image).strip()
+    try:
+        sh("mount", loop, where)
+        try:
+            yield where
+        finally:
+            sh("umount", where)
+    finally:
+        sh("losetup", "-d", loop)
+
+
+def kernel_update(image: Path, where: Path, version: str = "6.1.0-58-amd64") -> None:
+    with mounted_boot(image, where) as boot:
+        (boot / f"vmlinuz-{version}").write_bytes(os.urandom(50_000))
+        (boot / "grub" / "grub.cfg").write_text(f"set timeout=5\nlinux /vmlinuz-{version}\n")
+
+
+def without_loop_devices(tmp_path: Path) -> dict[str, str]:
+    """PATH with a `losetup` that finds no free loop device, as on a host without any."""
+    bin_dir = tmp_path / "no-loop-bin"
+    bin_dir.mkdir()
+    fake = bin_dir / "losetup"
+    fake.write_text("#!/bin/sh\necho 'losetup: cannot find an unused loop device' >&2\nexit 1\n")
+    fake.chmod(0o755)
+    return {"PATH": f"{bin_dir}:{os.environ['PATH']}"}
+
+
+def test_offline_boot_unchanged_matches_with_its_files_compared(offline):
+    before = sha256_of(offline.image)
+    result = check(offline.capture, offline.image)
+    assert result.returncode == 0, (result.stdout, result.stderr)
+    assert result.stdout == ""
+    assert "still matches" in result.stderr and "6 files" in result.stderr, result.stderr
+    assert "not compared" not in result.stderr
+    assert sha256_of(offline.image) == before  # read-only: not a byte of the source written
+
+
+def test_offline_boot_new_kernel_and_grub_cfg_are_named(offline, tmp_path):
+    kernel_update(offline.image, tmp_path / "update")
+    before = sha256_of(offline.image)
+    result = check(offline.capture, offline.image)
+    assert drift_lines(result) == [
+        "partition 1:/grub/grub.cfg changed (14 -> 44 bytes)",
+        "partition 1:/vmlinuz-6.1.0-58-amd64 added",
+    ], result.stderr
+    assert sha256_of(offline.image) == before
+    data = json.loads(check("--json", offline.capture, offline.image).stdout)
+    assert data["files_compared"] == 7
+    assert [(d["kind"], d["subject"]) for d in data["differences"]] == [
+        ("file", "grub/grub.cfg"), ("file", "vmlinuz-6.1.0-58-amd64")]
+
+
+def test_offline_boot_that_cannot_be_mounted_is_not_a_match(offline, tmp_path):
+    no_loop = without_loop_devices(tmp_path)
+    # Its bytes are the captured ones, so are its files: a match, said how it was known.
+    same = mbrescue("check", offline.capture, offline.image, env=no_loop)
+    assert same.returncode == 0, (same.stdout, same.stderr)
+    assert "bytes are as captured" in same.stderr, same.stderr
+    kernel_update(offline.image, tmp_path / "update")
+    changed = mbrescue("check", offline.capture, offline.image, env=no_loop)
+    assert changed.returncode == 1, (changed.stdout, changed.stderr)
+    [line] = changed.stdout.splitlines()
+    assert line.startswith("partition 1's files not compared: "), line
+    assert "cannot find an unused loop device" in line, line
+    assert "still matches" not in changed.stderr
+
+
+def test_refresh_recaptures_a_changed_offline_host(offline, tmp_path):
+    from builder.runner import refresh
+
+    captures = tmp_path / "captures"
+    captures.mkdir()
+    conf = tmp_path / "host.conf"
+    conf.write_text(f"capture_dir = {captures}\nsource = {offline.image}\nhostname = offline\n")
+    first = host_side("refresh", "--config", conf)
+    assert first.returncode == 0, (first.stdout, first.stderr)
+    quiet = host_side("refresh", "--config", conf)
+    assert quiet.returncode == 0 and "still matches" in quiet.stdout, quiet.stdout
+    [made] = refresh.generations(os.fspath(captures), "offline")
+    kernel_update(offline.image, tmp_path / "update")
+    again = host_side("refresh", "--config", conf)
+    assert again.returncode == 0, (again.stdout, again.stderr)
+    assert "drifted (2 difference(s)" in again.stdout, again.stdout
+    assert "vmlinuz-6.1.0-58-amd64 added" in again.stdout
+    now = refresh.generations(os.fspath(captures), "offline")
+    assert len(now) == 2 and now[0] == made and now[-1] in again.stdout
+    assert check(now[-1], offline.image).returncode == 0
+
+
+def host_side(*args: str | os.PathLike[str]) -> subprocess.CompletedProcess[str]:
+    """`mbrescue-host` as the refresh service runs it."""
+    return subprocess.run([sys.executable, "-m", "builder.host", *map(os.fspath, args)],
+                          cwd=ROOT, text=True, capture_output=True, timeout=180,
+                          stdin=subprocess.DEVNULL)
+
+
+def test_offline_boot_with_a_symlink_to_a_directory(template, tmp_path):
+    """openSUSE's /boot holds `boot -> .`: the copy stores it, the live walk must too."""
+    image = tmp_path / "suse.img"
+    sh("cp", "--sparse=always", template, image)
+    with mounted_boot(image, tmp_path / "setup") as boot:
+        os.symlink(".", boot / "boot")
+    capture = tmp_path / "suse.mbrescue"
+    assert mbrescue("capture", image, "-o", capture).returncode == 0
+    same = check(capture, image)
+    assert same.returncode == 0 and "7 files" in same.stderr, (same.stdout, same.stderr)
+    with mounted_boot(image, tmp_path / "update") as boot:
+        (boot / "boot").unlink()
+        os.symlink("grub", boot / "boot")
+    assert drift_lines(check(capture, image)) == ["partition 1:/boot now points to grub (was .)"]

@@ -7,6 +7,12 @@ recorded list describes exactly what the archive holds. Capture builds the list 
 its spooled, uncompressed tar after the thaw, so the list is the frozen snapshot's and
 hashing it costs the freeze nothing; `check` builds it from the live mount.
 
+A /boot that was not mounted at capture has no such list, but its file-level copy
+(runner/filecopy.py) holds the same facts: `list_from_copy` reads them from it (a
+reference member gives its size and SHA-256 in its PAX records). The copy's walk also
+stores a symlink to a directory, which the archive's walk leaves out, so a live list held
+against a copy is walked the copy's way (`list_live(..., dir_links=True)`).
+
 The gap matters because on an msdos disk GRUB's core image lives in the sectors
 between the MBR and the first partition: a `grub-install` rewrites them, and the
 partition table and file systems look the same afterwards. A GPT disk's first sectors
@@ -28,6 +34,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import IO, Any, BinaryIO
 
 from .errors import MbrescueError
+from .filecopy import REF_SHA256, REF_SIZE, SHA256_HEX
 from .layout import Layout, Partition
 from .tarbounds import BoundedTarInfo
 
@@ -75,39 +82,68 @@ def list_from_tar(stream: BinaryIO) -> list[dict[str, Any]]:
     A hard link is stored once with its data and then as a link member: it is listed
     as the file it is, with the first copy's size and hash, as `check` sees it live.
     """
+    with tarfile.open(fileobj=stream, mode="r:", tarinfo=BoundedTarInfo) as archive:
+        return _list_members(archive, references=False)
+
+
+def list_from_copy(stream: BinaryIO) -> list[dict[str, Any]]:
+    """The per-file list of a file-level copy (a gzip'd PAX tar, already checked by
+    Capture.verify_copies), as list_from_tar gives it: its directories left out, a
+    reference listed with the size and SHA-256 it stands for."""
+    with tarfile.open(fileobj=stream, mode="r:gz", tarinfo=BoundedTarInfo) as archive:
+        return [entry for entry in _list_members(archive, references=True)
+                if entry["type"] != "dir"]
+
+
+def _reference(info: tarfile.TarInfo) -> tuple[int, str] | None:
+    if REF_SHA256 not in info.pax_headers:
+        return None
+    size, digest = info.pax_headers.get(REF_SIZE, ""), info.pax_headers[REF_SHA256]
+    if not size.isdigit() or not SHA256_HEX.fullmatch(digest):
+        raise MbrescueError(f"/{info.name}: its reference into the region is not well-formed")
+    return int(size), digest
+
+
+def _list_members(archive: tarfile.TarFile, references: bool) -> list[dict[str, Any]]:
     entries: list[dict[str, Any]] = []
     by_name: dict[str, dict[str, Any]] = {}
-    with tarfile.open(fileobj=stream, mode="r:", tarinfo=BoundedTarInfo) as archive:
-        for info in archive:
-            mode = stat.S_IMODE(info.mode)
-            if info.isreg():
+    for info in archive:
+        mode = stat.S_IMODE(info.mode)
+        if info.isreg():
+            reference = _reference(info) if references else None
+            if reference is not None:
+                size, digest = reference
+            else:
                 member = archive.extractfile(info)
                 assert member is not None
-                entry = _entry(info.name, "file", info.size, mode, info.uid, info.gid,
-                               int(info.mtime), _sha256_stream(member), None)
-            elif info.islnk():
-                first = by_name.get(info.linkname)
-                if first is None:
-                    raise MbrescueError(f"the /boot archive links {info.name} to a missing file")
-                entry = _entry(info.name, "file", first["size"], mode, info.uid, info.gid,
-                               int(info.mtime), first["sha256"], None)
-            elif info.issym():
-                entry = _entry(info.name, "symlink", len(os.fsencode(info.linkname)), mode,
-                               info.uid, info.gid, int(info.mtime), None, info.linkname)
-            else:
-                entry = _entry(info.name, "dir" if info.isdir() else "special", 0, mode,
-                               info.uid, info.gid, int(info.mtime), None, None)
-            by_name[info.name] = entry
-            entries.append(entry)
+                size, digest = info.size, _sha256_stream(member)
+            entry = _entry(info.name, "file", size, mode, info.uid, info.gid,
+                           int(info.mtime), digest, None)
+        elif info.islnk():
+            first = by_name.get(info.linkname)
+            if first is None:
+                raise MbrescueError(f"the /boot archive links {info.name} to a missing file")
+            entry = _entry(info.name, "file", first["size"], mode, info.uid, info.gid,
+                           int(info.mtime), first["sha256"], None)
+        elif info.issym():
+            entry = _entry(info.name, "symlink", len(os.fsencode(info.linkname)), mode,
+                           info.uid, info.gid, int(info.mtime), None, info.linkname)
+        else:
+            entry = _entry(info.name, "dir" if info.isdir() else "special", 0, mode,
+                           info.uid, info.gid, int(info.mtime), None, None)
+        by_name[info.name] = entry
+        entries.append(entry)
     return entries
 
 
-def walk_names(mountpoint: str) -> list[str]:
-    """Paths (relative to the mount) in the order and selection of the capture's archive."""
+def walk_names(mountpoint: str, dir_links: bool = False) -> list[str]:
+    """Paths (relative to the mount) in the order and selection of the capture's archive;
+    with dir_links, also each symlink to a directory, as the file-level copy holds them."""
     names = []
     for root, dirs, files in os.walk(mountpoint):
         dirs.sort()
-        for name in sorted(files):
+        links = [name for name in dirs if os.path.islink(os.path.join(root, name))]
+        for name in sorted(files + links if dir_links else files):
             names.append(os.path.relpath(os.path.join(root, name), mountpoint))
     return names
 
@@ -134,10 +170,11 @@ def _live_entry(mountpoint: str, relative: str) -> dict[str, Any]:
                   int(st.st_mtime), sha256, target)
 
 
-def list_live(mountpoint: str, workers: int | None = None) -> list[dict[str, Any]]:
+def list_live(mountpoint: str, workers: int | None = None,
+              dir_links: bool = False) -> list[dict[str, Any]]:
     """The per-file list of a mounted /boot as it is now (files hashed on all cores;
-    hashlib lets go of the GIL while it hashes)."""
-    names = walk_names(mountpoint)
+    hashlib lets go of the GIL while it hashes); dir_links: see walk_names."""
+    names = walk_names(mountpoint, dir_links)
     with ThreadPoolExecutor(workers or max(os.cpu_count() or 1, 1)) as pool:
         entries = list(pool.map(lambda name: _live_entry(mountpoint, name), names))
     return [entry for entry in entries if entry["type"] != "gone"]

@@ -5,27 +5,46 @@ typically from a timer as `check || capture`. It reads the capture's manifest on
 capture file, or the capture inside a rescue ISO's payload), never the region, and
 holds SOURCE against it: the partition table and its identities, the MBR boot code,
 the post-MBR gap (GRUB's core image), the boot chain's file system UUIDs and labels,
-and /boot's files against the list the capture recorded (`runner/bootfiles.py`).
+and /boot's files against the list the capture recorded (`runner/bootfiles.py`), or,
+when /boot was not mounted at capture, against the list its file-level copy holds.
+
+A /boot that is not mounted now (a disk image, an offline disk, a host that mounts /boot
+only for updates) is read the way capture reads it: a read-only loop device at the
+partition's offset, mounted `ro,noload` (no journal replay; nothing is written to
+SOURCE), and compared file by file exactly as a mounted one. Where its files cannot be
+compared (no loop devices, not root, a file system type this machine cannot mount
+read-only), the boot region's bytes are held against the captured region's SHA-256: the
+same bytes are the same files; other bytes are one difference line saying what was not
+compared, never a match. The running system's root file system holding /boot is the
+one case left out (a note): its files change all day.
 
 What does not count as drift: atime (never recorded); GRUB's environment block
 (`grubenv`), which GRUB rewrites at boot; a file whose content, mode and owner are
-unchanged but whose mtime moved. `--strict` counts the last two. Exit status: 0 the
-capture matches, 1 it drifted (one line per difference on stdout), 2 error (one
-`mbrescue: error:` line).
+unchanged but whose mtime moved. `--strict` counts the last two. Exit status:
+  0  the capture matches (notes on stderr say what was not compared and why);
+  1  it drifted, or /boot's files could not be compared and the region's bytes differ
+     (one line per difference on stdout): `check || capture` then captures again, which
+     is always safe, where an error would leave a stale capture in place;
+  2  error (one `mbrescue: error:` line): nothing was compared.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import json
 import os
 import stat
 import struct
 import sys
+import tarfile
+import zlib
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from . import bootfiles, capfile
+from . import bootfiles, capfile, filecopy
 from .console import printable
 from .errors import MbrescueError
 from .isofs import BadRecord, directory_records, record_name
@@ -41,7 +60,7 @@ CAPTURE_IN_PAYLOAD = capfile.PAYLOAD_CAPTURE_MEMBER
 
 @dataclass(frozen=True)
 class Difference:
-    kind: str  # table, partition, mbr, gap, filesystem, file, kernel
+    kind: str  # table, partition, mbr, gap, filesystem, file, kernel, unchecked
     subject: str  # what differs: "partition 2", "grub/grubenv", "MBR"
     line: str  # the line printed
     volatile: bool = False  # not drift unless --strict
@@ -115,7 +134,7 @@ def _find_in_directory(data: bytes, wanted: str, directory: bool) -> tuple[int, 
     return None
 
 
-def _manifest_in_iso(path: str, fd: int) -> Manifest:
+def _capture_in_iso(path: str, fd: int) -> capfile.Capture:
     payload_at, payload_bytes = _iso_file(fd, ISO_PAYLOAD)
     base, size = capfile.newc_member(fd, payload_at, payload_bytes, CAPTURE_IN_PAYLOAD)
     try:
@@ -123,14 +142,14 @@ def _manifest_in_iso(path: str, fd: int) -> Manifest:
     except MbrescueError as exc:
         raise MbrescueError(f"{path}: the capture in its payload is damaged ({exc})") from None
     manifest = capfile._read_manifest(path, fd, members)
-    # The file-level copies are what check compares /boot with and what a restore unpacks:
-    # a damaged one is an error here, not a match.
-    capfile.Capture(path, fd, manifest, members, base, size).verify_copies()
-    return manifest
+    return capfile.Capture(path, fd, manifest, members, base, size)
 
 
-def load_manifest(path: str) -> Manifest:
-    """The checked manifest of a capture file, or of the capture inside a rescue ISO."""
+@contextlib.contextmanager
+def _opened(path: str) -> Iterator[capfile.Capture]:
+    """A capture file, or the capture inside a rescue ISO, its file-level copies checked:
+    they are what check compares /boot with and what a restore unpacks, so a damaged one
+    is an error here, not a match."""
     try:
         capture = capfile.Capture.open(path)
     except MbrescueError as not_capture:
@@ -141,12 +160,44 @@ def load_manifest(path: str) -> Manifest:
         try:
             if os.pread(fd, 5, 16 * ISO_SECTOR + 1) != b"CD001":
                 raise not_capture from None
-            return _manifest_in_iso(path, fd)
-        finally:
+            capture = _capture_in_iso(path, fd)
+        except BaseException:
             os.close(fd)
+            raise
     with capture:
         capture.verify_copies()
+        yield capture
+
+
+def load_manifest(path: str) -> Manifest:
+    """The checked manifest of a capture file, or of the capture inside a rescue ISO."""
+    with _opened(path) as capture:
         return capture.manifest
+
+
+def _copied_files(capture: capfile.Capture) -> tuple[FileEntry, ...] | None:
+    """/boot's files as its file-level copy holds them (for a capture of an unmounted
+    /boot, which records no list of its own); None without such a copy."""
+    manifest = capture.manifest
+    copy = next((c for c in manifest.file_copies if c.partition == manifest.boot_partition),
+                None)
+    if copy is None or copy.member not in capture.members:
+        return None
+    member = capture.members[copy.member]
+    stream = io.BufferedReader(capfile.Window(capture.fd, member.offset, member.size))
+    try:
+        return tuple(_entry(item) for item in bootfiles.list_from_copy(stream))
+    except (tarfile.TarError, EOFError, zlib.error, OSError) as exc:
+        raise MbrescueError(f"{capture.path}: {copy.member} cannot be read ({exc})") from None
+
+
+def _load(path: str) -> tuple[Manifest, tuple[FileEntry, ...] | None]:
+    """The manifest, and /boot's files from its file-level copy where it lists none."""
+    with _opened(path) as capture:
+        fingerprint = capture.manifest.fingerprint
+        if fingerprint is None or fingerprint.files is not None:
+            return capture.manifest, None
+        return capture.manifest, _copied_files(capture)
 
 
 # ---- SOURCE: by default the disk holding the mounted /boot ----------------------------------
@@ -328,18 +379,94 @@ def _compare_kernels(manifest: Manifest, found: _Found) -> None:
 
 
 def _boot_mount(source: str, live: Layout, number: int) -> Any:
-    from ..freeze import is_system_root, partition_mounts
+    from ..freeze import partition_mounts
 
     starts = {p.number: p.start_lba for p in live.partitions if not p.is_extended}
-    mount = partition_mounts(source, starts, live.disk.logical_sector_bytes).get(number)
+    return partition_mounts(source, starts, live.disk.logical_sector_bytes).get(number)
+
+
+def _region_unchanged(manifest: Manifest, source: str) -> bool:
+    """SOURCE's first bytes are the captured region's, byte for byte."""
+    length = manifest.region.length_bytes
+    fd = os.open(source, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        if os.lseek(fd, 0, os.SEEK_END) < length:
+            return False
+        return bootfiles.hash_range(fd, 0, length) == manifest.region.sha256
+    finally:
+        os.close(fd)
+
+
+def _compare_boot_files(manifest: Manifest, copied: tuple[FileEntry, ...] | None, source: str,
+                        live: Layout, found: _Found) -> int | None:
+    """/boot's files, mounted or not, against the capture's; how many were compared."""
+    from ..freeze import is_system_root
+
+    fingerprint = manifest.fingerprint
+    assert fingerprint is not None
+    number = manifest.boot_partition
+    name = f"partition {number}"
+    recorded = fingerprint.files if fingerprint.files is not None else copied
+    # A list from the copy holds symlinks to directories, the archive's list does not.
+    dir_links = fingerprint.files is None
+    mount = _boot_mount(source, live, number)
     if mount is not None and is_system_root(mount):
+        found.notes.append(f"/boot's files not compared: {name} of {source} is the running "
+                           "system's root file system")
         return None
-    return mount
+    if mount is not None:
+        if recorded is None:
+            reason = fingerprint.files_reason or "the capture holds no list of them"
+            found.notes.append(f"/boot's files not compared: {reason}")
+            return None
+        listed = [_entry(item) for item in bootfiles.list_live(mount.mountpoint,
+                                                                dir_links=dir_links)]
+        _compare_files(recorded, listed, mount.mountpoint, found)
+        if fingerprint.live_host and mount.mountpoint == "/boot":
+            _compare_kernels(manifest, found)
+        return len(listed)
+    part = next((p for p in live.partitions if p.number == number), None)
+    if part is None:
+        found.notes.append(f"/boot's files not compared: {source} has no {name} now")
+        return None
+    compared, why = _compare_unmounted(recorded, dir_links, source, part, live, found)
+    if why is None:
+        return compared
+    # The bytes as captured are the files as captured: a disk nobody touched still matches.
+    if _region_unchanged(manifest, source):
+        found.notes.append(f"{name}'s files not compared ({why}), but the boot region's bytes "
+                           "are as captured, and so are its files")
+        return None
+    found.add("unchecked", name, f"{name}'s files not compared: {why}; the boot region's bytes "
+                                 "differ from the capture's, so it may have drifted")
+    return None
+
+
+def _compare_unmounted(recorded: tuple[FileEntry, ...] | None, dir_links: bool, source: str,
+                       part: Partition, live: Layout, found: _Found) -> tuple[int, str | None]:
+    """The files of an unmounted /boot, read on a read-only loop device mounted `ro,noload`
+    (runner/filecopy.py, as capture reads it): (how many were compared, None), or
+    (0, why they could not be)."""
+    if recorded is None:
+        return 0, "the capture holds no list of them and no file-level copy"
+    fs_type = part.fs.type if part.fs is not None else None
+    if fs_type not in filecopy.EXT_TYPES:
+        return 0, f"no read-only mount for {'a ' + fs_type if fs_type else 'its'} file system here"
+    offset_bytes = part.start_lba * live.disk.logical_sector_bytes
+    with contextlib.ExitStack() as stack:
+        try:
+            where = stack.enter_context(filecopy.loop_mounted(source, offset_bytes, fs_type))
+        except MbrescueError as exc:
+            return 0, f"it is not mounted and cannot be mounted read-only here ({exc})"
+        listed = [_entry(item) for item in bootfiles.list_live(os.fspath(where),
+                                                                dir_links=dir_links)]
+    _compare_files(recorded, listed, f"partition {part.number}:", found)
+    return len(listed), None
 
 
 def check(capture_path: str, source: str | None = None, *, strict: bool = False,
           sector_bytes: int | None = None) -> CheckReport:
-    manifest = load_manifest(capture_path)
+    manifest, copied = _load(capture_path)
     source = source or default_source()
     if sector_bytes is None and os.path.exists(source) and stat.S_ISREG(os.stat(source).st_mode):
         sector_bytes = manifest.source.logical_sector_bytes
@@ -347,25 +474,12 @@ def check(capture_path: str, source: str | None = None, *, strict: bool = False,
     found = _Found()
     _compare_table(manifest, live, found)
     _compare_sectors(manifest, live, source, found)
-    fingerprint = manifest.fingerprint
     files_compared = None
-    if fingerprint is None:
+    if manifest.fingerprint is None:
         found.notes.append("the capture records no file list (made before `check` existed): "
                            "only the table, the MBR and the file systems were compared")
-    elif fingerprint.files is None:
-        reason = fingerprint.files_reason or "the capture holds no file list"
-        found.notes.append(f"/boot's files not compared: {reason}")
     else:
-        mount = _boot_mount(source, live, manifest.boot_partition)
-        if mount is None:
-            found.notes.append(f"/boot's files not compared: partition {manifest.boot_partition} "
-                               f"of {source} is not mounted")
-        else:
-            listed = [_entry(item) for item in bootfiles.list_live(mount.mountpoint)]
-            files_compared = len(listed)
-            _compare_files(fingerprint.files, listed, mount.mountpoint, found)
-            if fingerprint.live_host and mount.mountpoint == "/boot":
-                _compare_kernels(manifest, found)
+        files_compared = _compare_boot_files(manifest, copied, source, live, found)
     counted = [d for d in found.items if strict or not d.volatile]
     ignored = [d for d in found.items if not strict and d.volatile]
     return CheckReport(capture=capture_path, source=source, hostname=manifest.hostname,
@@ -399,7 +513,8 @@ def summary(report: CheckReport) -> str:
 
 def main_check(capture: str, source: str | None, strict: bool, as_json: bool,
                sector_bytes: int | None = None) -> int:
-    """Run the check and print it; the exit status (0 matches, 1 drifted, 2 error)."""
+    """Run the check and print it; the exit status (0 matches, 1 drifted or not comparable,
+    2 error)."""
     try:
         report = check(capture, source, strict=strict, sector_bytes=sector_bytes)
     except MbrescueError as exc:
@@ -425,7 +540,8 @@ def main_check(capture: str, source: str | None, strict: bool, as_json: bool,
     return EXIT_MATCHES if report.matches else EXIT_DRIFTED
 
 
-HELP = "compare SOURCE with a capture: exit 0 it matches, 1 it drifted (one line each), 2 error"
+HELP = ("compare SOURCE with a capture: exit 0 it matches, 1 it drifted or its files could not "
+        "be compared (one line each), 2 error")
 
 
 def run(args: argparse.Namespace) -> int:
