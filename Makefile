@@ -5,7 +5,11 @@ DEBIAN_PACKAGES := qemu-system-x86 qemu-utils ovmf grub-common grub2-common grub
 	grub-efi-amd64-bin ipxe-qemu mtools dosfstools e2fsprogs xfsprogs fdisk gdisk util-linux mount \
 	xorriso busybox-static zstd pigz cpio kmod udev python3-venv strace gcc libc6-dev zlib1g-dev dnsmasq-base
 
-.PHONY: setup demo test lint bench clean
+.PHONY: setup demo test lint bench clean install
+
+# `make install` puts the CLI on PATH: a link $(PREFIX)/bin/mbrescue to this checkout's
+# virtualenv (which `setup` makes), so the README's bare `mbrescue` works.
+PREFIX ?= /usr/local
 
 # Idempotent and quiet when nothing is missing: Debian packages, apt lists (the rescue
 # kit is fetched with apt-get download), then the virtualenv with the project editable.
@@ -27,6 +31,10 @@ setup:
 	  $(BIN)/pip install -q --disable-pip-version-check -e '.[dev]' 2>&1 | grep -v '^WARNING: Location' ; \
 	  $(BIN)/mbrescue --help >/dev/null && touch $(VENV)/.installed; \
 	fi
+
+install: setup
+	@mkdir -p $(PREFIX)/bin && ln -sfn $(CURDIR)/$(BIN)/mbrescue $(PREFIX)/bin/mbrescue && \
+	  echo "install: $(PREFIX)/bin/mbrescue -> $(CURDIR)/$(BIN)/mbrescue"
 
 demo: setup
 	@$(BIN)/python -m builder.demo

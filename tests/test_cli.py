@@ -225,3 +225,16 @@ def test_a_damaged_capture_leaves_no_iso_of_any_host(tmp_path):
     result = mbrescue("build", *captures, "-o", out, "--jobs", "2")
     assert "checksum mismatch in region chunk 0" in one_error_line(result)
     assert list(out.iterdir()) == []
+
+
+def test_make_install_puts_mbrescue_on_path(tmp_path):
+    """`make install` (issue 17): the README's bare `mbrescue` works from PATH, through a
+    link to this checkout's virtualenv."""
+    done = subprocess.run(["make", "-s", "-C", ROOT, "install", f"PREFIX={tmp_path}"],
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    linked = tmp_path / "bin" / "mbrescue"
+    assert linked.is_symlink() and linked.resolve() == (ROOT / ".venv/bin/mbrescue").resolve()
+    found = subprocess.run(["mbrescue", "--help"], capture_output=True, text=True,
+                           env={"PATH": f"{tmp_path / 'bin'}:/usr/bin:/bin"})
+    assert found.returncode == 0 and "Usage: mbrescue" in found.stdout
