@@ -49,6 +49,7 @@ from .freeze import (
     stacked_mounts,
 )
 from .runner import bootfiles, bootloader, capfile, filecopy, mbr
+from .runner.errors import Interrupted
 from .runner.layout import Layout, Partition, read_layout
 from .runner.manifest import MAC_RE
 from .runner.outputs import (
@@ -559,7 +560,7 @@ def capture(options: CaptureOptions) -> CaptureResult:
             return _capture(options)
         except KeyboardInterrupt as exc:
             # One line and a failure status: the frozen file system is thawed by now.
-            raise MbrescueError(
+            raise Interrupted(
                 f"capture interrupted ({str(exc) or 'SIGINT'}); nothing kept"
             ) from exc
 

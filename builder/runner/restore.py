@@ -36,7 +36,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
-from . import files_restore, nvram
+from . import errors, files_restore, nvram
 from .capfile import Capture
 from .cmdline import (
     OPTIONS_PATH,
@@ -85,7 +85,7 @@ REGION_PATH_WHY = ("region path, because the disk has the captured sector size a
 AnyPlan = Plan | files_restore.FilesPlan
 
 
-class Interrupted(MbrescueError):
+class Interrupted(errors.Interrupted):
     """Ctrl-C or SIGTERM: the message says whether the target was touched and how to finish."""
 
 
