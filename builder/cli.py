@@ -22,6 +22,7 @@ import typer
 from . import __version__, log, options
 from .errors import MbrescueError
 from .runner.console import printable
+from .runner.outputs import output_argument
 
 app = typer.Typer(
     name="mbrescue",
@@ -88,7 +89,7 @@ def capture_command(**given: Any) -> None:
     result = capture(
         CaptureOptions(
             source=given["source"],
-            output=given["output"],
+            output=output_argument(given["output"]),
             boot_partition=given["boot_partition"],
             hostname=given["hostname"],
             sector_bytes=given["sector_bytes"],
@@ -165,7 +166,7 @@ def restore_command(**given: Any) -> None:
 def build_command(
     captures: Annotated[list[Path], typer.Argument(help="One or more capture files.")],
     output: Annotated[
-        Path | None,
+        str | None,
         typer.Option(
             "-o", "--output", help="ISO file (one capture) or directory [./HOST-rescue.iso]."
         ),
@@ -238,7 +239,7 @@ def build_command(
         raise MbrescueError("--allow-unattended-netboot needs --netboot")
     reports = build(
         BuildOptions(
-            captures=tuple(captures), output=output, jobs=jobs, unattended_allowed=allow_unattended,
+            captures=tuple(captures), output=output_argument(output), jobs=jobs, unattended_allowed=allow_unattended,
             expected_hosts=tuple(expect_host or ()),
         )
     )
@@ -261,7 +262,7 @@ def verify_command(
 ) -> None:
     """Check a rescue ISO (with --boot, prove in QEMU that it restores a bootable disk), or
     a capture file whole: exit 0 good, 1 damaged."""
-    from .verify import format_checks, verify_iso
+    from .verify import SIZE_CHECK, format_checks, verify_iso
     from .verify_capture import is_iso, verdict_line, verify_capture
 
     if not iso.is_file():
@@ -274,6 +275,10 @@ def verify_command(
     checks = verify_iso(iso)
     print(format_checks(checks))
     failed = [check.name for check in checks if not check.ok]
+    cut = next((c for c in checks if c.name == SIZE_CHECK and not c.ok), None)
+    if cut is not None:
+        raise MbrescueError(f"{iso} failed: {cut.detail}",
+                            hint="copy or download it again, then compare its SHA-256")
     if not failed and boot:
         from .bootcheck import verify_boot
 
@@ -312,13 +317,15 @@ def burn_command(
 @app.command("bundle")
 def bundle_command(
     output: Annotated[
-        Path, typer.Option("-o", "--output", help="The bundle file to write (or a directory).")
+        str, typer.Option("-o", "--output", help="The bundle file to write (or a directory).")
     ],
 ) -> None:
     """Write the host side (capture, restore) as one executable that needs nothing installed."""
     from .bundle import BundleOptions, bundle, summary
 
-    log.info(summary(bundle(BundleOptions(output=output))))
+    path = output_argument(output)
+    assert path is not None
+    log.info(summary(bundle(BundleOptions(output=path))))
 
 
 def _error_line(exc: MbrescueError) -> None:

@@ -31,6 +31,7 @@ from .runner import install as host_install
 from .runner import refresh as host_refresh
 from .runner.console import printable
 from .runner.errors import Interrupted
+from .runner.outputs import output_argument
 from .runner.restore import cli_rerun
 
 try:  # written into the bundle by builder/bundle.py: which kit the bundle was made from
@@ -82,7 +83,7 @@ def _capture(args: argparse.Namespace) -> int:
     source = Path(args.source)
     result = capture(CaptureOptions(
         source=source,
-        output=Path(args.output) if args.output is not None else None,
+        output=output_argument(args.output),
         boot_partition=args.boot_partition,
         hostname=args.hostname,
         sector_bytes=args.sector_bytes,

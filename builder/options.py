@@ -34,7 +34,7 @@ CAPTURE: tuple[Option, ...] = (
     Option("source", (), "Boot disk (block device, e.g. /dev/sda) or disk image file.",
            path=True),
     Option("output", ("-o", "--output"), "Capture file, or a directory to write "
-           "HOST.mbrescue into [./HOST.mbrescue].", metavar="PATH", path=True),
+           "HOST.mbrescue into [./HOST.mbrescue].", metavar="PATH"),
     Option("boot_partition", ("--boot-partition",),
            "Number of the /boot partition (default: guessed).", int, metavar="N"),
     Option("hostname", ("--hostname",), "Host name to record.", metavar="NAME"),

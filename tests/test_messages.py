@@ -168,3 +168,63 @@ def test_version_and_short_help():
     assert short.returncode == 0, short.stderr
     assert "capture" in short.stdout and "restore" in short.stdout
     assert "--files" in mbrescue("restore", "-h").stdout
+
+
+# -- errors that name their cause and the next step ----------------------------------------------
+
+
+def test_check_of_a_directory_names_the_capture_to_give(captures, tmp_path):
+    (tmp_path / "web01.mbrescue").write_bytes(captures["A"].read_bytes())
+    line = one_error_line(mbrescue("check", tmp_path))
+    assert f"{tmp_path} is a directory" in line
+    assert f"hint: give a capture file, e.g. {tmp_path / 'web01.mbrescue'}" in line
+
+
+def test_a_missing_output_directory_is_called_missing(tmp_path):
+    from .test_capture import small_msdos_image
+
+    image = small_msdos_image(tmp_path / "host.img")
+    line = one_error_line(mbrescue("capture", image, "-o", tmp_path / "nope" / "x.mbrescue"))
+    assert f"{tmp_path / 'nope'}: no such directory" in line and "mkdir -p" in line, line
+    assert "not a directory" not in line
+    line = one_error_line(mbrescue("capture", image, "-o", f"{tmp_path / 'newdir'}/"))
+    assert "no such directory" in line, line
+    assert not (tmp_path / "newdir").exists()
+    line = one_error_line(mbrescue("capture", image, "-o", "-"))
+    assert "-o -" in line and "stdout" in line, line
+    assert not (ROOT / "-").exists()
+    out = tmp_path / "out"
+    out.mkdir()
+    made = mbrescue("capture", image, "-o", f"{out}/", "--hostname", "web01")
+    assert made.returncode == 0, made.stderr
+    assert sorted(p.name for p in out.iterdir()) == ["web01.mbrescue"]
+
+
+def test_bundle_output_to_stdout_is_refused(tmp_path):
+    line = one_error_line(mbrescue("bundle", "-o", "-"))
+    assert "-o -" in line and "stdout" in line, line
+    line = one_error_line(mbrescue("bundle", "-o", f"{tmp_path / 'newdir'}/"))
+    assert "no such directory" in line, line
+
+
+def test_a_partition_gets_the_whole_disk_hint(tmp_path):
+    partition = tmp_path / "boot-partition.img"
+    with open(partition, "wb") as image:
+        image.truncate(20 * MiB)
+    sh("mke2fs", "-q", "-F", "-t", "ext4", partition)
+    line = one_error_line(mbrescue("capture", partition, "-o", tmp_path / "x.mbrescue"))
+    assert "give the whole disk (e.g. /dev/sda)" in line, line
+
+
+def test_a_truncated_iso_is_called_truncated(tmp_path):
+    (tmp_path / "tree").mkdir()
+    (tmp_path / "tree" / "data").write_bytes(os.urandom(2 * MiB))
+    iso = tmp_path / "x.iso"
+    sh("xorriso", "-as", "mkisofs", "-quiet", "-o", iso, tmp_path / "tree")
+    with open(iso, "r+b") as stream:
+        stream.truncate(iso.stat().st_size - MiB)
+    result = mbrescue("verify", iso)
+    assert result.returncode == 1
+    # (the test's own folder is named after it: look past the path)
+    assert "truncated" in one_error_line(result).replace(str(iso), "ISO")
+    assert "truncated" in result.stdout.replace(str(iso), "ISO")
