@@ -228,3 +228,24 @@ def test_a_truncated_iso_is_called_truncated(tmp_path):
     # (the test's own folder is named after it: look past the path)
     assert "truncated" in one_error_line(result).replace(str(iso), "ISO")
     assert "truncated" in result.stdout.replace(str(iso), "ISO")
+
+
+# -- progress in logs ----------------------------------------------------------------------------
+
+
+def test_capture_and_restore_print_progress_lines_into_a_log(big_image, big_capture, tmp_path):
+    made = mbrescue("capture", big_image, "-o", tmp_path / "x.mbrescue")
+    assert made.returncode == 0, made.stderr
+    assert "\r" not in made.stderr
+    lines = [line for line in made.stderr.splitlines() if line.startswith("reading boot region: ")]
+    assert len(lines) >= 3, made.stderr
+    assert all("MiB/s" in line and "of 1.0 GiB" in line for line in lines), lines
+    target = tmp_path / "target.img"
+    with open(target, "wb") as blank:
+        blank.truncate(1100 * MiB)
+    restored = mbrescue("restore", big_capture, target, "--yes")
+    assert restored.returncode == 0, restored.stderr
+    shown = restored.stdout + restored.stderr
+    writing = [line for line in shown.splitlines() if line.startswith("writing: ")]
+    assert len(writing) >= 3 and all("MiB/s" in line for line in writing), shown
+    assert "MB/s" not in shown.replace("MiB/s", "")

@@ -456,8 +456,8 @@ def _restore(
     stats = execute(capture, plan, console)
     console.say(
         f"mbrescue: wrote {plan.region_bytes} bytes in {stats.write_seconds:.2f} s "
-        f"({stats.write_mb_s:.1f} MB/s), verified in {stats.verify_seconds:.2f} s "
-        f"({stats.verify_mb_s:.1f} MB/s, {stats.read_back})"
+        f"({stats.write_mib_s:.1f} MiB/s), verified in {stats.verify_seconds:.2f} s "
+        f"({stats.verify_mib_s:.1f} MiB/s, {stats.read_back})"
     )
     for line in plan.adjusted:
         console.say("mbrescue: adjusted: " + line)
