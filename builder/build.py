@@ -28,7 +28,13 @@ from .run import require_tools
 from .runner import bootloader
 from .runner.capfile import Capture
 from .runner.cmdline import options_json
-from .runner.outputs import check_hostname, check_output_dir, check_output_file, refuse_same_file
+from .runner.outputs import (
+    check_hostname,
+    check_output_dir,
+    check_output_file,
+    check_parent_dir,
+    refuse_same_file,
+)
 from .verify import verify_iso
 
 PACKAGE_DIR = Path(__file__).resolve().parent
@@ -187,8 +193,7 @@ def build_one(
     if manifest.boot_loader and bootloader.no_boot_code(r.method for r in manifest.boot_loader):
         log.info(f"warning: {capture_path}: {bootloader.NO_BOOT_CODE_WARNING}")
     out = output_path(options, capture)
-    if not out.parent.is_dir():
-        raise MbrescueError(f"cannot write {out}: {out.parent} is not a directory")
+    check_parent_dir(out)
     boot_fs_uuid = manifest.boot_fs.uuid if manifest.boot_fs else None
     if not boot_fs_uuid:
         raise MbrescueError(

@@ -294,7 +294,8 @@ def _output_path(output: Path) -> Path:
     if output.is_dir():
         output = output / "mbrescue-host"
     if not output.parent.is_dir():
-        raise MbrescueError(f"{output.parent}: no such directory for the bundle")
+        raise MbrescueError(f"{output.parent}: no such directory for the bundle",
+                            hint=f"create it first: mkdir -p {output.parent}")
     if output.exists() and not output.is_file():
         raise MbrescueError(f"{output} exists and is not a regular file")
     check_output_dir(output.parent)  # before the build: refused at once, not after it

@@ -49,12 +49,14 @@ from .freeze import (
     stacked_mounts,
 )
 from .runner import bootfiles, bootloader, capfile, filecopy, mbr
+from .runner.errors import Interrupted
 from .runner.layout import Layout, Partition, read_layout
 from .runner.manifest import MAC_RE
 from .runner.outputs import (
     check_hostname,
     check_output_dir,
     check_output_file,
+    check_parent_dir,
     create_temporary,
     refuse_same_file,
 )
@@ -559,16 +561,43 @@ def capture(options: CaptureOptions) -> CaptureResult:
             return _capture(options)
         except KeyboardInterrupt as exc:
             # One line and a failure status: the frozen file system is thawed by now.
-            raise MbrescueError(
+            raise Interrupted(
                 f"capture interrupted ({str(exc) or 'SIGINT'}); nothing kept"
             ) from exc
+
+
+def _read_whole_disk(source: Path, sector_bytes: int | None) -> Layout:
+    """The source's partition table; none at all is most often a partition given for its disk."""
+    try:
+        return read_layout(os.fspath(source), sector_bytes)
+    except MbrescueError as exc:
+        if "no partition table" not in str(exc) or exc.hint:
+            raise
+        whole = _whole_disk_of(source)
+        example = f"{whole}, the disk that holds it" if whole else "/dev/sda"
+        raise MbrescueError(str(exc), hint=f"is {source} a partition or a file-system image? "
+                            f"give the whole disk (e.g. {example})") from exc
+
+
+def _whole_disk_of(source: Path) -> str | None:
+    """/dev/sda for the partition /dev/sda1 (from sysfs), else None."""
+    try:
+        rdev = os.stat(source).st_rdev
+        if not stat.S_ISBLK(os.stat(source).st_mode):
+            return None
+        link = os.path.realpath(f"/sys/dev/block/{os.major(rdev)}:{os.minor(rdev)}")
+    except OSError:
+        return None
+    if not os.path.exists(os.path.join(link, "partition")):
+        return None
+    return "/dev/" + os.path.basename(os.path.dirname(link))
 
 
 def _capture(options: CaptureOptions) -> CaptureResult:
     source = options.source
     freeze_limit_s()  # a bad MBRESCUE_FREEZE_LIMIT_S fails before any work
     check_source(source)
-    layout = read_layout(os.fspath(source), options.sector_bytes)
+    layout = _read_whole_disk(source, options.sector_bytes)
     for warning in layout.warnings:
         log.info(f"warning: {warning}")
     sector = layout.disk.logical_sector_bytes
@@ -609,8 +638,7 @@ def _capture(options: CaptureOptions) -> CaptureResult:
         output = output / f"{hostname}.mbrescue"
     check_output_file(output)
     refuse_same_file(source, output, "the capture")
-    if not output.parent.is_dir():
-        raise MbrescueError(f"cannot write {output}: {output.parent} is not a directory")
+    check_parent_dir(output)
     check_output_dir(output.parent)
 
     boot_mount = mounted.get(boot.number)

@@ -8,18 +8,21 @@ traceback, exit status 70. Ctrl-C: one line, exit status 130.
 
 from __future__ import annotations
 
+import inspect
 import json
 import shlex
 import sys
 import traceback
+from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
-from . import log
+from . import __version__, log, options
 from .errors import MbrescueError
 from .runner.console import printable
+from .runner.outputs import output_argument
 
 app = typer.Typer(
     name="mbrescue",
@@ -28,55 +31,74 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
     rich_markup_mode=None,
+    context_settings={"help_option_names": ["-h", "--help"]},
 )
+
+
+def _takes(table: tuple[options.Option, ...]) -> Callable[[Callable[..., None]], Callable[..., None]]:
+    """Give a `**given` command the parameters of one of builder/options.py's tables (typer
+    reads `__signature__`): the bundle's argparse builds the same command from the same table."""
+
+    def parameter(option: options.Option) -> inspect.Parameter:
+        kind = Path if option.path else option.kind
+        if option.positional:
+            info: Any = typer.Argument(help=option.help, show_default=False)
+            return inspect.Parameter(option.name, inspect.Parameter.POSITIONAL_OR_KEYWORD,
+                                     annotation=Annotated[kind, info])
+        info = typer.Option(*option.flags, help=option.help, metavar=option.metavar,
+                            show_default=False)
+        if option.kind is bool:
+            return inspect.Parameter(option.name, inspect.Parameter.KEYWORD_ONLY, default=False,
+                                     annotation=Annotated[bool, info])
+        annotated = list[str] if option.kind is list else kind
+        return inspect.Parameter(option.name, inspect.Parameter.KEYWORD_ONLY, default=None,
+                                 annotation=Annotated[annotated | None, info])
+
+    def decorate(command: Callable[..., None]) -> Callable[..., None]:
+        positional = [parameter(o) for o in table if o.positional]
+        named = [parameter(o) for o in table if not o.positional]
+        command.__signature__ = inspect.Signature([*positional, *named])  # type: ignore[attr-defined]
+        return command
+
+    return decorate
+
+
+def _version(shown: bool) -> None:
+    if shown:
+        print(f"mbrescue {__version__}")
+        raise typer.Exit(0)
 
 
 @app.callback()
 def _options(
+    version: Annotated[
+        bool, typer.Option("--version", callback=_version, is_eager=True,
+                           help="Print the mbrescue version and exit.")
+    ] = False,
     debug: Annotated[bool, typer.Option("--debug", help="Log every external command.")] = False,
 ) -> None:
     log.set_debug(debug)
 
 
 @app.command("capture")
-def capture_command(
-    source: Annotated[Path, typer.Argument(help="Boot disk (block device) or disk image file.")],
-    output: Annotated[
-        Path | None,
-        typer.Option("-o", "--output", help="Capture file or directory [./HOST.mbrescue]."),
-    ] = None,
-    boot_partition: Annotated[
-        int | None,
-        typer.Option("--boot-partition", help="Number of the /boot partition (default: guessed)."),
-    ] = None,
-    hostname: Annotated[str | None, typer.Option("--hostname", help="Host name to record.")] = None,
-    sector_bytes: Annotated[
-        int | None,
-        typer.Option("--sector-size", help="Logical sector size of an image file [512]."),
-    ] = None,
-    mac: Annotated[
-        list[str] | None,
-        typer.Option("--mac", help="A MAC address of the host's NICs to record (repeatable; "
-                     "picks its network-boot menu) [a block device: this machine's NICs; "
-                     "an image file: none]."),
-    ] = None,
-) -> None:
+@_takes(options.CAPTURE)
+def capture_command(**given: Any) -> None:
     """Capture SOURCE's MBR, post-MBR gap, /boot and layout into one file."""
     from .capture import CaptureOptions, capture
 
     result = capture(
         CaptureOptions(
-            source=source,
-            output=output,
-            boot_partition=boot_partition,
-            hostname=hostname,
-            sector_bytes=sector_bytes,
-            macs=tuple(mac) if mac else None,
+            source=given["source"],
+            output=output_argument(given["output"]),
+            boot_partition=given["boot_partition"],
+            hostname=given["hostname"],
+            sector_bytes=given["sector_bytes"],
+            macs=tuple(given["mac"]) if given["mac"] else None,
         )
     )
     region = result.manifest["region"]
     log.info(
-        f"captured {log.human_bytes(region['length_bytes'])} boot region of {source} "
+        f"captured {log.human_bytes(region['length_bytes'])} boot region of {given['source']} "
         f"({log.human_bytes(result.path.stat().st_size)} on disk)"
     )
     log.info(f"wrote {result.path} (mode 0600: it holds the host's /boot, which can hold secrets)")
@@ -123,23 +145,8 @@ def inspect_command(
 
 
 @app.command("restore")
-def restore_command(
-    capture: Annotated[Path, typer.Argument(help="A capture file.")],
-    target: Annotated[Path, typer.Argument(help="Disk (block device) or image file to write.")],
-    yes: Annotated[
-        bool,
-        typer.Option("--yes", help="Do not ask; for scripts. DANGEROUS: TARGET is overwritten."),
-    ] = False,
-    sector_bytes: Annotated[
-        int | None,
-        typer.Option("--sector-size", help="Logical sector size of an image TARGET [512]."),
-    ] = None,
-    files: Annotated[
-        bool,
-        typer.Option("--files", help="Take the file-level path (new table, file systems made "
-                     "again) even where the region path would do."),
-    ] = False,
-) -> None:
+@_takes(options.RESTORE)
+def restore_command(**given: Any) -> None:
     """Write a capture's boot region onto TARGET, after showing the plan and a typed yes."""
     from .runner.console import Console
     from .runner.restore import restore
@@ -147,8 +154,8 @@ def restore_command(
     console = Console.stdio()
     try:
         status = restore(
-            str(capture), str(target), console=console, assume_yes=yes, sector_bytes=sector_bytes,
-            files=files,
+            str(given["capture"]), str(given["target"]), console=console,
+            assume_yes=given["yes"], sector_bytes=given["sector_bytes"], files=given["files"],
         )
     finally:
         console.close()
@@ -159,7 +166,7 @@ def restore_command(
 def build_command(
     captures: Annotated[list[Path], typer.Argument(help="One or more capture files.")],
     output: Annotated[
-        Path | None,
+        str | None,
         typer.Option(
             "-o", "--output", help="ISO file (one capture) or directory [./HOST-rescue.iso]."
         ),
@@ -232,7 +239,7 @@ def build_command(
         raise MbrescueError("--allow-unattended-netboot needs --netboot")
     reports = build(
         BuildOptions(
-            captures=tuple(captures), output=output, jobs=jobs, unattended_allowed=allow_unattended,
+            captures=tuple(captures), output=output_argument(output), jobs=jobs, unattended_allowed=allow_unattended,
             expected_hosts=tuple(expect_host or ()),
         )
     )
@@ -255,7 +262,7 @@ def verify_command(
 ) -> None:
     """Check a rescue ISO (with --boot, prove in QEMU that it restores a bootable disk), or
     a capture file whole: exit 0 good, 1 damaged."""
-    from .verify import format_checks, verify_iso
+    from .verify import SIZE_CHECK, format_checks, verify_iso
     from .verify_capture import is_iso, verdict_line, verify_capture
 
     if not iso.is_file():
@@ -268,6 +275,10 @@ def verify_command(
     checks = verify_iso(iso)
     print(format_checks(checks))
     failed = [check.name for check in checks if not check.ok]
+    cut = next((c for c in checks if c.name == SIZE_CHECK and not c.ok), None)
+    if cut is not None:
+        raise MbrescueError(f"{iso} failed: {cut.detail}",
+                            hint="copy or download it again, then compare its SHA-256")
     if not failed and boot:
         from .bootcheck import verify_boot
 
@@ -306,13 +317,15 @@ def burn_command(
 @app.command("bundle")
 def bundle_command(
     output: Annotated[
-        Path, typer.Option("-o", "--output", help="The bundle file to write (or a directory).")
+        str, typer.Option("-o", "--output", help="The bundle file to write (or a directory).")
     ],
 ) -> None:
     """Write the host side (capture, restore) as one executable that needs nothing installed."""
     from .bundle import BundleOptions, bundle, summary
 
-    log.info(summary(bundle(BundleOptions(output=output))))
+    path = output_argument(output)
+    assert path is not None
+    log.info(summary(bundle(BundleOptions(output=path))))
 
 
 def _error_line(exc: MbrescueError) -> None:
@@ -372,10 +385,11 @@ def main() -> None:
         print(printable(f"mbrescue: error: {where}{exc.strerror or exc}"), file=sys.stderr)
         sys.exit(1)
     except MbrescueError as exc:
-        from .runner.restore import Interrupted
+        from .runner.errors import Interrupted
 
         _error_line(exc)
-        # A restore stopped by Ctrl-C or SIGTERM: its line says what was written, how to finish.
+        # A capture or restore stopped by Ctrl-C or SIGTERM (a restore's line says what was
+        # written and how to finish).
         sys.exit(130 if isinstance(exc, Interrupted) else 1)
     except Exception as exc:  # the last guard: never a bare traceback
         _unexpected(exc, argv)

@@ -24,12 +24,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import NoReturn
 
-from . import __version__, log
+from . import __version__, log, options
 from .errors import MbrescueError
 from .runner import check as drift_check
 from .runner import install as host_install
 from .runner import refresh as host_refresh
 from .runner.console import printable
+from .runner.errors import Interrupted
+from .runner.outputs import output_argument
+from .runner.restore import cli_rerun
 
 try:  # written into the bundle by builder/bundle.py: which kit the bundle was made from
     from ._bundle_info import KIT  # type: ignore[import-not-found, unused-ignore]
@@ -71,16 +74,7 @@ class _Version(argparse.Action):
 
 
 def _capture_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("source", help="boot disk (block device) or disk image file")
-    parser.add_argument("-o", "--output", help="capture file or directory [./HOST.mbrescue]")
-    parser.add_argument("--boot-partition", type=int, default=None,
-                        help="number of the /boot partition (default: guessed)")
-    parser.add_argument("--hostname", default=None, help="host name to record")
-    parser.add_argument("--sector-size", dest="sector_bytes", type=int, default=None,
-                        help="logical sector size of an image file [512]")
-    parser.add_argument("--mac", action="append", default=None,
-                        help="a MAC address of the host's NICs to record (repeatable; picks "
-                        "its network-boot menu) [a block device: this machine's NICs]")
+    options.add_to_parser(parser, options.CAPTURE)
 
 
 def _capture(args: argparse.Namespace) -> int:
@@ -89,7 +83,7 @@ def _capture(args: argparse.Namespace) -> int:
     source = Path(args.source)
     result = capture(CaptureOptions(
         source=source,
-        output=Path(args.output) if args.output is not None else None,
+        output=output_argument(args.output),
         boot_partition=args.boot_partition,
         hostname=args.hostname,
         sector_bytes=args.sector_bytes,
@@ -108,12 +102,16 @@ def _capture(args: argparse.Namespace) -> int:
 
 
 def _restore_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("capture", help="a capture file")
-    parser.add_argument("target", help="disk (block device) or image file to write")
-    parser.add_argument("--yes", action="store_true",
-                        help="do not ask; for scripts. DANGEROUS: TARGET is overwritten")
-    parser.add_argument("--sector-size", dest="sector_bytes", type=int, default=None,
-                        help="logical sector size of an image TARGET [512]")
+    options.add_to_parser(parser, options.RESTORE)
+
+
+def _bundle_rerun(capture: str, sector_bytes: int | None, assume_yes: bool
+                  ) -> Callable[[str], list[str]]:
+    """The command that finishes an interrupted restore on this host: the bundle's own
+    (a bundle-only host has no `mbrescue`)."""
+    plain = cli_rerun(capture, sector_bytes, assume_yes)
+    program = os.environ.get(BUNDLE_FILE_ENV) or os.environ.get(BUNDLE_ENV) or "mbrescue-host"
+    return lambda target: [program, *plain(target)[1:]]
 
 
 def _restore(args: argparse.Namespace) -> int:
@@ -123,7 +121,8 @@ def _restore(args: argparse.Namespace) -> int:
     console = Console.stdio()
     try:
         return restore(args.capture, args.target, console=console, assume_yes=args.yes,
-                       sector_bytes=args.sector_bytes)
+                       sector_bytes=args.sector_bytes, files=args.files,
+                       rerun=_bundle_rerun(args.capture, args.sector_bytes, args.yes))
     finally:
         console.close()
 
@@ -192,7 +191,7 @@ def main(argv: list[str] | None = None) -> int:
         line = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         hint = f" (hint: {exc.hint})" if exc.hint else ""
         print(printable(f"mbrescue: error: {line}{hint}"), file=sys.stderr)
-        return 1
+        return 130 if isinstance(exc, Interrupted) else 1
     except OSError as exc:
         where = f"{exc.filename}: " if exc.filename else ""
         print(printable(f"mbrescue: error: {where}{exc.strerror or exc}"), file=sys.stderr)

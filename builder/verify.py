@@ -28,6 +28,7 @@ import pycdlib.pycdlibexception
 
 from .cpio import iter_newc
 from .errors import MbrescueError
+from .log import human_bytes
 from .run import output, require_tools, run
 
 BLOCK = 2048
@@ -205,6 +206,7 @@ def verify_iso(path: Path, capture_sha256: str | None = None) -> list[Check]:
                 f"platform 0x{e.platform:02x} at block {e.load_block}" for e in entries
             )
 
+        checks.append(_check(SIZE_CHECK, lambda: _whole_volume(stream, size_bytes)))
         checks.append(_check("El Torito catalog", catalog))
         bios = next((e for e in entries if e.platform == 0), None)
         efi = next((e for e in entries if e.platform == EFI_PLATFORM), None)
@@ -216,6 +218,25 @@ def verify_iso(path: Path, capture_sha256: str | None = None) -> list[Check]:
         checks.append(_check("partition table", lambda: _partitions(path, efi, size_bytes)))
         checks.extend(_tree_checks(path, work, capture_sha256, stream, efi))
     return checks
+
+
+SIZE_CHECK = "size"
+
+
+def _whole_volume(stream: BinaryIO, size_bytes: int) -> str:
+    """The file holds the whole volume its primary volume descriptor names: a cut copy or
+    download fails every later check too, and this one says why."""
+    stream.seek(16 * 2048)
+    descriptor = stream.read(2048)
+    _require(len(descriptor) == 2048 and descriptor[1:6] == b"CD001",
+             f"truncated or not an ISO: no ISO 9660 volume descriptor ({size_bytes} bytes)")
+    blocks = struct.unpack_from("<I", descriptor, 80)[0]
+    block_bytes = struct.unpack_from("<H", descriptor, 128)[0]
+    volume_bytes = blocks * block_bytes
+    _require(size_bytes >= volume_bytes,
+             f"truncated: the file holds {human_bytes(size_bytes)} of the "
+             f"{human_bytes(volume_bytes)} its volume descriptor names")
+    return f"{human_bytes(size_bytes)}, the whole volume"
 
 
 def _bios_entry(stream: BinaryIO, bios: BootEntry | None) -> str:

@@ -118,7 +118,7 @@ def test_error_and_progress_on_every_console(two_ptys):
     for master, _ in two_ptys:
         seen = read_until(master, b"nothing written\r\n", timeout=10)
         assert b"writing: 100.0% of 100.0 MiB" in seen
-        assert b"MB/s, ETA" in seen
+        assert b"MiB/s, ETA" in seen
         assert b"mbrescue: error: aborted, nothing written\r\n" in seen
 
 

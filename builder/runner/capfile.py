@@ -130,7 +130,10 @@ class Capture:
         if not os.path.exists(path):
             raise MbrescueError(f"{path}: no such file")
         if os.path.isdir(path):
-            raise MbrescueError(f"{path} is a directory, not a capture file")
+            inside = sorted(name for name in os.listdir(path) if name.endswith(".mbrescue"))
+            example = os.path.join(path, inside[0] if inside else "HOST.mbrescue")
+            raise MbrescueError(f"{path} is a directory, not a capture file",
+                                hint=f"give a capture file, e.g. {example}")
         try:
             # O_NONBLOCK: opening a FIFO would otherwise wait for a writer, forever.
             fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)

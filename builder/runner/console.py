@@ -270,9 +270,9 @@ def human_bytes(count: float) -> str:
 
 
 class Progress:
-    """Percent, MB/s and ETA on every console: redrawn in place on terminals at most
+    """Percent, MiB/s and ETA on every console: redrawn in place on terminals at most
     every 0.5 s (a serial line at 115200 baud must not fall behind), one full line every
-    5 s elsewhere (logs and pipes)."""
+    5 s and per tenth of the job elsewhere (logs and pipes)."""
 
     TTY_INTERVAL = 0.5
     LINE_INTERVAL = 5.0
@@ -285,6 +285,7 @@ class Progress:
         self.started = time.monotonic()
         self._tty_drawn = 0.0
         self._line_drawn = self.started
+        self._line_step = 0  # a line per tenth of the job too: a fast write still shows
 
     def text(self, now: float) -> str:
         elapsed = max(now - self.started, 1e-6)
@@ -292,7 +293,7 @@ class Progress:
         left = (self.total_bytes - self.done_bytes) / rate if rate > 0 else 0.0
         percent = 100.0 * self.done_bytes / self.total_bytes if self.total_bytes else 100.0
         return (f"{self.label}: {percent:5.1f}% of {human_bytes(self.total_bytes)}, "
-                f"{rate / 1e6:6.1f} MB/s, ETA {left:4.0f} s")
+                f"{rate / (1 << 20):6.1f} MiB/s, ETA {left:4.0f} s")
 
     def advance(self, count: int) -> None:
         self.done_bytes += count
@@ -300,8 +301,9 @@ class Progress:
         if now - self._tty_drawn >= self.TTY_INTERVAL:
             self._tty_drawn = now
             self.console.write("\r" + self.text(now) + " ", only_tty=True)
-        if now - self._line_drawn >= self.LINE_INTERVAL:
-            self._line_drawn = now
+        step = 10 * self.done_bytes // self.total_bytes if self.total_bytes else 0
+        if now - self._line_drawn >= self.LINE_INTERVAL or step > self._line_step:
+            self._line_drawn, self._line_step = now, step
             self.console.write(self.text(now) + "\n", only_tty=False)
 
     def finish(self) -> float:

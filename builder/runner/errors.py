@@ -9,6 +9,11 @@ class MbrescueError(Exception):
         self.hint = hint
 
 
+class Interrupted(MbrescueError):
+    """Ctrl-C or SIGTERM ended the job: both command lines exit 130 (128 + SIGINT), as a
+    shell does, so a script can tell a stop from a failure."""
+
+
 class DoesNotFit(MbrescueError):
     """The region path cannot lay the captured layout on this disk (a partition other than
     swap would run past its end, swap would shrink below its minimum): the file-level path,

@@ -62,6 +62,32 @@ def check_output_file(path: Path) -> Path:
 TEMP_ATTEMPTS = 100
 
 
+def output_argument(text: str | None) -> Path | None:
+    """`-o TEXT` as typed: `-` and a trailing `/` mean what the user meant, not a file
+    named `-` or a file named like the directory that does not exist."""
+    if text is None:
+        return None
+    if text == "-":
+        raise MbrescueError("-o -: this output is not written to stdout (it is written whole "
+                            "to a temporary file, checked, then renamed into place)",
+                            hint="give a file name or an existing directory")
+    if text.endswith("/") and not os.path.isdir(text):
+        raise MbrescueError(f"-o {text}: no such directory",
+                            hint=f"create it first (mkdir -p {text}) or drop the trailing /")
+    return Path(text)
+
+
+def check_parent_dir(out: Path) -> None:
+    """The directory an output goes into exists (a missing one is called missing)."""
+    parent = out.parent
+    if parent.is_dir():
+        return
+    if not os.path.lexists(parent):
+        raise MbrescueError(f"cannot write {out}: {parent}: no such directory",
+                            hint=f"create it first: mkdir -p {parent}")
+    raise MbrescueError(f"cannot write {out}: {parent} is not a directory")
+
+
 def check_output_dir(folder: Path) -> Path:
     """Refuse a directory in which another user could swap our temporary files."""
     try:

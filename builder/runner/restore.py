@@ -36,7 +36,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
-from . import files_restore, nvram
+from . import errors, files_restore, nvram
 from .capfile import Capture
 from .cmdline import (
     OPTIONS_PATH,
@@ -85,7 +85,7 @@ REGION_PATH_WHY = ("region path, because the disk has the captured sector size a
 AnyPlan = Plan | files_restore.FilesPlan
 
 
-class Interrupted(MbrescueError):
+class Interrupted(errors.Interrupted):
     """Ctrl-C or SIGTERM: the message says whether the target was touched and how to finish."""
 
 
@@ -456,8 +456,8 @@ def _restore(
     stats = execute(capture, plan, console)
     console.say(
         f"mbrescue: wrote {plan.region_bytes} bytes in {stats.write_seconds:.2f} s "
-        f"({stats.write_mb_s:.1f} MB/s), verified in {stats.verify_seconds:.2f} s "
-        f"({stats.verify_mb_s:.1f} MB/s, {stats.read_back})"
+        f"({stats.write_mib_s:.1f} MiB/s), verified in {stats.verify_seconds:.2f} s "
+        f"({stats.verify_mib_s:.1f} MiB/s, {stats.read_back})"
     )
     for line in plan.adjusted:
         console.say("mbrescue: adjusted: " + line)

@@ -48,12 +48,12 @@ class Stats:
     read_back: str = ""  # how the page cache was bypassed
 
     @property
-    def write_mb_s(self) -> float:
-        return self.region_bytes / max(self.write_seconds, 1e-9) / 1e6
+    def write_mib_s(self) -> float:
+        return self.region_bytes / max(self.write_seconds, 1e-9) / (1 << 20)
 
     @property
-    def verify_mb_s(self) -> float:
-        return self.region_bytes / max(self.verify_seconds, 1e-9) / 1e6
+    def verify_mib_s(self) -> float:
+        return self.region_bytes / max(self.verify_seconds, 1e-9) / (1 << 20)
 
 
 # --- writing ---------------------------------------------------------------------------
