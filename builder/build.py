@@ -20,7 +20,13 @@ from pathlib import Path
 
 from . import buildrecord, log
 from .errors import MbrescueError
-from .grub import check_grub_installed, make_grub_images, render_grub_cfg
+from .grub import (
+    DEFAULT_SERIAL,
+    SerialPort,
+    check_grub_installed,
+    make_grub_images,
+    render_grub_cfg,
+)
 from .initramfs import make_base_initramfs, make_payload_initramfs
 from .iso import IsoReport, iso_volume_label, new_medium_id, write_iso
 from .kit import Kit, ensure_kit
@@ -50,6 +56,7 @@ class BuildOptions:
     unattended_allowed: bool = False
     # --expect-host: the host each capture must be for, in the captures' order (empty: any).
     expected_hosts: tuple[str, ...] = ()
+    serial: SerialPort = DEFAULT_SERIAL  # --serial: GRUB's and the rescue kernel's serial line
 
 
 @dataclass(frozen=True)
@@ -225,6 +232,7 @@ def build_one(
             region_size=log.human_bytes(manifest.region.length_bytes),
             boot_fs_uuid=boot_fs_uuid,
             medium_id=medium_id,
+            serial=options.serial,
         )
         found: dict = {}
 

@@ -210,12 +210,21 @@ def build_command(
         typer.Option("--mac", help="With --netboot: HOST=MAC, the MAC address of a host's "
                      "machine (repeatable); its menu is chosen by it."),
     ] = None,
+    serial: Annotated[
+        str,
+        typer.Option("--serial", metavar="PORT[,SPEED]",
+                     help="The serial console GRUB and the rescue system use, e.g. ttyS1,115200 "
+                     "(many servers' serial-over-LAN is the second port) [ttyS0,115200]."),
+    ] = "ttyS0,115200",
     as_json: Annotated[
         bool, typer.Option("--json", help="Print what was built as JSON on stdout.")
     ] = False,
 ) -> None:
     """Build a BIOS/UEFI, CD/USB bootable rescue ISO for each capture."""
     from .build import BuildOptions, build, summary
+    from .grub import parse_serial
+
+    serial_port = parse_serial(serial)
 
     if netboot is not None:
         from . import netboot as net
@@ -227,7 +236,7 @@ def build_command(
             macs=tuple(net.parse_mac_option(text) for text in mac or ()),
             unattended_allowed=allow_unattended,
             unattended_netboot_allowed=allow_unattended_netboot,
-            expected_hosts=tuple(expect_host or ()),
+            expected_hosts=tuple(expect_host or ()), serial=serial_port,
         ))  # fmt: skip
         log.info(net.summary(tree))
         if as_json:
@@ -240,7 +249,7 @@ def build_command(
     reports = build(
         BuildOptions(
             captures=tuple(captures), output=output_argument(output), jobs=jobs, unattended_allowed=allow_unattended,
-            expected_hosts=tuple(expect_host or ()),
+            expected_hosts=tuple(expect_host or ()), serial=serial_port,
         )
     )
     for report in reports:

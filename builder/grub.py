@@ -371,9 +371,37 @@ _SAFE_TEXT = re.compile(r"[A-Za-z0-9 ._:+/()-]*")
 _SAFE_ID = re.compile(r"[A-Za-z0-9._-]+")
 
 
-def kernel_args(medium_id: str, *, serial_console: bool, shell: bool = False) -> str:
+@dataclass(frozen=True)
+class SerialPort:
+    """The serial line GRUB and the rescue kernel talk on (`build --serial ttyS1,115200`):
+    many servers' serial-over-LAN is the second port."""
+
+    unit: int = 0
+    speed: int = 115200
+
+    @property
+    def device(self) -> str:
+        return f"ttyS{self.unit}"
+
+
+DEFAULT_SERIAL = SerialPort()
+SERIAL_SPEEDS = (9600, 19200, 38400, 57600, 115200)
+_SERIAL_RE = re.compile(r"(?:ttyS)?([0-3])(?:,([0-9]{4,6}))?")
+
+
+def parse_serial(text: str) -> SerialPort:
+    """`ttyS1,115200`, `ttyS1` (115200) or `1,57600`; ports 0..3 (COM1..COM4)."""
+    found = _SERIAL_RE.fullmatch(text.strip())
+    if found is None or (found.group(2) and int(found.group(2)) not in SERIAL_SPEEDS):
+        raise MbrescueError(f"--serial {text[:40]!r} is not PORT[,SPEED] (PORT ttyS0..ttyS3, "
+                            f"SPEED one of {', '.join(map(str, SERIAL_SPEEDS))})")
+    return SerialPort(int(found.group(1)), int(found.group(2) or 115200))
+
+
+def kernel_args(medium_id: str, *, serial_console: bool, shell: bool = False,
+                serial: SerialPort = DEFAULT_SERIAL) -> str:
     """The rescue kernel's command line; the last console= becomes /dev/console."""
-    consoles = ["console=tty0", "console=ttyS0,115200n8"]
+    consoles = ["console=tty0", f"console={serial.device},{serial.speed}n8"]
     if not serial_console:
         consoles.reverse()
     args = [*consoles, f"mbrescue.medium={medium_id}"]
@@ -392,6 +420,7 @@ def render_grub_cfg(
     local_timeout_s: int = 10,
     restore_timeout_s: int = 5,
     payload_path: str | None = None,
+    serial: SerialPort = DEFAULT_SERIAL,
 ) -> str:
     """grub.cfg for the ISO from templates/grub.cfg.j2; every value is computed here.
 
@@ -423,9 +452,11 @@ def render_grub_cfg(
         medium_id=medium_id,
         local_timeout_s=local_timeout_s,
         restore_timeout_s=restore_timeout_s,
-        args_screen=kernel_args(medium_id, serial_console=False),
-        args_serial=kernel_args(medium_id, serial_console=True),
-        args_shell=kernel_args(medium_id, serial_console=False, shell=True),
+        serial_unit=serial.unit,
+        serial_speed=serial.speed,
+        args_screen=kernel_args(medium_id, serial_console=False, serial=serial),
+        args_serial=kernel_args(medium_id, serial_console=True, serial=serial),
+        args_shell=kernel_args(medium_id, serial_console=False, shell=True, serial=serial),
         initrds=" ".join(["/mbrescue/base.img", *([payload_path] if payload_path else [])]),
         memory_entry=payload_path is None,
     )

@@ -51,7 +51,7 @@ from .build import (
 from .capture import normal_mac
 from .debs import sha256_file
 from .errors import MbrescueError
-from .grub import TEMPLATES, NetImages, make_net_images, render_grub_cfg
+from .grub import DEFAULT_SERIAL, TEMPLATES, NetImages, SerialPort, make_net_images, render_grub_cfg
 from .initramfs import make_payload_initramfs
 from .iso import new_medium_id
 from .runner.capfile import PAYLOAD_CAPTURE_MEMBER, Capture, newc_member
@@ -73,6 +73,7 @@ class NetbootOptions:
     # on a network (see check_unattended).
     unattended_netboot_allowed: bool = False
     expected_hosts: tuple[str, ...] = ()  # --expect-host, one per capture (empty: any)
+    serial: SerialPort = DEFAULT_SERIAL  # --serial
 
 
 # Where a host's MAC addresses came from, strongest first.
@@ -236,7 +237,7 @@ def _check_payload(payload: Path, capture_path: Path, capture_sha256: str) -> No
                             "as checked; nothing replaced")
 
 
-def render_dispatcher(hosts: tuple[NetHost, ...]) -> str:
+def render_dispatcher(hosts: tuple[NetHost, ...], serial: SerialPort = DEFAULT_SERIAL) -> str:
     env = jinja2.Environment(
         loader=jinja2.FileSystemLoader(TEMPLATES),
         undefined=jinja2.StrictUndefined,
@@ -244,7 +245,8 @@ def render_dispatcher(hosts: tuple[NetHost, ...]) -> str:
         autoescape=False,
     )
     return env.get_template("netboot.cfg.j2").render(
-        hosts=[{"name": host.name, "macs": host.macs} for host in hosts]
+        hosts=[{"name": host.name, "macs": host.macs} for host in hosts],
+        serial_unit=serial.unit, serial_speed=serial.speed,
     )
 
 
@@ -284,6 +286,7 @@ def _add_host(tree: Path, path: Path, capture: Capture, options: NetbootOptions,
         boot_fs_uuid=boot_fs_uuid,
         medium_id=medium_id,
         payload_path=f"/mbrescue/hosts/{host}/payload.img",
+        serial=options.serial,
     )
     menu_path = tree / "boot" / "grub" / "hosts" / f"{host}.cfg"
     menu_path.parent.mkdir(parents=True, exist_ok=True)
@@ -352,7 +355,7 @@ def build_netboot(options: NetbootOptions) -> NetbootReport:
         for path, capture in captures:
             _add_host(tree, path, capture, options, shared, staged)
         _write_shared(tree, shared)
-        images = make_net_images(tree, dispatcher=render_dispatcher(hosts))
+        images = make_net_images(tree, dispatcher=render_dispatcher(hosts, options.serial))
         staged.commit()
     finally:
         staged.discard()

@@ -64,6 +64,9 @@ class VmConfig:
     shares: list[tuple[Path, str]] = field(default_factory=list)  # (host dir, 9p mount tag)
     boot_order: str | None = None  # e.g. "d" for CD first (BIOS)
     extra: list[str] = field(default_factory=list)
+    # Which serial port (0 = COM1/ttyS0) is the one read and typed into; ports before it
+    # are present but connected to nothing (a server whose serial-over-LAN is ttyS1).
+    serial_port: int = 0
     qmp: bool = False  # a QMP socket for registers() and screendump()
     secure_boot: bool = False  # uefi only: OVMF with Secure Boot enforced (Microsoft keys)
     # uefi only: this variable store file, used in place and kept (two boots of one machine
@@ -101,6 +104,7 @@ class Vm:
             str(c.memory_mib),
             "-display",
             "none",
+            *["-serial", "null"] * c.serial_port,
             "-serial",
             "stdio",
             "-monitor",
