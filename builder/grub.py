@@ -50,14 +50,15 @@ GRUB_LIB = Path("/usr/lib/grub")
 BIOS_DIR = GRUB_LIB / "i386-pc"
 EFI_DIR = GRUB_LIB / "x86_64-efi"
 
-# What both images need: find the medium, read the ISO and the host's /boot (ext2..4, any
-# partition table), talk on serial and screen at once, run grub.cfg's tests and boot Linux or
+# What both images need: find the medium, read the ISO and the host's /boot (ext2..4, or XFS
+# as RHEL-family hosts make it; any partition table), talk on serial and screen at once, run grub.cfg's tests and boot Linux or
 # chainload the local disk.
 COMMON_MODULES = (
     "iso9660",
     "part_msdos",
     "part_gpt",
     "ext2",
+    "xfs",
     "fat",
     "search",
     "search_fs_uuid",
@@ -410,6 +411,12 @@ def kernel_args(medium_id: str, *, serial_console: bool, shell: bool = False,
     return " ".join(args)
 
 
+# The host's own menu, where the healthy default looks when there is no boot code to hand
+# over to, relative to the host's /boot file system: a separate /boot first (Debian's `grub`,
+# Red Hat's `grub2`), then /boot inside the root file system.
+HOST_MENUS = ("grub/grub.cfg", "grub2/grub.cfg", "boot/grub/grub.cfg", "boot/grub2/grub.cfg")
+
+
 def render_grub_cfg(
     *,
     host: str,
@@ -459,6 +466,7 @@ def render_grub_cfg(
         args_shell=kernel_args(medium_id, serial_console=False, shell=True, serial=serial),
         initrds=" ".join(["/mbrescue/base.img", *([payload_path] if payload_path else [])]),
         memory_entry=payload_path is None,
+        host_menus=HOST_MENUS,
     )
 
 

@@ -31,6 +31,7 @@ import stat
 import tarfile
 from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import IO, Any, BinaryIO
 
 from .errors import MbrescueError
@@ -47,6 +48,15 @@ MAX_HASHED_BYTES = 64 << 20
 VOLATILE_PATTERNS = ("grub/grubenv", "grub2/grubenv", "efi/EFI/*/grubenv", "EFI/*/grubenv")
 KERNEL_PREFIX = "vmlinuz-"
 MODULES_DIR = "/lib/modules"
+# Boot Loader Specification entries, as RHEL 8+ and Fedora list their kernels (relative to
+# the /boot mount); Red Hat's GRUB reads them with its `blscfg` command.
+BLS_DIR = "loader/entries"
+BLS_SUFFIX = ".conf"
+# An entry is a few hundred bytes; a bigger one (a hostile capture's) is not read. Its text
+# reaches the console, so each value is bounded and kept printable.
+BLS_MAX_BYTES = 64 << 10
+BLS_MAX_ENTRIES = 256
+BLS_VALUE_CHARS = 256
 
 
 def is_volatile(path: str) -> bool:
@@ -180,10 +190,91 @@ def list_live(mountpoint: str, workers: int | None = None,
     return [entry for entry in entries if entry["type"] != "gone"]
 
 
-def kernels(entries: Iterable[dict[str, Any]], live_host: bool,
-            modules_dir: str = MODULES_DIR) -> list[dict[str, Any]]:
-    """The kernels at /boot's top level; on the live host, whether their modules exist."""
+@dataclass(frozen=True)
+class BlsEntry:
+    """One BLS entry: the keys a kernel list needs (`options` is the boot loader's)."""
+
+    name: str  # the entry's file, relative to /boot: loader/entries/<id>.conf
+    title: str | None
+    version: str | None
+    linux: str | None  # the kernel, relative to the entry's file system: /vmlinuz-<version>
+    initrd: tuple[str, ...]
+
+
+def _printable(value: str) -> str:
+    return "".join(c if c.isprintable() else "?" for c in value[:BLS_VALUE_CHARS])
+
+
+def parse_bls_entry(name: str, text: str) -> BlsEntry:
+    """A BLS entry's text: `key value` lines (space or tab), `#` comments; the first
+    `title`, `version` and `linux` count, every `initrd` line adds its paths."""
+    values: dict[str, str] = {}
+    initrd: list[str] = []
+    for line in text[:BLS_MAX_BYTES].splitlines():
+        words = line.split(None, 1)
+        if len(words) < 2 or words[0].startswith("#"):
+            continue
+        key, value = words[0], words[1].strip()
+        if key == "initrd":
+            initrd.extend(_printable(path) for path in value.split())
+        elif key in ("title", "version", "linux"):
+            values.setdefault(key, _printable(value))
+    return BlsEntry(name=name, title=values.get("title"), version=values.get("version"),
+                    linux=values.get("linux"), initrd=tuple(initrd[:16]))
+
+
+def is_bls_entry(path: str) -> bool:
+    folder, _, file_name = path.rpartition("/")
+    return folder == BLS_DIR and file_name.endswith(BLS_SUFFIX)
+
+
+def bls_from_tar(stream: BinaryIO) -> list[BlsEntry]:
+    """The BLS entries of an uncompressed tar of /boot (the capture's spool)."""
     found = []
+    with tarfile.open(fileobj=stream, mode="r:", tarinfo=BoundedTarInfo) as archive:
+        for info in archive:
+            if not (info.isreg() and is_bls_entry(info.name)) or info.size > BLS_MAX_BYTES:
+                continue
+            member = archive.extractfile(info)
+            assert member is not None
+            found.append(parse_bls_entry(info.name, member.read().decode("utf-8", "replace")))
+            if len(found) >= BLS_MAX_ENTRIES:
+                break
+    return sorted(found, key=lambda entry: entry.name)
+
+
+def bls_from_mount(mountpoint: str) -> list[BlsEntry]:
+    """The BLS entries of a mounted /boot (what `check` would compare live)."""
+    folder = os.path.join(mountpoint, BLS_DIR)
+    try:
+        names = sorted(os.listdir(folder))
+    except (FileNotFoundError, NotADirectoryError):
+        return []
+    found = []
+    for file_name in names[:BLS_MAX_ENTRIES]:
+        path = os.path.join(folder, file_name)
+        if not file_name.endswith(BLS_SUFFIX) or not os.path.isfile(path) \
+                or os.path.islink(path):
+            continue
+        with open(path, "rb") as stream:
+            text = stream.read(BLS_MAX_BYTES).decode("utf-8", "replace")
+        found.append(parse_bls_entry(f"{BLS_DIR}/{file_name}", text))
+    return found
+
+
+def kernels(entries: Iterable[dict[str, Any]], live_host: bool,
+            modules_dir: str = MODULES_DIR,
+            bls: Iterable[BlsEntry] = ()) -> list[dict[str, Any]]:
+    """The kernels at /boot's top level and those BLS entries name; on the live host,
+    whether their modules exist. A kernel an entry names carries the entry's title, file
+    and initrds (the first entry, when several name it)."""
+    found: dict[str, dict[str, Any]] = {}
+
+    def record(path: str, version: str) -> dict[str, Any]:
+        modules = os.path.isdir(os.path.join(modules_dir, version)) if live_host else None
+        return {"file": path, "version": version, "modules": modules, "title": None,
+                "entry": None, "initrd": []}
+
     for entry in entries:
         path = entry["path"]
         if "/" in path or not path.startswith(KERNEL_PREFIX) or entry["type"] != "file":
@@ -191,9 +282,24 @@ def kernels(entries: Iterable[dict[str, Any]], live_host: bool,
         version = path[len(KERNEL_PREFIX):]
         if not version:
             continue
-        modules = os.path.isdir(os.path.join(modules_dir, version)) if live_host else None
-        found.append({"file": path, "version": version, "modules": modules})
-    return found
+        found[path] = record(path, version)
+    for bls_entry in bls:
+        if bls_entry.linux is None:
+            continue
+        path = bls_entry.linux.lstrip("/")
+        if not path or "\0" in path:
+            continue
+        kernel = found.get(path)
+        if kernel is None:
+            base = path.rpartition("/")[2]
+            version = bls_entry.version or base.removeprefix(KERNEL_PREFIX)
+            if not version or "/" in version:
+                continue
+            kernel = found[path] = record(path, version)
+        if kernel["entry"] is None:
+            kernel.update(title=bls_entry.title, entry=bls_entry.name,
+                          initrd=list(bls_entry.initrd))
+    return list(found.values())
 
 
 def hash_range(fd: int, offset: int, length: int) -> str:
@@ -254,15 +360,18 @@ def fingerprint(layout: Layout, chain: list[Partition], region_fd: int,
         if p.fs is None and p.size_sectors * sector <= MAX_HASHED_BYTES
     ]
     files = None
+    bls: list[BlsEntry] = []
     if files_spool_fd is not None:
         with open(files_spool_fd, "rb", closefd=False) as stream:
             stream.seek(0)
             files = list_from_tar(stream)
+            stream.seek(0)
+            bls = bls_from_tar(stream)
     return {
         "gap": gap_record(region_fd, sector, table_end_lba(layout), starts),
         "raw_partitions": raw_partitions,
         "files": files,
         "files_reason": None if files is not None else files_reason,
-        "kernels": kernels(files or [], live_host),
+        "kernels": kernels(files or [], live_host, bls=bls),
         "live_host": live_host,
     }

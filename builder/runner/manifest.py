@@ -37,6 +37,9 @@ HEX_RE = re.compile(r"(?:[0-9a-f]{2})*")
 # A machine's MAC address as capture writes it (and GRUB's $net_default_mac spells it).
 MAC_RE = re.compile(r"[0-9a-f]{2}(?::[0-9a-f]{2}){5}")
 MAX_MACS = 64
+# A BLS entry's title, file name or initrd path: printable (it reaches the console), bounded.
+BLS_TEXT_RE = re.compile(r"[^\x00-\x1f\x7f]{1,256}")
+MAX_INITRDS = 16
 
 
 class _Fields:
@@ -238,6 +241,10 @@ class KernelRecord:
     file: str  # vmlinuz-<version>, at /boot's top level
     version: str
     modules: bool | None  # /lib/modules/<version> existed; None: not captured on the live host
+    # The BLS entry that names it (runner/bootfiles.py), None for a kernel no entry names.
+    title: str | None = None
+    entry: str | None = None  # loader/entries/<id>.conf
+    initrd: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -726,7 +733,14 @@ def _fingerprint(fields: _Fields | None, source: SourceDisk,
     for index, item in enumerate(fields.items("kernels", optional=True)):
         kernel = _Fields(item, f"fingerprint.kernels[{index}]")
         modules = None if kernel.data.get("modules") is None else kernel.flag("modules")
-        kernels.append(KernelRecord(kernel.text("file"), kernel.text("version"), modules))
+        listed = kernel.items("initrd", optional=True)
+        if len(listed) > MAX_INITRDS:
+            raise _bad(f"{kernel.where}.initrd", f"{len(listed)} entries")
+        initrd = tuple(_Fields({"initrd": item}, kernel.where).text("initrd", BLS_TEXT_RE)
+                       for item in listed)
+        kernels.append(KernelRecord(kernel.text("file"), kernel.text("version"), modules,
+                                    title=kernel.opt_str("title", BLS_TEXT_RE),
+                                    entry=kernel.opt_str("entry", BLS_TEXT_RE), initrd=initrd))
     return FingerprintRecord(gap=gap, raw_partitions=tuple(raw_partitions), files=files,
                              files_reason=fields.opt_str("files_reason"),
                              kernels=tuple(kernels), live_host=fields.flag("live_host"))

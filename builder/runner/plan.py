@@ -22,7 +22,7 @@ from .console import Console, human_bytes
 from .disk import DiskInfo, read_at
 from .errors import DoesNotFit, MbrescueError
 from .layout import read_layout
-from .manifest import EbrRecord, Manifest
+from .manifest import EbrRecord, KernelRecord, Manifest
 
 SWAP_TYPES = (0x82,)
 LINUX_SWAP_GUID = "0657fd6d-a4ab-43c4-84e5-0933c84b4f4f"
@@ -603,7 +603,13 @@ def show_capture(console: Console, capture: Capture) -> None:
     kernels = manifest.fingerprint.kernels if manifest.fingerprint else ()
     if kernels:
         console.say("mbrescue: kernels in the captured /boot (what comes back): "
-                    + ", ".join(kernel.version for kernel in kernels))
+                    + ", ".join(kernel_text(kernel) for kernel in kernels))
+
+
+def kernel_text(kernel: KernelRecord) -> str:
+    """A kernel as the plan lists it: its version, and the menu title of the BLS entry
+    that boots it (RHEL 8+, Fedora)."""
+    return kernel.version if kernel.title is None else f"{kernel.version} ({kernel.title})"
 
 
 def capture_age(created: str, now_s: float | None = None) -> str:
