@@ -193,3 +193,39 @@ def test_xfs_needs_300_mib(xfs_capture, tmp_path):
     result = mbrescue("restore", "--yes", xfs_capture, target)
     assert result.returncode == 1 and "Traceback" not in result.stderr
     assert "the smallest disk this capture fits is" in result.stderr, result.stderr
+
+
+@pytest.mark.parametrize("mounted", [False, True])
+def test_check_sees_a_new_bls_entry_and_kernel_on_xfs(xfs_host, tmp_path, mounted):
+    """A kernel update on an XFS /boot (a new kernel and its BLS entry): `check` names both,
+    the /boot mounted (and frozen at capture) or not (issue 20)."""
+    image = tmp_path / "host.img"
+    sh("cp", "--sparse=always", xfs_host, image)
+    loop = loop_at(image, BOOT_START * 512, BOOT_BYTES)
+    where = tmp_path / "boot"
+    where.mkdir()
+    capture = tmp_path / "before.mbrescue"
+    try:
+        sh("mount", loop, where)
+        try:
+            if not mounted:
+                sh("umount", where)
+            made = mbrescue("capture", image, "-o", capture, "--hostname", "rocky")
+            assert made.returncode == 0, made.stderr
+            assert mbrescue("check", capture, image).returncode == 0
+            if not mounted:
+                sh("mount", loop, where)
+            (where / "vmlinuz-5.14.0-503.el9.x86_64").write_bytes(os.urandom(MiB))
+            (where / "loader" / "entries" / "abc-5.14.0-503.el9.x86_64.conf").write_text(
+                BLS_ENTRY.replace("427", "503"))
+            if not mounted:
+                sh("umount", where)
+            drifted = mbrescue("check", capture, image)
+        finally:
+            if mounted:
+                sh("umount", where)
+    finally:
+        sh("losetup", "--detach", loop)
+    assert drifted.returncode == 1, (drifted.stdout, drifted.stderr)
+    assert "vmlinuz-5.14.0-503.el9.x86_64 added" in drifted.stdout
+    assert "loader/entries/abc-5.14.0-503.el9.x86_64.conf added" in drifted.stdout

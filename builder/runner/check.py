@@ -444,13 +444,14 @@ def _compare_boot_files(manifest: Manifest, copied: tuple[FileEntry, ...] | None
 
 def _compare_unmounted(recorded: tuple[FileEntry, ...] | None, dir_links: bool, source: str,
                        part: Partition, live: Layout, found: _Found) -> tuple[int, str | None]:
-    """The files of an unmounted /boot, read on a read-only loop device mounted `ro,noload`
-    (runner/filecopy.py, as capture reads it): (how many were compared, None), or
+    """The files of an unmounted /boot, read on a read-only loop device mounted without
+    replay (`ro,noload`; XFS `ro,norecovery`: runner/filecopy.py, as capture reads it):
+    (how many were compared, None), or
     (0, why they could not be)."""
     if recorded is None:
         return 0, "the capture holds no list of them and no file-level copy"
     fs_type = part.fs.type if part.fs is not None else None
-    if fs_type not in filecopy.EXT_TYPES:
+    if fs_type not in filecopy.MOUNTED_TYPES:
         return 0, f"no read-only mount for {'a ' + fs_type if fs_type else 'its'} file system here"
     offset_bytes = part.start_lba * live.disk.logical_sector_bytes
     with contextlib.ExitStack() as stack:
