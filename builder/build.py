@@ -57,6 +57,9 @@ class BuildOptions:
     # --expect-host: the host each capture must be for, in the captures' order (empty: any).
     expected_hosts: tuple[str, ...] = ()
     serial: SerialPort = DEFAULT_SERIAL  # --serial: GRUB's and the rescue kernel's serial line
+    # --unattended-default SECONDS: with no local /boot found, GRUB starts the unattended
+    # restore after this countdown (needs unattended_allowed).
+    unattended_default_s: int | None = None
 
 
 @dataclass(frozen=True)
@@ -233,6 +236,7 @@ def build_one(
             boot_fs_uuid=boot_fs_uuid,
             medium_id=medium_id,
             serial=options.serial,
+            unattended_default_s=options.unattended_default_s,
         )
         found: dict = {}
 
@@ -313,9 +317,24 @@ def check_written(report: IsoReport, capture_sha256: str) -> IsoReport:
                                check_seconds=time.monotonic() - started)
 
 
+def unattended_line(options: BuildOptions) -> str | None:
+    """What the build says plainly when its ISOs can restore without a person."""
+    if options.unattended_default_s is not None:
+        return (f"these ISOs RESTORE WITHOUT A PERSON: on a machine whose /boot is not found, "
+                f"GRUB starts the unattended restore after {options.unattended_default_s} s, "
+                "which writes only the disk with the captured serial/WWN (any other disk stops "
+                "at the prompt)")
+    if options.unattended_allowed:
+        return ("these ISOs can restore without a person when mbrescue.unattended=1 is added "
+                "on the kernel command line (--allow-unattended)")
+    return None
+
+
 def build(options: BuildOptions) -> list[IsoReport]:
     if not options.captures:
         raise MbrescueError("no capture given")
+    if options.unattended_default_s is not None and not options.unattended_allowed:
+        raise MbrescueError("--unattended-default needs --allow-unattended")
     check_expected_names(options.expected_hosts, len(options.captures))
     captures = [(path, open_capture(path)) for path in options.captures]
     check_expected_hosts(captures, options.expected_hosts)

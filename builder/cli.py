@@ -216,12 +216,20 @@ def build_command(
                      help="The serial console GRUB and the rescue system use, e.g. ttyS1,115200 "
                      "(many servers' serial-over-LAN is the second port) [ttyS0,115200]."),
     ] = "ttyS0,115200",
+    unattended_default: Annotated[
+        int | None,
+        typer.Option("--unattended-default", metavar="SECONDS", min=5, max=600,
+                     help="With --allow-unattended: when the host's /boot is not found, GRUB "
+                     "starts the unattended restore after this visible countdown, so a remote "
+                     "dead machine restores with nobody at it. Only a disk with the captured "
+                     "serial/WWN is written; any other stops at the prompt. DANGEROUS."),
+    ] = None,
     as_json: Annotated[
         bool, typer.Option("--json", help="Print what was built as JSON on stdout.")
     ] = False,
 ) -> None:
     """Build a BIOS/UEFI, CD/USB bootable rescue ISO for each capture."""
-    from .build import BuildOptions, build, summary
+    from .build import BuildOptions, build, summary, unattended_line
     from .grub import parse_serial
 
     serial_port = parse_serial(serial)
@@ -231,6 +239,10 @@ def build_command(
 
         if output is not None:
             raise MbrescueError("--netboot and -o/--output exclude each other")
+        if unattended_default is not None:
+            raise MbrescueError("--unattended-default is for ISOs, not --netboot (a network "
+                                "tree restores unattended only with --allow-unattended-netboot "
+                                "and mbrescue.unattended=1)")
         tree = net.build_netboot(net.NetbootOptions(
             captures=tuple(captures), tree=netboot,
             macs=tuple(net.parse_mac_option(text) for text in mac or ()),
@@ -246,14 +258,17 @@ def build_command(
         raise MbrescueError("--mac needs --netboot")
     if allow_unattended_netboot:
         raise MbrescueError("--allow-unattended-netboot needs --netboot")
-    reports = build(
-        BuildOptions(
-            captures=tuple(captures), output=output_argument(output), jobs=jobs, unattended_allowed=allow_unattended,
-            expected_hosts=tuple(expect_host or ()), serial=serial_port,
-        )
+    options = BuildOptions(
+        captures=tuple(captures), output=output_argument(output), jobs=jobs,
+        unattended_allowed=allow_unattended, expected_hosts=tuple(expect_host or ()),
+        serial=serial_port, unattended_default_s=unattended_default,
     )
+    reports = build(options)
     for report in reports:
         log.info(summary(report))
+    unattended = unattended_line(options)
+    if unattended:
+        log.info(unattended)
     if as_json:
         print(json.dumps({"isos": [str(report.path) for report in reports]}, indent=2))
 

@@ -428,8 +428,12 @@ def render_grub_cfg(
     restore_timeout_s: int = 5,
     payload_path: str | None = None,
     serial: SerialPort = DEFAULT_SERIAL,
+    unattended_default_s: int | None = None,
 ) -> str:
     """grub.cfg for the ISO from templates/grub.cfg.j2; every value is computed here.
+
+    `unattended_default_s` (build --unattended-default): with no local /boot found, the
+    unattended restore entry is the default after that visible countdown.
 
     The ISO's rescue system reads the capture from its medium, and one more entry has GRUB
     load it into memory instead; `payload_path` (a network-boot tree's per-host payload, there
@@ -461,6 +465,7 @@ def render_grub_cfg(
         restore_timeout_s=restore_timeout_s,
         serial_unit=serial.unit,
         serial_speed=serial.speed,
+        unattended_default_s=unattended_default_s,
         args_screen=kernel_args(medium_id, serial_console=False, serial=serial),
         args_serial=kernel_args(medium_id, serial_console=True, serial=serial),
         args_shell=kernel_args(medium_id, serial_console=False, shell=True, serial=serial),

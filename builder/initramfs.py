@@ -41,6 +41,7 @@ from . import kit as kit_module
 from .errors import MbrescueError
 from .kit import Kit
 from .run import require_tools, run
+from .runner.cmdline import UNATTENDED_DONE_PATH
 from .runner.outputs import commit, create_temporary
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
@@ -141,6 +142,11 @@ def module_plan(kit: Kit) -> list[tuple[str, str, list[str]]]:
             for path in kit.module_load_order]
 
 
+# After a restore that went on without a person, /init reboots into the restored disk after
+# this many seconds (Enter on any console: at once).
+UNATTENDED_REBOOT_S = 10
+
+
 def render_init(kit: Kit) -> str:
     environment = jinja2.Environment(
         undefined=jinja2.StrictUndefined, keep_trailing_newline=True, autoescape=False
@@ -159,6 +165,8 @@ def render_init(kit: Kit) -> str:
         python=PYTHON_PATH,
         capture_path=CAPTURE_PATH,
         runner_line=runner_command(),
+        unattended_done_path=UNATTENDED_DONE_PATH,
+        unattended_reboot_s=UNATTENDED_REBOOT_S,
     )
 
 

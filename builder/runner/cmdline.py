@@ -30,6 +30,9 @@ from .errors import MbrescueError
 
 PROC_CMDLINE = "/proc/cmdline"
 OPTIONS_PATH = "/mbrescue/options.json"
+# Written by the runner when a restore went on without a person (mbrescue.unattended=1,
+# honoured): /init then reboots into the restored disk by itself after a countdown.
+UNATTENDED_DONE_PATH = "/run/mbrescue-unattended"
 TRUE_WORDS = ("1", "yes", "true", "on")
 
 

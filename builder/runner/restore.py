@@ -40,6 +40,7 @@ from . import errors, files_restore, nvram
 from .capfile import Capture
 from .cmdline import (
     OPTIONS_PATH,
+    UNATTENDED_DONE_PATH,
     Switches,
     expected_capture_sha256,
     expected_manifest_sha256,
@@ -271,7 +272,7 @@ class CaptureCheck:
 
 
 def _unattended_proceeds(console: Console, switches: Switches, unattended: bool,
-                         identity_known: bool) -> bool:
+                         identity_known: bool, rescue: bool) -> bool:
     """Does `mbrescue.unattended=1` let this restore go on without `yes`? Says why not."""
     if not switches.unattended:
         return False
@@ -285,7 +286,16 @@ def _unattended_proceeds(console: Console, switches: Switches, unattended: bool,
                     "large enough is not proof)")
         return False
     console.say("mbrescue: unattended restore (mbrescue.unattended=1, allowed by the build)")
+    _note_unattended(rescue)
     return True
+
+
+def _note_unattended(rescue: bool) -> None:
+    """In the rescue system, tell /init the restore goes on without a person: once it is
+    complete, /init reboots into the restored disk by itself (templates/init.j2)."""
+    if rescue:
+        with open(UNATTENDED_DONE_PATH, "w", encoding="ascii") as marker:
+            marker.write("1\n")
 
 
 def restore(
@@ -433,7 +443,7 @@ def _restore(
         # files_restore.run makes the file systems in scratch, shows its plan, asks (unless
         # told to proceed), writes and verifies; the checksums were verified above.
         proceed = assume_yes or _unattended_proceeds(console, switches, unattended,
-                                                     identity_known)
+                                                     identity_known, rescue)
         # The file systems are made from the capture's file copies: checked ones only.
         check.wait(console)
         return files_restore.run(capture, plan.target, plan.why, console, proceed, writing,
@@ -445,7 +455,8 @@ def _restore(
                                    plan.target.kind) if rescue else None)
     if entry is not None:
         console.say(entry.plan_line())
-    proceed = assume_yes or _unattended_proceeds(console, switches, unattended, identity_known)
+    proceed = assume_yes or _unattended_proceeds(console, switches, unattended, identity_known,
+                                                 rescue)
     if not proceed:
         answer = console.ask(prompt_text(plan, CONFIRM_WORD))
         # Exactly the word: "y", "YES" or " yes" are not an informed consent to overwrite.

@@ -231,6 +231,12 @@ if [ "$status" != 0 ]; then
 fi
 
 sync
+if [ -e /run/mbrescue-unattended ]; then
+    # Nobody at the keyboard: boot the restored disk. With the medium still inserted, its
+    # GRUB finds the host's /boot and boots the local disk by default.
+    announce "restore complete without a person: rebooting into the restored disk in 10 s (Enter: now)"
+    ( sleep 10; : > /run/mbrescue-enter ) &
+fi
 announce "press Enter to reboot"
 wait_for_enter
 reboot -f
