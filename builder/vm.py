@@ -190,9 +190,9 @@ class Vm:
                 argv += ["-device", f"{CONTROLLERS[disk.interface]},id=hba{index}",
                          "-device", f"scsi-hd,drive={drive_id},bus=hba{index}.0{serial}{blk}"]
             elif disk.interface == "nvme":
-                boot = f",bootindex={disk.bootindex}" if disk.bootindex is not None else ""
+                nvme_boot = f",bootindex={disk.bootindex}" if disk.bootindex is not None else ""
                 argv += ["-device",
-                         f"nvme,drive={drive_id},serial={disk.serial or drive_id}{boot}{blk}"]
+                         f"nvme,drive={drive_id},serial={disk.serial or drive_id}{nvme_boot}{blk}"]
             else:
                 raise ValueError(disk.interface)
         for host_dir, tag in c.shares:
