@@ -86,3 +86,71 @@ def test_restores_and_boots_behind_the_controller(fixtures, rescue_initrd, tmp_p
     print(f"{interface}: prompt at {at_prompt:.1f} s, restored at {restored:.1f} s, the "
           f"restored disk reached its marker under SeaBIOS in {seconds:.1f} s "
           f"(case {time.monotonic() - started:.0f} s)")
+
+
+@pytest.mark.qemu
+def test_a_controller_still_scanning_is_named_and_enter_ends_the_wait(rescue_initrd,
+                                                                      tmp_path) -> None:
+    """A SAS link that is up with no disk attached behind it (QEMU's mptsas with a disk of
+    SAS address 0: Linux never attaches it) is a scan that never ends: the runner names the
+    controller, and Enter on the console ends the wait long before its limit."""
+    target = blank(tmp_path / "target.img", 100 * 1024 * 1024)
+    extra = ["-drive", f"file={target},format=raw,if=none,id=stuck",
+             "-device", "mptsas1068,id=sas0", "-device", "scsi-hd,drive=stuck,bus=sas0.0"]
+    config = rescue_config(rescue_initrd, [], "mbrescue.wait=300", extra)
+    with Vm(config, tmp_path / "serial.log") as vm:
+        try:
+            vm.expect(r"still scanning: host\d+ \(mptsas\): a SAS link is up", STEP_TIMEOUT_S)
+            pressed = vm.elapsed()
+            vm.send("\r")
+            vm.expect(r"the disk wait was ended by a key", 30)
+            vm.expect(r"mbrescue: error: no disk can take the region", 30)
+        except VmTimeout as exc:
+            raise AssertionError(f"{str(exc).splitlines()[0]}\n{tail(vm)}") from None
+        print(f"mptsas named at {pressed:.1f} s; Enter ended the wait at {vm.elapsed():.1f} s")
+
+
+@pytest.mark.qemu
+def test_an_empty_controller_ends_the_wait_within_the_bound(rescue_initrd, tmp_path) -> None:
+    """A MegaRAID controller with no disk: once nothing scans and no device event comes for
+    settle.QUIET_S, the wait ends, well inside mbrescue.wait."""
+    from builder.runner.settle import QUIET_S
+
+    bound_s = 90
+    config = rescue_config(rescue_initrd, [], f"mbrescue.wait={bound_s}",
+                           ["-device", "megasas-gen2,id=raid0"])
+    with Vm(config, tmp_path / "serial.log") as vm:
+        try:
+            vm.expect(DRIVERS_LOADED, STEP_TIMEOUT_S)
+            vm.expect(r"mbrescue: error: no disk can take the region", bound_s)
+        except VmTimeout as exc:
+            raise AssertionError(f"{str(exc).splitlines()[0]}\n{tail(vm)}") from None
+        assert "reached its limit" not in vm.output, tail(vm)
+        print(f"empty megasas: the wait ended at {vm.elapsed():.1f} s (quiet {QUIET_S:.0f} s, "
+              f"bound {bound_s} s)")
+
+
+@pytest.mark.qemu
+def test_a_disk_that_appears_late_is_found(fixtures, rescue_initrd, tmp_path) -> None:
+    """A disk hot-plugged onto a virtio-scsi controller after the drivers are loaded and
+    /init's own wait is over is found by the runner's wait and offered."""
+    fixture = fixtures["A"]
+    late = blank(tmp_path / "late.img", fixture.path.stat().st_size)
+    config = rescue_config(rescue_initrd, [], "mbrescue.wait=120",
+                           ["-device", "virtio-scsi-pci,id=vscsi"])
+    config.qmp = True
+    with Vm(config, tmp_path / "serial.log") as vm:
+        try:
+            vm.expect(r"mbrescue: disks: ", STEP_TIMEOUT_S)
+            vm.expect(r"no disk can take the region yet", STEP_TIMEOUT_S)
+            vm.qmp("blockdev-add", {"driver": "raw", "node-name": "late",
+                                    "file": {"driver": "file", "filename": str(late)}})
+            vm.qmp("device_add", {"driver": "scsi-hd", "bus": "vscsi.0", "drive": "late",
+                                  "id": "latedisk"})
+            plugged = vm.elapsed()
+            prompt = vm.expect(PROMPT, STEP_TIMEOUT_S)
+            vm.send("no\r")
+            vm.expect(r"mbrescue: error: aborted, nothing written", 60)
+        except VmTimeout as exc:
+            raise AssertionError(f"{str(exc).splitlines()[0]}\n{tail(vm)}") from None
+        print(f"late disk plugged at {plugged:.1f} s, offered as {prompt.group(1)}")
