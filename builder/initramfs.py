@@ -58,9 +58,11 @@ LIBRARY_PATH = "/lib/x86_64-linux-gnu"
 # they, not busybox applets of the same name, are what the runner starts.
 TOOLS_PATH = "/usr/sbin"
 
-# Waiting for disks: poll every 0.25 s until the set is unchanged for 2 s, at most
-# 15 s (AHCI link bring-up and usb-storage's 1 s settle delay fit well inside).
-WAIT_LIMIT_S = 15
+# Waiting for disks: poll every 0.25 s until the set is unchanged for 2 s (AHCI link
+# bring-up and usb-storage's 1 s settle delay fit well inside); the runner then waits for
+# controllers still scanning (runner/settle.py). Neither waits past WAIT_LIMIT_S from boot
+# (mbrescue.wait=N): real SAS HBAs and RAID controllers take tens of seconds to scan.
+WAIT_LIMIT_S = 120
 STABLE_S = 2
 TICKS_PER_S = 4
 # Console log level once the drivers are loaded: KERN_WARNING and more urgent.

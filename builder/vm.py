@@ -43,7 +43,10 @@ OVMF_VARS_MS = Path("/usr/share/OVMF/OVMF_VARS_4M.ms.fd")
 @dataclass
 class Disk:
     path: Path
-    interface: str = "virtio"  # virtio | ide | ahci | usb | cdrom | usb-cdrom | nvme
+    # virtio | ide | usb | cdrom | usb-cdrom | nvme, or a disk behind a controller of its
+    # own: ahci (SATA, ide-hd), megasas (megasas-gen2, MegaRAID SAS), mptsas (mptsas1068,
+    # LSI SAS), virtio-scsi (virtio-scsi-pci); the last three with a scsi-hd on bus ID.0.
+    interface: str = "virtio"
     readonly: bool = False
     serial: str | None = None
     logical_block_bytes: int | None = None
@@ -51,6 +54,16 @@ class Disk:
     # Firmware boot order position. OVMF connects only the devices QEMU lists in its boot
     # order once there is one, so a disk GRUB must see under UEFI needs an index too.
     bootindex: int | None = None
+    # The SAS address behind mptsas (QEMU reports scsi-hd's `wwn` as it). A real SAS disk
+    # always has one; Linux's mptsas attaches no disk whose address is 0, QEMU's default,
+    # so mptsas disks get SAS_WWN_BASE + their index unless this says otherwise.
+    wwn: int | None = None
+
+
+# What scsi-hd's `-device` takes for each controller kind, after `-device CONTROLLER,id=ID`.
+CONTROLLERS = {"megasas": "megasas-gen2", "mptsas": "mptsas1068",
+               "virtio-scsi": "virtio-scsi-pci"}
+SAS_WWN_BASE = 0x5000C50000000000
 
 
 @dataclass
@@ -151,7 +164,9 @@ class Vm:
             if disk.logical_block_bytes:
                 blk = f",logical_block_size={disk.logical_block_bytes},physical_block_size={disk.logical_block_bytes}"
             serial = f",serial={disk.serial}" if disk.serial else ""
-            if disk.bootindex is not None and disk.interface in ("virtio", "ide", "nvme"):
+            if disk.bootindex is not None and disk.interface in (
+                "virtio", "ide", "nvme", "ahci", *CONTROLLERS
+            ):
                 serial += f",bootindex={disk.bootindex}"
             if disk.interface == "virtio":
                 argv += ["-device", f"virtio-blk-pci,drive={drive_id}{serial}{blk}"]
@@ -163,12 +178,25 @@ class Vm:
                 if not usb:
                     argv += ["-device", "qemu-xhci,id=xhci"]
                     usb = True
+                # With -kernel, QEMU's own boot ROM holds bootindex 0.
+                boot = disk.bootindex if disk.bootindex is not None else index
+                boot_opt = "" if c.kernel and disk.bootindex is None else f",bootindex={boot}"
                 argv += [
                     "-device",
-                    f"usb-storage,bus=xhci.0,drive={drive_id},bootindex={index}{serial}",
+                    f"usb-storage,bus=xhci.0,drive={drive_id}{boot_opt}{serial}",
                 ]
+            elif disk.interface == "ahci":
+                argv += ["-device", f"ahci,id=hba{index}",
+                         "-device", f"ide-hd,drive={drive_id},bus=hba{index}.0{serial}{blk}"]
+            elif disk.interface in CONTROLLERS:
+                if disk.interface == "mptsas":
+                    serial += f",wwn={disk.wwn or SAS_WWN_BASE + index + 1:#x}"
+                argv += ["-device", f"{CONTROLLERS[disk.interface]},id=hba{index}",
+                         "-device", f"scsi-hd,drive={drive_id},bus=hba{index}.0{serial}{blk}"]
             elif disk.interface == "nvme":
-                argv += ["-device", f"nvme,drive={drive_id},serial={disk.serial or drive_id}{blk}"]
+                nvme_boot = f",bootindex={disk.bootindex}" if disk.bootindex is not None else ""
+                argv += ["-device",
+                         f"nvme,drive={drive_id},serial={disk.serial or drive_id}{nvme_boot}{blk}"]
             else:
                 raise ValueError(disk.interface)
         for host_dir, tag in c.shares:

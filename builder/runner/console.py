@@ -249,6 +249,14 @@ class Console:
                 self._pending[fd] = self._pending.get(fd, b"") + data
         return None
 
+    def line_entered(self, timeout: float) -> bool:
+        """Did someone end a line (Enter) on any console within timeout seconds? Only the
+        rescue system's own terminals are watched; stdin (the CLI) just waits."""
+        if any(terminal.in_stream is not None for terminal in self.terminals):
+            time.sleep(timeout)
+            return False
+        return self.ask("", timeout=timeout) is not None
+
     def _take_line(self, fd: int) -> str | None:
         buffered = self._pending.get(fd, b"")
         if b"\n" not in buffered:

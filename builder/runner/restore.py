@@ -36,7 +36,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
-from . import errors, files_restore, nvram
+from . import errors, files_restore, nvram, settle
 from .capfile import Capture
 from .cmdline import (
     OPTIONS_PATH,
@@ -202,22 +202,43 @@ def _wait_for_a_candidate(console: Console, capture: Capture, head: RegionHead,
                           medium: str | None, disks: list[str] | None, wanted: str | None,
                           forced_by: str | None = None
                           ) -> list[tuple[Candidate, AnyPlan | None]]:
-    """The candidates, looked for again once a second while none can take the region and
-    the rescue system's disk wait (`mbrescue.wait=N`, from /init) has not run out: a USB
-    disk plugged in late is still found within the documented wait."""
+    """The candidates, looked for again while none can take the region: as long as a
+    controller is still scanning (runner/settle.py names it on the console), then for
+    settle.QUIET_S more without a device event (a USB disk plugged in late), never past the
+    rescue system's disk wait (`mbrescue.wait=N`, from /init); Enter on a console ends it."""
     found = rescue_candidates(capture, head, medium, disks, forced_by)
     try:
         until_s = float(os.environ.get(WAIT_UNTIL_ENV, ""))
     except ValueError:
         return found
-    announced = False
-    while not _usable(found, wanted) and time.clock_gettime(time.CLOCK_BOOTTIME) < until_s:
-        if not announced:
-            left_s = until_s - time.clock_gettime(time.CLOCK_BOOTTIME)
-            console.say(f"mbrescue: no disk can take the region yet; looking again for up to "
-                        f"{left_s:.0f} s (mbrescue.wait=N sets the limit)")
-            announced = True
-        time.sleep(1)
+    announced: list[str] | None = None
+    seqnum = settle.uevent_seqnum()
+    quiet_since = time.monotonic()
+    while not _usable(found, wanted):
+        left_s = until_s - time.clock_gettime(time.CLOCK_BOOTTIME)
+        if left_s <= 0:
+            console.say("mbrescue: the disk wait reached its limit (mbrescue.wait=N sets it)")
+            break
+        busy = settle.still_scanning()
+        now_seqnum = settle.uevent_seqnum()
+        if now_seqnum != seqnum:
+            seqnum, quiet_since = now_seqnum, time.monotonic()
+        if not busy and time.monotonic() - quiet_since >= settle.QUIET_S:
+            break
+        if busy != announced:
+            if busy:
+                console.say("mbrescue: no disk can take the region yet; waiting for the "
+                            "controllers still scanning: " + "; ".join(busy))
+            else:
+                console.say("mbrescue: no disk can take the region yet; looking again "
+                            f"for up to {min(left_s, settle.QUIET_S):.0f} s")
+            console.say(f"mbrescue: Enter ends the wait (at most {left_s:.0f} s more; "
+                        "mbrescue.wait=N sets the limit)")
+            announced = busy
+        if console.line_entered(1.0):
+            console.say("mbrescue: the disk wait was ended by a key")
+            found = rescue_candidates(capture, head, medium, disks, forced_by)
+            break
         found = rescue_candidates(capture, head, medium, disks, forced_by)
     return found
 

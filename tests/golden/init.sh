@@ -67,7 +67,7 @@ ln -sf /proc/self/fd /dev/fd
 shell_requested=0
 loglevel_chosen=0
 medium_id=""
-wait_limit_s=15
+wait_limit_s=120
 for word in $(cat /proc/cmdline); do
     case "$word" in
         quiet|debug|loglevel=*)
@@ -145,9 +145,10 @@ if [ "$shell_requested" = 1 ]; then
 fi
 
 # AHCI, NVMe and USB probe asynchronously: wait until the set of disks has not
-# changed for 2 s, at most $wait_limit_s s (mbrescue.wait=N). A disk plugged in
-# later still counts: the runner goes on looking until the limit while no disk can take
-# the region, so it is told when the limit ends (seconds since boot, as /proc/uptime).
+# changed for 2 s, at most $wait_limit_s s (mbrescue.wait=N). Slower controllers
+# (SAS HBAs, RAID) are the runner's to wait for: while no disk can take the region it waits
+# for every controller still scanning, then a little for a disk plugged in late, never past
+# the limit, so it is told when the limit ends (seconds since boot, as /proc/uptime).
 read -r uptime_s _ < /proc/uptime
 export MBRESCUE_WAIT_UNTIL=$(( ${uptime_s%.*} + wait_limit_s ))
 list_disks() {
@@ -163,7 +164,7 @@ steady_ticks=0
 ticks=0
 while [ "$ticks" -lt $((wait_limit_s * 4)) ]; do
     current="$(list_disks)"
-    if [ -n "$current" ] && [ "$current" = "$previous" ]; then
+    if [ "$current" = "$previous" ]; then
         steady_ticks=$((steady_ticks + 1))
         [ "$steady_ticks" -ge 8 ] && break
     else
