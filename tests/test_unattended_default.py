@@ -79,7 +79,7 @@ def test_restores_the_identified_disk_with_nobody_and_boots_it(fixtures, unatten
     # The medium still inserted: its GRUB finds the restored /boot and boots the disk.
     config = VmConfig(disks=[cd, Disk(target, serial=SERIAL)], boot_order="d", memory_mib=512)
     with Vm(config, tmp_path / "second.log") as vm:
-        vm.expect(r"default is to boot the local disk", 120)
+        vm.expect(r"Booting `Boot the first local disk'", 120)
         vm.expect(re.escape(fx.marker), 240)
 
 
