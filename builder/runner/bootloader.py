@@ -26,25 +26,27 @@ import tarfile
 import zlib
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from .errors import MbrescueError
+
+# The methods' names are the manifest's vocabulary (the schema owns them); re-exported here.
+from .manifest import (
+    EXTLINUX_VBR,
+    GRUB2_BIOS_BOOT_PARTITION,
+    GRUB2_BLOCKLIST,
+    GRUB2_EMBEDDED_GAP,
+    GRUB_LEGACY_BLOCKLIST,
+    GRUB_LEGACY_STAGE1_5,
+    MAX_LOADER_PATHS,
+    NONE,
+    UEFI,
+    UNKNOWN,
+    BootLoaderRecord,
+    Manifest,
+)
 from .tarbounds import BoundedTarInfo
 
-if TYPE_CHECKING:
-    from .manifest import BootLoaderRecord, Manifest
-
-GRUB2_EMBEDDED_GAP = "grub2-embedded-gap"
-GRUB2_BIOS_BOOT_PARTITION = "grub2-bios-boot-partition"
-GRUB2_BLOCKLIST = "grub2-blocklist"
-GRUB_LEGACY_STAGE1_5 = "grub-legacy-stage1.5"
-GRUB_LEGACY_BLOCKLIST = "grub-legacy-blocklist"
-EXTLINUX_VBR = "extlinux-vbr"
-UEFI = "uefi"
-NONE = "none"
-UNKNOWN = "unknown"
-METHODS = (GRUB2_EMBEDDED_GAP, GRUB2_BIOS_BOOT_PARTITION, GRUB2_BLOCKLIST, GRUB_LEGACY_STAGE1_5,
-           GRUB_LEGACY_BLOCKLIST, EXTLINUX_VBR, UEFI, NONE, UNKNOWN)
 DESCRIPTIONS = {
     GRUB2_EMBEDDED_GAP: "GRUB 2, core image embedded in the post-MBR gap",
     GRUB2_BIOS_BOOT_PARTITION: "GRUB 2, core image in the BIOS boot partition",
@@ -94,7 +96,6 @@ LDLINUX_MAGIC = struct.pack("<I", 0x3EB202FE)
 # syslinux's mbr.bin / gptmbr.bin: they start the active (legacy-BIOS-bootable) partition.
 SYSLINUX_MBR_STRINGS = (b"Missing operating system.", b"Missing OS")
 MAX_LIST_ENTRIES = 40
-MAX_LOADER_PATHS = 64
 
 
 @dataclass(frozen=True)
@@ -385,8 +386,6 @@ def found_now(manifest: Manifest, read_region: Callable[[int, int], bytes]
               ) -> tuple[BootLoaderRecord, ...]:
     """For a capture whose manifest predates the record: the same detection, run on the
     (verified) region; the ESP's loaders are not listed (its record says so: unknown)."""
-    from .manifest import BootLoaderRecord
-
     region_bytes = manifest.region.length_bytes
 
     def read(offset: int, length: int) -> bytes:

@@ -19,7 +19,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from . import bootloader, gpt, mbr
+from . import gpt, mbr
 from .errors import MbrescueError
 from .outputs import check_hostname
 
@@ -308,7 +308,7 @@ class BootLoaderRecord:
     loads) or one boot-chain partition; found from the bytes (runner/bootloader.py)."""
 
     partition: int | None
-    method: str  # one of bootloader.METHODS
+    method: str  # one of METHODS
     evidence: tuple[str, ...]
     loader_paths: tuple[str, ...]  # uefi: EFI/<dir>/<name>.efi on the ESP
     core_lba: int | None  # the first sector of GRUB's core image, stage1.5 or stage2
@@ -641,6 +641,19 @@ def _file_copies(top: _Fields, boot_chain: tuple[int, ...]) -> tuple[FileCopyRec
     return tuple(records)
 
 
+# How a boot loader was installed (runner/bootloader.py finds it from the bytes).
+GRUB2_EMBEDDED_GAP = "grub2-embedded-gap"
+GRUB2_BIOS_BOOT_PARTITION = "grub2-bios-boot-partition"
+GRUB2_BLOCKLIST = "grub2-blocklist"
+GRUB_LEGACY_STAGE1_5 = "grub-legacy-stage1.5"
+GRUB_LEGACY_BLOCKLIST = "grub-legacy-blocklist"
+EXTLINUX_VBR = "extlinux-vbr"
+UEFI = "uefi"
+NONE = "none"
+UNKNOWN = "unknown"
+METHODS = (GRUB2_EMBEDDED_GAP, GRUB2_BIOS_BOOT_PARTITION, GRUB2_BLOCKLIST, GRUB_LEGACY_STAGE1_5,
+           GRUB_LEGACY_BLOCKLIST, EXTLINUX_VBR, UEFI, NONE, UNKNOWN)
+MAX_LOADER_PATHS = 64
 MAX_EVIDENCE = 16
 MAX_EVIDENCE_CHARS = 1000
 MAX_LOADER_PATH_CHARS = 255
@@ -659,13 +672,13 @@ def _boot_loader(top: _Fields, source: SourceDisk, boot_chain: tuple[int, ...],
         partition = fields.opt_int("partition", 1, 1 << 16)
         if partition is not None and partition not in boot_chain:
             raise _bad(fields._name("partition"), f"{partition} is not in the boot chain")
-        method = fields.text("method", choices=bootloader.METHODS)
+        method = fields.text("method", choices=METHODS)
         evidence = fields.items("evidence", optional=True)
         if len(evidence) > MAX_EVIDENCE or not all(
                 isinstance(line, str) and len(line) <= MAX_EVIDENCE_CHARS for line in evidence):
             raise _bad(fields._name("evidence"), f"not a list of at most {MAX_EVIDENCE} lines")
         paths = fields.items("loader_paths", optional=True)
-        if len(paths) > bootloader.MAX_LOADER_PATHS:
+        if len(paths) > MAX_LOADER_PATHS:
             raise _bad(fields._name("loader_paths"), f"{len(paths)} paths")
         for path in paths:
             parts = path.split("/") if isinstance(path, str) else [""]
@@ -673,7 +686,7 @@ def _boot_loader(top: _Fields, source: SourceDisk, boot_chain: tuple[int, ...],
                     or "" in parts):
                 raise _bad(fields._name("loader_paths"),
                            f"{str(path)[:40]!r} is not a relative path on the ESP")
-        if paths and method != bootloader.UEFI:
+        if paths and method != UEFI:
             raise _bad(fields._name("loader_paths"), f"loader paths for method {method}")
         core_partition = fields.opt_int("core_partition", 1, 1 << 16)
         if core_partition is not None and core_partition not in partitions:
