@@ -382,6 +382,31 @@ def kernel_args(medium_id: str, *, serial_console: bool, shell: bool = False) ->
     return " ".join(args)
 
 
+# A fixed-size comment in grub.cfg that `mbrescue rescue` (bmc.py) overwrites, in a copy of
+# the ISO and at the same length, so that no ISO 9660 structure moves: the restore entries
+# then get the BMC rescue's kernel arguments (unattended, power off after) without a rebuild.
+BMC_SLOT_TAG = "#mbrescue-bmc-slot"
+BMC_SLOT_BYTES = 480  # the line's length, its newline included
+_BMC_ARG = re.compile(r"[A-Za-z0-9._:/=,@%+-]+")
+
+
+def bmc_slot() -> str:
+    """The slot as built: a comment, without its newline (the template adds it)."""
+    return BMC_SLOT_TAG + "#" * (BMC_SLOT_BYTES - 1 - len(BMC_SLOT_TAG))
+
+
+def filled_bmc_slot(kernel_args: list[str]) -> bytes:
+    """The slot's replacement: `set mbrescue_bmc_args="..."`, then a comment to the same
+    length. Only plain words: nothing GRUB's script would read as quoting or a command."""
+    for word in kernel_args:
+        if not _BMC_ARG.fullmatch(word):
+            raise MbrescueError(f"kernel argument {word!r} cannot go into grub.cfg")
+    line = f'set mbrescue_bmc_args="{" ".join(kernel_args)}"\n#'
+    if len(line) + 1 > BMC_SLOT_BYTES:
+        raise MbrescueError(f"the kernel arguments for the BMC rescue exceed {BMC_SLOT_BYTES} bytes")
+    return (line + "#" * (BMC_SLOT_BYTES - 1 - len(line))).encode()
+
+
 def render_grub_cfg(
     *,
     host: str,
@@ -428,6 +453,7 @@ def render_grub_cfg(
         args_shell=kernel_args(medium_id, serial_console=False, shell=True),
         initrds=" ".join(["/mbrescue/base.img", *([payload_path] if payload_path else [])]),
         memory_entry=payload_path is None,
+        bmc_slot=bmc_slot(),
     )
 
 

@@ -124,7 +124,7 @@ DOMAIN_XML = """<domain type='qemu'>
   <uuid>{uuid}</uuid>
   <memory unit='MiB'>768</memory>
   <vcpu>1</vcpu>
-  <os><type arch='x86_64' machine='pc'>hvm</type><boot dev='hd'/></os>
+  <os><type arch='x86_64' machine='pc'>hvm</type><loader type='rom'>/usr/share/seabios/bios-256k.bin</loader><boot dev='hd'/></os>
   <features><acpi/></features>
   <on_poweroff>destroy</on_poweroff>
   <on_reboot>restart</on_reboot>
@@ -218,3 +218,81 @@ def test_the_emulator_shows_the_domain_as_a_redfish_system(bmc):
     assert [system.identity for system in systems] == [bmc.system_id]
     media = {member.identity for member in systems[0].virtual_media.get_members()}
     assert "Cd" in media
+
+
+# ------------------------------------------------------------------ mbrescue rescue
+
+HOST = "host-a"
+
+
+def _redfish(bmc: Bmc):
+    import sushy
+
+    conn = sushy.Sushy(f"{bmc.url}/redfish/v1", username=USER, password=PASSWORD)
+    system = conn.get_system(f"/redfish/v1/Systems/{bmc.system_id}")
+    return system, system.virtual_media.get_member(
+        f"/redfish/v1/Systems/{bmc.system_id}/VirtualMedia/Cd")
+
+
+def _assert_nothing_left(bmc: Bmc) -> None:
+    """No medium in the CD, no boot override: what the rescue set up is undone."""
+    import sushy
+
+    system, cd = _redfish(bmc)
+    assert not cd.inserted and not cd.image, (cd.inserted, cd.image)
+    # sushy-emulator keeps every override as Continuous: cleared there means the disk again.
+    assert (system.boot.enabled == sushy.BootSourceOverrideEnabled.DISABLED
+            or system.boot.target == sushy.BootSource.HDD), (system.boot.enabled,
+                                                            system.boot.target)
+
+
+@pytest.fixture(scope="module")
+def unattended_iso(fixtures, tmp_path_factory) -> Path:
+    """Fixture A's capture built into an ISO with the unattended opt-in."""
+    from tests.conftest import mbrescue
+
+    work = tmp_path_factory.mktemp("bmc-iso")
+    source = work / "host-a.img"
+    subprocess.run(["cp", "--sparse=always", fixtures["A"].path, source], check=True)
+    capture = work / "host-a.mbrescue"
+    result = mbrescue("capture", source, "-o", capture, "--hostname", HOST)
+    assert result.returncode == 0, result.stderr
+    source.unlink()
+    iso = work / "host-a-rescue.iso"
+    result = mbrescue("build", capture, "-o", iso, "--allow-unattended")
+    assert result.returncode == 0, result.stderr
+    return iso
+
+
+def _rescue(bmc: Bmc, *args: str | os.PathLike[str], timeout: float = 900):
+    from tests.conftest import mbrescue
+
+    return mbrescue("rescue", HOST, "--bmc", bmc.url, "--user", USER, "--password-file",
+                    bmc.password_file, "--serve-address", "127.0.0.1", *args, timeout=timeout)
+
+
+def _wait_marker(bmc: Bmc, marker: str, timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    while marker not in bmc.serial_text():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"no marker {marker!r} in {timeout_s:.0f} s; serial log "
+                                 f"ends:\n{bmc.serial_text()[-3000:]}")
+        time.sleep(1)
+
+
+def test_blank_disk_rescued_through_the_bmc_boots_to_its_marker(bmc, fixtures, unattended_iso):
+    """Blank disk → `mbrescue rescue` (unattended ISO, explicit target) → restore complete
+    (the rescue system powers off, seen over Redfish) → ejected, override cleared, powered
+    on → the domain boots its restored disk to fixture A's marker on its serial console."""
+    bmc.blank_disk()
+    result = _rescue(bmc, "--iso", unattended_iso, "--target", "/dev/vda")
+    serial = bmc.serial_text()
+    assert result.returncode == 0, f"{result.stderr}\n--- serial:\n{serial[-4000:]}"
+    assert "mbrescue: unattended restore" in serial
+    assert "mbrescue: restore complete: /dev/vda" in serial
+    assert "restore complete" in result.stderr
+    _wait_marker(bmc, fixtures["A"].marker, 240)
+    _assert_nothing_left(bmc)
+    # The first sector of the disk is the capture's (the fixture's) again.
+    with open(fixtures["A"].path, "rb") as want, open(bmc.disk, "rb") as got:
+        assert got.read(512) == want.read(512)
