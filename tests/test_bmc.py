@@ -296,3 +296,64 @@ def test_blank_disk_rescued_through_the_bmc_boots_to_its_marker(bmc, fixtures, u
     # The first sector of the disk is the capture's (the fixture's) again.
     with open(fixtures["A"].path, "rb") as want, open(bmc.disk, "rb") as got:
         assert got.read(512) == want.read(512)
+
+
+def _one_error_line(result) -> str:
+    assert result.returncode == 1, result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith("mbrescue: error:")]
+    assert len(errors) == 1 and "Traceback" not in result.stderr, result.stderr
+    return errors[0]
+
+
+def test_wrong_credentials_are_one_line_and_leave_nothing(bmc, unattended_iso, tmp_path):
+    wrong = tmp_path / "wrong"
+    wrong.write_text("not-the-password\n")
+    from tests.conftest import mbrescue
+
+    result = mbrescue("rescue", HOST, "--bmc", bmc.url, "--user", USER, "--password-file", wrong,
+                      "--iso", unattended_iso, "--serve-address", "127.0.0.1")
+    assert "refused the credentials" in _one_error_line(result)
+    _assert_nothing_left(bmc)
+
+
+def test_an_unreachable_bmc_is_one_line(unattended_iso):
+    from tests.conftest import mbrescue
+
+    result = mbrescue("rescue", HOST, "--bmc", f"http://127.0.0.1:{_free_port()}",
+                      "--iso", unattended_iso, "--serve-address", "127.0.0.1")
+    assert "unreachable" in _one_error_line(result)
+
+
+def test_media_already_in_use_is_refused_without_force(bmc, unattended_iso, tmp_path):
+    """Someone else's medium in the virtual CD: refused, and still there after."""
+    import http.server
+    import threading
+
+    (tmp_path / "theirs.iso").write_bytes(b"\0" * 65536)
+    handler = lambda *a: http.server.SimpleHTTPRequestHandler(*a, directory=str(tmp_path))  # noqa: E731
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    _, cd = _redfish(bmc)
+    try:
+        cd.insert_media(f"http://127.0.0.1:{server.server_address[1]}/theirs.iso")
+        result = _rescue(bmc, "--iso", unattended_iso)
+        assert "already holds" in _one_error_line(result)
+        _, cd = _redfish(bmc)
+        assert cd.inserted or cd.image
+    finally:
+        cd.eject_media()
+        server.shutdown()
+        server.server_close()
+    _assert_nothing_left(bmc)
+
+
+def test_no_restore_within_the_timeout_is_one_line_and_leaves_nothing(bmc, unattended_iso):
+    """A target no disk has: the runner does not restore, the machine stays on, the rescue
+    times out; medium ejected and override cleared all the same."""
+    bmc.blank_disk()
+    result = _rescue(bmc, "--iso", unattended_iso, "--target", "NO-SUCH-SERIAL",
+                     "--timeout", "60")
+    assert "no restore complete within 60 s" in _one_error_line(result)
+    _assert_nothing_left(bmc)
+    assert "restore complete" not in bmc.serial_text()
+    bmc.blank_disk()
