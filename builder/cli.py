@@ -352,6 +352,56 @@ def bundle_command(
     log.info(summary(bundle(BundleOptions(output=path))))
 
 
+@app.command("rescue")
+def rescue_command(
+    host: Annotated[str, typer.Argument(help="The host to rescue (its capture's host name).")],
+    bmc: Annotated[str, typer.Option("--bmc", help="The host's BMC (Redfish), e.g. "
+                                     "https://bmc.example.")],
+    user: Annotated[str | None, typer.Option("--user", help="BMC user name.")] = None,
+    password_file: Annotated[
+        Path | None, typer.Option("--password-file", help="File holding the BMC password.")
+    ] = None,
+    iso: Annotated[
+        str | None,
+        typer.Option("--iso", help="Rescue ISO: a path (served over HTTP from here for the "
+                     "rescue only) or an http(s) URL the BMC fetches [./HOST-rescue.iso]."),
+    ] = None,
+    target: Annotated[
+        str | None,
+        typer.Option("--target", help="The disk to restore (serial, WWN or /dev path): "
+                     "mbrescue.target= for an unattended ISO [the captured serial/WWN]."),
+    ] = None,
+    ca_file: Annotated[
+        Path | None, typer.Option("--ca-file", help="CA certificate(s) the BMC's TLS must chain to.")
+    ] = None,
+    insecure: Annotated[
+        bool, typer.Option("--insecure", help="Do not verify the BMC's TLS certificate.")
+    ] = False,
+    force: Annotated[
+        bool, typer.Option("--force", help="Eject a medium someone else left in the virtual CD.")
+    ] = False,
+    timeout: Annotated[
+        float, typer.Option("--timeout", min=1, help="Seconds to wait for the restore.")
+    ] = 1800,
+    serve_address: Annotated[
+        str | None,
+        typer.Option("--serve-address", help="Address the BMC fetches a local ISO from "
+                     "[this machine's address on the route to the BMC]."),
+    ] = None,
+    system: Annotated[
+        str | None, typer.Option("--system", help="Redfish system id, where the BMC has several.")
+    ] = None,
+) -> None:
+    """Boot HOST's rescue ISO through its BMC (Redfish virtual media) and follow the restore."""
+    from .bmc import RescueOptions, rescue
+
+    rescue(RescueOptions(
+        host=host, bmc_url=bmc, user=user, password_file=password_file, iso=iso,
+        ca_file=ca_file, insecure=insecure, force=force, timeout_s=timeout, target=target,
+        serve_address=serve_address, system=system,
+    ))  # fmt: skip
+
+
 def _error_line(exc: MbrescueError) -> None:
     line = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
     hint = f" (hint: {exc.hint})" if exc.hint else ""

@@ -416,6 +416,30 @@ def kernel_args(medium_id: str, *, serial_console: bool, shell: bool = False,
 # Red Hat's `grub2`), then /boot inside the root file system.
 HOST_MENUS = ("grub/grub.cfg", "grub2/grub.cfg", "boot/grub/grub.cfg", "boot/grub2/grub.cfg")
 
+# A fixed-size comment in grub.cfg that `mbrescue rescue` (bmc.py) overwrites, in a copy of
+# the ISO and at the same length, so that no ISO 9660 structure moves: the restore entries
+# then get the BMC rescue's kernel arguments (unattended, power off after) without a rebuild.
+BMC_SLOT_TAG = "#mbrescue-bmc-slot"
+BMC_SLOT_BYTES = 480  # the line's length, its newline included
+_BMC_ARG = re.compile(r"[A-Za-z0-9._:/=,@%+-]+")
+
+
+def bmc_slot() -> str:
+    """The slot as built: a comment, without its newline (the template adds it)."""
+    return BMC_SLOT_TAG + "#" * (BMC_SLOT_BYTES - 1 - len(BMC_SLOT_TAG))
+
+
+def filled_bmc_slot(kernel_args: list[str]) -> bytes:
+    """The slot's replacement: `set mbrescue_bmc_args="..."`, then a comment to the same
+    length. Only plain words: nothing GRUB's script would read as quoting or a command."""
+    for word in kernel_args:
+        if not _BMC_ARG.fullmatch(word):
+            raise MbrescueError(f"kernel argument {word!r} cannot go into grub.cfg")
+    line = f'set mbrescue_bmc_args="{" ".join(kernel_args)}"\n#'
+    if len(line) + 1 > BMC_SLOT_BYTES:
+        raise MbrescueError(f"the kernel arguments for the BMC rescue exceed {BMC_SLOT_BYTES} bytes")
+    return (line + "#" * (BMC_SLOT_BYTES - 1 - len(line))).encode()
+
 
 def render_grub_cfg(
     *,
@@ -472,6 +496,7 @@ def render_grub_cfg(
         initrds=" ".join(["/mbrescue/base.img", *([payload_path] if payload_path else [])]),
         memory_entry=payload_path is None,
         host_menus=HOST_MENUS,
+        bmc_slot=bmc_slot(),
     )
 
 

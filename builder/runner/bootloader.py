@@ -39,6 +39,7 @@ from .manifest import (
     GRUB_LEGACY_BLOCKLIST,
     GRUB_LEGACY_STAGE1_5,
     MAX_LOADER_PATHS,
+    METHODS,
     NONE,
     UEFI,
     UNKNOWN,
@@ -46,6 +47,8 @@ from .manifest import (
     Manifest,
 )
 from .tarbounds import BoundedTarInfo
+
+__all__ = ["GRUB2_EMBEDDED_GAP", "MAX_LOADER_PATHS", "METHODS", "NONE", "UEFI", "UNKNOWN"]  # re-exported
 
 DESCRIPTIONS = {
     GRUB2_EMBEDDED_GAP: "GRUB 2, core image embedded in the post-MBR gap",

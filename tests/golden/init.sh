@@ -67,6 +67,7 @@ ln -sf /proc/self/fd /dev/fd
 shell_requested=0
 loglevel_chosen=0
 medium_id=""
+after_restore=reboot
 wait_limit_s=120
 for word in $(cat /proc/cmdline); do
     case "$word" in
@@ -76,6 +77,10 @@ for word in $(cat /proc/cmdline); do
             shell_requested=1 ;;
         mbrescue.medium=*)
             medium_id="${word#mbrescue.medium=}" ;;
+        # `mbrescue rescue` (through a BMC) asks for this: a powered-off machine is the one
+        # sign of "restore complete" that every Redfish service can report.
+        mbrescue.after=poweroff)
+            after_restore=poweroff ;;
         mbrescue.wait=*)
             value="${word#mbrescue.wait=}"
             case "$value" in
@@ -232,6 +237,11 @@ if [ "$status" != 0 ]; then
 fi
 
 sync
+if [ "$after_restore" = poweroff ]; then
+    announce "powering off (mbrescue.after=poweroff)"
+    poweroff -f
+    rescue_shell "power off failed"
+fi
 if [ -e /run/mbrescue-unattended ]; then
     # Nobody at the keyboard: boot the restored disk. With the medium still inserted, its
     # GRUB finds the host's /boot and boots the local disk by default.
