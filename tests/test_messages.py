@@ -249,3 +249,15 @@ def test_capture_and_restore_print_progress_lines_into_a_log(big_image, big_capt
     writing = [line for line in shown.splitlines() if line.startswith("writing: ")]
     assert len(writing) >= 3 and all("MiB/s" in line for line in writing), shown
     assert "MB/s" not in shown.replace("MiB/s", "")
+
+
+def test_debug_logs_the_programs_capture_runs(fixtures, tmp_path):
+    """`--debug` shows each program the capture side runs (losetup, mount …), as typed."""
+    image = fixtures["A"].path
+    result = mbrescue("--debug", "capture", image, "-o", tmp_path / "a.mbrescue")
+    assert result.returncode == 0, result.stderr
+    shown = [line for line in result.stderr.splitlines() if line.startswith("mbrescue: debug: ")]
+    assert any(line.startswith("mbrescue: debug: losetup --find --show") for line in shown), shown
+    assert any(line.startswith("mbrescue: debug: mount -t ") for line in shown), shown
+    quiet = mbrescue("capture", image, "-o", tmp_path / "b.mbrescue")
+    assert "mbrescue: debug:" not in quiet.stderr

@@ -44,7 +44,7 @@ import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import bootloader, gpt, mbr, nvram, stale, swap, untar
+from . import bootloader, debuglog, gpt, mbr, nvram, stale, swap, untar
 from .capfile import Capture
 from .console import Console, human_bytes
 from .disk import DiskInfo, read_at
@@ -393,6 +393,7 @@ def _core_kept_text(core: BootLoaderRecord, moved: list[int]) -> str:
 def _run(argv: list[str], ok: tuple[int, ...] = (0,)) -> str:
     env = {"LANG": "C.UTF-8", "PATH": os.environ.get("PATH", "/usr/sbin:/usr/bin:/sbin:/bin"),
            "MTOOLS_SKIP_CHECK": "1"}
+    debuglog.command(argv)
     try:
         done = subprocess.run(argv, stdin=subprocess.DEVNULL, capture_output=True, text=True,
                               env=env, check=False)
