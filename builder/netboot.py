@@ -113,6 +113,26 @@ class NetbootReport:
         }
 
 
+# How dnsmasq reads each field of `dhcp-host=MAC,...,NAME` (dnsmasq(8), --dhcp-host; its
+# option.c): a dotted quad is an address, digits with an optional s/m/h/d/w suffix a lease
+# time, `infinite` a lease time, `ignore` an instruction. Quotes do not help (dnsmasq strips
+# them before it reads the field), so such a host name is refused.
+_DNSMASQ_WORDS = ("ignore", "infinite")
+_DNSMASQ_LEASE = re.compile(r"[0-9]+[smhdwSMHDW]?")
+_DNSMASQ_ADDRESS = re.compile(r"[0-9.]+")
+
+
+def dnsmasq_misreads(name: str) -> str | None:
+    """What dnsmasq's dhcp-host= would take host name `name` for, if not a name."""
+    if name.lower() in _DNSMASQ_WORDS:
+        return f"its keyword {name.lower()}"
+    if _DNSMASQ_LEASE.fullmatch(name):
+        return "a lease time"
+    if _DNSMASQ_ADDRESS.fullmatch(name):
+        return "an IP address"
+    return None
+
+
 def parse_mac_option(text: str) -> tuple[str, str]:
     """`--mac HOST=MAC` -> (host, mac)."""
     host, sep, mac = text.partition("=")
@@ -336,6 +356,12 @@ def build_netboot(options: NetbootOptions) -> NetbootReport:
     for name in names:
         if not _HOST.fullmatch(name):
             raise MbrescueError(f"host name {name!r} cannot name files in the tree")
+        misread = dnsmasq_misreads(name)
+        if misread:
+            raise MbrescueError(
+                f"host name {name!r}: a DHCP server's host entry (dnsmasq's dhcp-host=MAC,NAME) "
+                f"would take it for {misread}, not a name; nothing written",
+                hint="capture again with --hostname NAME (a name with a letter in it)")
     for host, mac in options.macs:
         if host not in names:
             raise MbrescueError(f"--mac {host}={mac}: no capture given for host {host}")

@@ -30,6 +30,7 @@ from builder.netboot import (
     FROM_OPTION,
     NetHost,
     assign_macs,
+    dnsmasq_misreads,
     normal_mac,
     parse_mac_option,
 )
@@ -225,6 +226,27 @@ def test_dnsmasq_configuration_from_json(tree: Tree, tmp_path: Path) -> None:
     checked = subprocess.run(["dnsmasq", "--test", "-C", conf], capture_output=True, text=True)
     assert checked.returncode == 0, checked.stderr
     assert "syntax check OK" in checked.stderr + checked.stdout
+
+
+def test_host_names_dnsmasq_would_misread() -> None:
+    # dhcp-host=MAC,NAME: dnsmasq takes these words, addresses and lease times for themselves.
+    for name in ("ignore", "infinite", "IGNORE", "10.0.0.5", "192.168.1.1", "3600", "45m", "12h",
+                 "2d", "1w", "90s"):
+        assert dnsmasq_misreads(name), name
+    for name in ("host-a", "web01", "db.example.com", "10h-rack", "m", "ignore2", "s3"):
+        assert dnsmasq_misreads(name) is None, name
+
+
+def test_a_host_named_like_a_dnsmasq_keyword_is_refused(fixtures: dict[str, Fixture],
+                                                         tmp_path: Path) -> None:  # fmt: skip
+    for name in ("ignore", "10.0.0.5"):
+        capture = tmp_path / f"{name}.mbrescue"
+        _check(mbrescue("capture", fixtures["A"].path, "-o", capture, "--hostname", name,
+                        "--mac", HOST_A_MAC))  # fmt: skip
+        out = tmp_path / "tree"
+        line = one_error_line(mbrescue("build", "--netboot", out, capture))
+        assert f"host name {name!r}" in line and "dnsmasq" in line, line
+        assert not out.exists()
 
 
 def test_bad_input_is_one_error_line(tree: Tree, tmp_path: Path) -> None:
