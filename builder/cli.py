@@ -210,6 +210,13 @@ def build_command(
         typer.Option("--mac", help="With --netboot: HOST=MAC, the MAC address of a host's "
                      "machine (repeatable); its menu is chosen by it."),
     ] = None,
+    group: Annotated[
+        str | None,
+        typer.Option("--group", metavar="NAME", help="With --netboot: the group the TFTP "
+                     "server runs as (dnsmasq drops to its own user): payloads and menus "
+                     "0640, group NAME, never world-readable. Kept in the tree: a later "
+                     "build without --group keeps it [the tree's; new tree: root only, 0600]."),
+    ] = None,
     as_json: Annotated[
         bool, typer.Option("--json", help="Print what was built as JSON on stdout.")
     ] = False,
@@ -227,7 +234,7 @@ def build_command(
             macs=tuple(net.parse_mac_option(text) for text in mac or ()),
             unattended_allowed=allow_unattended,
             unattended_netboot_allowed=allow_unattended_netboot,
-            expected_hosts=tuple(expect_host or ()),
+            expected_hosts=tuple(expect_host or ()), group=group,
         ))  # fmt: skip
         log.info(net.summary(tree))
         if as_json:
@@ -235,6 +242,8 @@ def build_command(
         return
     if mac:
         raise MbrescueError("--mac needs --netboot")
+    if group is not None:
+        raise MbrescueError("--group needs --netboot (an ISO is one file: chgrp it)")
     if allow_unattended_netboot:
         raise MbrescueError("--allow-unattended-netboot needs --netboot")
     reports = build(
