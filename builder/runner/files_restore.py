@@ -999,6 +999,28 @@ def check_target(plan: FilesPlan) -> None:
 
 
 
+def scratch_need(plan: FilesPlan) -> int:
+    """Bytes the scratch folder may need: at most the new file systems' sizes (their images
+    are sparse, so usually far less)."""
+    return sum(p.size_sectors * plan.sector_bytes for p in plan.partitions
+               if p.copy is not None and not p.raw)  # fmt: skip
+
+
+def scratch_line(plan: FilesPlan, scratch: Path) -> str:
+    """Where the scratch goes and how much it needs: refused up front when its file system
+    has less free space (not a bare `mke2fs … No space left on device` later)."""
+    need = scratch_need(plan)
+    st = os.statvfs(scratch)
+    free = st.f_bavail * st.f_frsize
+    where = (f"a scratch folder in {scratch.parent} ($TMPDIR): up to {human_bytes(need)} (sparse), "
+             f"{human_bytes(free)} free there")
+    if free < need:
+        raise MbrescueError(f"the file-level path builds the file systems in {where}; "
+                            "nothing written",
+                            hint="point TMPDIR at a file system with that much free space")
+    return f"mbrescue: file-level path: making the file systems in {where} ..."
+
+
 def run(capture: Capture, target: DiskInfo, why: str, console: Console, assume_yes: bool,
         writing: list[str], firmware: bool = False) -> int:
     """The whole file-level restore onto target, after the capture's checksums were verified
@@ -1009,8 +1031,7 @@ def run(capture: Capture, target: DiskInfo, why: str, console: Console, assume_y
     entry = (nvram.plan_for_target(nvram.esp_of(capture.manifest, placed), target.path,
                                    target.kind) if firmware else None)
     with tempfile.TemporaryDirectory(prefix="mbrescue-restore-") as scratch:
-        console.say("mbrescue: file-level path: making the file systems in a scratch "
-                    "directory ...")
+        console.say(scratch_line(plan, Path(scratch)))  # refuses a scratch too small
         build_images(capture, plan, Path(scratch))
         plan.erase = plan_erase(capture, plan)
         show_files_plan(console, plan)
