@@ -8,6 +8,7 @@ traceback, exit status 70. Ctrl-C: one line, exit status 130.
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import json
 import shlex
@@ -102,6 +103,8 @@ def capture_command(**given: Any) -> None:
         f"({log.human_bytes(result.path.stat().st_size)} on disk)"
     )
     log.info(f"wrote {result.path} (mode 0600: it holds the host's /boot, which can hold secrets)")
+    if given["as_json"]:
+        print(json.dumps(result.as_json(given["source"]), indent=2))
 
 
 @app.command("check")
@@ -222,7 +225,7 @@ def build_command(
     ] = False,
 ) -> None:
     """Build a BIOS/UEFI, CD/USB bootable rescue ISO for each capture."""
-    from .build import BuildOptions, build, summary
+    from .build import BuildOptions, build, report_json, summary
 
     if netboot is not None:
         from . import netboot as net
@@ -255,7 +258,8 @@ def build_command(
     for report in reports:
         log.info(summary(report))
     if as_json:
-        print(json.dumps({"isos": [str(report.path) for report in reports]}, indent=2))
+        print(json.dumps({"isos": [str(report.path) for report in reports],
+                          "builds": [report_json(report) for report in reports]}, indent=2))
 
 
 @app.command("verify")
@@ -268,9 +272,14 @@ def verify_command(
             "--boot", help="Also boot it in QEMU (BIOS and UEFI) and restore a scratch disk."
         ),
     ] = False,
+    as_json: Annotated[
+        bool, typer.Option("--json", help="Print the result as one JSON object on stdout "
+                           "(also when it fails).")
+    ] = False,
 ) -> None:
     """Check a rescue ISO (with --boot, prove in QEMU that it restores a bootable disk), or
     a capture file whole: exit 0 good, 1 damaged."""
+    from .bootcheck import verify_boot
     from .verify import SIZE_CHECK, format_checks, verify_iso
     from .verify_capture import is_iso, verdict_line, verify_capture
 
@@ -279,18 +288,38 @@ def verify_command(
     if not is_iso(iso):
         if boot:
             raise MbrescueError(f"{iso} is not an ISO: --boot boots rescue ISOs, not captures")
-        print(verdict_line(iso, verify_capture(iso)))
+        if not as_json:
+            print(verdict_line(iso, verify_capture(iso)))
+            return
+        try:
+            found = verify_capture(iso)
+        except MbrescueError as exc:
+            print(json.dumps({"capture": str(iso), "ok": False, "error": str(exc)}, indent=2))
+            raise
+        print(json.dumps({"capture": str(iso), "ok": True, "error": None,
+                          **dataclasses.asdict(found)}, indent=2))
         return
     checks = verify_iso(iso)
-    print(format_checks(checks))
     failed = [check.name for check in checks if not check.ok]
     cut = next((c for c in checks if c.name == SIZE_CHECK and not c.ok), None)
+    if as_json:
+        boots = verify_boot(iso) if boot and not failed else []
+        failed += [f"boot {r.firmware}" for r in boots if not r.ok]
+        print(json.dumps({
+            "iso": str(iso), "ok": not failed,
+            "error": f"{iso} failed: {cut.detail if cut else ', '.join(failed)}" if failed else None,
+            "checks": [dataclasses.asdict(check) for check in checks],
+            "boots": [{"firmware": r.firmware, "ok": r.ok, "seconds": round(r.seconds, 1),
+                       "detail": r.detail} for r in boots],
+        }, indent=2))  # fmt: skip
+        if failed:
+            raise MbrescueError(f"{iso} failed: {cut.detail if cut else ', '.join(failed)}")
+        return
+    print(format_checks(checks))
     if cut is not None:
         raise MbrescueError(f"{iso} failed: {cut.detail}",
                             hint="copy or download it again, then compare its SHA-256")
     if not failed and boot:
-        from .bootcheck import verify_boot
-
         for result in verify_boot(iso):
             verdict = "PASS" if result.ok else "FAIL"
             prompt = (
