@@ -305,15 +305,15 @@ def verify_command(
     if as_json:
         boots = verify_boot(iso) if boot and not failed else []
         failed += [f"boot {r.firmware}" for r in boots if not r.ok]
+        error = f"{iso} failed: {cut.detail if cut else ', '.join(failed)}" if failed else None
         print(json.dumps({
-            "iso": str(iso), "ok": not failed,
-            "error": f"{iso} failed: {cut.detail if cut else ', '.join(failed)}" if failed else None,
+            "iso": str(iso), "ok": not failed, "error": error,
             "checks": [dataclasses.asdict(check) for check in checks],
             "boots": [{"firmware": r.firmware, "ok": r.ok, "seconds": round(r.seconds, 1),
                        "detail": r.detail} for r in boots],
         }, indent=2))  # fmt: skip
-        if failed:
-            raise MbrescueError(f"{iso} failed: {cut.detail if cut else ', '.join(failed)}")
+        if error:
+            raise MbrescueError(error)
         return
     print(format_checks(checks))
     if cut is not None:

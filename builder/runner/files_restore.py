@@ -1012,8 +1012,8 @@ def scratch_line(plan: FilesPlan, scratch: Path) -> str:
     need = scratch_need(plan)
     st = os.statvfs(scratch)
     free = st.f_bavail * st.f_frsize
-    where = (f"a scratch folder in {scratch.parent} ($TMPDIR): up to {human_bytes(need)} (sparse), "
-             f"{human_bytes(free)} free there")
+    where = (f"a scratch folder in {scratch.parent} ($TMPDIR): up to {human_bytes(need)} "
+             f"(sparse), {human_bytes(free)} free there")
     if free < need:
         raise MbrescueError(f"the file-level path builds the file systems in {where}; "
                             "nothing written",
