@@ -264,7 +264,23 @@ def build_one(
         )
     boots, checked_words = found["written"]
     return dataclasses.replace(report, boots=boots, checked=checked_words,
-                               check_seconds=found["seconds"])
+                               check_seconds=found["seconds"], host=manifest.hostname,
+                               capture=capture_path, capture_sha256=summed(),
+                               manifest_sha256=capture.manifest_sha256)  # fmt: skip
+
+
+def report_json(report: IsoReport) -> dict[str, object]:
+    """One ISO for `build --json`: whose, from which capture, and what its check found."""
+    return {
+        "iso": str(report.path),
+        "host": report.host,
+        "capture": str(report.capture) if report.capture else None,
+        "capture_sha256": report.capture_sha256,
+        "manifest_sha256": report.manifest_sha256,
+        "size_bytes": report.size_bytes,
+        "verified": list(report.checked),
+        "boots": list(report.boots),
+    }
 
 
 # What the summary may say: each boot way needs the parts that a check of the written

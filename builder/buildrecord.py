@@ -12,6 +12,7 @@ very one the package ships, so the record's versions are proven, not merely stat
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pycdlib
@@ -72,12 +73,24 @@ def make_record(files: dict[str, tuple[str, str, str, Path]]) -> bytes:
     return (json.dumps(record, indent=1, sort_keys=True) + "\n").encode()
 
 
+class _CacheUnreadable(Exception):
+    """This user cannot read (or make) the download cache: the comparison is skipped."""
+
+
 def _cached_file(package: str, version: str, in_package: str) -> Path | None:
-    """The package's own copy of the file, if this machine's download cache extracted it."""
-    for root in sorted((cache_dir() / "extracted").glob(f"{package}_{version}_*")):
-        candidate = root / in_package
-        if candidate.is_file():
-            return candidate
+    """The package's own copy of the file, if this machine's download cache extracted it.
+    Raises _CacheUnreadable when this user cannot look (e.g. not root: $HOME's cache is
+    /nonexistent's, or root's cache is root's only)."""
+    try:
+        for root in sorted((cache_dir() / "extracted").glob(f"{package}_{version}_*")):
+            candidate = root / in_package
+            if candidate.is_file() and os.access(candidate, os.R_OK):
+                return candidate
+            if candidate.exists():
+                raise _CacheUnreadable(f"{candidate}: not readable by this user")
+    except OSError as exc:
+        raise _CacheUnreadable(f"{exc.filename or 'the download cache'}: {exc.strerror}"
+                               ) from exc
     return None
 
 
@@ -132,15 +145,19 @@ def check_record(iso: pycdlib.PyCdlib, work: Path) -> str:
                 raise MbrescueError(
                     f"{fat_path.removeprefix('::')} in the EFI image differs from {iso_path} and the build record"
                 )
-        cached = _cached_file(entry["package"], entry["version"], entry["file"])
-        if cached is None:
-            proof = "not in this machine's download cache, so not compared"
-        elif sha256_file(cached) == entry["sha256"]:
-            proof = "identical to the package's file"
+        try:
+            cached = _cached_file(entry["package"], entry["version"], entry["file"])
+        except _CacheUnreadable as exc:  # e.g. not root: skipped, and said so
+            proof = f"download cache not readable ({exc}), so not compared"
         else:
-            raise MbrescueError(
-                f"{iso_path} is not the {entry['file']} of {entry['package']} "
-                f"{entry['version']} (the download cache holds that package)"
-            )
+            if cached is None:
+                proof = "not in this machine's download cache, so not compared"
+            elif sha256_file(cached) == entry["sha256"]:
+                proof = "identical to the package's file"
+            else:
+                raise MbrescueError(
+                    f"{iso_path} is not the {entry['file']} of {entry['package']} "
+                    f"{entry['version']} (the download cache holds that package)"
+                )
         found.append(f"{name}: {entry['package']} {entry['version']} ({proof})")
     return "; ".join(found)

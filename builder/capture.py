@@ -87,6 +87,18 @@ class CaptureResult:
     path: Path
     manifest: dict
 
+    def as_json(self, source: Path) -> dict[str, object]:
+        """`capture --json` (both command lines): what was written, and its digest."""
+        from .runner.capfile import Capture
+
+        with Capture.open(os.fspath(self.path)) as written:
+            manifest_sha256 = written.manifest_sha256
+        region = self.manifest["region"]
+        return {"capture": os.fspath(self.path), "source": os.fspath(source),
+                "host": self.manifest.get("hostname"), "region_bytes": region["length_bytes"],
+                "region_sha256": region.get("sha256"), "size_bytes": self.path.stat().st_size,
+                "manifest_sha256": manifest_sha256}
+
 
 def _is_block(path: Path) -> bool:
     return stat.S_ISBLK(os.stat(path).st_mode)

@@ -8,6 +8,7 @@ traceback, exit status 70. Ctrl-C: one line, exit status 130.
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import json
 import shlex
@@ -102,6 +103,8 @@ def capture_command(**given: Any) -> None:
         f"({log.human_bytes(result.path.stat().st_size)} on disk)"
     )
     log.info(f"wrote {result.path} (mode 0600: it holds the host's /boot, which can hold secrets)")
+    if given["as_json"]:
+        print(json.dumps(result.as_json(given["source"]), indent=2))
 
 
 @app.command("check")
@@ -224,12 +227,19 @@ def build_command(
                      "dead machine restores with nobody at it. Only a disk with the captured "
                      "serial/WWN is written; any other stops at the prompt. DANGEROUS."),
     ] = None,
+    group: Annotated[
+        str | None,
+        typer.Option("--group", metavar="NAME", help="With --netboot: the group the TFTP "
+                     "server runs as (dnsmasq drops to its own user): payloads and menus "
+                     "0640, group NAME, never world-readable. Kept in the tree: a later "
+                     "build without --group keeps it [the tree's; new tree: root only, 0600]."),
+    ] = None,
     as_json: Annotated[
         bool, typer.Option("--json", help="Print what was built as JSON on stdout.")
     ] = False,
 ) -> None:
     """Build a BIOS/UEFI, CD/USB bootable rescue ISO for each capture."""
-    from .build import BuildOptions, build, summary, unattended_line
+    from .build import BuildOptions, build, report_json, summary, unattended_line
     from .grub import parse_serial
 
     serial_port = parse_serial(serial)
@@ -248,7 +258,7 @@ def build_command(
             macs=tuple(net.parse_mac_option(text) for text in mac or ()),
             unattended_allowed=allow_unattended,
             unattended_netboot_allowed=allow_unattended_netboot,
-            expected_hosts=tuple(expect_host or ()), serial=serial_port,
+            expected_hosts=tuple(expect_host or ()), serial=serial_port, group=group,
         ))  # fmt: skip
         log.info(net.summary(tree))
         if as_json:
@@ -256,6 +266,8 @@ def build_command(
         return
     if mac:
         raise MbrescueError("--mac needs --netboot")
+    if group is not None:
+        raise MbrescueError("--group needs --netboot (an ISO is one file: chgrp it)")
     if allow_unattended_netboot:
         raise MbrescueError("--allow-unattended-netboot needs --netboot")
     options = BuildOptions(
@@ -270,7 +282,8 @@ def build_command(
     if unattended:
         log.info(unattended)
     if as_json:
-        print(json.dumps({"isos": [str(report.path) for report in reports]}, indent=2))
+        print(json.dumps({"isos": [str(report.path) for report in reports],
+                          "builds": [report_json(report) for report in reports]}, indent=2))
 
 
 @app.command("verify")
@@ -283,9 +296,14 @@ def verify_command(
             "--boot", help="Also boot it in QEMU (BIOS and UEFI) and restore a scratch disk."
         ),
     ] = False,
+    as_json: Annotated[
+        bool, typer.Option("--json", help="Print the result as one JSON object on stdout "
+                           "(also when it fails).")
+    ] = False,
 ) -> None:
     """Check a rescue ISO (with --boot, prove in QEMU that it restores a bootable disk), or
     a capture file whole: exit 0 good, 1 damaged."""
+    from .bootcheck import verify_boot
     from .verify import SIZE_CHECK, format_checks, verify_iso
     from .verify_capture import is_iso, verdict_line, verify_capture
 
@@ -294,18 +312,38 @@ def verify_command(
     if not is_iso(iso):
         if boot:
             raise MbrescueError(f"{iso} is not an ISO: --boot boots rescue ISOs, not captures")
-        print(verdict_line(iso, verify_capture(iso)))
+        if not as_json:
+            print(verdict_line(iso, verify_capture(iso)))
+            return
+        try:
+            found = verify_capture(iso)
+        except MbrescueError as exc:
+            print(json.dumps({"capture": str(iso), "ok": False, "error": str(exc)}, indent=2))
+            raise
+        print(json.dumps({"capture": str(iso), "ok": True, "error": None,
+                          **dataclasses.asdict(found)}, indent=2))
         return
     checks = verify_iso(iso)
-    print(format_checks(checks))
     failed = [check.name for check in checks if not check.ok]
     cut = next((c for c in checks if c.name == SIZE_CHECK and not c.ok), None)
+    if as_json:
+        boots = verify_boot(iso) if boot and not failed else []
+        failed += [f"boot {r.firmware}" for r in boots if not r.ok]
+        error = f"{iso} failed: {cut.detail if cut else ', '.join(failed)}" if failed else None
+        print(json.dumps({
+            "iso": str(iso), "ok": not failed, "error": error,
+            "checks": [dataclasses.asdict(check) for check in checks],
+            "boots": [{"firmware": r.firmware, "ok": r.ok, "seconds": round(r.seconds, 1),
+                       "detail": r.detail} for r in boots],
+        }, indent=2))  # fmt: skip
+        if error:
+            raise MbrescueError(error)
+        return
+    print(format_checks(checks))
     if cut is not None:
         raise MbrescueError(f"{iso} failed: {cut.detail}",
                             hint="copy or download it again, then compare its SHA-256")
     if not failed and boot:
-        from .bootcheck import verify_boot
-
         for result in verify_boot(iso):
             verdict = "PASS" if result.ok else "FAIL"
             prompt = (

@@ -15,6 +15,7 @@ module travels with it.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shlex
 import sys
@@ -95,6 +96,8 @@ def _capture(args: argparse.Namespace) -> int:
         f"({log.human_bytes(result.path.stat().st_size)} on disk)"
     )
     log.info(f"wrote {result.path} (mode 0600: it holds the host's /boot, which can hold secrets)")
+    if args.as_json:
+        print(json.dumps(result.as_json(source), indent=2))
     return 0
 
 

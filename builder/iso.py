@@ -109,6 +109,11 @@ class IsoReport:
     boots: tuple[str, ...] = ()
     checked: tuple[str, ...] = ()
     check_seconds: float = 0.0
+    # Filled by `build.build_one`: whose ISO, from which capture (for `build --json`).
+    host: str = ""
+    capture: Path | None = None
+    capture_sha256: str = ""  # the capture file's SHA-256
+    manifest_sha256: str = ""  # its manifest's SHA-256: the capture's digest
 
 
 def new_medium_id(*parts: str | bytes) -> str:

@@ -11,6 +11,7 @@ import sys
 import time
 
 # One formatter for the builder and the runner (which must stay importable alone).
+from .runner import debuglog
 from .runner.console import human_bytes
 
 __all__ = ["Progress", "debug", "human_bytes", "info"]
@@ -21,6 +22,7 @@ _debug = False
 def set_debug(enabled: bool) -> None:
     global _debug
     _debug = enabled
+    debuglog.set_enabled(enabled)  # the capture/restore side's programs (runner/debuglog.py)
 
 
 def debug_enabled() -> bool:

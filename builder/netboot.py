@@ -26,14 +26,24 @@ built now claims moves to it.
     DIR/boot/grub/hosts/HOST.cfg      HOST's menu; boot/grub/mac/MAC.cfg points to it
     DIR/mbrescue/vmlinuz, base.img    shared
     DIR/mbrescue/hosts/HOST/payload.img
+    DIR/mbrescue/tree.json            the tree's --group, kept for the next build
+
+Who reads the hosts' files: by default root only (payloads 0600), which a TFTP server that
+drops to its own user (dnsmasq does) cannot serve. `--group NAME` (the group the TFTP server
+runs as, e.g. dnsmasq's `group=`) makes payloads and host menus 0640 of group NAME, never
+world-readable; a new tree folder is then root:NAME 0750. The group is recorded in the tree,
+so a later build without --group keeps it (and gives it to every host's files, built then or
+before).
 """
 
 from __future__ import annotations
 
+import grp
 import hashlib
 import json
 import os
 import re
+import stat
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -56,10 +66,13 @@ from .initramfs import make_payload_initramfs
 from .iso import new_medium_id
 from .runner.capfile import PAYLOAD_CAPTURE_MEMBER, Capture, newc_member
 from .runner.cmdline import options_json
-from .runner.outputs import check_output_dir, commit, copy_output, create_temporary, write_output
+from .runner.outputs import check_output_dir, commit, copy_output, create_temporary, new_output
 
 INDEX = "mbrescue/hosts.json"
 INDEX_VERSION = 1
+# Who may read the hosts' files (--group), kept for the next build: beside the index.
+ACCESS = "mbrescue/tree.json"
+ACCESS_VERSION = 1
 _HOST = re.compile(r"[A-Za-z0-9._-]+")
 
 
@@ -74,6 +87,53 @@ class NetbootOptions:
     unattended_netboot_allowed: bool = False
     expected_hosts: tuple[str, ...] = ()  # --expect-host, one per capture (empty: any)
     serial: SerialPort = DEFAULT_SERIAL  # --serial
+    group: str | None = None  # --group: the TFTP server's group (None: what the tree has)
+
+
+@dataclass(frozen=True)
+class TreeAccess:
+    """Who reads a host's payload and menus: root only (0600 payloads, the default), or
+    also the group the TFTP server runs as (0640, that group; never world-readable)."""
+
+    group: str | None = None
+    gid: int | None = None
+
+    @property
+    def payload_mode(self) -> int:
+        return 0o600 if self.gid is None else 0o640
+
+    @property
+    def menu_mode(self) -> int:
+        return 0o644 if self.gid is None else 0o640
+
+    def settle(self, fd: int, mode: int) -> None:
+        """A file of ours, still under its private name: its group first, then its mode."""
+        if self.gid is not None:
+            os.fchown(fd, -1, self.gid)
+        os.fchmod(fd, mode)
+
+
+def tree_access(tree: Path, group: str | None) -> TreeAccess:
+    """--group, else what the tree's last build recorded, else root only."""
+    path = tree / ACCESS
+    where = "--group"
+    if group is None and path.is_file():
+        try:
+            data = json.loads(path.read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise MbrescueError(f"{path}: not a network-boot tree record ({exc})") from exc
+        if not isinstance(data, dict) or data.get("version") != ACCESS_VERSION or not (
+                data.get("group") is None or isinstance(data.get("group"), str)):  # fmt: skip
+            raise MbrescueError(f"{path}: not a version {ACCESS_VERSION} network-boot tree record")
+        group, where = data.get("group"), f"{path} (the tree's group)"
+    if group is None:
+        return TreeAccess()
+    try:
+        return TreeAccess(group, grp.getgrnam(group).gr_gid)
+    except KeyError:
+        raise MbrescueError(f"{where}: no group {group!r} on this machine; nothing written",
+                            hint="give --group NAME, the group the TFTP server runs as"
+                            ) from None
 
 
 # Where a host's MAC addresses came from, strongest first.
@@ -101,6 +161,7 @@ class NetbootReport:
     built: tuple[str, ...]  # the hosts built by this run
     size_bytes: int
     seconds: float
+    group: str | None = None  # --group (kept in the tree); None: payloads root-only
 
     def as_json(self) -> dict[str, object]:
         return {
@@ -111,7 +172,28 @@ class NetbootReport:
                        "list_only": host.list_only} for host in self.hosts],
             "built": list(self.built),
             "size_bytes": self.size_bytes,
+            "group": self.group,
         }
+
+
+# How dnsmasq reads each field of `dhcp-host=MAC,...,NAME` (dnsmasq(8), --dhcp-host; its
+# option.c): a dotted quad is an address, digits with an optional s/m/h/d/w suffix a lease
+# time, `infinite` a lease time, `ignore` an instruction. Quotes do not help (dnsmasq strips
+# them before it reads the field), so such a host name is refused.
+_DNSMASQ_WORDS = ("ignore", "infinite")
+_DNSMASQ_LEASE = re.compile(r"[0-9]+[smhdwSMHDW]?")
+_DNSMASQ_ADDRESS = re.compile(r"[0-9.]+")
+
+
+def dnsmasq_misreads(name: str) -> str | None:
+    """What dnsmasq's dhcp-host= would take host name `name` for, if not a name."""
+    if name.lower() in _DNSMASQ_WORDS:
+        return f"its keyword {name.lower()}"
+    if _DNSMASQ_LEASE.fullmatch(name):
+        return "a lease time"
+    if _DNSMASQ_ADDRESS.fullmatch(name):
+        return "an IP address"
+    return None
 
 
 def parse_mac_option(text: str) -> tuple[str, str]:
@@ -187,10 +269,12 @@ def assign_macs(given: tuple[tuple[str, str], ...], recorded: dict[str, tuple[st
                  for host, (macs, source) in sorted(chosen.items()))  # fmt: skip
 
 
-def _write(path: Path, data: bytes, mode: int = 0o644) -> None:
+def _write(path: Path, data: bytes, mode: int = 0o644, access: TreeAccess | None = None) -> None:
     # A machine booting during an update reads the old file or the new one, never half.
     path.parent.mkdir(parents=True, exist_ok=True)
-    write_output(path, data, mode)
+    with new_output(path, 0o600) as (stream, _):
+        (access or TreeAccess()).settle(stream.fileno(), mode)
+        stream.write(data)
 
 
 def _check_tree_dirs(tree: Path) -> None:
@@ -259,7 +343,7 @@ def _boot_fs_uuid(path: Path, capture: Capture) -> str:
 
 
 def _add_host(tree: Path, path: Path, capture: Capture, options: NetbootOptions,
-              shared: SharedParts, staged: _Staged) -> None:  # fmt: skip
+              shared: SharedParts, staged: _Staged, access: TreeAccess) -> None:  # fmt: skip
     manifest = capture.manifest
     host = manifest.hostname
     boot_fs_uuid = _boot_fs_uuid(path, capture)
@@ -270,15 +354,18 @@ def _add_host(tree: Path, path: Path, capture: Capture, options: NetbootOptions,
     capture_sha256 = sha256_file(path)
     options_file = options_json(options.unattended_allowed, capture_sha256,
                                 capture.manifest_sha256)
-    # The capture can hold secrets from /boot: only the TFTP server's user may read it,
-    # from the first byte written. The host's payload.img is replaced only once every
-    # host's new files are complete and checked.
+    # The capture can hold secrets from /boot: only root and (--group) the TFTP server may
+    # read it, from the first byte written. The host's payload.img is replaced only once
+    # every host's new files are complete and checked.
     final = payload_dir / "payload.img"
     fd, tmp = create_temporary(final, 0o600)
     os.close(fd)
     staged.files.append((tmp, final))
     make_payload_initramfs(path, tmp, extra={"options.json": options_file})
     _check_payload(tmp, path, capture_sha256)
+    # The writer makes its file anew (0600, root's group); the name is still ours.
+    with open(tmp, "rb") as stream:
+        access.settle(stream.fileno(), access.payload_mode)
     menu = render_grub_cfg(
         host=host,
         captured_at=manifest.created,
@@ -290,8 +377,9 @@ def _add_host(tree: Path, path: Path, capture: Capture, options: NetbootOptions,
     )
     menu_path = tree / "boot" / "grub" / "hosts" / f"{host}.cfg"
     menu_path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = create_temporary(menu_path, 0o644)
+    fd, tmp = create_temporary(menu_path, 0o600)
     staged.files.append((tmp, menu_path))
+    access.settle(fd, access.menu_mode)
     with open(fd, "wb") as stream:
         stream.write(menu.encode())
 
@@ -339,6 +427,12 @@ def build_netboot(options: NetbootOptions) -> NetbootReport:
     for name in names:
         if not _HOST.fullmatch(name):
             raise MbrescueError(f"host name {name!r} cannot name files in the tree")
+        misread = dnsmasq_misreads(name)
+        if misread:
+            raise MbrescueError(
+                f"host name {name!r}: a DHCP server's host entry (dnsmasq's dhcp-host=MAC,NAME) "
+                f"would take it for {misread}, not a name; nothing written",
+                hint="capture again with --hostname NAME (a name with a letter in it)")
     for host, mac in options.macs:
         if host not in names:
             raise MbrescueError(f"--mac {host}={mac}: no capture given for host {host}")
@@ -346,14 +440,19 @@ def build_netboot(options: NetbootOptions) -> NetbootReport:
         _boot_fs_uuid(path, capture)
     _check_tree_dirs(tree)
     index = read_index(tree) if tree.is_dir() else {}
+    access = tree_access(tree, options.group)
     hosts = assign_macs(options.macs, {c.manifest.hostname: c.manifest.macs for _, c in captures},
                         index)  # fmt: skip
-    tree.mkdir(exist_ok=True)
+    if not tree.is_dir():
+        tree.mkdir(0o700)
+        if access.gid is not None:  # root and the TFTP server's group: rwxr-x---
+            os.chown(tree, -1, access.gid)
+        os.chmod(tree, 0o750 if access.gid is not None else 0o755)
     shared = prepare_shared()
     staged = _Staged([])
     try:
         for path, capture in captures:
-            _add_host(tree, path, capture, options, shared, staged)
+            _add_host(tree, path, capture, options, shared, staged, access)
         _write_shared(tree, shared)
         images = make_net_images(tree, dispatcher=render_dispatcher(hosts, options.serial))
         staged.commit()
@@ -366,11 +465,36 @@ def build_netboot(options: NetbootOptions) -> NetbootReport:
             log.info(f"warning: host {net_host.name} has no MAC address: no machine gets its "
                      "menu by itself, it is only in the list that unknown machines get (capture "
                      f"on the host, capture --mac, or build --mac {net_host.name}=MAC)")  # fmt: skip
-    _write_mac_menus(tree, hosts)
+    _write_mac_menus(tree, hosts, access)
+    _settle_earlier_hosts(tree, hosts, set(names), access)
+    _write(tree / ACCESS, (json.dumps({"version": ACCESS_VERSION, "group": access.group},
+                                      indent=2) + "\n").encode())  # fmt: skip
     _write(tree / INDEX, (json.dumps(
         {"version": INDEX_VERSION, "hosts": {h.name: list(h.macs) for h in hosts}},
         indent=2) + "\n").encode())  # fmt: skip
-    return _report(tree, images, hosts, tuple(names), started)
+    return _report(tree, images, hosts, tuple(names), started, access)
+
+
+def _settle_earlier_hosts(tree: Path, hosts: tuple[NetHost, ...], built: set[str],
+                          access: TreeAccess) -> None:  # fmt: skip
+    """The hosts not built now get the tree's group and mode too (a --group that changed, or
+    a tree an older build left root-only). Only regular files: the folders were checked."""
+    for host in hosts:
+        if host.name in built:
+            continue
+        for path, mode in ((tree / "mbrescue" / "hosts" / host.name / "payload.img",
+                            access.payload_mode),
+                           (tree / "boot" / "grub" / "hosts" / f"{host.name}.cfg",
+                            access.menu_mode)):  # fmt: skip
+            try:
+                fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+            except OSError:
+                continue
+            try:
+                if stat.S_ISREG(os.fstat(fd).st_mode):
+                    access.settle(fd, mode)
+            finally:
+                os.close(fd)
 
 
 def _write_shared(tree: Path, shared: SharedParts) -> None:
@@ -380,7 +504,7 @@ def _write_shared(tree: Path, shared: SharedParts) -> None:
         copy_output(source, folder / name, 0o644)
 
 
-def _write_mac_menus(tree: Path, hosts: tuple[NetHost, ...]) -> None:
+def _write_mac_menus(tree: Path, hosts: tuple[NetHost, ...], access: TreeAccess) -> None:
     folder = tree / "boot" / "grub" / "mac"
     folder.mkdir(parents=True, exist_ok=True)
     wanted = {}
@@ -391,11 +515,11 @@ def _write_mac_menus(tree: Path, hosts: tuple[NetHost, ...]) -> None:
         if stale.name not in wanted:
             stale.unlink()
     for name, text in wanted.items():
-        _write(folder / name, text.encode())
+        _write(folder / name, text.encode(), access.menu_mode, access)
 
 
 def _report(tree: Path, images: NetImages, hosts: tuple[NetHost, ...], built: tuple[str, ...],
-            started: float) -> NetbootReport:  # fmt: skip
+            started: float, access: TreeAccess) -> NetbootReport:  # fmt: skip
     return NetbootReport(
         tree=tree,
         bios_boot_file=images.bios_boot_file,
@@ -404,6 +528,7 @@ def _report(tree: Path, images: NetImages, hosts: tuple[NetHost, ...], built: tu
         built=built,
         size_bytes=_tree_bytes(tree),
         seconds=time.monotonic() - started,
+        group=access.group,
     )
 
 
@@ -414,6 +539,8 @@ def summary(report: NetbootReport) -> str:
     return (
         f"{report.tree}: network-boot tree, {log.human_bytes(report.size_bytes)}, "
         f"{len(report.built)} host(s) built in {report.seconds:.1f} s; DHCP boot files: "
-        f"BIOS {report.bios_boot_file}, UEFI {report.uefi_boot_file}; hosts: {macs}"
+        f"BIOS {report.bios_boot_file}, UEFI {report.uefi_boot_file}; hosts: {macs}; "
+        + (f"payloads and menus 0640, group {report.group}" if report.group
+           else "payloads 0600 root only (--group NAME: readable by the TFTP server's group)")
     )
 

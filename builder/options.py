@@ -43,6 +43,8 @@ CAPTURE: tuple[Option, ...] = (
     Option("mac", ("--mac",), "A MAC address of the host's NICs to record (repeatable; picks "
            "its network-boot menu) [a block device: this machine's NICs; an image file: none].",
            list, metavar="MAC"),
+    Option("as_json", ("--json",), "Print what was captured as one JSON object on stdout "
+           "(file, host, region, the manifest's SHA-256).", bool),
 )
 
 RESTORE: tuple[Option, ...] = (

@@ -26,6 +26,8 @@ class CaptureVerdict:
     copies: int
     members: int
     region_bytes: int
+    host: str = ""
+    manifest_sha256: str = ""
 
 
 def is_iso(path: Path) -> bool:
@@ -58,7 +60,8 @@ def verify_capture(path: Path) -> CaptureVerdict:
             capture.verify()  # every chunk, the tables, every member and file-level copy
             copies = len(capture.manifest.file_copies)
             return CaptureVerdict(len(capture.region.chunks), copies, len(capture.members),
-                                  capture.region.length_bytes)
+                                  capture.region.length_bytes, capture.manifest.hostname,
+                                  capture.manifest_sha256)  # fmt: skip
     except MbrescueError as exc:
         reason = str(exc).removeprefix(f"{path}: ").removeprefix(f"{path} ")
         raise MbrescueError(f"{path} is damaged: {reason}") from None

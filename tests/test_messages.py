@@ -4,9 +4,14 @@ the next step, progress reaches logs, netboot trees stay readable by the TFTP se
 from __future__ import annotations
 
 import argparse
+import hashlib
+import json
 import os
+import shutil
 import signal
 import subprocess
+import sysconfig
+import tempfile
 import time
 from pathlib import Path
 
@@ -249,3 +254,116 @@ def test_capture_and_restore_print_progress_lines_into_a_log(big_image, big_capt
     writing = [line for line in shown.splitlines() if line.startswith("writing: ")]
     assert len(writing) >= 3 and all("MiB/s" in line for line in writing), shown
     assert "MB/s" not in shown.replace("MiB/s", "")
+
+
+def test_debug_logs_the_programs_capture_runs(fixtures, tmp_path):
+    """`--debug` shows each program the capture side runs (losetup, mount …), as typed."""
+    image = fixtures["A"].path
+    result = mbrescue("--debug", "capture", image, "-o", tmp_path / "a.mbrescue")
+    assert result.returncode == 0, result.stderr
+    shown = [line for line in result.stderr.splitlines() if line.startswith("mbrescue: debug: ")]
+    assert any(line.startswith("mbrescue: debug: losetup --find --show") for line in shown), shown
+    assert any(line.startswith("mbrescue: debug: mount -t ") for line in shown), shown
+    quiet = mbrescue("capture", image, "-o", tmp_path / "b.mbrescue")
+    assert "mbrescue: debug:" not in quiet.stderr
+
+
+# -- JSON for scripts, and verify as non-root ----------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def built_iso(captures, tmp_path_factory):
+    """An ISO of fixture A built by the real CLI with --json: (path, that JSON)."""
+    out = tmp_path_factory.mktemp("iso") / "a.iso"
+    result = mbrescue("build", captures["A"], "-o", out, "--json")
+    assert result.returncode == 0, result.stderr
+    return out, json.loads(result.stdout)
+
+
+def test_build_json_names_host_capture_digest_and_checks(built_iso, captures):
+    from builder.runner.capfile import Capture
+
+    path, built = built_iso
+    assert built["isos"] == [str(path)]
+    [one] = built["builds"]
+    with Capture.open(str(captures["A"])) as capture:
+        assert one["host"] == capture.manifest.hostname
+        assert one["manifest_sha256"] == capture.manifest_sha256
+    assert one["capture"] == str(captures["A"]) and one["iso"] == str(path)
+    assert one["capture_sha256"] == hashlib.sha256(captures["A"].read_bytes()).hexdigest()
+    assert one["verified"] and "BIOS CD" in one["boots"]
+
+
+def test_verify_json_for_an_iso_and_a_capture(built_iso, captures, tmp_path):
+    path, _ = built_iso
+    result = mbrescue("verify", "--json", path)
+    assert result.returncode == 0, result.stderr
+    data = json.loads(result.stdout)
+    assert data["ok"] is True and data["error"] is None and data["iso"] == str(path)
+    assert {"name", "ok", "detail"} <= set(data["checks"][0])
+    good = json.loads(mbrescue("verify", "--json", captures["A"]).stdout)
+    assert good["ok"] is True and good["chunks"] > 0 and good["manifest_sha256"]
+    damaged = tmp_path / "damaged.mbrescue"
+    data_bytes = bytearray(captures["A"].read_bytes())
+    data_bytes[len(data_bytes) // 2] ^= 0xFF
+    damaged.write_bytes(bytes(data_bytes))
+    bad = mbrescue("verify", "--json", damaged)
+    assert bad.returncode == 1
+    failed = json.loads(bad.stdout)
+    assert failed["ok"] is False and "damaged" in failed["error"]
+
+
+def test_check_json_on_failure_and_capture_json(fixtures, tmp_path):
+    missing = mbrescue("check", "--json", tmp_path / "none.mbrescue", fixtures["A"].path)
+    assert missing.returncode == 2
+    data = json.loads(missing.stdout)
+    assert data["matches"] is False and data["exit_status"] == 2 and data["error"]
+    out = tmp_path / "a.mbrescue"
+    made = mbrescue("capture", fixtures["A"].path, "-o", out, "--json")
+    assert made.returncode == 0, made.stderr
+    captured = json.loads(made.stdout)
+    assert captured["capture"] == str(out) and len(captured["manifest_sha256"]) == 64
+    assert captured["region_bytes"] > 0
+    same = json.loads(mbrescue("check", "--json", out, fixtures["A"].path).stdout)
+    assert same["matches"] is True and same["error"] is None and same["exit_status"] == 0
+
+
+def test_verify_as_non_root_skips_the_cache_comparison(built_iso, request):
+    """The README: where the download cache cannot be read, that comparison is skipped."""
+    path, _ = built_iso
+    folder = Path(tempfile.mkdtemp(prefix="mbrescue-public-"))
+    request.addfinalizer(lambda: shutil.rmtree(folder))
+    folder.chmod(0o755)
+    public = folder / "a.iso"
+    shutil.copyfile(path, public)
+    public.chmod(0o644)
+    # The venv's interpreter lives under /root (0700): Debian's python3 with the venv's
+    # packages, as user nobody (HOME=/nonexistent).
+    site = sysconfig.get_paths()["purelib"]
+    result = subprocess.run(
+        ["runuser", "-u", "nobody", "--", "env", f"PYTHONPATH={ROOT}:{site}", "/usr/bin/python3",
+         "-m", "builder.cli", "verify", public],
+        cwd=folder, capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "Errno 13" not in result.stdout + result.stderr
+    assert "download cache not readable" in result.stdout
+
+
+def test_files_restore_refuses_a_scratch_too_small_up_front(captures, fixtures, tmp_path):
+    """restore --files names where its scratch goes and what it needs, and refuses a $TMPDIR
+    with less free space before the prompt (not a bare mke2fs `No space left on device`)."""
+    small = tmp_path / "small"
+    small.mkdir()
+    sh("mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", small)
+    try:
+        target = tmp_path / "target.img"
+        with open(target, "wb") as stream:
+            stream.truncate(fixtures["A"].path.stat().st_size)
+        result = mbrescue("restore", "--files", "--yes", captures["A"], target,
+                          env={"TMPDIR": str(small)})  # fmt: skip
+        line = one_error_line(result)
+        assert f"in {small} ($TMPDIR): about " in line and "free there" in line, line
+        assert "TMPDIR" in line and "nothing written" in line, line
+        assert target.read_bytes().count(0) == target.stat().st_size  # untouched
+    finally:
+        sh("umount", small)

@@ -13,9 +13,13 @@ gets the list of hosts and nothing starts by itself.
 
 from __future__ import annotations
 
+import grp
 import json
+import os
 import re
+import shutil
 import subprocess
+import tempfile
 import time
 from pathlib import Path
 
@@ -30,6 +34,7 @@ from builder.netboot import (
     FROM_OPTION,
     NetHost,
     assign_macs,
+    dnsmasq_misreads,
     normal_mac,
     parse_mac_option,
 )
@@ -225,6 +230,69 @@ def test_dnsmasq_configuration_from_json(tree: Tree, tmp_path: Path) -> None:
     checked = subprocess.run(["dnsmasq", "--test", "-C", conf], capture_output=True, text=True)
     assert checked.returncode == 0, checked.stderr
     assert "syntax check OK" in checked.stderr + checked.stdout
+
+
+def _access(path: Path) -> tuple[int, str]:
+    st = path.stat()
+    return st.st_mode & 0o7777, grp.getgrgid(st.st_gid).gr_name
+
+
+def test_group_lets_the_tftp_server_read_and_survives_a_rebuild(
+        tree: Tree, request: pytest.FixtureRequest) -> None:  # fmt: skip
+    """--group NAME: payloads and menus 0640, group NAME (the TFTP server's: dnsmasq drops to
+    its own user), in a tree folder root:NAME 0750; a rebuild without --group keeps it."""
+    group = "dip"
+    # Outside pytest's own 0700 folders, so that the TFTP server's user can reach the tree.
+    base = Path(tempfile.mkdtemp(prefix="mbrescue-tftp-"))
+    request.addfinalizer(lambda: shutil.rmtree(base))
+    base.chmod(0o711)
+    root = base / "tree"
+    root.mkdir()
+    os.chown(root, 0, grp.getgrnam(group).gr_gid)
+    root.chmod(0o750)
+    built = json.loads(_check(mbrescue("build", "--netboot", root, tree.captures["A"],
+                                       "--group", group, "--json")).stdout)  # fmt: skip
+    assert built["group"] == group
+    private = ("mbrescue/hosts/host-a/payload.img", "boot/grub/hosts/host-a.cfg",
+               f"boot/grub/mac/{HOST_A_MAC}.cfg")
+    for name in private:
+        assert _access(root / name) == (0o640, group), name
+    assert json.loads((root / "mbrescue/tree.json").read_text())["group"] == group
+    # The TFTP server's user, in that group only, reads the payload.
+    read = subprocess.run(["runuser", "-u", "nobody", "-g", group, "--", "head", "-c", "1",
+                           root / private[0]], capture_output=True)  # fmt: skip
+    assert read.returncode == 0, read.stderr
+    # Rebuilt without --group (and with a second host): still the tree's group and mode.
+    _check(mbrescue("build", "--netboot", root, tree.captures["A"], tree.captures["D"]))
+    for name in (*private, "mbrescue/hosts/host-d/payload.img"):
+        assert _access(root / name) == (0o640, group), name
+    assert _access(root) == (0o750, group)
+    # A group that does not exist: one line, nothing changed.
+    line = one_error_line(mbrescue("build", "--netboot", root, tree.captures["A"],
+                                   "--group", "no-such-group-here"))  # fmt: skip
+    assert "no-such-group-here" in line, line
+    assert _access(root / private[0]) == (0o640, group)
+
+
+def test_host_names_dnsmasq_would_misread() -> None:
+    # dhcp-host=MAC,NAME: dnsmasq takes these words, addresses and lease times for themselves.
+    for name in ("ignore", "infinite", "IGNORE", "10.0.0.5", "192.168.1.1", "3600", "45m", "12h",
+                 "2d", "1w", "90s"):
+        assert dnsmasq_misreads(name), name
+    for name in ("host-a", "web01", "db.example.com", "10h-rack", "m", "ignore2", "s3"):
+        assert dnsmasq_misreads(name) is None, name
+
+
+def test_a_host_named_like_a_dnsmasq_keyword_is_refused(fixtures: dict[str, Fixture],
+                                                         tmp_path: Path) -> None:  # fmt: skip
+    for name in ("ignore", "10.0.0.5"):
+        capture = tmp_path / f"{name}.mbrescue"
+        _check(mbrescue("capture", fixtures["A"].path, "-o", capture, "--hostname", name,
+                        "--mac", HOST_A_MAC))  # fmt: skip
+        out = tmp_path / "tree"
+        line = one_error_line(mbrescue("build", "--netboot", out, capture))
+        assert f"host name {name!r}" in line and "dnsmasq" in line, line
+        assert not out.exists()
 
 
 def test_bad_input_is_one_error_line(tree: Tree, tmp_path: Path) -> None:

@@ -518,17 +518,22 @@ def main_check(capture: str, source: str | None, strict: bool, as_json: bool,
     2 error)."""
     try:
         report = check(capture, source, strict=strict, sector_bytes=sector_bytes)
-    except MbrescueError as exc:
-        line = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        hint = f" (hint: {exc.hint})" if exc.hint else ""
-        print(printable(f"mbrescue: error: {line}{hint}"), file=sys.stderr)
-        return EXIT_ERROR
-    except OSError as exc:
-        where = f"{exc.filename}: " if exc.filename else ""
-        print(printable(f"mbrescue: error: {where}{exc.strerror or exc}"), file=sys.stderr)
+    except (MbrescueError, OSError) as exc:
+        if isinstance(exc, MbrescueError):
+            line = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            line += f" (hint: {exc.hint})" if exc.hint else ""
+        else:
+            line = f"{exc.filename}: " if exc.filename else ""
+            line += f"{exc.strerror or exc}"
+        print(printable(f"mbrescue: error: {line}"), file=sys.stderr)
+        if as_json:  # a script reads stdout: the failure is there too
+            print(json.dumps({"capture": capture, "source": source, "matches": False,
+                              "exit_status": EXIT_ERROR, "error": line}, indent=1))
         return EXIT_ERROR
     if as_json:
-        print(json.dumps(report.to_json(), indent=1))
+        print(json.dumps({**report.to_json(), "error": None,
+                          "exit_status": EXIT_MATCHES if report.matches else EXIT_DRIFTED},
+                         indent=1))
     else:
         for difference in report.differences:
             print(printable(difference.line))

@@ -47,6 +47,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from . import debuglog
 from .errors import MbrescueError
 
 EXT_TYPES = ("ext2", "ext3", "ext4")
@@ -81,6 +82,7 @@ class ToolMissing(MbrescueError):
 
 def _run(argv: Sequence[str], pass_fds: Sequence[int] = ()) -> str:
     env = {"LANG": "C.UTF-8", "PATH": os.environ.get("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")}
+    debuglog.command(argv)
     try:
         done = subprocess.run(list(argv), stdin=subprocess.DEVNULL, capture_output=True,
                               text=True, env=env, pass_fds=tuple(pass_fds), check=False)

@@ -44,7 +44,7 @@ import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import bootloader, gpt, mbr, nvram, stale, swap, untar
+from . import bootloader, debuglog, gpt, mbr, nvram, stale, swap, untar
 from .capfile import Capture
 from .console import Console, human_bytes
 from .disk import DiskInfo, read_at
@@ -393,6 +393,7 @@ def _core_kept_text(core: BootLoaderRecord, moved: list[int]) -> str:
 def _run(argv: list[str], ok: tuple[int, ...] = (0,)) -> str:
     env = {"LANG": "C.UTF-8", "PATH": os.environ.get("PATH", "/usr/sbin:/usr/bin:/sbin:/bin"),
            "MTOOLS_SKIP_CHECK": "1"}
+    debuglog.command(argv)
     try:
         done = subprocess.run(argv, stdin=subprocess.DEVNULL, capture_output=True, text=True,
                               env=env, check=False)
@@ -998,6 +999,40 @@ def check_target(plan: FilesPlan) -> None:
 
 
 
+def scratch_need(plan: FilesPlan) -> int:
+    """Bytes the scratch folder needs, about: for each new file system its unpacked files
+    (ext and FAT are made from a tree) and its sparse image's written blocks (the files
+    again, the inode table, the journal or XFS log, metadata), never more than the images'
+    full sizes. Not their full sizes: the rescue system's scratch is RAM (tmpfs)."""
+    need = 0
+    for part in plan.partitions:
+        if part.copy is None or part.raw:
+            continue
+        fs = part.copy.fs
+        tree = fs.used_bytes if fs.type != "xfs" else 0  # XFS is filled in place
+        log = XFS_LOG_BYTES if fs.type == "xfs" else (
+            4 * MiB if "has_journal" in fs.features else 0)
+        image = (fs.used_bytes + fs.used_bytes // 16 + (fs.inode_count or 0)
+                 * (fs.inode_bytes or 0) + log + METADATA_BYTES)
+        need += tree + min(image, part.size_sectors * plan.sector_bytes)
+    return need
+
+
+def scratch_line(plan: FilesPlan, scratch: Path) -> str:
+    """Where the scratch goes and how much it needs: refused up front when its file system
+    has less free space (not a bare `mke2fs … No space left on device` later)."""
+    need = scratch_need(plan)
+    st = os.statvfs(scratch)
+    free = st.f_bavail * st.f_frsize
+    where = (f"a scratch folder in {scratch.parent} ($TMPDIR): about {human_bytes(need)} "
+             f"(sparse images), {human_bytes(free)} free there")
+    if free < need:
+        raise MbrescueError(f"the file-level path builds the file systems in {where}; "
+                            "nothing written",
+                            hint="point TMPDIR at a file system with that much free space")
+    return f"mbrescue: file-level path: making the file systems in {where} ..."
+
+
 def run(capture: Capture, target: DiskInfo, why: str, console: Console, assume_yes: bool,
         writing: list[str], firmware: bool = False) -> int:
     """The whole file-level restore onto target, after the capture's checksums were verified
@@ -1008,8 +1043,7 @@ def run(capture: Capture, target: DiskInfo, why: str, console: Console, assume_y
     entry = (nvram.plan_for_target(nvram.esp_of(capture.manifest, placed), target.path,
                                    target.kind) if firmware else None)
     with tempfile.TemporaryDirectory(prefix="mbrescue-restore-") as scratch:
-        console.say("mbrescue: file-level path: making the file systems in a scratch "
-                    "directory ...")
+        console.say(scratch_line(plan, Path(scratch)))  # refuses a scratch too small
         build_images(capture, plan, Path(scratch))
         plan.erase = plan_erase(capture, plan)
         show_files_plan(console, plan)

@@ -84,7 +84,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import __version__, refresh
+from . import __version__, debuglog, refresh
 from .console import printable
 from .errors import MbrescueError
 from .outputs import copy_output, write_output
@@ -430,6 +430,7 @@ def _systemd_running(root: str) -> bool:
 
 
 def _systemctl(*args: str) -> None:
+    debuglog.command(["systemctl", *args])
     done = subprocess.run(["systemctl", *args], stdin=subprocess.DEVNULL, capture_output=True,
                           text=True, check=False)
     if done.returncode != 0:

@@ -31,7 +31,7 @@ import subprocess
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from . import bootloader, gpt
+from . import bootloader, debuglog, gpt
 from .console import Console
 from .errors import MbrescueError
 from .manifest import Manifest
@@ -297,6 +297,7 @@ def mount_efivarfs(efi_dir: str = EFI_DIR, efivars: str = EFIVARS_DIR) -> str | 
         return None
     if _efivarfs_mounted(efivars):
         return efivars
+    debuglog.command(["mount", "-t", "efivarfs", "-o", "nosuid,nodev,noexec", "efivarfs", efivars])
     try:
         subprocess.run(["mount", "-t", "efivarfs", "-o", "nosuid,nodev,noexec", "efivarfs",
                         efivars], stdin=subprocess.DEVNULL, capture_output=True, check=True)

@@ -55,7 +55,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import capfile, check
+from . import capfile, check, debuglog
 from .console import printable
 from .errors import MbrescueError
 from .outputs import check_hostname, write_output
@@ -285,6 +285,7 @@ def _after_capture(argv: tuple[str, ...], path: str) -> str | None:
     command = [path if item == PLACEHOLDER else item for item in argv]
     if PLACEHOLDER not in argv:
         command.append(path)
+    debuglog.command(command)
     try:
         done = subprocess.run(command, stdin=subprocess.DEVNULL, capture_output=True, text=True,
                               errors="replace", timeout=AFTER_CAPTURE_TIMEOUT_S, check=False)
