@@ -268,9 +268,10 @@ def check(stream: IO[bytes], *, allow_links: bool, limits: Limits, region_bytes:
             for info in archive:
                 parts, _ = judge(info, limits, region_bytes, allow_links)
                 name = "/".join(parts)
-                if kinds.get(parts[:-1]) != "dir":
-                    raise MbrescueError(f"/{name}: its folder is not a directory made by the "
-                                        "copy")
+                for depth in range(1, len(parts)):
+                    if kinds.get(parts[:depth]) != "dir":
+                        raise MbrescueError(f"/{name}: its folder {parts[depth - 1]!r} is not "
+                                            "a directory made by the copy")
                 if parts in kinds:
                     raise MbrescueError(f"/{name}: a second member of that name")
                 if info.islnk() and kinds.get(member_parts(info, "link")) != "file":
