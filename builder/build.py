@@ -190,6 +190,10 @@ def build_one(
     which runs beside the GRUB images, the payload and the ISO's writing: the ISO gets
     its name only after it has passed, and after the written file's own check. Without
     them the capture is checked here, first."""
+    # Said at once: the checks, the GRUB images and the ISO's writing take seconds.
+    log.info(f"building {output_path(options, capture)} ({capture.manifest.hostname}, "
+             f"capture {log.human_bytes(capture.size)}): checking the capture while the "
+             "ISO is written ...")
     if summed is None or checked is None:
         capture_sha256 = check_capture_data(capture_path, capture)
 

@@ -387,6 +387,8 @@ def bundle_command(
 
     path = output_argument(output)
     assert path is not None
+    log.info(f"building the host bundle {path} (the rescue kit's Python and the host side; "
+             "about 10 s) ...")
     log.info(summary(bundle(BundleOptions(output=path))))
 
 

@@ -424,6 +424,20 @@ def test_refresh_takes_a_new_capture_when_a_file_level_copy_is_damaged(boot, tmp
     assert "files-p1.tar.gz" in line
 
 
+def test_refresh_json_for_scripts(boot, tmp_path):
+    """`refresh --json`: one JSON object on stdout with the exit status and the captures."""
+    image, _ = boot
+    captures = tmp_path / "captures"
+    captures.mkdir()
+    conf = write_config(tmp_path / "host.conf", capture_dir=os.fspath(captures), keep="2",
+                        source=os.fspath(image), hostname="testhost")
+    done = host("refresh", "--config", conf, "--json")
+    assert done.returncode == 0, done.stderr
+    record = json.loads(done.stdout.splitlines()[0])
+    assert record["exit_status"] == 0 and record["captured"] == record["current"]
+    assert record["captured"] in refresh.generations(os.fspath(captures), "testhost")
+
+
 def test_refresh_failures_are_one_line_and_keep_what_is_there(boot, tmp_path):
     image, _ = boot
     captures = tmp_path / "captures"

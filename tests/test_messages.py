@@ -367,3 +367,19 @@ def test_files_restore_refuses_a_scratch_too_small_up_front(captures, fixtures, 
         assert target.read_bytes().count(0) == target.stat().st_size  # untouched
     finally:
         sh("umount", small)
+
+
+def test_build_and_bundle_say_what_they_do_before_they_do_it(captures, tmp_path):
+    """`build` and `bundle` took 7-12 s with no word (issue 17): each says what it is doing
+    at once, before its summary line."""
+    built = mbrescue("build", captures["A"], "-o", tmp_path / "a.iso")
+    assert built.returncode == 0, built.stderr
+    lines = built.stderr.splitlines()
+    first = next(i for i, line in enumerate(lines) if "building " in line)
+    assert "checking the capture while the ISO is written" in lines[first]
+    assert first < next(i for i, line in enumerate(lines) if "boots" in line)
+    made = mbrescue("bundle", "-o", tmp_path / "host-side")
+    assert made.returncode == 0, made.stderr
+    said = made.stderr.splitlines()
+    start = next(i for i, line in enumerate(said) if "building the host bundle" in line)
+    assert start < next(i for i, line in enumerate(said) if "wrote" in line), said

@@ -542,10 +542,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", default=CONFIG_PATH, help=f"settings file [{CONFIG_PATH}]")
     parser.add_argument("--force", action="store_true",
                         help="capture even when the newest capture still matches")
+    parser.add_argument("--json", action="store_true", dest="as_json",
+                        help="also print the result as one JSON object on stdout")
 
 
 def run(args: argparse.Namespace) -> int:
     result = refresh(read_config(args.config), force=args.force)
+    if getattr(args, "as_json", False):
+        print(json.dumps({"exit_status": result.status, "line": result.line,
+                          "captured": result.capture, "current": result.current}), flush=True)
     if result.status == EXIT_OK:
         print(printable(f"mbrescue: refresh: {result.line}"), flush=True)
     else:
