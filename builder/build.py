@@ -10,23 +10,25 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import itertools
 import os
 import tempfile
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import buildrecord, log
+from .debs import sha256_file
 from .errors import MbrescueError
 from .grub import check_grub_installed, make_grub_images, render_grub_cfg
 from .initramfs import make_base_initramfs, make_payload_initramfs
 from .iso import IsoReport, iso_volume_label, new_medium_id, write_iso
 from .kit import Kit, ensure_kit
 from .run import require_tools
-from .runner import bootloader
-from .runner.capfile import Capture
+from .runner import agecrypt, bootloader
+from .runner.capfile import MANIFEST_MEMBER, MANIFEST_SEAL_MEMBER, Capture
 from .runner.cmdline import options_json
 from .runner.outputs import check_hostname, check_output_dir, check_output_file, refuse_same_file
 from .verify import verify_iso
@@ -44,6 +46,9 @@ class BuildOptions:
     unattended_allowed: bool = False
     # --expect-host: the host each capture must be for, in the captures' order (empty: any).
     expected_hosts: tuple[str, ...] = ()
+    # --encrypt: the payload's capture is stored age-encrypted with this passphrase (the
+    # kernel, the rescue system and GRUB stay public). Never shown in a repr.
+    passphrase: bytes | None = field(default=None, repr=False)
 
 
 @dataclass(frozen=True)
@@ -207,13 +212,23 @@ def build_one(
         # The capture's SHA-256 travels beside it: the rescue system checks the capture it
         # reads is, byte for byte, the one this build verified.
         capture_sha256 = summed()
+        payload_capture, payload_sha256 = capture_path, capture_sha256
+        encrypted_sha256 = None
+        if options.passphrase is not None:
+            # From the descriptor the check hashed: the bytes encrypted are the bytes checked.
+            payload_capture = work / "capture.age"
+            agecrypt.encrypt(capture.fd, capture.base, capture.size,
+                             os.fspath(payload_capture), options.passphrase)
+            payload_sha256 = encrypted_sha256 = sha256_file(payload_capture)
         # The manifest's SHA-256 too: it names every member's and chunk's SHA-256, so the
         # rescue system needs no pass over the whole file before it can show the plan.
         options_file = options_json(options.unattended_allowed, capture_sha256,
-                                    capture.manifest_sha256)
+                                    capture.manifest_sha256, encrypted_sha256)
         payload = make_payload_initramfs(
-            capture_path, work / "payload.img", extra={"options.json": options_file}
+            payload_capture, work / "payload.img", extra={"options.json": options_file}
         )
+        plaintext = (plaintext_pieces(capture, (shared.kit.kernel, shared.base_initrd))
+                     if encrypted_sha256 else ())
         grub_cfg = render_grub_cfg(
             host=manifest.hostname,
             captured_at=manifest.created,
@@ -226,7 +241,7 @@ def build_one(
         def before_rename(written: Path) -> None:
             checked()  # every capture of the build checked
             started = time.monotonic()
-            found["written"] = written_checks(written, capture_sha256, out)
+            found["written"] = written_checks(written, payload_sha256, out, plaintext)
             found["seconds"] = time.monotonic() - started
 
         report = write_iso(
@@ -250,6 +265,41 @@ def build_one(
                                check_seconds=found["seconds"])
 
 
+# Bytes of a plain capture an encrypted ISO must not hold: this many from the start of
+# each piece (a tar header, a gzip member's head, the manifest's), as many pieces as below.
+PLAINTEXT_PIECE_BYTES = 64
+PLAINTEXT_CHUNKS = 256
+
+
+def plaintext_pieces(capture: Capture, public: Sequence[Path] = ()) -> tuple[bytes, ...]:
+    """What would show a plain copy of this capture: its first tar header, its manifest,
+    the head and middle of its members and of (up to PLAINTEXT_CHUNKS) region chunks.
+
+    A piece that is in one of the `public` files is no sign of the capture: a /boot holds
+    the very Debian kernel the rescue system boots, and gzip stores an incompressible
+    kernel's bytes as they are."""
+    manifest = capture.read_member(MANIFEST_MEMBER)
+    pieces = [capture.pread(512, capture.base), manifest[:PLAINTEXT_PIECE_BYTES],
+              manifest[len(manifest) // 2:][:PLAINTEXT_PIECE_BYTES]]
+    for name, member in capture.members.items():
+        if name == MANIFEST_SEAL_MEMBER:
+            continue  # the manifest's SHA-256, public in options.json
+        for at in (0, member.size // 2):
+            if member.size - at >= PLAINTEXT_PIECE_BYTES:
+                pieces.append(os.pread(capture.fd, PLAINTEXT_PIECE_BYTES, member.offset + at))
+    for packed in itertools.islice(capture.compressed_chunks(), PLAINTEXT_CHUNKS):
+        if len(packed) >= 2 * PLAINTEXT_PIECE_BYTES:
+            middle = len(packed) // 2
+            pieces += [packed[:PLAINTEXT_PIECE_BYTES],
+                       packed[middle:middle + PLAINTEXT_PIECE_BYTES]]
+    # A run of one byte (zeros) is in any file: not a sign of the capture.
+    found = [piece for piece in dict.fromkeys(pieces) if len(set(piece)) > 4]
+    for path in public:
+        data = path.read_bytes()
+        found = [piece for piece in found if piece not in data]
+    return tuple(found)
+
+
 # What the summary may say: each boot way needs the parts that a check of the written
 # file found, not what the build meant to write.
 BOOT_WAYS = (
@@ -264,17 +314,21 @@ CHECKED_WORDS = {
     "hybrid MBR (GRUB)": "hybrid MBR (GRUB's boot_hybrid.img)",
     "partition table": "GPT with an ESP on the EFI image",
     "payload checksum": "payload with the checked capture",
+    "no plaintext capture": "the capture only as age ciphertext (no plaintext in the ISO)",
 }
 
 
-def written_checks(path: Path, capture_sha256: str,
-                   name: Path | None = None) -> tuple[tuple[str, ...], tuple[str, ...]]:
+def written_checks(path: Path, capture_sha256: str, name: Path | None = None,
+                   plaintext: tuple[bytes, ...] = ()
+                   ) -> tuple[tuple[str, ...], tuple[str, ...]]:
     """Check a written ISO as `mbrescue verify` does: (the boot ways, the parts found).
 
-    The capture inside must be the very file the build checked (its SHA-256). A failure
-    is raised naming the ISO as `name` (its final name; `path` may be a temporary one).
+    The capture inside must be the very file the build checked (its SHA-256; for an
+    encrypted build, the encrypted file's), and none of `plaintext` may be anywhere in it.
+    A failure is raised naming the ISO as `name` (its final name; `path` may be a
+    temporary one).
     """
-    checks = verify_iso(path, capture_sha256=capture_sha256)
+    checks = verify_iso(path, capture_sha256=capture_sha256, plaintext=plaintext)
     failed = [check for check in checks if not check.ok]
     if failed:
         more = f" (and {len(failed) - 1} more)" if len(failed) > 1 else ""
@@ -304,6 +358,9 @@ def build(options: BuildOptions) -> list[IsoReport]:
     if not options.captures:
         raise MbrescueError("no capture given")
     check_expected_names(options.expected_hosts, len(options.captures))
+    if options.passphrase is not None:
+        agecrypt.check_passphrase(options.passphrase)
+        require_tools("age")
     captures = [(path, open_capture(path)) for path in options.captures]
     check_expected_hosts(captures, options.expected_hosts)
     names = [output_path(options, capture) for _, capture in captures]

@@ -206,10 +206,42 @@ def build_command(
     as_json: Annotated[
         bool, typer.Option("--json", help="Print what was built as JSON on stdout.")
     ] = False,
+    encrypt: Annotated[
+        bool,
+        typer.Option("--encrypt", help="Store the capture age-encrypted with a passphrase "
+                     "(scrypt); the rescue system asks for it before the plan. The kernel, "
+                     "rescue system and GRUB stay public."),
+    ] = False,
+    passphrase_file: Annotated[
+        Path | None,
+        typer.Option("--passphrase-file", metavar="FILE",
+                     help="With --encrypt: the passphrase is this file's one line."),
+    ] = None,
+    passphrase_env: Annotated[
+        str | None,
+        typer.Option("--passphrase-env", metavar="NAME",
+                     help="With --encrypt: the passphrase is this environment variable's "
+                     "value [default: typed twice on the terminal]."),
+    ] = None,
 ) -> None:
     """Build a BIOS/UEFI, CD/USB bootable rescue ISO for each capture."""
     from .build import BuildOptions, build, summary
 
+    if not encrypt and (passphrase_file is not None or passphrase_env is not None):
+        raise MbrescueError("--passphrase-file and --passphrase-env need --encrypt")
+    if encrypt and netboot is not None:
+        if allow_unattended:
+            raise MbrescueError(
+                "--encrypt with --netboot --allow-unattended: an unattended network restore "
+                "has nobody to type the passphrase; unattended restore is for unencrypted "
+                "trees only")
+        raise MbrescueError("--encrypt is for ISOs: encrypted network-boot trees are not "
+                            "built yet (issue 21)")
+    passphrase = None
+    if encrypt:
+        from .passphrase import read_passphrase
+
+        passphrase = read_passphrase(passphrase_file, passphrase_env)
     if netboot is not None:
         from . import netboot as net
 
@@ -233,7 +265,7 @@ def build_command(
     reports = build(
         BuildOptions(
             captures=tuple(captures), output=output, jobs=jobs, unattended_allowed=allow_unattended,
-            expected_hosts=tuple(expect_host or ()),
+            expected_hosts=tuple(expect_host or ()), passphrase=passphrase,
         )
     )
     for report in reports:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import mmap
 import shutil
 import struct
 import sys
@@ -42,6 +43,8 @@ SUMS_PATH = "/mbrescue/payload.sha256"
 # The build's options, also inside the payload: the rescue system reads this copy when it
 # reads the capture from the medium.
 OPTIONS_PATH = "/mbrescue/options.json"
+# An age file whose one recipient stanza is a passphrase (age-encryption.org/v1).
+AGE_SCRYPT_HEADER = b"age-encryption.org/v1\n-> scrypt "
 # Three sha256sum lines, a small JSON object; anything near this size is not ours.
 MAX_SUMS_BYTES = 64 * 1024
 REQUIRED_FILES = (
@@ -133,10 +136,12 @@ def _entry(raw: bytes, platform: int) -> BootEntry:
 
 
 def sha256_stream(
-    stream: BinaryIO, length: int | None = None, copy_to: BinaryIO | None = None
+    stream: BinaryIO, length: int | None = None, copy_to: BinaryIO | None = None,
+    prefix: bytes = b"",
 ) -> str:
-    """SHA-256 of the next `length` bytes (or the rest), copying them on if asked."""
-    digest = hashlib.sha256()
+    """SHA-256 of `prefix` and the next `length` bytes (or the rest), copying them on if
+    asked."""
+    digest = hashlib.sha256(prefix)
     left = length
     while left is None or left > 0:
         chunk = stream.read(1 << 20 if left is None else min(1 << 20, left))
@@ -183,12 +188,14 @@ def _require(condition: bool, message: str) -> None:
         raise MbrescueError(message)
 
 
-def verify_iso(path: Path, capture_sha256: str | None = None) -> list[Check]:
+def verify_iso(path: Path, capture_sha256: str | None = None,
+               plaintext: tuple[bytes, ...] = ()) -> list[Check]:
     """All checks of one ISO; a failure of one does not stop the others.
 
     With `capture_sha256` (the build's own check of what it just wrote), the capture in the
-    payload must have that SHA-256 (the file the build checked) instead of being opened and
-    checked again.
+    payload must have that SHA-256 (the file the build checked; the encrypted file, for an
+    encrypted build) instead of being opened and checked again. `plaintext`: pieces of the
+    capture (the build knows them) that an encrypted ISO must not hold anywhere.
     """
     require_tools("mdir", "sfdisk", "sgdisk")
     checks: list[Check] = []
@@ -214,7 +221,7 @@ def verify_iso(path: Path, capture_sha256: str | None = None) -> list[Check]:
         )
         checks.append(_check("hybrid MBR (GRUB)", lambda: _hybrid_mbr(stream, bios)))
         checks.append(_check("partition table", lambda: _partitions(path, efi, size_bytes)))
-        checks.extend(_tree_checks(path, work, capture_sha256, stream, efi))
+        checks.extend(_tree_checks(path, work, capture_sha256, stream, efi, plaintext))
     return checks
 
 
@@ -336,6 +343,7 @@ def _tree_checks(
     capture_sha256: str | None,
     stream: BinaryIO,
     efi: BootEntry | None,
+    plaintext: tuple[bytes, ...] = (),
 ) -> list[Check]:
     iso = pycdlib.PyCdlib()
     try:
@@ -367,9 +375,40 @@ def _tree_checks(
         checks.append(_check("Secure Boot chain signed", lambda: _signed_chain(iso, work)))
         checks.append(_check("build record", lambda: _record(iso, work)))
         checks.append(_check("payload checksum", lambda: _payload(iso, work, capture_sha256)))
+        if _encrypted(iso):
+            checks.append(_check("no plaintext capture",
+                                 lambda: no_plaintext(path, plaintext)))
     finally:
         iso.close()
     return checks
+
+
+# A plain capture anywhere in an ISO shows these: its manifest's format name and its tar
+# members' names (each in a tar header). An encrypted build holds the capture only as age
+# ciphertext (a compressed rescue system shows none of them either).
+PLAINTEXT_MARKERS = (b'"mbrescue-capture"', b"manifest.json\0", b"region.img.gz\0",
+                     b"boot.tar.gz\0")
+
+
+def _encrypted(iso: pycdlib.PyCdlib) -> bool:
+    try:
+        return _options_encrypted(_small_file(iso, OPTIONS_PATH))
+    except (MbrescueError, pycdlib.pycdlibexception.PyCdlibException):
+        return False
+
+
+def no_plaintext(path: Path, pieces: tuple[bytes, ...] = ()) -> str:
+    """An encrypted ISO holds no plain capture: none of its markers, none of `pieces` (the
+    build's: its manifest, its members' and region chunks' bytes) at any byte offset."""
+    with open(path, "rb") as stream, mmap.mmap(stream.fileno(), 0, access=mmap.ACCESS_READ) as data:
+        for marker in PLAINTEXT_MARKERS:
+            at = data.find(marker)
+            _require(at < 0, f"a plain capture's {marker!r} is at byte {at}")
+        for index, piece in enumerate(pieces):
+            at = data.find(piece)
+            _require(at < 0, f"plaintext of the capture (piece {index}) is at byte {at}")
+    extra = f" nor any of {len(pieces)} pieces of the capture" if pieces else ""
+    return f"no plain capture's markers{extra} anywhere in the ISO"
 
 
 def _efi_tree(iso: pycdlib.PyCdlib, stream: BinaryIO, efi: BootEntry | None) -> str:
@@ -487,11 +526,22 @@ def check_options(options_json: bytes, sums: dict[str, str]) -> None:
     except (ValueError, UnicodeDecodeError):
         options = None
     _require(isinstance(options, dict), "options.json is not a JSON object")
+    # An encrypted build names the plain capture (what the rescue system decrypts must have
+    # that seal) and, apart, the encrypted file the payload holds.
+    named = "encrypted_capture_sha256" if options.get("encrypted") is True else "capture_sha256"
     _require(
-        options.get("capture_sha256") == sums["capture.mbrescue"],
+        options.get(named) == sums["capture.mbrescue"],
         "options.json names another capture than payload.sha256: the rescue system would "
         "refuse it",
     )
+
+
+def _options_encrypted(options_json: bytes | None) -> bool:
+    try:
+        options = json.loads(options_json) if options_json is not None else None
+    except ValueError:
+        return False
+    return isinstance(options, dict) and options.get("encrypted") is True
 
 
 def _require_manifest_seal(capture_path: Path, options: dict) -> None:
@@ -520,7 +570,8 @@ def check_payload(
     `capture_sha256` (a capture the caller checked itself), it must have that SHA-256.
     Given `options_json` (the medium's plain copy), it is checked by `check_options`.
     """
-    deep = capture_sha256 is None
+    encrypted = _options_encrypted(options_json)
+    deep = capture_sha256 is None and not encrypted
     sums = parse_sums(sums_text)
     _require("payload.img" in sums, "payload.sha256 names no payload.img")
     _require(
@@ -551,6 +602,12 @@ def check_payload(
             if deep:
                 with open(capture_path, "wb") as copy:
                     digest = sha256_stream(payload, size, copy_to=copy)
+            elif encrypted:
+                head = payload.read(min(size, 256))
+                _require(head.startswith(AGE_SCRYPT_HEADER), "options.json says the capture "
+                         "is encrypted, but the payload's capture is no passphrase-encrypted "
+                         "age file")
+                digest = sha256_stream(payload, size - len(head), prefix=head)
             else:
                 digest = sha256_stream(payload, size)
             _require(
@@ -558,11 +615,15 @@ def check_payload(
                 "the capture in the payload does not match its SHA-256",
             )
             _require(
-                deep or digest == capture_sha256,
+                capture_sha256 is None or digest == capture_sha256,
                 "the capture in the payload is not the one the build checked",
             )
         _require(captures == 1, f"the payload holds no capture ({CAPTURE_MEMBER})")
         detail = f"payload.img matches, cpio of {members} member(s)"
+        if encrypted:
+            return detail + (", the capture age-encrypted (scrypt passphrase), not opened"
+                             if capture_sha256 is None else
+                             ", the encrypted checked capture (SHA-256 matches)")
         if not deep:
             return detail + ", the checked capture (SHA-256 matches)"
         hook = _capture_hook()
