@@ -144,6 +144,8 @@ def run_age(arguments: list[str], passphrase: bytes, source_fd: int, offset: int
                      lines[0] if lines else f"exit status {status}")
         if WRONG_PASSPHRASE in first:
             raise WrongPassphrase("wrong passphrase")
+        # The echo was off when it was typed; should age ever print it, it is not repeated.
+        first = first.replace(passphrase.decode("utf-8", errors="replace"), "(passphrase)")
         raise MbrescueError(f"age failed: {first.removeprefix('age: error: ')}")
     if errors:
         raise MbrescueError(f"reading the input for age failed: {errors[0]}")
@@ -178,7 +180,7 @@ def _answer_prompts(master: int, passphrase: bytes) -> str:
         for line in lines:
             said += ANSI_RE.sub(b"", line).replace(b"\r", b"") + b"\n"
     said += ANSI_RE.sub(b"", pending).replace(b"\r", b"")
-    return said.replace(passphrase, b"(passphrase)").decode("utf-8", errors="replace")
+    return said.decode("utf-8", errors="replace")
 
 
 def encrypt(source_fd: int, offset: int, length: int, out_path: str, passphrase: bytes,
