@@ -21,11 +21,13 @@ from pathlib import Path
 
 import pytest
 
+from builder.fixtures import boot_to_marker
 from builder.runner import agecrypt, unlock
 from builder.runner.console import Console, Terminal, echo_is_off
 from builder.runner.errors import MbrescueError
+from builder.vm import Disk, Vm, VmConfig, VmTimeout
 
-from .conftest import mbrescue, one_error_line, read_until, sh
+from .conftest import mbrescue, memory_initrd, one_error_line, read_until, sh, sha256_of
 
 PASSPHRASE = b"correct horse battery staple"
 
@@ -339,3 +341,89 @@ def test_a_plain_capture_where_an_encrypted_one_is_said(secret_capture, tmp_path
     console, _ = _answers(PASSPHRASE.decode())
     with pytest.raises(MbrescueError, match="no passphrase-encrypted age file"):
         unlock.unlock(os.fspath(secret_capture), console, os.fspath(tmp_path), mount=False)
+
+
+# --- the rescue system under QEMU (BIOS, the rescue userland via -kernel/-initrd) ------------
+
+PASSPHRASE_PROMPT = r"Passphrase of this host's encrypted capture \(typing is not shown\): "
+YES_PROMPT = r"Type yes to write (/dev/\w+) \("
+COMPLETE = r"mbrescue: restore complete[^\r\n]*\r?\n"
+FAILED = r"mbrescue: error: [^\r\n]*\r?\n"
+VM_TIMEOUT_S = 400.0
+
+
+def _sealed_initrd(secret_capture: Path, folder: Path) -> Path:
+    """The rescue system with the encrypted capture in memory and the build's options, as
+    the ISO's in-memory entry hands them over (build_one's own options.json)."""
+    from builder.runner.capfile import Capture
+    from builder.runner.cmdline import options_json
+
+    sealed = folder / "capture.age"
+    with Capture.open(os.fspath(secret_capture)) as capture:
+        agecrypt.encrypt(capture.fd, capture.base, capture.size, os.fspath(sealed), PASSPHRASE)
+        options = options_json(False, capture.file_sha256(), capture.manifest_sha256,
+                               sha256_of(sealed))
+    return memory_initrd(sealed, folder, extra={"options.json": options})
+
+
+def _vm(secret_capture: Path, folder: Path, target: Path) -> tuple[Vm, Path]:
+    from builder.kit import ensure_kit
+
+    initrd = _sealed_initrd(secret_capture, folder)
+    config = VmConfig(kernel=ensure_kit().kernel, initrd=initrd, memory_mib=1024,
+                      append="console=ttyS0", disks=[Disk(target, serial="MBRESCUE-SEALED")])
+    log = folder / "serial.log"
+    return Vm(config, log), log
+
+
+@pytest.mark.qemu
+def test_encrypted_capture_restores_after_the_typed_passphrase(fixtures, secret_capture,
+                                                               tmp_path) -> None:
+    fixture = fixtures["A"]
+    target = tmp_path / "blank.img"
+    with open(target, "wb") as stream:
+        stream.truncate(fixture.path.stat().st_size)
+    vm, log = _vm(secret_capture, tmp_path, target)
+    try:
+        with vm:
+            vm.expect(PASSPHRASE_PROMPT, VM_TIMEOUT_S)
+            vm.send(PASSPHRASE.decode() + "\r")
+            decrypted = vm.expect(r"capture decrypted in (\d+) s", VM_TIMEOUT_S)
+            vm.expect(YES_PROMPT, VM_TIMEOUT_S)
+            vm.send("yes\r")
+            done = vm.expect(rf"{COMPLETE}|{FAILED}", VM_TIMEOUT_S)
+            text = vm.output
+    except VmTimeout as exc:
+        shown = log.read_text(errors="replace")[-3000:] if log.exists() else ""
+        raise AssertionError(f"{str(exc).splitlines()[0]}\n{shown}") from None
+    assert done.group(0).startswith("mbrescue: restore complete"), text[-3000:]
+    assert PASSPHRASE.decode() not in text, "the typed passphrase was echoed"
+    # the plan came after the passphrase: nothing of the capture was shown before it
+    assert text.index("Passphrase of this host") < text.index("Type yes")
+    print(f"decrypted in the rescue system (TCG) in {decrypted.group(1)} s")
+    seconds = boot_to_marker(target, fixture, timeout=300)
+    print(f"the restored disk reached its marker in {seconds:.1f} s")
+
+
+@pytest.mark.qemu
+def test_three_wrong_passphrases_in_the_rescue_system_write_nothing(secret_capture,
+                                                                    tmp_path) -> None:
+    target = tmp_path / "blank.img"
+    with open(target, "wb") as stream:
+        stream.truncate(128 << 20)
+    before = sha256_of(target)
+    vm, log = _vm(secret_capture, tmp_path, target)
+    try:
+        with vm:
+            for attempt in range(3):
+                vm.expect(PASSPHRASE_PROMPT, VM_TIMEOUT_S)
+                vm.send(f"not-it-{attempt}\r")
+            failed = vm.expect(rf"{FAILED}|{YES_PROMPT}", VM_TIMEOUT_S)
+            text = vm.output
+    except VmTimeout as exc:
+        shown = log.read_text(errors="replace")[-3000:] if log.exists() else ""
+        raise AssertionError(f"{str(exc).splitlines()[0]}\n{shown}") from None
+    assert failed.group(0).strip() == "mbrescue: error: wrong passphrase 3 times; nothing written"
+    assert "wrong passphrase, 2 tries left" in text and "wrong passphrase, 1 try left" in text
+    assert "not-it-" not in text and "Type yes" not in text
+    assert sha256_of(target) == before
