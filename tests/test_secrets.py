@@ -427,3 +427,34 @@ def test_three_wrong_passphrases_in_the_rescue_system_write_nothing(secret_captu
     assert "wrong passphrase, 2 tries left" in text and "wrong passphrase, 1 try left" in text
     assert "not-it-" not in text and "Type yes" not in text
     assert sha256_of(target) == before
+
+
+@pytest.mark.qemu
+@pytest.mark.parametrize("firmware", ["bios", "uefi"])
+def test_encrypted_iso_restores_from_the_medium(fixtures, secret_isos, firmware: str,
+                                                tmp_path) -> None:
+    """The real encrypted ISO as a CD: GRUB, the public rescue system, the capture decrypted
+    from the medium's payload in place (not loaded into memory by GRUB), then the plan."""
+    fixture = fixtures["A"]
+    target = tmp_path / "blank.img"
+    with open(target, "wb") as stream:
+        stream.truncate(fixture.path.stat().st_size)
+    disks = [Disk(secret_isos["sealed"], interface="cdrom", readonly=True, bootindex=0),
+             Disk(target, interface="virtio", serial="MBRESCUE-SEALED", bootindex=1)]
+    log = tmp_path / "serial.log"
+    try:
+        with Vm(VmConfig(firmware=firmware, memory_mib=1024, disks=disks), log) as vm:
+            vm.expect(r"capture: read from this medium", VM_TIMEOUT_S)
+            vm.expect(PASSPHRASE_PROMPT, VM_TIMEOUT_S)
+            vm.send(PASSPHRASE.decode() + "\r")
+            vm.expect(YES_PROMPT, VM_TIMEOUT_S)
+            vm.send("yes\r")
+            done = vm.expect(rf"{COMPLETE}|{FAILED}", VM_TIMEOUT_S)
+            text = vm.output
+    except VmTimeout as exc:
+        shown = log.read_text(errors="replace")[-3000:] if log.exists() else ""
+        raise AssertionError(f"{str(exc).splitlines()[0]}\n{shown}") from None
+    assert done.group(0).startswith("mbrescue: restore complete"), text[-3000:]
+    assert PASSPHRASE.decode() not in text
+    seconds = boot_to_marker(target, fixture, timeout=300)
+    print(f"{firmware} CD: the restored disk reached its marker in {seconds:.1f} s")
