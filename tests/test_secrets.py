@@ -430,11 +430,12 @@ def test_three_wrong_passphrases_in_the_rescue_system_write_nothing(secret_captu
 
 
 @pytest.mark.qemu
-@pytest.mark.parametrize("firmware", ["bios", "uefi"])
+@pytest.mark.parametrize("firmware", ["bios", "uefi", "uefi-secure-boot"])
 def test_encrypted_iso_restores_from_the_medium(fixtures, secret_isos, firmware: str,
                                                 tmp_path) -> None:
     """The real encrypted ISO as a CD: GRUB, the public rescue system, the capture decrypted
-    from the medium's payload in place (not loaded into memory by GRUB), then the plan."""
+    from the medium's payload in place (not loaded into memory by GRUB), then the plan.
+    Under Secure Boot the chain is Debian's signed shim, GRUB and kernel; age is user space."""
     fixture = fixtures["A"]
     target = tmp_path / "blank.img"
     with open(target, "wb") as stream:
@@ -443,7 +444,11 @@ def test_encrypted_iso_restores_from_the_medium(fixtures, secret_isos, firmware:
              Disk(target, interface="virtio", serial="MBRESCUE-SEALED", bootindex=1)]
     log = tmp_path / "serial.log"
     try:
-        with Vm(VmConfig(firmware=firmware, memory_mib=1024, disks=disks), log) as vm:
+        config = VmConfig(firmware=firmware.removesuffix("-secure-boot"), memory_mib=1024,
+                          disks=disks, secure_boot=firmware.endswith("-secure-boot"))
+        with Vm(config, log) as vm:
+            if config.secure_boot:
+                vm.expect(r"mbrescue: UEFI Secure Boot is enforced", VM_TIMEOUT_S)
             vm.expect(r"capture: read from this medium", VM_TIMEOUT_S)
             vm.expect(PASSPHRASE_PROMPT, VM_TIMEOUT_S)
             vm.send(PASSPHRASE.decode() + "\r")
