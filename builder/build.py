@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import itertools
 import os
 import tempfile
 import time
@@ -28,10 +27,10 @@ from .iso import IsoReport, iso_volume_label, new_medium_id, write_iso
 from .kit import Kit, ensure_kit
 from .run import require_tools
 from .runner import agecrypt, bootloader
-from .runner.capfile import MANIFEST_MEMBER, MANIFEST_SEAL_MEMBER, Capture
+from .runner.capfile import Capture
 from .runner.cmdline import options_json
 from .runner.outputs import check_hostname, check_output_dir, check_output_file, refuse_same_file
-from .verify import verify_iso
+from .verify import plaintext_pieces, verify_iso
 
 PACKAGE_DIR = Path(__file__).resolve().parent
 RUNNER_DIR = PACKAGE_DIR / "runner"
@@ -263,41 +262,6 @@ def build_one(
     boots, checked_words = found["written"]
     return dataclasses.replace(report, boots=boots, checked=checked_words,
                                check_seconds=found["seconds"])
-
-
-# Bytes of a plain capture an encrypted ISO must not hold: this many from the start of
-# each piece (a tar header, a gzip member's head, the manifest's), as many pieces as below.
-PLAINTEXT_PIECE_BYTES = 64
-PLAINTEXT_CHUNKS = 256
-
-
-def plaintext_pieces(capture: Capture, public: Sequence[Path] = ()) -> tuple[bytes, ...]:
-    """What would show a plain copy of this capture: its first tar header, its manifest,
-    the head and middle of its members and of (up to PLAINTEXT_CHUNKS) region chunks.
-
-    A piece that is in one of the `public` files is no sign of the capture: a /boot holds
-    the very Debian kernel the rescue system boots, and gzip stores an incompressible
-    kernel's bytes as they are."""
-    manifest = capture.read_member(MANIFEST_MEMBER)
-    pieces = [capture.pread(512, capture.base), manifest[:PLAINTEXT_PIECE_BYTES],
-              manifest[len(manifest) // 2:][:PLAINTEXT_PIECE_BYTES]]
-    for name, member in capture.members.items():
-        if name == MANIFEST_SEAL_MEMBER:
-            continue  # the manifest's SHA-256, public in options.json
-        for at in (0, member.size // 2):
-            if member.size - at >= PLAINTEXT_PIECE_BYTES:
-                pieces.append(os.pread(capture.fd, PLAINTEXT_PIECE_BYTES, member.offset + at))
-    for packed in itertools.islice(capture.compressed_chunks(), PLAINTEXT_CHUNKS):
-        if len(packed) >= 2 * PLAINTEXT_PIECE_BYTES:
-            middle = len(packed) // 2
-            pieces += [packed[:PLAINTEXT_PIECE_BYTES],
-                       packed[middle:middle + PLAINTEXT_PIECE_BYTES]]
-    # A run of one byte (zeros) is in any file: not a sign of the capture.
-    found = [piece for piece in dict.fromkeys(pieces) if len(set(piece)) > 4]
-    for path in public:
-        data = path.read_bytes()
-        found = [piece for piece in found if piece not in data]
-    return tuple(found)
 
 
 # What the summary may say: each boot way needs the parts that a check of the written

@@ -284,6 +284,17 @@ def verify_command(
             "--boot", help="Also boot it in QEMU (BIOS and UEFI) and restore a scratch disk."
         ),
     ] = False,
+    passphrase_file: Annotated[
+        Path | None,
+        typer.Option("--passphrase-file", metavar="FILE",
+                     help="An encrypted ISO's passphrase (this file's one line): the capture "
+                     "is then decrypted and checked too; --boot needs it."),
+    ] = None,
+    passphrase_env: Annotated[
+        str | None,
+        typer.Option("--passphrase-env", metavar="NAME",
+                     help="An encrypted ISO's passphrase from this environment variable."),
+    ] = None,
 ) -> None:
     """Check a rescue ISO (with --boot, prove in QEMU that it restores a bootable disk), or
     a capture file whole: exit 0 good, 1 damaged."""
@@ -297,13 +308,18 @@ def verify_command(
             raise MbrescueError(f"{iso} is not an ISO: --boot boots rescue ISOs, not captures")
         print(verdict_line(iso, verify_capture(iso)))
         return
-    checks = verify_iso(iso)
+    passphrase = None
+    if passphrase_file is not None or passphrase_env is not None:
+        from .passphrase import read_passphrase
+
+        passphrase = read_passphrase(passphrase_file, passphrase_env)
+    checks = verify_iso(iso, passphrase=passphrase)
     print(format_checks(checks))
     failed = [check.name for check in checks if not check.ok]
     if not failed and boot:
         from .bootcheck import verify_boot
 
-        for result in verify_boot(iso):
+        for result in verify_boot(iso, passphrase=passphrase):
             verdict = "PASS" if result.ok else "FAIL"
             prompt = (
                 f", prompt after {result.seconds_to_prompt:.0f} s"

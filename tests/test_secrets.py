@@ -463,3 +463,22 @@ def test_encrypted_iso_restores_from_the_medium(fixtures, secret_isos, firmware:
     assert PASSPHRASE.decode() not in text
     seconds = boot_to_marker(target, fixture, timeout=300)
     print(f"{firmware} CD: the restored disk reached its marker in {seconds:.1f} s")
+
+
+def test_verify_with_the_passphrase_opens_and_checks_the_capture(secret_isos, tmp_path,
+                                                                 ) -> None:
+    secret = tmp_path / "passphrase"
+    secret.write_bytes(PASSPHRASE + b"\n")
+    result = mbrescue("verify", secret_isos["sealed"], "--passphrase-file", secret)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert re.search(r"ok\s+encrypted capture opened\s+decrypted with the passphrase, "
+                     r"capture checked", result.stdout), result.stdout
+    found = re.search(r"ok\s+no plaintext capture\s+no plain capture's markers nor any of "
+                      r"(\d+) pieces", result.stdout)
+    assert found and int(found.group(1)) > 10, result.stdout
+    wrong = mbrescue("verify", secret_isos["sealed"], "--passphrase-env", "WRONG",
+                     env={"WRONG": "not the passphrase"})
+    assert wrong.returncode == 1
+    assert re.search(r"FAIL\s+encrypted capture opened\s+wrong passphrase", wrong.stdout)
+    assert "--boot needs its passphrase" in one_error_line(
+        mbrescue("verify", secret_isos["sealed"], "--boot"))
