@@ -482,3 +482,14 @@ def test_verify_with_the_passphrase_opens_and_checks_the_capture(secret_isos, tm
     assert re.search(r"FAIL\s+encrypted capture opened\s+wrong passphrase", wrong.stdout)
     assert "--boot needs its passphrase" in one_error_line(
         mbrescue("verify", secret_isos["sealed"], "--boot"))
+
+
+@pytest.mark.qemu
+def test_verify_boot_of_an_encrypted_iso_types_the_passphrase(secret_isos, tmp_path) -> None:
+    secret = tmp_path / "passphrase"
+    secret.write_bytes(PASSPHRASE + b"\n")
+    result = mbrescue("verify", secret_isos["sealed"], "--boot", "--passphrase-file", secret,
+                      timeout=1800)
+    assert result.returncode == 0, result.stdout + result.stderr
+    for firmware in ("BIOS", "UEFI", "UEFI-SB"):
+        assert re.search(rf"PASS\s+boot {firmware}\s", result.stdout), result.stdout
