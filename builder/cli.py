@@ -229,14 +229,10 @@ def build_command(
 
     if not encrypt and (passphrase_file is not None or passphrase_env is not None):
         raise MbrescueError("--passphrase-file and --passphrase-env need --encrypt")
-    if encrypt and netboot is not None:
-        if allow_unattended:
-            raise MbrescueError(
-                "--encrypt with --netboot --allow-unattended: an unattended network restore "
-                "has nobody to type the passphrase; unattended restore is for unencrypted "
-                "trees only")
-        raise MbrescueError("--encrypt is for ISOs: encrypted network-boot trees are not "
-                            "built yet (issue 21)")
+    if encrypt and netboot is not None and allow_unattended:
+        from .netboot import UNATTENDED_ENCRYPTED
+
+        raise MbrescueError(UNATTENDED_ENCRYPTED)  # before anyone is asked for a passphrase
     passphrase = None
     if encrypt:
         from .passphrase import read_passphrase
@@ -252,7 +248,7 @@ def build_command(
             macs=tuple(net.parse_mac_option(text) for text in mac or ()),
             unattended_allowed=allow_unattended,
             unattended_netboot_allowed=allow_unattended_netboot,
-            expected_hosts=tuple(expect_host or ()),
+            expected_hosts=tuple(expect_host or ()), passphrase=passphrase,
         ))  # fmt: skip
         log.info(net.summary(tree))
         if as_json:

@@ -269,8 +269,9 @@ def test_passphrase_never_on_the_command_line_and_sources_refused(secret_capture
         (("--passphrase-env", "NOPE"), "need --encrypt"),
         (("--encrypt", "--passphrase-env", "MBRESCUE_TEST_UNSET"), "no such environment"),
         (("--encrypt", "--passphrase", "x"), "No such option"),
+        # refused before any passphrase is asked for (none is given here)
         (("--encrypt", "--netboot", tmp_path / "tree", "--allow-unattended",
-          "--passphrase-env", "HOME"), "unattended network restore has nobody to type"),
+          "--allow-unattended-netboot"), "unattended network restore has nobody to type"),
     ]
     for args, expected in cases:
         line = one_error_line(mbrescue("build", secret_capture, "-o", out, *args))
@@ -493,3 +494,36 @@ def test_verify_boot_of_an_encrypted_iso_types_the_passphrase(secret_isos, tmp_p
     assert result.returncode == 0, result.stdout + result.stderr
     for firmware in ("BIOS", "UEFI", "UEFI-SB"):
         assert re.search(rf"PASS\s+boot {firmware}\s", result.stdout), result.stdout
+
+
+def test_netboot_tree_holds_the_marker_only_when_not_encrypted(secret_capture, tmp_path
+                                                               ) -> None:
+    """TFTP has no authentication: every file of an encrypted tree is free of the marker,
+    raw and inflated; the plain tree (the control) holds it."""
+    env = {"MBRESCUE_TEST_PASSPHRASE": PASSPHRASE.decode(), "SOURCE_DATE_EPOCH": "1700000000"}
+    trees = {"plain": tmp_path / "plain", "sealed": tmp_path / "sealed"}
+    for name, extra in (("plain", ()), ("sealed", ("--encrypt", "--passphrase-env",
+                                                   "MBRESCUE_TEST_PASSPHRASE"))):
+        result = mbrescue("build", secret_capture, "--netboot", trees[name], *extra, env=env)
+        assert result.returncode == 0, result.stderr
+
+    def holds_marker(tree: Path) -> bool:
+        marker = MARKER.encode()
+        return any(marker in data for path in tree.rglob("*") if path.is_file()
+                   for data in (path.read_bytes(), *inflated(path.read_bytes())))
+
+    assert holds_marker(trees["plain"])
+    assert not holds_marker(trees["sealed"])
+    payload = trees["sealed"] / "mbrescue" / "hosts" / "secrethost" / "payload.img"
+    assert agecrypt.MAGIC in payload.read_bytes()
+    assert not [p for p in payload.parent.iterdir() if p.name != "payload.img"]
+
+
+def test_unattended_encrypted_tree_refused_in_the_library(secret_capture, tmp_path) -> None:
+    from builder.netboot import NetbootOptions, build_netboot
+
+    with pytest.raises(MbrescueError, match="unattended restore is for unencrypted trees only"):
+        build_netboot(NetbootOptions(captures=(secret_capture,), tree=tmp_path / "t",
+                                     unattended_allowed=True, unattended_netboot_allowed=True,
+                                     passphrase=PASSPHRASE))
+    assert not (tmp_path / "t").exists()
