@@ -527,3 +527,42 @@ def test_unattended_encrypted_tree_refused_in_the_library(secret_capture, tmp_pa
                                      unattended_allowed=True, unattended_netboot_allowed=True,
                                      passphrase=PASSPHRASE))
     assert not (tmp_path / "t").exists()
+
+
+@pytest.mark.qemu
+def test_encrypted_netboot_tree_restores_over_pxe(fixtures, secret_capture, tmp_path) -> None:
+    """BIOS PXE from QEMU's own TFTP server: the host's menu, its payload loaded into memory
+    by GRUB, the passphrase typed, then the plan and yes."""
+    mac = "52:54:00:12:34:56"
+    tree = tmp_path / "tree"
+    built = mbrescue("build", secret_capture, "--netboot", tree, "--mac", f"secrethost={mac}",
+                     "--encrypt", "--passphrase-env", "MBRESCUE_TEST_PASSPHRASE", "--json",
+                     env={"MBRESCUE_TEST_PASSPHRASE": PASSPHRASE.decode()})
+    assert built.returncode == 0, built.stderr
+    boot_file = json.loads(built.stdout)["bios_boot_file"]
+    fixture = fixtures["A"]
+    target = tmp_path / "blank.img"
+    with open(target, "wb") as stream:
+        stream.truncate(fixture.path.stat().st_size)
+    extra = ["-netdev", f"user,id=n0,tftp={tree},bootfile={boot_file}",
+             "-device", f"virtio-net-pci,netdev=n0,mac={mac},bootindex=0"]
+    config = VmConfig(firmware="bios", memory_mib=1024, extra=extra,
+                      disks=[Disk(target, interface="virtio", serial="MBRESCUE-SEALED",
+                                  bootindex=1)])
+    log = tmp_path / "serial.log"
+    try:
+        with Vm(config, log) as vm:
+            vm.expect(r"capture: loaded into memory", VM_TIMEOUT_S)
+            vm.expect(PASSPHRASE_PROMPT, VM_TIMEOUT_S)
+            vm.send(PASSPHRASE.decode() + "\r")
+            vm.expect(YES_PROMPT, VM_TIMEOUT_S)
+            vm.send("yes\r")
+            done = vm.expect(rf"{COMPLETE}|{FAILED}", VM_TIMEOUT_S)
+            text = vm.output
+    except VmTimeout as exc:
+        shown = log.read_text(errors="replace")[-3000:] if log.exists() else ""
+        raise AssertionError(f"{str(exc).splitlines()[0]}\n{shown}") from None
+    assert done.group(0).startswith("mbrescue: restore complete"), text[-3000:]
+    assert PASSPHRASE.decode() not in text
+    seconds = boot_to_marker(target, fixture, timeout=300)
+    print(f"PXE: the restored disk reached its marker in {seconds:.1f} s")
