@@ -3,7 +3,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 DEBIAN_PACKAGES := qemu-system-x86 qemu-utils ovmf grub-common grub2-common grub-pc-bin \
 	grub-efi-amd64-bin ipxe-qemu mtools dosfstools e2fsprogs xfsprogs fdisk gdisk util-linux mount \
-	xorriso busybox-static zstd pigz cpio kmod udev python3-venv strace gcc libc6-dev zlib1g-dev dnsmasq-base \
+	xorriso age busybox-static zstd pigz cpio kmod udev python3-venv strace gcc libc6-dev zlib1g-dev dnsmasq-base \
 	libvirt-daemon-system libvirt-dev pkg-config
 
 .PHONY: setup demo test lint bench clean install

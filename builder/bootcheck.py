@@ -43,11 +43,22 @@ from .run import require_tools
 from .runner.capfile import Capture
 from .runner.manifest import Manifest
 from .runner.outputs import copy_output
-from .verify import CAPTURE_MEMBER, PAYLOAD_PATH, iter_newc, sha256_stream
+from .runner.unlock import PROMPT as UNLOCK_PROMPT
+from .verify import (
+    CAPTURE_MEMBER,
+    OPTIONS_PATH,
+    PAYLOAD_PATH,
+    decrypt_from_iso,
+    iter_newc,
+    options_encrypted,
+    sha256_stream,
+    small_file,
+)
 from .vm import Disk, Vm, VmConfig, VmTimeout
 
 ESP_GUID = "c12a7328-f81f-11d2-ba4b-00a0c93ec93b"
 PROMPT = r"Type yes to write"
+PASSPHRASE_PROMPT = re.escape(UNLOCK_PROMPT.rstrip())
 COMPLETE = r"mbrescue: restore complete"
 FAILED = r"mbrescue: error: [^\r\n]*"
 # The kernel's own output (not its boot loader's): banner, timestamped printk lines, the
@@ -90,14 +101,22 @@ class DiskBoot:
     screenshot: Path | None = None
 
 
-def manifest_from_iso(iso: Path, work: Path) -> Manifest:
-    """The capture's manifest, read from the payload inside the ISO."""
+def manifest_from_iso(iso: Path, work: Path, passphrase: bytes | None = None) -> Manifest:
+    """The capture's manifest, read from the payload inside the ISO (decrypted first, for
+    an encrypted ISO: its passphrase is needed)."""
     image = pycdlib.PyCdlib()
     try:
         image.open(str(iso))
     except pycdlib.pycdlibexception.PyCdlibException as exc:
         raise MbrescueError(f"{iso} is not a readable ISO ({exc})") from exc
     try:
+        if options_encrypted(small_file(image, OPTIONS_PATH)):
+            if passphrase is None:
+                raise MbrescueError(f"{iso} holds an encrypted capture: --boot needs its "
+                                    "passphrase (--passphrase-file or --passphrase-env)")
+            plain = decrypt_from_iso(image, work, passphrase)
+            with Capture.open(str(plain)) as capture:
+                return capture.manifest
         with image.open_file_from_iso(rr_path=PAYLOAD_PATH) as payload:
             for name, _mode, size in iter_newc(payload):
                 if name == CAPTURE_MEMBER:
@@ -109,6 +128,15 @@ def manifest_from_iso(iso: Path, work: Path) -> Manifest:
     finally:
         image.close()
     raise MbrescueError(f"{iso} holds no capture")
+
+
+def iso_encrypted(iso: Path) -> bool:
+    image = pycdlib.PyCdlib()
+    image.open(str(iso))
+    try:
+        return options_encrypted(small_file(image, OPTIONS_PATH))
+    finally:
+        image.close()
 
 
 def disk_firmware(manifest: Manifest) -> str:
@@ -240,6 +268,7 @@ def boot_check(
     *,
     report_dir: Path | None = None,
     disk_boot_timeout_s: float = DISK_BOOT_TIMEOUT_S,
+    passphrase: bytes | None = None,
 ) -> BootResult:
     started = time.monotonic()
     report_dir = report_dir or _report_dir(iso)
@@ -275,6 +304,9 @@ def boot_check(
     )
     with Vm(config, serial_log) as vm:
         try:
+            if passphrase is not None:
+                vm.expect(PASSPHRASE_PROMPT, timeout=RESTORE_TIMEOUT_S)
+                vm.send(passphrase.decode() + "\r")
             vm.expect(PROMPT, timeout=RESTORE_TIMEOUT_S)
             to_prompt = vm.elapsed()
             vm.send("yes\r")
@@ -309,6 +341,7 @@ def verify_boot(
     *,
     report_dir: Path | None = None,
     disk_boot_timeout_s: float = DISK_BOOT_TIMEOUT_S,
+    passphrase: bytes | None = None,
 ) -> list[BootResult]:
     """Restore a scratch disk from the ISO under each firmware and boot it alone.
 
@@ -321,7 +354,8 @@ def verify_boot(
     results = []
     work = Path(tempfile.mkdtemp(prefix="mbrescue-verify-", dir="/var/tmp"))
     try:
-        manifest = manifest_from_iso(iso, work)
+        manifest = manifest_from_iso(iso, work, passphrase)
+        encrypted = iso_encrypted(iso)
         for firmware in firmwares:
             name = "UEFI with Secure Boot enforced" if firmware == SECURE_BOOT else firmware.upper()
             log.info(f"booting {iso.name} under {name} (QEMU, no KVM: about a minute)")
@@ -333,6 +367,7 @@ def verify_boot(
                     work,
                     report_dir=report_dir,
                     disk_boot_timeout_s=disk_boot_timeout_s,
+                    passphrase=passphrase if encrypted else None,
                 )
             )
     finally:

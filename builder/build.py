@@ -15,10 +15,11 @@ import tempfile
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import buildrecord, log
+from .debs import sha256_file
 from .errors import MbrescueError
 from .grub import (
     DEFAULT_SERIAL,
@@ -31,7 +32,7 @@ from .initramfs import make_base_initramfs, make_payload_initramfs
 from .iso import IsoReport, iso_volume_label, new_medium_id, write_iso
 from .kit import Kit, ensure_kit
 from .run import require_tools
-from .runner import bootloader
+from .runner import agecrypt, bootloader
 from .runner.capfile import Capture
 from .runner.cmdline import options_json
 from .runner.outputs import (
@@ -41,7 +42,7 @@ from .runner.outputs import (
     check_parent_dir,
     refuse_same_file,
 )
-from .verify import verify_iso
+from .verify import plaintext_pieces, verify_iso
 
 PACKAGE_DIR = Path(__file__).resolve().parent
 RUNNER_DIR = PACKAGE_DIR / "runner"
@@ -60,6 +61,9 @@ class BuildOptions:
     # --unattended-default SECONDS: with no local /boot found, GRUB starts the unattended
     # restore after this countdown (needs unattended_allowed).
     unattended_default_s: int | None = None
+    # --encrypt: the payload's capture is stored age-encrypted with this passphrase (the
+    # kernel, the rescue system and GRUB stay public). Never shown in a repr.
+    passphrase: bytes | None = field(default=None, repr=False)
 
 
 @dataclass(frozen=True)
@@ -226,13 +230,23 @@ def build_one(
         # The capture's SHA-256 travels beside it: the rescue system checks the capture it
         # reads is, byte for byte, the one this build verified.
         capture_sha256 = summed()
+        payload_capture, payload_sha256 = capture_path, capture_sha256
+        encrypted_sha256 = None
+        if options.passphrase is not None:
+            # From the descriptor the check hashed: the bytes encrypted are the bytes checked.
+            payload_capture = work / "capture.age"
+            agecrypt.encrypt(capture.fd, capture.base, capture.size,
+                             os.fspath(payload_capture), options.passphrase)
+            payload_sha256 = encrypted_sha256 = sha256_file(payload_capture)
         # The manifest's SHA-256 too: it names every member's and chunk's SHA-256, so the
         # rescue system needs no pass over the whole file before it can show the plan.
         options_file = options_json(options.unattended_allowed, capture_sha256,
-                                    capture.manifest_sha256)
+                                    capture.manifest_sha256, encrypted_sha256)
         payload = make_payload_initramfs(
-            capture_path, work / "payload.img", extra={"options.json": options_file}
+            payload_capture, work / "payload.img", extra={"options.json": options_file}
         )
+        plaintext = (plaintext_pieces(capture, (shared.kit.kernel, shared.base_initrd))
+                     if encrypted_sha256 else ())
         grub_cfg = render_grub_cfg(
             host=manifest.hostname,
             captured_at=manifest.created,
@@ -247,7 +261,7 @@ def build_one(
         def before_rename(written: Path) -> None:
             checked()  # every capture of the build checked
             started = time.monotonic()
-            found["written"] = written_checks(written, capture_sha256, out)
+            found["written"] = written_checks(written, payload_sha256, out, plaintext)
             found["seconds"] = time.monotonic() - started
 
         report = write_iso(
@@ -301,17 +315,21 @@ CHECKED_WORDS = {
     "hybrid MBR (GRUB)": "hybrid MBR (GRUB's boot_hybrid.img)",
     "partition table": "GPT with an ESP on the EFI image",
     "payload checksum": "payload with the checked capture",
+    "no plaintext capture": "the capture only as age ciphertext (no plaintext in the ISO)",
 }
 
 
-def written_checks(path: Path, capture_sha256: str,
-                   name: Path | None = None) -> tuple[tuple[str, ...], tuple[str, ...]]:
+def written_checks(path: Path, capture_sha256: str, name: Path | None = None,
+                   plaintext: tuple[bytes, ...] = ()
+                   ) -> tuple[tuple[str, ...], tuple[str, ...]]:
     """Check a written ISO as `mbrescue verify` does: (the boot ways, the parts found).
 
-    The capture inside must be the very file the build checked (its SHA-256). A failure
-    is raised naming the ISO as `name` (its final name; `path` may be a temporary one).
+    The capture inside must be the very file the build checked (its SHA-256; for an
+    encrypted build, the encrypted file's), and none of `plaintext` may be anywhere in it.
+    A failure is raised naming the ISO as `name` (its final name; `path` may be a
+    temporary one).
     """
-    checks = verify_iso(path, capture_sha256=capture_sha256)
+    checks = verify_iso(path, capture_sha256=capture_sha256, plaintext=plaintext)
     failed = [check for check in checks if not check.ok]
     if failed:
         more = f" (and {len(failed) - 1} more)" if len(failed) > 1 else ""
@@ -356,6 +374,9 @@ def build(options: BuildOptions) -> list[IsoReport]:
     if options.unattended_default_s is not None and not options.unattended_allowed:
         raise MbrescueError("--unattended-default needs --allow-unattended")
     check_expected_names(options.expected_hosts, len(options.captures))
+    if options.passphrase is not None:
+        agecrypt.check_passphrase(options.passphrase)
+        require_tools("age")
     captures = [(path, open_capture(path)) for path in options.captures]
     check_expected_hosts(captures, options.expected_hosts)
     names = [output_path(options, capture) for _, capture in captures]

@@ -237,6 +237,23 @@ def build_command(
     as_json: Annotated[
         bool, typer.Option("--json", help="Print what was built as JSON on stdout.")
     ] = False,
+    encrypt: Annotated[
+        bool,
+        typer.Option("--encrypt", help="Store the capture age-encrypted with a passphrase "
+                     "(scrypt); the rescue system asks for it before the plan. The kernel, "
+                     "rescue system and GRUB stay public."),
+    ] = False,
+    passphrase_file: Annotated[
+        Path | None,
+        typer.Option("--passphrase-file", metavar="FILE",
+                     help="With --encrypt: the passphrase is this file's one line."),
+    ] = None,
+    passphrase_env: Annotated[
+        str | None,
+        typer.Option("--passphrase-env", metavar="NAME",
+                     help="With --encrypt: the passphrase is this environment variable's "
+                     "value [default: typed twice on the terminal]."),
+    ] = None,
 ) -> None:
     """Build a BIOS/UEFI, CD/USB bootable rescue ISO for each capture."""
     from .build import BuildOptions, build, report_json, summary, unattended_line
@@ -244,6 +261,17 @@ def build_command(
 
     serial_port = parse_serial(serial)
 
+    if not encrypt and (passphrase_file is not None or passphrase_env is not None):
+        raise MbrescueError("--passphrase-file and --passphrase-env need --encrypt")
+    if encrypt and netboot is not None and allow_unattended:
+        from .netboot import UNATTENDED_ENCRYPTED
+
+        raise MbrescueError(UNATTENDED_ENCRYPTED)  # before anyone is asked for a passphrase
+    passphrase = None
+    if encrypt:
+        from .passphrase import read_passphrase
+
+        passphrase = read_passphrase(passphrase_file, passphrase_env)
     if netboot is not None:
         from . import netboot as net
 
@@ -259,6 +287,7 @@ def build_command(
             unattended_allowed=allow_unattended,
             unattended_netboot_allowed=allow_unattended_netboot,
             expected_hosts=tuple(expect_host or ()), serial=serial_port, group=group,
+            passphrase=passphrase,
         ))  # fmt: skip
         log.info(net.summary(tree))
         if as_json:
@@ -273,7 +302,7 @@ def build_command(
     options = BuildOptions(
         captures=tuple(captures), output=output_argument(output), jobs=jobs,
         unattended_allowed=allow_unattended, expected_hosts=tuple(expect_host or ()),
-        serial=serial_port, unattended_default_s=unattended_default,
+        serial=serial_port, unattended_default_s=unattended_default, passphrase=passphrase,
     )
     reports = build(options)
     for report in reports:
@@ -300,6 +329,17 @@ def verify_command(
         bool, typer.Option("--json", help="Print the result as one JSON object on stdout "
                            "(also when it fails).")
     ] = False,
+    passphrase_file: Annotated[
+        Path | None,
+        typer.Option("--passphrase-file", metavar="FILE",
+                     help="An encrypted ISO's passphrase (this file's one line): the capture "
+                     "is then decrypted and checked too; --boot needs it."),
+    ] = None,
+    passphrase_env: Annotated[
+        str | None,
+        typer.Option("--passphrase-env", metavar="NAME",
+                     help="An encrypted ISO's passphrase from this environment variable."),
+    ] = None,
 ) -> None:
     """Check a rescue ISO (with --boot, prove in QEMU that it restores a bootable disk), or
     a capture file whole: exit 0 good, 1 damaged."""
@@ -323,11 +363,16 @@ def verify_command(
         print(json.dumps({"capture": str(iso), "ok": True, "error": None,
                           **dataclasses.asdict(found)}, indent=2))
         return
-    checks = verify_iso(iso)
+    passphrase = None
+    if passphrase_file is not None or passphrase_env is not None:
+        from .passphrase import read_passphrase
+
+        passphrase = read_passphrase(passphrase_file, passphrase_env)
+    checks = verify_iso(iso, passphrase=passphrase)
     failed = [check.name for check in checks if not check.ok]
     cut = next((c for c in checks if c.name == SIZE_CHECK and not c.ok), None)
     if as_json:
-        boots = verify_boot(iso) if boot and not failed else []
+        boots = verify_boot(iso, passphrase=passphrase) if boot and not failed else []
         failed += [f"boot {r.firmware}" for r in boots if not r.ok]
         error = f"{iso} failed: {cut.detail if cut else ', '.join(failed)}" if failed else None
         print(json.dumps({
@@ -344,7 +389,9 @@ def verify_command(
         raise MbrescueError(f"{iso} failed: {cut.detail}",
                             hint="copy or download it again, then compare its SHA-256")
     if not failed and boot:
-        for result in verify_boot(iso):
+        from .bootcheck import verify_boot
+
+        for result in verify_boot(iso, passphrase=passphrase):
             verdict = "PASS" if result.ok else "FAIL"
             prompt = (
                 f", prompt after {result.seconds_to_prompt:.0f} s"

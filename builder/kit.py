@@ -112,6 +112,9 @@ RESTORE_TOOLS: tuple[tuple[str, str, tuple[str, ...]], ...] = (
     ("mount", "sbin/losetup", ("losetup",)),
     ("xfsprogs", "sbin/mkfs.xfs", ("mkfs.xfs",)),
     ("xfsprogs", "sbin/xfs_repair", ("xfs_repair",)),
+    # An encrypted capture (build --encrypt): age decrypts it with the typed passphrase
+    # (runner/agecrypt.py). Debian's build is a Go binary that needs only libc.
+    ("age", "usr/bin/age", ("age",)),
 )
 TOOL_PACKAGES = tuple(sorted({package for package, _file, _names in RESTORE_TOOLS}))
 # mtools converts FAT names to its default code page 850 through iconv, which glibc loads as a

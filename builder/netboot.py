@@ -45,7 +45,7 @@ import os
 import re
 import stat
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import jinja2
@@ -64,6 +64,8 @@ from .errors import MbrescueError
 from .grub import DEFAULT_SERIAL, TEMPLATES, NetImages, SerialPort, make_net_images, render_grub_cfg
 from .initramfs import make_payload_initramfs
 from .iso import new_medium_id
+from .run import require_tools
+from .runner import agecrypt
 from .runner.capfile import PAYLOAD_CAPTURE_MEMBER, Capture, newc_member
 from .runner.cmdline import options_json
 from .runner.outputs import check_output_dir, commit, copy_output, create_temporary, new_output
@@ -88,6 +90,9 @@ class NetbootOptions:
     expected_hosts: tuple[str, ...] = ()  # --expect-host, one per capture (empty: any)
     serial: SerialPort = DEFAULT_SERIAL  # --serial
     group: str | None = None  # --group: the TFTP server's group (None: what the tree has)
+    # --encrypt: each host's payload holds its capture age-encrypted with this passphrase
+    # (TFTP has no authentication: anyone who can reach the server can fetch any payload).
+    passphrase: bytes | None = field(default=None, repr=False)
 
 
 @dataclass(frozen=True)
@@ -293,6 +298,8 @@ class _Staged:
     """A host's files, complete and checked under private temporary names."""
 
     files: list[tuple[Path, Path]]  # (temporary, final)
+    # Made on the way (an encrypted capture before it goes into its payload): removed always.
+    scratch: list[Path] = field(default_factory=list)
 
     def commit(self) -> None:
         for tmp, final in self.files:
@@ -301,6 +308,8 @@ class _Staged:
     def discard(self) -> None:
         for tmp, _ in self.files:
             tmp.unlink(missing_ok=True)
+        for path in self.scratch:
+            path.unlink(missing_ok=True)
 
 
 def _check_payload(payload: Path, capture_path: Path, capture_sha256: str) -> None:
@@ -352,8 +361,18 @@ def _add_host(tree: Path, path: Path, capture: Capture, options: NetbootOptions,
     payload_dir = tree / "mbrescue" / "hosts" / host
     payload_dir.mkdir(parents=True, exist_ok=True)
     capture_sha256 = sha256_file(path)
+    payload_capture, payload_sha256, encrypted_sha256 = path, capture_sha256, None
+    if options.passphrase is not None:
+        # Encrypted from the descriptor that was checked; a private name beside the payload.
+        fd, sealed = create_temporary(payload_dir / "capture.age", 0o600)
+        os.close(fd)
+        staged.scratch.append(sealed)
+        agecrypt.encrypt(capture.fd, capture.base, capture.size, os.fspath(sealed),
+                         options.passphrase)
+        payload_capture = sealed
+        payload_sha256 = encrypted_sha256 = sha256_file(sealed)
     options_file = options_json(options.unattended_allowed, capture_sha256,
-                                capture.manifest_sha256)
+                                capture.manifest_sha256, encrypted_sha256)
     # The capture can hold secrets from /boot: only root and (--group) the TFTP server may
     # read it, from the first byte written. The host's payload.img is replaced only once
     # every host's new files are complete and checked.
@@ -361,8 +380,8 @@ def _add_host(tree: Path, path: Path, capture: Capture, options: NetbootOptions,
     fd, tmp = create_temporary(final, 0o600)
     os.close(fd)
     staged.files.append((tmp, final))
-    make_payload_initramfs(path, tmp, extra={"options.json": options_file})
-    _check_payload(tmp, path, capture_sha256)
+    make_payload_initramfs(payload_capture, tmp, extra={"options.json": options_file})
+    _check_payload(tmp, path, payload_sha256)
     # The writer makes its file anew (0600, root's group); the name is still ours.
     with open(tmp, "rb") as stream:
         access.settle(stream.fileno(), access.payload_mode)
@@ -388,6 +407,11 @@ def _tree_bytes(tree: Path) -> int:
     return sum(p.stat().st_size for p in tree.rglob("*") if p.is_file())
 
 
+UNATTENDED_ENCRYPTED = (
+    "--encrypt with --allow-unattended on a network-boot tree: an unattended network restore "
+    "has nobody to type the passphrase; unattended restore is for unencrypted trees only")
+
+
 def check_unattended(options: NetbootOptions) -> None:
     """Unattended restore over the network needs its own opt-in.
 
@@ -405,6 +429,9 @@ def check_unattended(options: NetbootOptions) -> None:
         )
     if options.unattended_netboot_allowed and not options.unattended_allowed:
         raise MbrescueError("--allow-unattended-netboot needs --allow-unattended")
+    if options.unattended_allowed and options.passphrase is not None:
+        # A key without a person (clevis + tang) is not built: see issue 21.
+        raise MbrescueError(UNATTENDED_ENCRYPTED)
 
 
 def build_netboot(options: NetbootOptions) -> NetbootReport:
@@ -412,6 +439,9 @@ def build_netboot(options: NetbootOptions) -> NetbootReport:
     if not options.captures:
         raise MbrescueError("no capture given")
     check_unattended(options)
+    if options.passphrase is not None:
+        agecrypt.check_passphrase(options.passphrase)
+        require_tools("age")
     check_expected_names(options.expected_hosts, len(options.captures))
     tree = options.tree
     if tree.exists() and not tree.is_dir():

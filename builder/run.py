@@ -21,6 +21,7 @@ Arg = str | os.PathLike[str]
 
 # Which Debian package provides each program the project runs.
 TOOL_PACKAGES: dict[str, str] = {
+    "age": "age",
     "apt-get": "apt",
     "apt-cache": "apt",
     "dpkg-deb": "dpkg",

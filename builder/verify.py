@@ -13,12 +13,15 @@ CLI prints them as a table and exits non-zero when one failed.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
+import mmap
+import os
 import shutil
 import struct
 import sys
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
@@ -30,6 +33,8 @@ from .cpio import iter_newc
 from .errors import MbrescueError
 from .log import human_bytes
 from .run import output, require_tools, run
+from .runner.agecrypt import decrypt
+from .runner.capfile import MANIFEST_MEMBER, MANIFEST_SEAL_MEMBER, Capture
 
 BLOCK = 2048
 SECTOR = 512
@@ -43,6 +48,8 @@ SUMS_PATH = "/mbrescue/payload.sha256"
 # The build's options, also inside the payload: the rescue system reads this copy when it
 # reads the capture from the medium.
 OPTIONS_PATH = "/mbrescue/options.json"
+# An age file whose one recipient stanza is a passphrase (age-encryption.org/v1).
+AGE_SCRYPT_HEADER = b"age-encryption.org/v1\n-> scrypt "
 # Three sha256sum lines, a small JSON object; anything near this size is not ours.
 MAX_SUMS_BYTES = 64 * 1024
 REQUIRED_FILES = (
@@ -134,10 +141,12 @@ def _entry(raw: bytes, platform: int) -> BootEntry:
 
 
 def sha256_stream(
-    stream: BinaryIO, length: int | None = None, copy_to: BinaryIO | None = None
+    stream: BinaryIO, length: int | None = None, copy_to: BinaryIO | None = None,
+    prefix: bytes = b"",
 ) -> str:
-    """SHA-256 of the next `length` bytes (or the rest), copying them on if asked."""
-    digest = hashlib.sha256()
+    """SHA-256 of `prefix` and the next `length` bytes (or the rest), copying them on if
+    asked."""
+    digest = hashlib.sha256(prefix)
     left = length
     while left is None or left > 0:
         chunk = stream.read(1 << 20 if left is None else min(1 << 20, left))
@@ -184,12 +193,17 @@ def _require(condition: bool, message: str) -> None:
         raise MbrescueError(message)
 
 
-def verify_iso(path: Path, capture_sha256: str | None = None) -> list[Check]:
+def verify_iso(path: Path, capture_sha256: str | None = None,
+               plaintext: tuple[bytes, ...] = (), passphrase: bytes | None = None
+               ) -> list[Check]:
     """All checks of one ISO; a failure of one does not stop the others.
 
     With `capture_sha256` (the build's own check of what it just wrote), the capture in the
-    payload must have that SHA-256 (the file the build checked) instead of being opened and
-    checked again.
+    payload must have that SHA-256 (the file the build checked; the encrypted file, for an
+    encrypted build) instead of being opened and checked again. `plaintext`: pieces of the
+    capture (the build knows them) that an encrypted ISO must not hold anywhere.
+    `passphrase` opens an encrypted ISO's capture: it is then checked whole, and its pieces
+    are looked for in the ISO.
     """
     require_tools("mdir", "sfdisk", "sgdisk")
     checks: list[Check] = []
@@ -216,7 +230,8 @@ def verify_iso(path: Path, capture_sha256: str | None = None) -> list[Check]:
         )
         checks.append(_check("hybrid MBR (GRUB)", lambda: _hybrid_mbr(stream, bios)))
         checks.append(_check("partition table", lambda: _partitions(path, efi, size_bytes)))
-        checks.extend(_tree_checks(path, work, capture_sha256, stream, efi))
+        checks.extend(_tree_checks(path, work, capture_sha256, stream, efi, plaintext,
+                                   passphrase))
     return checks
 
 
@@ -357,6 +372,8 @@ def _tree_checks(
     capture_sha256: str | None,
     stream: BinaryIO,
     efi: BootEntry | None,
+    plaintext: tuple[bytes, ...] = (),
+    passphrase: bytes | None = None,
 ) -> list[Check]:
     iso = pycdlib.PyCdlib()
     try:
@@ -388,9 +405,129 @@ def _tree_checks(
         checks.append(_check("Secure Boot chain signed", lambda: _signed_chain(iso, work)))
         checks.append(_check("build record", lambda: _record(iso, work)))
         checks.append(_check("payload checksum", lambda: _payload(iso, work, capture_sha256)))
+        if _encrypted(iso):
+            pieces = list(plaintext)
+            if passphrase is not None:
+                checks.append(_check("encrypted capture opened",
+                                     lambda: _open_encrypted(iso, work, passphrase, pieces)))
+            checks.append(_check("no plaintext capture",
+                                 lambda: no_plaintext(path, tuple(pieces))))
     finally:
         iso.close()
     return checks
+
+
+# A plain capture anywhere in an ISO shows these: its manifest's format name and its tar
+# members' names (each in a tar header). An encrypted build holds the capture only as age
+# ciphertext (a compressed rescue system shows none of them either).
+PLAINTEXT_MARKERS = (b'"mbrescue-capture"', b"manifest.json\0", b"region.img.gz\0",
+                     b"boot.tar.gz\0")
+
+
+def _encrypted(iso: pycdlib.PyCdlib) -> bool:
+    try:
+        return options_encrypted(small_file(iso, OPTIONS_PATH))
+    except (MbrescueError, pycdlib.pycdlibexception.PyCdlibException):
+        return False
+
+
+# Bytes of a plain capture an encrypted ISO must not hold: this many from the start of
+# each piece (a tar header, a gzip member's head, the manifest's), as many pieces as below.
+PLAINTEXT_PIECE_BYTES = 64
+PLAINTEXT_CHUNKS = 256
+
+
+def plaintext_pieces(capture: Capture, public: Sequence[Path] = ()) -> tuple[bytes, ...]:
+    """What would show a plain copy of this capture: its first tar header, its manifest,
+    the head and middle of its members and of (up to PLAINTEXT_CHUNKS) region chunks.
+
+    A piece that is in one of the `public` files is no sign of the capture: a /boot holds
+    the very Debian kernel the rescue system boots, and gzip stores an incompressible
+    kernel's bytes as they are."""
+    manifest = capture.read_member(MANIFEST_MEMBER)
+    pieces = [capture.pread(512, capture.base), manifest[:PLAINTEXT_PIECE_BYTES],
+              manifest[len(manifest) // 2:][:PLAINTEXT_PIECE_BYTES]]
+    for name, member in capture.members.items():
+        if name == MANIFEST_SEAL_MEMBER:
+            continue  # the manifest's SHA-256, public in options.json
+        for at in (0, member.size // 2):
+            if member.size - at >= PLAINTEXT_PIECE_BYTES:
+                pieces.append(os.pread(capture.fd, PLAINTEXT_PIECE_BYTES, member.offset + at))
+    for packed in itertools.islice(capture.compressed_chunks(), PLAINTEXT_CHUNKS):
+        if len(packed) >= 2 * PLAINTEXT_PIECE_BYTES:
+            middle = len(packed) // 2
+            pieces += [packed[:PLAINTEXT_PIECE_BYTES],
+                       packed[middle:middle + PLAINTEXT_PIECE_BYTES]]
+    # A run of one byte (zeros) is in any file: not a sign of the capture.
+    found = [piece for piece in dict.fromkeys(pieces) if len(set(piece)) > 4]
+    for path in public:
+        data = path.read_bytes()
+        found = [piece for piece in found if piece not in data]
+    return tuple(found)
+
+
+def decrypt_from_iso(iso: pycdlib.PyCdlib, work: Path, passphrase: bytes) -> Path:
+    """The encrypted ISO's capture, decrypted with age into work/plain.mbrescue."""
+    sealed = work / "capture.age"
+    with iso.open_file_from_iso(rr_path=PAYLOAD_PATH) as payload:
+        for name, _mode, size in iter_newc(payload):
+            if name == CAPTURE_MEMBER:
+                with open(sealed, "wb") as copy:
+                    sha256_stream(payload, size, copy_to=copy)
+                break
+        else:
+            raise MbrescueError(f"the payload holds no capture ({CAPTURE_MEMBER})")
+    plain = work / "plain.mbrescue"
+    fd = os.open(sealed, os.O_RDONLY)
+    try:
+        decrypt(fd, 0, os.fstat(fd).st_size, os.fspath(plain), passphrase)
+    finally:
+        os.close(fd)
+        sealed.unlink()
+    return plain
+
+
+def _open_encrypted(iso: pycdlib.PyCdlib, work: Path, passphrase: bytes,
+                    pieces: list[bytes]) -> str:
+    """Decrypt the capture, check it whole and against options.json, and add its pieces
+    (less what the ISO's public kernel and rescue system hold) to `pieces`."""
+    options = json.loads(small_file(iso, OPTIONS_PATH))
+    plain = decrypt_from_iso(iso, work, passphrase)
+    try:
+        with open(plain, "rb") as stream:
+            _require(sha256_stream(stream) == options.get("capture_sha256"),
+                     "the decrypted capture is not the one options.json names")
+        hook = _capture_hook()
+        _require(hook is not None, "builder.capture.check_capture is missing")
+        assert hook is not None
+        result = hook(plain)
+        _require_manifest_seal(plain, options)
+        public = []
+        for rr_path in ("/mbrescue/vmlinuz", "/mbrescue/base.img"):
+            public.append(work / rr_path.rsplit("/", 1)[1])
+            iso.get_file_from_iso(os.fspath(public[-1]), rr_path=rr_path)
+        with Capture.open(os.fspath(plain)) as capture:
+            pieces.extend(plaintext_pieces(capture, public))
+        for path in public:
+            path.unlink()
+    finally:
+        plain.unlink(missing_ok=True)
+    return "decrypted with the passphrase, capture checked" + (
+        f": {result}" if isinstance(result, str) else "")
+
+
+def no_plaintext(path: Path, pieces: tuple[bytes, ...] = ()) -> str:
+    """An encrypted ISO holds no plain capture: none of its markers, none of `pieces` (the
+    build's: its manifest, its members' and region chunks' bytes) at any byte offset."""
+    with open(path, "rb") as stream, mmap.mmap(stream.fileno(), 0, access=mmap.ACCESS_READ) as data:
+        for marker in PLAINTEXT_MARKERS:
+            at = data.find(marker)
+            _require(at < 0, f"a plain capture's {marker!r} is at byte {at}")
+        for index, piece in enumerate(pieces):
+            at = data.find(piece)
+            _require(at < 0, f"plaintext of the capture (piece {index}) is at byte {at}")
+    extra = f" nor any of {len(pieces)} pieces of the capture" if pieces else ""
+    return f"no plain capture's markers{extra} anywhere in the ISO"
 
 
 def _efi_tree(iso: pycdlib.PyCdlib, stream: BinaryIO, efi: BootEntry | None) -> str:
@@ -480,7 +617,7 @@ def _signed_chain(iso: pycdlib.PyCdlib, work: Path) -> str:
     return ", ".join(found)
 
 
-def _small_file(iso: pycdlib.PyCdlib, rr_path: str) -> bytes:
+def small_file(iso: pycdlib.PyCdlib, rr_path: str) -> bytes:
     with iso.open_file_from_iso(rr_path=rr_path) as small:
         data = small.read(MAX_SUMS_BYTES + 1)
     _require(len(data) <= MAX_SUMS_BYTES, f"{rr_path} is larger than it can be")
@@ -488,8 +625,8 @@ def _small_file(iso: pycdlib.PyCdlib, rr_path: str) -> bytes:
 
 
 def _payload(iso: pycdlib.PyCdlib, work: Path, capture_sha256: str | None = None) -> str:
-    sums_text = _small_file(iso, SUMS_PATH).decode(errors="replace")
-    options_json = _small_file(iso, OPTIONS_PATH)
+    sums_text = small_file(iso, SUMS_PATH).decode(errors="replace")
+    options_json = small_file(iso, OPTIONS_PATH)
     with iso.open_file_from_iso(rr_path=PAYLOAD_PATH) as payload:
         return check_payload(payload, sums_text, work, capture_sha256=capture_sha256,
                              options_json=options_json)
@@ -508,11 +645,22 @@ def check_options(options_json: bytes, sums: dict[str, str]) -> None:
     except (ValueError, UnicodeDecodeError):
         options = None
     _require(isinstance(options, dict), "options.json is not a JSON object")
+    # An encrypted build names the plain capture (what the rescue system decrypts must have
+    # that seal) and, apart, the encrypted file the payload holds.
+    named = "encrypted_capture_sha256" if options.get("encrypted") is True else "capture_sha256"
     _require(
-        options.get("capture_sha256") == sums["capture.mbrescue"],
+        options.get(named) == sums["capture.mbrescue"],
         "options.json names another capture than payload.sha256: the rescue system would "
         "refuse it",
     )
+
+
+def options_encrypted(options_json: bytes | None) -> bool:
+    try:
+        options = json.loads(options_json) if options_json is not None else None
+    except ValueError:
+        return False
+    return isinstance(options, dict) and options.get("encrypted") is True
 
 
 def _require_manifest_seal(capture_path: Path, options: dict) -> None:
@@ -541,7 +689,8 @@ def check_payload(
     `capture_sha256` (a capture the caller checked itself), it must have that SHA-256.
     Given `options_json` (the medium's plain copy), it is checked by `check_options`.
     """
-    deep = capture_sha256 is None
+    encrypted = options_encrypted(options_json)
+    deep = capture_sha256 is None and not encrypted
     sums = parse_sums(sums_text)
     _require("payload.img" in sums, "payload.sha256 names no payload.img")
     _require(
@@ -572,6 +721,12 @@ def check_payload(
             if deep:
                 with open(capture_path, "wb") as copy:
                     digest = sha256_stream(payload, size, copy_to=copy)
+            elif encrypted:
+                head = payload.read(min(size, 256))
+                _require(head.startswith(AGE_SCRYPT_HEADER), "options.json says the capture "
+                         "is encrypted, but the payload's capture is no passphrase-encrypted "
+                         "age file")
+                digest = sha256_stream(payload, size - len(head), prefix=head)
             else:
                 digest = sha256_stream(payload, size)
             _require(
@@ -579,11 +734,15 @@ def check_payload(
                 "the capture in the payload does not match its SHA-256",
             )
             _require(
-                deep or digest == capture_sha256,
+                capture_sha256 is None or digest == capture_sha256,
                 "the capture in the payload is not the one the build checked",
             )
         _require(captures == 1, f"the payload holds no capture ({CAPTURE_MEMBER})")
         detail = f"payload.img matches, cpio of {members} member(s)"
+        if encrypted:
+            return detail + (", the capture age-encrypted (scrypt passphrase), not opened"
+                             if capture_sha256 is None else
+                             ", the encrypted checked capture (SHA-256 matches)")
         if not deep:
             return detail + ", the checked capture (SHA-256 matches)"
         hook = _capture_hook()

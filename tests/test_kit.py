@@ -85,7 +85,7 @@ def test_file_level_restore_tools_from_the_debs(kit: Kit) -> None:
         assert kit.packages[package] and len(kit.package_sha256[package]) == 64
     cache = os.fspath(debs.cache_dir())
     for name in ("mke2fs", "e2fsck", "mkfs.fat", "mkfs.vfat", "fsck.fat", "mcopy", "blkid",
-                 "losetup"):
+                 "losetup", "age"):
         path = kit.tools[name]
         assert path.is_file() and not path.is_symlink(), name
         assert os.fspath(path).startswith(cache), path
@@ -104,7 +104,8 @@ def test_tools_run_with_kit_libraries_only(kit: Kit) -> None:
     for name, argv, expected in (("mke2fs", ["-V"], "mke2fs 1.47"),
                                  ("blkid", ["-V"], "util-linux"),
                                  ("losetup", ["--version"], "util-linux"),
-                                 ("mtools", ["--version"], "mtools")):
+                                 ("mtools", ["--version"], "mtools"),
+                                 ("age", ["--version"], "1.1.1")):
         result = subprocess.run([loader, "--library-path", library_path, kit.tools[name], *argv],
                                 capture_output=True, text=True, env={}, check=False)
         assert expected in result.stdout + result.stderr, (name, result)

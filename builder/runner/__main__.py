@@ -14,10 +14,11 @@ import os
 import sys
 from collections.abc import Callable
 
-from .cmdline import OPTIONS_PATH
+from .cmdline import OPTIONS_PATH, capture_encrypted
 from .console import Console
 from .errors import MbrescueError
 from .restore import Interrupted, restore
+from .unlock import unlock
 
 # What the rescue system's /init puts in front of the runner; repeated in the resume hint.
 RERUN_ENVIRONMENT = ("PYTHONHASHSEED", "PYTHONPATH")
@@ -63,9 +64,13 @@ def main(argv: list[str] | None = None) -> int:
     console = Console.rescue() if rescue_mode else Console.stdio()
     try:
         if rescue_mode:
-            return restore(args.capture, None, console=console, rescue=True,
+            capture = args.capture
+            if capture_encrypted(args.options):
+                # The plan needs the manifest: the passphrase first (unlock.py).
+                capture = unlock(capture, console)
+            return restore(capture, None, console=console, rescue=True,
                            options_path=args.options,
-                           rerun=runner_rerun(args.capture, None, False))
+                           rerun=runner_rerun(capture, None, False))
         return restore(args.capture, args.target, console=console, assume_yes=args.yes,
                        sector_bytes=args.sector_bytes, files=args.files,
                        rerun=runner_rerun(args.capture, args.sector_bytes, args.yes))

@@ -88,10 +88,20 @@ def read_switches(path: str = PROC_CMDLINE) -> Switches:
         return Switches()
 
 
-def options_json(unattended: bool, capture_sha256: str, manifest_sha256: str) -> bytes:
-    """The build's options file, as the readers below take it (ISO and network boot)."""
-    return json.dumps({"unattended_allowed": unattended, "capture_sha256": capture_sha256,
-                       "manifest_sha256": manifest_sha256}).encode()
+def options_json(unattended: bool, capture_sha256: str, manifest_sha256: str,
+                 encrypted_capture_sha256: str | None = None) -> bytes:
+    """The build's options file, as the readers below take it (ISO and network boot).
+
+    An encrypted build (`build --encrypt`) says so and names the encrypted file's SHA-256
+    apart: `capture_sha256` and `manifest_sha256` stay the plain capture's, which the
+    rescue system checks after decrypting it."""
+    options: dict[str, object] = {"unattended_allowed": unattended,
+                                  "capture_sha256": capture_sha256,
+                                  "manifest_sha256": manifest_sha256}
+    if encrypted_capture_sha256 is not None:
+        options["encrypted"] = True
+        options["encrypted_capture_sha256"] = encrypted_capture_sha256
+    return json.dumps(options).encode()
 
 
 def build_options(path: str = OPTIONS_PATH) -> dict:
@@ -118,6 +128,11 @@ def expected_manifest_sha256(path: str = OPTIONS_PATH) -> str | None:
     members all match it is the capture the build verified."""
     value = build_options(path).get("manifest_sha256")
     return value if isinstance(value, str) else None
+
+
+def capture_encrypted(path: str = OPTIONS_PATH) -> bool:
+    """The build stored the capture age-encrypted (a passphrase opens it)."""
+    return build_options(path).get("encrypted") is True
 
 
 def unattended_allowed(path: str = OPTIONS_PATH) -> bool:

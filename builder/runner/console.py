@@ -11,9 +11,11 @@ other Linux (`mbrescue restore`) the console is stdin/stdout, errors go to stder
 from __future__ import annotations
 
 import errno
+import fcntl
 import os
 import select
 import stat
+import struct
 import sys
 import time
 from dataclasses import dataclass
@@ -45,6 +47,46 @@ def printable(text: str) -> str:
         if ord(char) in _UNPRINTABLE else char
         for char in text
     )
+
+
+# The kernel's struct termios through ioctl (the kit's Python has no termios module): four
+# tcflag_t words, then c_line and c_cc. A pseudo-terminal's master reports its slave's.
+TCGETS = 0x5401
+TCSETSW = 0x5403
+TERMIOS_BYTES = 36
+LFLAG_AT = 12
+ECHO = 0o10
+ECHONL = 0o100
+
+
+def _local_flags(fd: int) -> tuple[bytes, int] | None:
+    try:
+        raw = fcntl.ioctl(fd, TCGETS, bytes(TERMIOS_BYTES))
+    except OSError:
+        return None
+    return raw, struct.unpack_from("<I", raw, LFLAG_AT)[0]
+
+
+def echo_is_off(fd: int) -> bool:
+    found = _local_flags(fd)
+    return found is not None and not found[1] & ECHO
+
+
+def set_echo(fd: int, echo: bool) -> bool:
+    """Turn a terminal's echo on or off (off keeps the line end's echo: ECHONL); False
+    when fd is no terminal."""
+    found = _local_flags(fd)
+    if found is None:
+        return False
+    raw, flags = found
+    flags = (flags | ECHO) & ~ECHONL if echo else (flags & ~ECHO) | ECHONL
+    changed = bytearray(raw)
+    struct.pack_into("<I", changed, LFLAG_AT, flags)
+    try:
+        fcntl.ioctl(fd, TCSETSW, bytes(changed))
+    except OSError:
+        return False
+    return True
 
 
 @dataclass
@@ -256,6 +298,18 @@ class Console:
             time.sleep(timeout)
             return False
         return self.ask("", timeout=timeout) is not None
+
+    def ask_secret(self, prompt: str) -> str | None:
+        """ask(), with every terminal's echo off while it waits: a passphrase typed on any
+        console shows on none (the line end still echoes). A stream without a descriptor
+        (a test's) is read as it is."""
+        silenced = [t.in_fd for t in self.terminals
+                    if t.in_fd is not None and t.is_tty and set_echo(t.in_fd, False)]
+        try:
+            return self.ask(prompt)
+        finally:
+            for fd in silenced:
+                set_echo(fd, True)
 
     def _take_line(self, fd: int) -> str | None:
         buffered = self._pending.get(fd, b"")
