@@ -66,9 +66,9 @@ MEMORY_LADDER_MIB = (128, 192, 256, 320, 384, 512, 768, 1024)
 FLOOR_MARKER = "MBRESCUE-FLOOR-USERSPACE"
 # Where a boot that cannot reach the prompt ends (no reboot: -no-reboot, panic=0).
 BOOT_FAILED = r"mbrescue: error:|Kernel panic|Out of memory"
-# "mbrescue: wrote N bytes in X s (R MB/s), verified in Y s (V MB/s, how)"
+# "mbrescue: wrote N bytes in X s (R MiB/s), verified in Y s (V MiB/s, how)"
 RESTORE_LINE = re.compile(
-    r"wrote (\d+) bytes in ([\d.]+) s \(([\d.]+) MB/s\), verified in ([\d.]+) s \(([\d.]+) MB/s"
+    r"wrote (\d+) bytes in ([\d.]+) s \(([\d.]+) MiB/s\), verified in ([\d.]+) s \(([\d.]+) MiB/s"
 )
 
 
@@ -158,9 +158,9 @@ def _restore_once(capture: Path, target: Path, size: int) -> tuple[float, float,
     if not found:
         raise RuntimeError(f"no 'wrote ... verified' line from mbrescue restore:\n{result.stdout}")
     written = int(found.group(1))
-    # The MB/s figures carry more digits than the two-decimal seconds.
-    write_s = written / (float(found.group(3)) * 1e6)
-    verify_s = written / (float(found.group(5)) * 1e6)
+    # The MiB/s figures carry more digits than the two-decimal seconds.
+    write_s = written / (float(found.group(3)) * (1 << 20))
+    verify_s = written / (float(found.group(5)) * (1 << 20))
     return wall, write_s, verify_s
 
 
