@@ -356,6 +356,19 @@ def test_a_capture_claiming_another_host_fails_only_that_host(fleet):
         sorted(fleet.iso(h).name for h in HOSTS)
 
 
+def test_a_vault_passphrase_encrypts_the_rebuilt_iso(fleet, tmp_path):
+    """`mbrescue_passphrase` (issue 21): the ISO rebuilt for a changed host holds its
+    capture age-encrypted; the passphrase reaches build and verify by the environment and
+    appears in no command line the run prints."""
+    secret = "vault-passphrase-for-the-test"
+    (fleet.boots["hostB"] / "config-encrypt-test").write_text("CONFIG_ENCRYPT=y\n")
+    result = playbook(fleet.root, fleet.inventory, "-e", f"mbrescue_passphrase={secret}")
+    counts = _assert_ok(result)
+    assert counts["hostB"]["failed"] == 0 and counts["hostB"]["changed"] > 0, counts
+    assert b"age-encryption.org/v1" in fleet.iso("hostB").read_bytes()
+    assert secret not in result.stdout.replace(f"mbrescue_passphrase={secret}", "")
+
+
 def test_check_error_fails_the_host_with_its_line(fleet, tmp_path):
     # A capture on the host that is not a capture: check exits 2, the host fails, naming it.
     bad = tmp_path / "host.mbrescue"
