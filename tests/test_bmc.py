@@ -357,3 +357,79 @@ def test_no_restore_within_the_timeout_is_one_line_and_leaves_nothing(bmc, unatt
     _assert_nothing_left(bmc)
     assert "restore complete" not in bmc.serial_text()
     bmc.blank_disk()
+
+
+class _IgnoringOverride:
+    """A Redfish front that forwards everything to the emulator except a PATCH of the
+    system's boot override, which it answers 204 and drops: a BMC that says yes and does
+    nothing (the emulator itself always honours the override)."""
+
+    def __init__(self, upstream: str, system_id: str) -> None:
+        import http.server
+        import threading
+        import urllib.error
+        import urllib.request
+
+        system_path = f"/redfish/v1/Systems/{system_id}"
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def log_message(self, *args: object) -> None:
+                pass
+
+            def _forward(self) -> None:
+                length = int(self.headers.get("Content-Length") or 0)
+                body = self.rfile.read(length) if length else None
+                if self.command == "PATCH" and self.path.rstrip("/") == system_path \
+                        and body and b"BootSourceOverride" in body:
+                    self.send_response(204)
+                    self.end_headers()
+                    return
+                request = urllib.request.Request(upstream + self.path, data=body,
+                                                 method=self.command)
+                for key, value in self.headers.items():
+                    if key.lower() not in ("host", "content-length", "connection"):
+                        request.add_header(key, value)
+                try:
+                    with urllib.request.urlopen(request, timeout=60) as answer:
+                        status, headers, data = answer.status, answer.headers, answer.read()
+                except urllib.error.HTTPError as error:
+                    status, headers, data = error.code, error.headers, error.read()
+                self.send_response(status)
+                for key, value in headers.items():
+                    if key.lower() not in ("transfer-encoding", "connection", "content-length"):
+                        self.send_header(key, value)
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            do_GET = do_POST = do_PATCH = do_DELETE = do_PUT = do_HEAD = _forward
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def test_a_bmc_that_ignores_the_boot_override_is_one_line_and_leaves_nothing(bmc,
+                                                                            unattended_iso):
+    """The override is read back before the machine is powered: a BMC that accepted it and
+    did nothing is refused in one line, the medium ejected, the machine never started."""
+    import dataclasses
+
+    import sushy
+
+    system, _ = _redfish(bmc)
+    was = system.power_state
+    front = _IgnoringOverride(bmc.url, bmc.system_id)
+    try:
+        result = _rescue(dataclasses.replace(bmc, url=front.url), "--iso", unattended_iso,
+                         timeout=300)
+        assert "ignored the boot override" in _one_error_line(result)
+    finally:
+        front.close()
+    _assert_nothing_left(bmc)
+    system, _ = _redfish(bmc)
+    assert system.power_state == was or system.power_state == sushy.PowerState.OFF
