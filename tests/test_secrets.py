@@ -378,12 +378,15 @@ def _vm(secret_capture: Path, folder: Path, target: Path) -> tuple[Vm, Path]:
 
 
 @pytest.mark.qemu
+@pytest.mark.parametrize("path", ["region", "file-level"])
 def test_encrypted_capture_restores_after_the_typed_passphrase(fixtures, secret_capture,
-                                                               tmp_path) -> None:
+                                                               tmp_path, path) -> None:
+    """Both restore paths: a disk of the captured size (region path) and one smaller than
+    the region (file-level path) restore from the decrypted capture and boot."""
     fixture = fixtures["A"]
     target = tmp_path / "blank.img"
     with open(target, "wb") as stream:
-        stream.truncate(fixture.path.stat().st_size)
+        stream.truncate(fixture.path.stat().st_size if path == "region" else 56 << 20)
     vm, log = _vm(secret_capture, tmp_path, target)
     try:
         with vm:
@@ -398,6 +401,7 @@ def test_encrypted_capture_restores_after_the_typed_passphrase(fixtures, secret_
         shown = log.read_text(errors="replace")[-3000:] if log.exists() else ""
         raise AssertionError(f"{str(exc).splitlines()[0]}\n{shown}") from None
     assert done.group(0).startswith("mbrescue: restore complete"), text[-3000:]
+    assert ("(file-level path)" in done.group(0)) == (path == "file-level"), done.group(0)
     assert PASSPHRASE.decode() not in text, "the typed passphrase was echoed"
     # the plan came after the passphrase: nothing of the capture was shown before it
     assert text.index("Passphrase of this host") < text.index("Type yes")
