@@ -9,7 +9,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -157,3 +157,22 @@ def far_boot_fixture():
     from builder.fixtures.farboot import ensure_far_boot_fixture
 
     return ensure_far_boot_fixture()
+
+
+def capture_mounted(image: Path, offset: int, size: int, out: Path, hostname: str,
+                    before: Callable[[Path], None] | None = None
+                    ) -> subprocess.CompletedProcess[str]:
+    """`mbrescue capture IMAGE` while the file system at offset (size bytes) is mounted
+    from a loop device, as a host's /boot is (the capture freezes it); `before(mountpoint)`
+    runs first. The mount and the loop device are undone after, a freeze left behind too."""
+    where = out.parent / f"{out.stem}-mnt"
+    where.mkdir()
+    with loop_device(image, "--offset", str(offset), "--sizelimit", str(size)) as loop:
+        sh("mount", loop, where)
+        try:
+            if before is not None:
+                before(where)
+            return mbrescue("capture", image, "-o", out, "--hostname", hostname)
+        finally:
+            subprocess.run(["fsfreeze", "--unfreeze", where], capture_output=True)
+            sh("umount", where)

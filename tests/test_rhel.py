@@ -9,7 +9,6 @@ the ISO's healthy default falls back to `grub2/grub.cfg`, the plan lists BLS ent
 from __future__ import annotations
 
 import re
-import subprocess
 import time
 from pathlib import Path
 
@@ -18,7 +17,7 @@ import pytest
 from builder.fixtures import boot_to_marker
 from builder.runner import bootfiles
 
-from .conftest import mbrescue, sh
+from .conftest import capture_mounted, mbrescue, sh
 
 MiB = 1 << 20
 
@@ -119,20 +118,8 @@ def test_the_plan_lists_bls_entries(fixture_r, tmp_path):
     its BLS entry's title."""
     image = tmp_path / "mounted.img"
     sh("cp", "--sparse=always", fixture_r.path, image)
-    loop = sh("losetup", "--find", "--show", "--offset", str(2048 * 512), "--sizelimit",
-              str(1024 * MiB), image).strip()
-    where = tmp_path / "boot"
-    where.mkdir()
     out = tmp_path / "mounted.mbrescue"
-    try:
-        sh("mount", loop, where)
-        try:
-            result = mbrescue("capture", image, "-o", out, "--hostname", "rocky")
-        finally:
-            subprocess.run(["fsfreeze", "--unfreeze", where], capture_output=True)
-            sh("umount", where)
-    finally:
-        sh("losetup", "--detach", loop)
+    result = capture_mounted(image, 2048 * 512, 1024 * MiB, out, "rocky")
     assert result.returncode == 0, result.stderr
     # The plan, then "no": nothing is written.
     declined = mbrescue("restore", out, blank(tmp_path / "declined.img", 800 * MiB),

@@ -11,14 +11,13 @@ from __future__ import annotations
 import json
 import os
 import re
-import subprocess
 from pathlib import Path
 
 import pytest
 
 from builder.runner.filecopy import xfs_params
 
-from .conftest import mbrescue, sh
+from .conftest import capture_mounted, mbrescue, sh
 
 MiB = 1 << 20
 BOOT_START = 2048
@@ -133,20 +132,10 @@ def test_a_mounted_xfs_boot_is_frozen_and_copied(xfs_host, tmp_path):
     frozen region."""
     image = tmp_path / "mounted.img"
     sh("cp", "--sparse=always", xfs_host, image)
-    loop = loop_at(image, BOOT_START * 512, BOOT_BYTES)
-    where = tmp_path / "boot"
-    where.mkdir()
     out = tmp_path / "mounted.mbrescue"
-    try:
-        sh("mount", loop, where)
-        try:
-            (where / "written-before-capture").write_bytes(b"unsynced\n")
-            result = mbrescue("capture", image, "-o", out, "--hostname", "rocky")
-        finally:
-            subprocess.run(["fsfreeze", "--unfreeze", where], capture_output=True)
-            sh("umount", where)
-    finally:
-        sh("losetup", "--detach", loop)
+    result = capture_mounted(
+        image, BOOT_START * 512, BOOT_BYTES, out, "rocky",
+        before=lambda where: (where / "written-before-capture").write_bytes(b"unsynced\n"))
     assert result.returncode == 0, result.stderr
     [copy] = manifest_of(out)["file_copies"]
     assert copy["fs"]["type"] == "xfs"
